@@ -1,0 +1,5 @@
+import sys
+
+from mixtune.cli import main
+
+sys.exit(main())

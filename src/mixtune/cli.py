@@ -1,0 +1,148 @@
+"""``mixtune <command>``: parse, build the config, call the library.
+
+Exit codes: 0 success; 2 bad input (one-line message, no traceback); 1 unexpected failure (the
+traceback is kept in ``<output_dir>/logs/error.log``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from mixtune.errors import MixtuneError
+
+OVERRIDES_HELP = (
+    "dotted key=value overrides applied to the YAML, e.g. train.lr=5e-5 max_steps=200 "
+    "mixer.name=uniform datasets.math.max_examples=500 (list entries by name or index)"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mixtune",
+        description="Fine-tune causal LMs on several datasets with dynamic, constrained mixtures.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train", help="train from a YAML config",
+        description="Train a model on a mixture of datasets. The run directory (output_dir) "
+        "gets config.yaml, metrics.jsonl (one record per logged step: losses per dataset and "
+        "domain, mixture weights, timings), data.json, checkpoints/ and final/. With "
+        "resume=auto (the default) a run continues from its latest checkpoint.",
+    )
+    t.add_argument("config", help="YAML config (see configs/ and the README's reference)")
+    t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+    e = sub.add_parser(
+        "eval", help="evaluate a run directory or the model of a config",
+        description="Per-domain loss and accuracy of a finished run (its final model, or its "
+        "latest checkpoint), or of the model a config names before any training. Prints a "
+        "table and writes eval.json into the run directory when given one.",
+    )
+    e.add_argument("target", help="a run directory (holding config.yaml) or a YAML config")
+    e.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    output_dir = None
+    try:
+        from mixtune import config
+
+        if args.command == "train":
+            cfg = config.load(args.config, args.overrides)
+            output_dir = cfg.output_dir
+            from mixtune.engine.loop import train
+
+            summary = train(cfg)
+            _print_eval(summary.get("final_eval") or {}, None)
+            print(f"run directory: {summary['output_dir']}")
+        elif args.command == "eval":
+            output_dir = _eval(args)
+        return 0
+    except MixtuneError as e:
+        print(f"mixtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mixtune: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        text = traceback.format_exc()
+        where = _keep_traceback(output_dir, text)
+        last = text.strip().splitlines()[-1]
+        print(f"mixtune: unexpected failure: {last}\n(traceback in {where})", file=sys.stderr)
+        return 1
+
+
+def _eval(args) -> str | None:
+    from mixtune import config
+    from mixtune.engine import checkpoint
+    from mixtune.engine.loop import Trainer
+    from mixtune.errors import ConfigError
+
+    target = Path(args.target)
+    run_dir = target if target.is_dir() else None
+    if run_dir is not None:
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+        cfg = config.load(run_dir / "config.yaml", [*args.overrides, "resume=auto",
+                                                    f"output_dir={run_dir}"])
+    else:
+        cfg = config.load(target, args.overrides)
+    trainer = Trainer(cfg)
+    source = "base model"
+    if run_dir is not None and trainer.resume_from is not None:
+        checkpoint.load(trainer.resume_from, accelerator=trainer.acc, model=trainer.model,
+                        optimizer=trainer.optimizer, scheduler=trainer.scheduler,
+                        sampler=trainer.sampler, mixer=trainer.mixer)
+        source = str(trainer.resume_from)
+    result = trainer.evaluate(use_cache=False)
+    if args.json:
+        print(json.dumps({"source": source, "eval": result}, indent=1))
+    else:
+        _print_eval(result, trainer.dom_infos, source)
+    if run_dir is not None and trainer.acc.is_main_process:
+        (run_dir / "eval.json").write_text(json.dumps({"source": source, "eval": result},
+                                                      indent=1))
+    return str(run_dir) if run_dir else None
+
+
+def _print_eval(result: dict, infos, source: str | None = None) -> None:
+    if not result:
+        return
+    roles = {d.name: d.role for d in infos} if infos else {}
+    if source:
+        print(f"evaluated: {source}")
+    print(f"{'domain':<20} {'role':<11} {'loss':>8} {'accuracy':>9}")
+    for name, m in result.items():
+        acc = f"{m['accuracy']:.3f}" if "accuracy" in m else "-"
+        print(f"{name:<20} {roles.get(name, ''):<11} {m['loss']:>8.4f} {acc:>9}")
+
+
+def _keep_traceback(output_dir: str | None, text: str) -> str:
+    if output_dir:
+        try:
+            logs = Path(output_dir) / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            (logs / "error.log").write_text(text)
+            return str(logs / "error.log")
+        except OSError:
+            pass
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / "mixtune-error.log"
+    path.write_text(text)
+    return str(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,530 @@
+"""Run configuration: frozen dataclasses loaded from YAML, with dotted ``key=value`` overrides.
+
+``load(path, overrides)`` reads the YAML, applies overrides such as ``train.lr=5e-5`` or
+``datasets.math.max_examples=200`` (a list entry is addressed by index or by its ``name``),
+then builds and validates the dataclasses below. Any problem is a :class:`ConfigError` whose
+one-line message names the field and what is allowed. ``to_dict(cfg)`` gives back plain data;
+the resolved config is saved as ``config.yaml`` in the run directory.
+
+The ``mixer`` and ``loss`` sections take a ``name`` plus that method's own options; the options
+are validated by the config class the method declares in its own module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mixtune.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------
+# The schema
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = False
+    """Train a LoRA adapter (peft) instead of all parameters."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    target_modules: str | tuple[str, ...] = "all-linear"
+    """Module names to adapt, or ``all-linear``."""
+
+    def __post_init__(self):
+        _check(self.r >= 1, "model.lora.r", "must be >= 1", self.r)
+        _check(0 <= self.dropout < 1, "model.lora.dropout", "must be in [0, 1)", self.dropout)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = "builtin"
+    """Hub name, local directory, or ``builtin`` (mixtune's embedded tiny base model)."""
+    config: dict | None = None
+    """Build a randomly initialised model from this transformers config instead of loading
+    weights, e.g. ``{model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}``."""
+    tokenizer: str | None = None
+    """Tokenizer name or path (default: ``name_or_path``); ``byte`` = mixtune's byte tokenizer."""
+    chat_template: str | None = None
+    """Jinja chat template overriding the tokenizer's (the fallback is documented in
+    ``mixtune.data.template``)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Parameter dtype: ``auto`` = bf16 on a bf16-capable GPU, else fp32."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+FORMATS = ("auto", "messages", "prompt_response", "instruction", "text")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str
+    """Unique name; mixture weights refer to it."""
+    path: str
+    """Local .jsonl/.json/.parquet/.csv file, a Hugging Face dataset name, or ``builtin:<domain>``."""
+    split: str = "train"
+    """Split of a Hugging Face dataset or built-in domain."""
+    subset: str | None = None
+    """Configuration (subset) name of a Hugging Face dataset."""
+    format: Literal["auto", "messages", "prompt_response", "instruction", "text"] = "auto"
+    """Record format; ``auto`` detects it from the fields of the first record."""
+    fields: dict | None = None
+    """Rename fields before detection, e.g. ``{prompt: question, response: solution}``."""
+    max_examples: int | None = None
+    """Budget: keep at most this many examples (after removing held-out eval examples)."""
+    repeat: bool = True
+    """Whether the sampler may start another pass once every example has been seen."""
+
+    def __post_init__(self):
+        _check_name(self.name, "datasets[].name")
+        _check(
+            self.max_examples is None or self.max_examples >= 1,
+            f"datasets.{self.name}.max_examples",
+            "must be >= 1 (or null for all)",
+            self.max_examples,
+        )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    name: str
+    """Unique name of the evaluation domain."""
+    path: str | None = None
+    """Own source (same kinds as ``datasets[].path``); or use ``from_dataset``."""
+    from_dataset: str | None = None
+    """Hold out a fraction of this training dataset instead (removed from training)."""
+    holdout: float = 0.1
+    """Fraction held out with ``from_dataset`` (or a count when >= 1)."""
+    split: str = "train"
+    subset: str | None = None
+    format: Literal["auto", "messages", "prompt_response", "instruction", "text"] = "auto"
+    fields: dict | None = None
+    max_examples: int | None = None
+    role: Literal["target", "constraint", "monitor"] = "monitor"
+    """What later mixers do with it: improve a target, keep a constraint at its reference."""
+    metric: Literal["loss", "accuracy"] = "loss"
+    """The metric a constraint is stated in."""
+    reference: float | None = None
+    """Constraint reference value; null = the base model's value measured at step 0."""
+    batches: int = 4
+    """Number of fixed evaluation batches."""
+    batch_size: int = 8
+    accuracy: bool | None = None
+    """Greedy-generation exact-match accuracy; null = when reference answers exist."""
+    answer_field: str = "answer"
+    """Record field holding the reference answer (default: the final response)."""
+    max_new_tokens: int = 32
+
+    def __post_init__(self):
+        _check_name(self.name, "evals[].name")
+        where = f"evals.{self.name}"
+        if (self.path is None) == (self.from_dataset is None):
+            raise ConfigError(f"{where}: give exactly one of 'path' or 'from_dataset'")
+        _check(self.holdout > 0, f"{where}.holdout", "must be > 0", self.holdout)
+        _check(self.batches >= 1, f"{where}.batches", "must be >= 1", self.batches)
+        _check(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1", self.batch_size)
+        _check(self.max_new_tokens >= 1, f"{where}.max_new_tokens", "must be >= 1",
+               self.max_new_tokens)
+        if self.metric == "accuracy" and self.accuracy is False:
+            raise ConfigError(f"{where}: metric 'accuracy' needs accuracy: true (or null)")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """``name`` picks a registered method; ``params`` are its own options (validated by it)."""
+
+    name: str
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 8
+    """Examples per optimizer step, over all ranks and gradient-accumulation micro-batches."""
+    micro_batch_size: int | None = None
+    """Examples per forward pass on one rank (default: batch_size / number of processes)."""
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Warm-up as a fraction of max_steps (used when warmup_steps is 0)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (null: no clipping)."""
+    max_length: int = 512
+    """Truncate tokenised examples to this many tokens."""
+    eval_every: int = 50
+    """Evaluate every N steps (and at step 0 and at the end); 0 = only at step 0 and the end."""
+    log_every: int = 10
+    """Log training losses every N steps."""
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept (older ones are deleted)."""
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
+        _check(
+            self.micro_batch_size is None or self.micro_batch_size >= 1,
+            "train.micro_batch_size", "must be >= 1", self.micro_batch_size,
+        )
+        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", "must be > 0", self.lr)
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
+        _check(all(0 <= b < 1 for b in self.betas), "train.betas", "must be in [0, 1)", self.betas)
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", self.warmup_steps)
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)",
+               self.warmup_ratio)
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm",
+               "must be > 0 or null", self.max_grad_norm)
+        _check(self.max_length >= 2, "train.max_length", "must be >= 2", self.max_length)
+        for key in ("eval_every", "save_every"):
+            _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0", getattr(self, key))
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1",
+               self.keep_checkpoints)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/mixtune"
+    """Run directory: config, metrics.jsonl, checkpoints, report."""
+    seed: int = 0
+    max_steps: int = 100
+    """Optimizer steps."""
+    resume: str = "auto"
+    """``auto``: continue from the latest checkpoint in output_dir if any; ``never``: refuse to
+    reuse a directory that has checkpoints; or a checkpoint path."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    datasets: tuple[DatasetConfig, ...] = ()
+    """Training datasets (the mixture is over these)."""
+    evals: tuple[EvalConfig, ...] = ()
+    """Evaluation domains (need not match the training datasets)."""
+    mixer: MethodConfig = field(default_factory=lambda: MethodConfig("proportional"))
+    loss: MethodConfig = field(default_factory=lambda: MethodConfig("sft"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    report_to: tuple[str, ...] = ()
+    """Extra trackers through accelerate: ``tensorboard``, ``wandb``."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self):
+        _check(self.max_steps >= 1, "max_steps", "must be >= 1", self.max_steps)
+        if not self.datasets:
+            raise ConfigError("datasets: at least one training dataset is required")
+        _unique([d.name for d in self.datasets], "datasets")
+        _unique([e.name for e in self.evals], "evals")
+        names = [d.name for d in self.datasets]
+        for e in self.evals:
+            if e.from_dataset is not None and e.from_dataset not in names:
+                raise ConfigError(
+                    f"evals.{e.name}.from_dataset: unknown dataset '{e.from_dataset}'; "
+                    f"training datasets are {names}"
+                )
+        for t in self.report_to:
+            _check(t in ("tensorboard", "wandb"), "report_to", "entries must be tensorboard or "
+                   "wandb", t)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+         data: dict | None = None) -> RunConfig:
+    """Read a YAML file (or ``data``), apply ``key=value`` overrides, validate."""
+    if data is None:
+        data = read_yaml(path) if path is not None else {}
+    raw = _deepcopy(data)
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(raw)
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def from_dict(raw: dict) -> RunConfig:
+    cfg = _build(RunConfig, raw, "")
+    _validate_methods(cfg)
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one ``dotted.key=value`` to the raw mapping (the value is parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value, e.g. train.lr=5e-5")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            idx = _list_index(node, part, where)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"override '{item}': '{'.'.join(parts[:i])}' is not a section")
+
+
+def _list_index(node: list, part: str, where: str) -> int:
+    if part.lstrip("-").isdigit():
+        idx = int(part)
+        if not -len(node) <= idx < len(node):
+            raise ConfigError(f"override {where}: index out of range (list has {len(node)})")
+        return idx
+    for idx, entry in enumerate(node):
+        if isinstance(entry, dict) and entry.get("name") == part:
+            return idx
+    names = [e.get("name") for e in node if isinstance(e, dict)]
+    raise ConfigError(f"override {where}: no entry named '{part}'; entries are {names}")
+
+
+def to_dict(obj) -> Any:
+    """Plain data (dicts, lists, scalars) for YAML/JSON; method params are flattened."""
+    if isinstance(obj, MethodConfig):
+        return {"name": obj.name, **_deepcopy(obj.params)}
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def save(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def build(cls, raw: Any, where: str):
+    """Build dataclass ``cls`` from a mapping (used by methods for their own options)."""
+    return _build(cls, raw, where)
+
+
+# --------------------------------------------------------------------------------------------
+# The typed builder
+
+
+def _build(cls, raw: Any, where: str):
+    if cls is MethodConfig:
+        return _build_method(raw, where)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"{_join(where, unknown[0])}: unknown key; allowed keys are {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], _join(where, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_join(where, name)}: required key is missing")
+    return cls(**kwargs)
+
+
+DEFAULT_METHODS = {"mixer": "proportional", "loss": "sft"}
+
+
+def _build_method(raw: Any, where: str) -> MethodConfig:
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with a 'name', got {_show(raw)}")
+    raw = dict(raw)
+    name = raw.pop("name", DEFAULT_METHODS.get(where))
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}.name: required, a string")
+    return MethodConfig(name=name, params=raw)
+
+
+def _coerce(tp, value: Any, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        allowed = " or ".join(_type_name(a) for a in args)
+        raise ConfigError(f"{where}: expected {allowed}, got {_show(value)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: got {_show(value)}; allowed values are {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            if args and args[-1] is Ellipsis and not dataclasses.is_dataclass(args[0]):
+                value = [value]
+            else:
+                raise ConfigError(f"{where}: expected a list, got {_show(value)}")
+        if args and args[-1] is Ellipsis:
+            items = []
+            for i, v in enumerate(value):
+                label = v.get("name") if isinstance(v, dict) and "name" in v else i
+                items.append(_coerce(args[0], v, f"{where}[{label}]"))
+            return tuple(items)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {_show(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {_show(value)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {_show(value)}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}")
+        if math.isnan(value):
+            raise ConfigError(f"{where}: expected a number, got NaN")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {_show(value)}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def _validate_methods(cfg: RunConfig) -> None:
+    # Imported here: the registries import this module for their own option classes.
+    from mixtune.losses import LOSSES
+    from mixtune.mixers import MIXERS
+
+    for section, registry, cfgm in (("mixer", MIXERS, cfg.mixer), ("loss", LOSSES, cfg.loss)):
+        if cfgm.name not in registry:
+            raise ConfigError(
+                f"{section}.name: unknown {section} '{cfgm.name}'; registered: {sorted(registry)}"
+            )
+        options_cls = getattr(registry[cfgm.name], "Config", None)
+        if options_cls is None:
+            if cfgm.params:
+                raise ConfigError(
+                    f"{section}.{next(iter(cfgm.params))}: unknown key; "
+                    f"{section} '{cfgm.name}' takes no options"
+                )
+            continue
+        _build(options_cls, cfgm.params, section)
+
+
+def method_options(cfgm: MethodConfig, registry: dict, section: str):
+    """The validated options dataclass of a mixer/loss config (None if it takes none)."""
+    options_cls = getattr(registry[cfgm.name], "Config", None)
+    return None if options_cls is None else _build(options_cls, cfgm.params, section)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _check(ok: bool, where: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {rule}, got {_show(value)}")
+
+
+def _check_name(name: str, where: str) -> None:
+    if not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise ConfigError(f"{where}: '{name}' must be non-empty letters, digits, '_' or '-'")
+
+
+def _unique(names: list[str], where: str) -> None:
+    seen = set()
+    for n in names:
+        if n in seen:
+            raise ConfigError(f"{where}: name '{n}' is used twice; names must be unique")
+        seen.add(n)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is tuple:
+        return "a list"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _deepcopy(x):
+    if isinstance(x, dict):
+        return {k: _deepcopy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deepcopy(v) for v in x]
+    return x

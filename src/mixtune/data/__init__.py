@@ -1,0 +1,1 @@
+"""Data: sources, record formats, tokenisation, the mixture sampler and the collator."""

@@ -1,0 +1,197 @@
+"""MixtureSampler: which examples each optimizer step sees.
+
+Each step draws a *global* batch of ``n`` (dataset, example) pairs:
+
+1. the dataset of every slot is drawn independently with the current weights (inverse CDF:
+   one uniform and a binary search over the cumulative weights, O(log K) per draw);
+2. inside a dataset, examples come without replacement from a permutation of that dataset,
+   regenerated from ``(seed, dataset, pass)`` at every new pass, so each pass reshuffles.
+
+The randomness of step ``s`` comes from a generator seeded by ``(seed, s)``, so the stream is
+fully determined by the seed, the step and the weight history; ``state_dict`` holds only the
+step, the per-dataset cursors and pass counters, and the weights. Every rank draws the same
+global batch and takes its own shard with :func:`shard`. Datasets with ``repeat=False`` stop
+being drawn once exhausted (their share goes to the others); when nothing is left to draw the
+sampler raises :class:`SamplerExhausted`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from mixtune import simplex
+
+
+class SamplerExhausted(Exception):
+    """Every dataset that still has weight is exhausted and may not repeat."""
+
+
+class MixtureSampler:
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        names: Sequence[str],
+        weights,
+        seed: int = 0,
+        repeat: Sequence[bool] | None = None,
+    ):
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        if np.any(self.sizes <= 0):
+            empty = [n for n, s in zip(names, self.sizes) if s <= 0]
+            raise ValueError(f"datasets with no examples cannot be sampled: {empty}")
+        self.names = list(names)
+        self.seed = int(seed)
+        self.repeat = np.ones(len(sizes), bool) if repeat is None else np.asarray(repeat, bool)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        self.step = 0
+        self.cursors = np.zeros(len(sizes), np.int64)
+        self.passes = np.zeros(len(sizes), np.int64)
+        self.exhausted = np.zeros(len(sizes), bool)
+        self._perm = np.empty(int(self.sizes.sum()), np.int64)
+        for k in range(len(sizes)):
+            self._reshuffle(k)
+        self.set_weights(weights)
+
+    # ---------------------------------------------------------------------------------------
+    def set_weights(self, weights) -> None:
+        """Use ``weights`` (validated simplex point, dataset order or name mapping) from now on."""
+        self.weights = simplex.validate(weights, self.names)
+        self._refresh_cdf()
+
+    def next_batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Draw the next global batch: ``(dataset_ids, example_ids)``, each of shape (n,)."""
+        rng = np.random.default_rng([self.seed, 0x6D6978, self.step])
+        ds = self._draw_datasets(rng, n)
+        ex = np.empty(n, np.int64)
+        counts = np.bincount(ds, minlength=len(self.sizes))
+        # rank of each slot among the slots of the same dataset (stable: order of appearance)
+        order = np.argsort(ds, kind="stable")
+        starts = np.cumsum(counts) - counts
+        rank = np.empty(n, np.int64)
+        rank[order] = np.arange(n) - starts[ds[order]]
+        pos = self.cursors[ds] + rank
+        fits = pos < self.sizes[ds]
+        if fits.all():  # common case: no dataset wraps around in this batch
+            ex[:] = self._perm[self.offsets[ds] + pos]
+            self.cursors += counts
+        else:  # vectorised for the datasets that do not wrap, one by one for those that do
+            wrapping = np.unique(ds[~fits])
+            simple = ~np.isin(ds, wrapping)
+            ex[simple] = self._perm[self.offsets[ds[simple]] + pos[simple]]
+            moved = counts.copy()
+            moved[wrapping] = 0
+            self.cursors += moved
+            for k in wrapping:
+                ex[ds == k] = self._take(k, int(counts[k]))
+        self.step += 1
+        return ds, ex
+
+    def draw_from(self, k: int, n: int, key: int) -> np.ndarray:
+        """``n`` example ids of dataset ``k`` drawn with a separate generator keyed by ``key``.
+
+        Leaves the sampler's state untouched (used for look-ahead reward batches).
+        """
+        rng = np.random.default_rng([self.seed, 0x6C6B, int(k), int(key)])
+        size = int(self.sizes[k])
+        return rng.choice(size, size=n, replace=n > size)
+
+    # ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": int(self.step),
+            "cursors": self.cursors.tolist(),
+            "passes": self.passes.tolist(),
+            "exhausted": self.exhausted.tolist(),
+            "weights": self.weights.tolist(),
+            "names": list(self.names),
+            "sizes": self.sizes.tolist(),
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["names"] != self.names or state["sizes"] != self.sizes.tolist():
+            raise ValueError(
+                f"sampler state is for datasets {state['names']} of sizes {state['sizes']}, "
+                f"not {self.names} of sizes {self.sizes.tolist()}"
+            )
+        self.seed = int(state["seed"])
+        self.step = int(state["step"])
+        self.cursors = np.asarray(state["cursors"], np.int64)
+        self.passes = np.asarray(state["passes"], np.int64)
+        self.exhausted = np.asarray(state["exhausted"], bool)
+        for k in range(len(self.sizes)):
+            self._reshuffle(k)
+        self.set_weights(state["weights"])
+
+    # ---------------------------------------------------------------------------------------
+    def _reshuffle(self, k: int) -> None:
+        rng = np.random.default_rng([self.seed, 0x7065, k, int(self.passes[k])])
+        a, b = self.offsets[k], self.offsets[k] + self.sizes[k]
+        self._perm[a:b] = rng.permutation(int(self.sizes[k]))
+
+    def _refresh_cdf(self) -> None:
+        w = np.where(self.exhausted, 0.0, self.weights)
+        total = w.sum()
+        self._cdf = np.cumsum(w / total) if total > 0 else None
+
+    def _draw_datasets(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        if self._cdf is None:
+            raise SamplerExhausted(self._exhausted_message())
+        u = rng.random(n)
+        ds = np.searchsorted(self._cdf, u, side="right")
+        np.minimum(ds, len(self.sizes) - 1, out=ds)  # guard u ~ 1 against rounding in the cdf
+        # Non-repeating datasets may run out inside this batch: redraw the overflow slots.
+        if not self.repeat.all():
+            while True:
+                counts = np.bincount(ds, minlength=len(self.sizes))
+                remaining = np.where(self.repeat, counts, self.sizes - self.cursors)
+                over = np.nonzero(counts > remaining)[0]
+                if over.size == 0:
+                    return ds
+                for k in over:
+                    slots = np.nonzero(ds == k)[0][int(remaining[k]):]
+                    self.exhausted[k] = True
+                    self._refresh_cdf()
+                    if self._cdf is None:
+                        raise SamplerExhausted(self._exhausted_message())
+                    ds[slots] = np.searchsorted(self._cdf, rng.random(slots.size), side="right")
+                    np.minimum(ds, len(self.sizes) - 1, out=ds)
+        return ds
+
+    def _take(self, k: int, count: int) -> np.ndarray:
+        out = []
+        while count > 0:
+            size = int(self.sizes[k])
+            if self.cursors[k] >= size:
+                self.passes[k] += 1
+                self.cursors[k] = 0
+                self._reshuffle(k)
+            c = int(self.cursors[k])
+            got = min(count, size - c)
+            a = self.offsets[k] + c
+            out.append(self._perm[a : a + got])
+            self.cursors[k] += got
+            count -= got
+        return np.concatenate(out)
+
+    def _exhausted_message(self) -> str:
+        left = [n for n, e in zip(self.names, self.exhausted) if not e]
+        return (
+            "every dataset with non-zero weight is exhausted (repeat: false); datasets left: "
+            f"{left or 'none'}. Set repeat: true, raise max_examples, or lower max_steps."
+        )
+
+
+def shard(n_global: int, world: int, rank: int, micro: int) -> list[slice]:
+    """Slices of the global batch that ``rank`` processes, one per micro-batch.
+
+    Micro-batch ``m`` of rank ``r`` is ``[(m*world + r)*micro, ... + micro)``: ranks are disjoint
+    and together cover the batch.
+    """
+    per_rank_steps = n_global // (world * micro)
+    return [
+        slice((m * world + rank) * micro, (m * world + rank + 1) * micro)
+        for m in range(per_rank_steps)
+    ]

@@ -1,0 +1,122 @@
+"""Read raw records from local files, Hugging Face datasets, or mixtune's built-in domains."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from pathlib import Path
+
+from mixtune.errors import DataError
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz")
+
+
+def read_records(path: str, split: str = "train", subset: str | None = None,
+                 where: str = "dataset") -> list[dict]:
+    """Records (dicts) from ``path``.
+
+    ``path`` is a local ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet``/``.csv`` file, a
+    ``builtin:<domain>`` name, or a Hugging Face dataset name (``split`` and ``subset`` apply to
+    the last two). Errors name the file, the line where relevant, and the fix.
+    """
+    if path.startswith("builtin:"):
+        return _read_builtin(path.removeprefix("builtin:"), split, where)
+    p = Path(path).expanduser()
+    if p.is_dir():  # a saved dataset directory: `datasets` reads it like a hub dataset
+        return _read_hub(str(p), split, subset, where)
+    if p.suffix in (".jsonl", ".json", ".parquet", ".csv", ".gz") or p.exists():
+        if not p.is_file():
+            raise DataError(f"{where}: file not found: {p}")
+        name = p.name.lower()
+        if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
+            return _read_jsonl(p, where)
+        if name.endswith(".json"):
+            return _read_json(p, where)
+        if name.endswith(".parquet"):
+            return _read_parquet(p, where)
+        if name.endswith(".csv"):
+            return _read_csv(p, where)
+        raise DataError(f"{where}: unsupported file type '{p.name}'; use one of {LOCAL_SUFFIXES}")
+    return _read_hub(path, split, subset, where)
+
+
+def _read_jsonl(p: Path, where: str) -> list[dict]:
+    opener = gzip.open if p.name.endswith(".gz") else open
+    records = []
+    with opener(p, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{where}: {p}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                    "each line must be one JSON object"
+                ) from None
+            if not isinstance(rec, dict):
+                raise DataError(
+                    f"{where}: {p}:{lineno}: expected a JSON object, got {type(rec).__name__}"
+                )
+            records.append(rec)
+    return records
+
+
+def _read_json(p: Path, where: str) -> list[dict]:
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: {p}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} shapes
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{where}: {p}: expected a list of records (or one list inside an object)")
+        data = lists[0]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{where}: {p}: expected a JSON list of objects")
+    return data
+
+
+def _read_parquet(p: Path, where: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(p).to_pylist()
+    except Exception as e:  # pyarrow raises several types for bad files
+        raise DataError(f"{where}: {p}: cannot read Parquet: {e}") from None
+
+
+def _read_csv(p: Path, where: str) -> list[dict]:
+    with open(p, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None:
+            raise DataError(f"{where}: {p}: empty CSV (no header row)")
+        return [dict(r) for r in reader]
+
+
+def _read_hub(name: str, split: str, subset: str | None, where: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        raise DataError(f"{where}: '{name}' is not a local file and `datasets` is missing") from None
+    try:
+        ds = datasets.load_dataset(name, subset, split=split)
+    except Exception as e:
+        raise DataError(
+            f"{where}: '{name}' is neither a local file nor a loadable Hugging Face dataset "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        ) from None
+    return [dict(r) for r in ds]
+
+
+def _read_builtin(domain: str, split: str, where: str) -> list[dict]:
+    try:
+        from mixtune.builtin import DOMAINS, load_domain
+    except ImportError:
+        raise DataError(f"{where}: built-in domains are not available in this install") from None
+    if domain not in DOMAINS:
+        raise DataError(f"{where}: unknown built-in domain '{domain}'; known: {sorted(DOMAINS)}")
+    if split not in ("train", "eval"):
+        raise DataError(f"{where}: built-in domains have splits 'train' and 'eval', not '{split}'")
+    return load_domain(domain, split=split)

@@ -1,0 +1,1 @@
+"""The training engine: one loop on accelerate, checkpoints, probing and look-ahead."""

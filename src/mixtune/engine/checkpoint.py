@@ -1,0 +1,101 @@
+"""Checkpoints: everything needed to continue a run exactly.
+
+``checkpoints/step-000123/`` holds the trainable weights (``trainable.safetensors``: the full
+model, or only the LoRA adapter), ``optimizer.pt``, ``scheduler.pt``, ``sampler.json``,
+``mixer.pt``, one ``rank<r>.pt`` per process (RNG states and that rank's running sums) and
+``state.json`` (step, counters, elapsed time). It is written into ``.tmp-step-000123`` and
+renamed into place only once complete, so a crash never leaves a half-written checkpoint as the
+latest one; directories without ``state.json`` are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mixtune.engine.setup import trainable
+
+PREFIX = "step-"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(root: Path, step: int, *, accelerator, model, optimizer, scheduler, sampler, mixer,
+         state: dict, rank_state: dict, keep: int) -> Path:
+    """Write checkpoint ``step`` under ``root`` (all ranks call this)."""
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = root / f".tmp-{PREFIX}{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rank = accelerator.process_index
+    torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{rank}.pt")
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        tensors = {n: p.detach().cpu().contiguous() for n, p in trainable(unwrapped)}
+        save_file(tensors, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "sampler.json").write_text(json.dumps(sampler.state_dict()))
+        torch.save(mixer.state_dict(), tmp / "mixer.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in complete(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def complete(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def load(path: Path, *, accelerator, model, optimizer, scheduler, sampler, mixer) -> tuple[dict, dict]:
+    """Restore every component from ``path``; returns ``(state, rank_state)``."""
+    unwrapped = accelerator.unwrap_model(model)
+    tensors = load_file(str(path / "trainable.safetensors"))
+    params = dict(trainable(unwrapped))
+    missing = set(params) - set(tensors)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks parameters {sorted(missing)[:3]}...")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(p.device, p.dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    sampler.load_state_dict(json.loads((path / "sampler.json").read_text()))
+    mixer.load_state_dict(torch.load(path / "mixer.pt", weights_only=False))
+    rank_state = torch.load(path / f"rank{accelerator.process_index}.pt", weights_only=False)
+    set_rng_state(rank_state.pop("rng"))
+    state = json.loads((path / "state.json").read_text())
+    return state, rank_state

@@ -1,0 +1,376 @@
+"""THE training loop: one optimizer step at a time, on accelerate.
+
+Per step: the sampler draws a global batch with the current weights; this rank processes its
+shard in micro-batches (forward, per-token loss, one reduction normalised by the step's global
+token count, backward); gradients are clipped and checked; the optimizer steps. After the step:
+log training losses, evaluate every domain when due, ask the mixer for new weights at its
+update steps, write the metrics record, checkpoint when due.
+
+Everything a step sees is determined by (seed, step, weight history), so a resumed run repeats
+an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+
+from mixtune import config as config_mod
+from mixtune.config import RunConfig
+from mixtune.data import domains as data_domains
+from mixtune.data.collate import collate
+from mixtune.data.sampler import MixtureSampler, SamplerExhausted, shard
+from mixtune.engine import checkpoint, probe, setup
+from mixtune.engine.rundir import RunDir
+from mixtune.errors import ConfigError, TrainingError
+from mixtune.eval.domains import evaluate
+from mixtune.losses import build_loss, reduce
+from mixtune.mixers import DatasetInfo, DomainInfo, MixContext, build_mixer
+from mixtune.simplex import validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepStats:
+    per_dataset: torch.Tensor  # (K, 2): NLL sum and supervised tokens per dataset, this rank
+    grad_norm: torch.Tensor  # () global gradient norm before clipping
+
+
+def make_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+
+    # Accelerator(cpu=True) on a machine without CUDA: otherwise torchrun's processes would
+    # each train undistributed.
+    cpu = not torch.cuda.is_available()
+    dtype = setup.pick_dtype(cfg.model.dtype)
+    mp = "bf16" if (dtype == torch.bfloat16 and not cpu) else "no"
+    return Accelerator(cpu=cpu, mixed_precision=mp, log_with=list(cfg.report_to) or None,
+                       project_dir=cfg.output_dir)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Builds everything from a :class:`RunConfig` (validating before touching the run dir)."""
+
+    def __init__(self, cfg: RunConfig, accelerator=None):
+        self.cfg = cfg
+        self.acc = accelerator or make_accelerator(cfg)
+        self.started = False
+        seed_everything(cfg.seed)
+        tc = cfg.train
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.micro = tc.micro_batch_size or max(1, tc.batch_size // self.world)
+        if tc.batch_size % (self.micro * self.world):
+            raise ConfigError(
+                f"train.batch_size={tc.batch_size} must be a multiple of micro_batch_size "
+                f"({self.micro}) x processes ({self.world})"
+            )
+
+        # Inputs first: any bad config, data or model fails here, before the run dir is touched.
+        self.tokenizer = setup.load_tokenizer(cfg.model)
+        self.train_sets, self.domains = data_domains.build(cfg, self.tokenizer)
+        self.names = [t.name for t in self.train_sets]
+        self.infos = [DatasetInfo(t.name, t.size, int(t.label_counts.sum()))
+                      for t in self.train_sets]
+        self.dom_infos = [DomainInfo(d.name, d.role, d.metric, d.reference) for d in self.domains]
+        self.mixer = build_mixer(cfg.mixer, self.infos, self.dom_infos, cfg.seed)
+        self.loss_fn = build_loss(cfg.loss)
+        self.sampler = MixtureSampler([t.size for t in self.train_sets], self.names,
+                                      np.full(len(self.names), 1 / len(self.names)), cfg.seed,
+                                      [t.repeat for t in self.train_sets])
+        self.rundir = RunDir(cfg.output_dir)
+        self.resume_from = self.rundir.resume_point(cfg.resume)
+        if self.resume_from is not None:
+            self.rundir.check_compatible(cfg)
+
+        dtype = setup.pick_dtype(cfg.model.dtype)
+        model = setup.load_model(cfg.model, self.tokenizer, cfg.seed, dtype)
+        if tc.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.optimizer = setup.make_optimizer(model, tc)
+        self.scheduler = setup.make_scheduler(self.optimizer, tc, cfg.max_steps)
+        self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
+        self.model.train()
+        self.params = [p for _, p in setup.trainable(self.model)]
+        self.updates = set(self.mixer.update_steps(cfg.max_steps)) | {0}
+        # Lengths and label counts as flat arrays, for per-step token counts without a sync.
+        self._labels = [t.label_counts for t in self.train_sets]
+        self._lengths = [np.array([len(x) for x in t.data.input_ids]) for t in self.train_sets]
+
+        self.step = 0
+        self.counters = {"tokens": 0, "input_tokens": 0, "examples": 0, "elapsed": 0.0,
+                         "drawn": [0] * len(self.names)}
+        K = len(self.names)
+        self.sums = {"log": torch.zeros(K, 2, dtype=torch.float64, device=self.acc.device),
+                     "mix": torch.zeros(K, 2, dtype=torch.float64, device=self.acc.device),
+                     "gn": torch.zeros(2, dtype=torch.float64, device=self.acc.device)}
+        self.eval_cache: dict | None = None
+        self.record: dict = {}
+
+    # ------------------------------------------------------------------------------------------
+    def train_step(self, ds: np.ndarray, ex: np.ndarray) -> StepStats:
+        """One optimizer step on the global batch ``(ds, ex)``; this rank does its shard."""
+        K, device = len(self.names), self.acc.device
+        # Global supervised-token count: every rank knows the whole batch, so no all-reduce.
+        n_tokens = float(sum(self._labels[k][e] for k, e in zip(ds, ex)))
+        stats = torch.zeros(K, 2, dtype=torch.float64, device=device)
+        slices = shard(len(ds), self.world, self.rank, self.micro)
+        for i, sl in enumerate(slices):
+            d, e = ds[sl], ex[sl]
+            batch = collate([self.train_sets[k].data.input_ids[j] for k, j in zip(d, e)],
+                            [self.train_sets[k].data.labels[j] for k, j in zip(d, e)],
+                            self.tokenizer.pad_token_id, d)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            # Only the last micro-batch all-reduces gradients.
+            sync = contextlib.nullcontext() if i == len(slices) - 1 else self.acc.no_sync(self.model)
+            with sync, self.acc.autocast():
+                logits = self.model(input_ids=batch["input_ids"],
+                                    attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+                terms = self.loss_fn(logits, batch["labels"])
+                # DDP averages gradients over ranks; x world turns that into the global sum.
+                loss = reduce(terms.per_token, terms.mask, terms.token_weights,
+                              terms.sample_weights, n_tokens) * self.world
+                self.acc.backward(loss)
+            seq_nll = (terms.per_token.detach() * terms.mask).sum(-1).double()  # (B,)
+            stats[:, 0].index_add_(0, batch["domain"], seq_nll)
+            stats[:, 1].index_add_(0, batch["domain"], terms.mask.sum(-1).double())
+        max_norm = self.cfg.train.max_grad_norm or float("inf")
+        grad_norm = self.acc.clip_grad_norm_(self.params, max_norm)
+        # Host sync, once per step: a non-finite gradient must never reach the weights.
+        if not torch.isfinite(grad_norm):
+            raise TrainingError(
+                f"non-finite loss/gradient at step {self.step + 1} (grad norm {float(grad_norm)});"
+                " lower train.lr, enable clipping (train.max_grad_norm) or check the data. "
+                "The last checkpoint is intact."
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(stats, grad_norm.detach().double())
+
+    def evaluate(self, n_batches: int | None = None, accuracy: bool = True,
+                 use_cache: bool = True) -> dict[str, dict[str, float]]:
+        """Metrics of every domain now; reuses this step's scheduled evaluation when it can."""
+        c = self.eval_cache
+        if (use_cache and c is not None and c["step"] == self.step
+                and (c["n_batches"] is None or (n_batches is not None
+                                                and c["n_batches"] >= n_batches))
+                and (c["accuracy"] or not accuracy)):
+            return c["result"]
+        return evaluate(self.model, self.acc, self.domains, self.tokenizer, n_batches, accuracy)
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, stop_after: int | None = None) -> dict:
+        """Train to ``max_steps`` (or checkpoint and return after step ``stop_after``)."""
+        cfg, tc = self.cfg, self.cfg.train
+        state = None
+        if self.resume_from is not None:
+            state, rank_state = checkpoint.load(
+                self.resume_from, accelerator=self.acc, model=self.model,
+                optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler,
+                mixer=self.mixer)
+            self.step = state["step"]
+            self.counters = state["counters"]
+            self.eval_cache = state.get("eval_cache")
+            for key, value in rank_state["sums"].items():
+                self.sums[key] = value.to(self.acc.device)
+        if self.acc.is_main_process:
+            self.rundir.start(cfg, None if state is None else self.step)
+            self.rundir.write_json("data.json", self._data_summary())
+        self.acc.wait_for_everyone()
+        self.started = True
+        if cfg.report_to:
+            self.acc.init_trackers("mixtune", config=_flat(config_mod.to_dict(cfg)))
+        if state is None:
+            log.info("training %s for %d steps", self.names, cfg.max_steps)
+        else:
+            log.info("resuming from %s at step %d", self.resume_from, self.step)
+
+        t_start, base_elapsed = time.perf_counter(), self.counters["elapsed"]
+        bar = _progress(cfg, self.step, self.acc.is_main_process)
+        if state is None:  # step 0: evaluate the base model and take the first weights
+            self._eval_if_due(force=True)
+            self._update_mixer()
+            self._flush(t_start, base_elapsed)
+        while self.step < cfg.max_steps:
+            try:
+                ds, ex = self.sampler.next_batch(tc.batch_size)
+            except SamplerExhausted as e:
+                log.warning("stopping early at step %d: %s", self.step, e)
+                break
+            stats = self.train_step(ds, ex)
+            self.step += 1
+            self._count(ds, ex, stats)
+            last = self.step == cfg.max_steps
+            if self.step % tc.log_every == 0 or last:
+                self._log_train(bar, t_start, base_elapsed)
+            self._eval_if_due(force=last)
+            if not last:
+                self._update_mixer()
+            self._flush(t_start, base_elapsed)
+            bar.update(1)
+            stop = stop_after is not None and self.step >= stop_after
+            if (tc.save_every and self.step % tc.save_every == 0) or last or stop:
+                self._save(t_start, base_elapsed)
+            if stop and not last:
+                bar.close()
+                return {"steps": self.step, "stopped": True, "output_dir": str(self.rundir.path)}
+        bar.close()
+        summary = self._finish(t_start, base_elapsed)
+        if cfg.report_to:
+            self.acc.end_training()
+        return summary
+
+    # ------------------------------------------------------------------------------------------
+    def _count(self, ds: np.ndarray, ex: np.ndarray, stats: StepStats) -> None:
+        c = self.counters
+        c["examples"] += len(ds)
+        c["tokens"] += int(sum(self._labels[k][e] for k, e in zip(ds, ex)))
+        c["input_tokens"] += int(sum(self._lengths[k][e] for k, e in zip(ds, ex)))
+        drawn = np.bincount(ds, minlength=len(self.names))
+        c["drawn"] = [int(a + b) for a, b in zip(c["drawn"], drawn)]
+        self.sums["log"] += stats.per_dataset
+        self.sums["mix"] += stats.per_dataset
+        self.sums["gn"] += torch.stack([stats.grad_norm, torch.ones_like(stats.grad_norm)])
+
+    def _take_sums(self, key: str) -> np.ndarray:
+        """Per-dataset (NLL sum, tokens) since the last call, summed over ranks; resets them."""
+        sums = self.acc.reduce(self.sums[key], reduction="sum") if self.world > 1 else self.sums[key]
+        out = sums.cpu().numpy().copy()  # host sync: only at log and mixer-update steps
+        self.sums[key].zero_()
+        return out
+
+    def _reduced_losses(self, key: str) -> dict[str, float]:
+        sums = self._take_sums(key)
+        return {n: float(s / t) for n, (s, t) in zip(self.names, sums) if t > 0}
+
+    def _log_train(self, bar, t_start: float, base_elapsed: float) -> None:
+        sums = self._take_sums("log")
+        per = {n: float(s / t) for n, (s, t) in zip(self.names, sums) if t > 0}
+        total = sums.sum(0)
+        gn = self.sums["gn"].cpu().numpy().copy()  # the global norm: equal on every rank
+        self.sums["gn"].zero_()
+        loss = float(total[0] / max(total[1], 1))
+        self.record["train"] = {"loss": loss, "per_dataset": per,
+                                "grad_norm": float(gn[0] / max(gn[1], 1))}
+        elapsed = base_elapsed + time.perf_counter() - t_start
+        tps = self.counters["input_tokens"] / max(elapsed, 1e-9)
+        w = " ".join(f"{n[:8]}={x:.2f}" for n, x in zip(self.names, self.sampler.weights))
+        bar.set_postfix_str(f"loss={loss:.3f} tok/s={tps:,.0f} w[{w}]", refresh=False)
+
+    def _eval_if_due(self, force: bool = False) -> None:
+        every = self.cfg.train.eval_every
+        if not self.domains or not (force or (every and self.step % every == 0)):
+            return
+        result = evaluate(self.model, self.acc, self.domains, self.tokenizer)
+        self.eval_cache = {"step": self.step, "n_batches": None, "accuracy": True,
+                           "result": result}
+        self.record["eval"] = result
+
+    def _update_mixer(self) -> None:
+        if self.step not in self.updates:
+            return
+        diagnostics: dict = {}
+        ctx = MixContext(
+            step=self.step, max_steps=self.cfg.max_steps, datasets=self.infos,
+            domains=self.dom_infos, weights=self.sampler.weights.copy(),
+            train_losses=self._reduced_losses("mix"),
+            evaluate=self.evaluate,
+            probe=partial(probe.probe, self),
+            lookahead=partial(probe.lookahead, self),
+            log=diagnostics.__setitem__,
+        )
+        weights = validate(self.mixer.propose(ctx), self.names, what=f"mixer '{self.cfg.mixer.name}'")
+        self.sampler.set_weights(weights)
+        if diagnostics:
+            self.record["mixer"] = diagnostics
+
+    def _flush(self, t_start: float, base_elapsed: float) -> None:
+        """Write this step's metrics record, if anything was logged at this step."""
+        if not self.record and self.step != 0:
+            return
+        c = self.counters
+        c["elapsed"] = base_elapsed + time.perf_counter() - t_start
+        record = {"step": self.step, "tokens": c["tokens"], "examples": c["examples"],
+                  "lr": self.scheduler.get_last_lr()[0],
+                  "weights": dict(zip(self.names, self.sampler.weights.tolist())),
+                  "drawn": dict(zip(self.names, c["drawn"])), **self.record,
+                  "time": round(c["elapsed"], 3)}
+        self.record = {}
+        if self.acc.is_main_process:
+            self.rundir.append_metrics(record)
+        if self.cfg.report_to:
+            self.acc.log(_flat({k: v for k, v in record.items() if k != "step"}), step=self.step)
+
+    def _save(self, t_start: float, base_elapsed: float) -> None:
+        self.counters["elapsed"] = base_elapsed + time.perf_counter() - t_start
+        checkpoint.save(
+            self.rundir.checkpoints, self.step, accelerator=self.acc, model=self.model,
+            optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler,
+            mixer=self.mixer, keep=self.cfg.train.keep_checkpoints,
+            state={"counters": self.counters, "eval_cache": self.eval_cache},
+            rank_state={"sums": {k: v.cpu() for k, v in self.sums.items()}},
+        )
+
+    def _finish(self, t_start: float, base_elapsed: float) -> dict:
+        elapsed = base_elapsed + time.perf_counter() - t_start
+        summary = {
+            "steps": self.step, "examples": self.counters["examples"],
+            "tokens": self.counters["tokens"], "input_tokens": self.counters["input_tokens"],
+            "seconds": round(elapsed, 3),
+            "final_eval": (self.eval_cache or {}).get("result"),
+            "weights": dict(zip(self.names, self.sampler.weights.tolist())),
+            "output_dir": str(self.rundir.path),
+        }
+        if self.acc.is_main_process:
+            setup.save_final(self.acc.unwrap_model(self.model), self.tokenizer,
+                             self.rundir.path / "final")
+            self.rundir.write_json("summary.json", summary)
+        self.acc.wait_for_everyone()
+        return summary
+
+    def _data_summary(self) -> dict:
+        return {
+            "datasets": {t.name: {"examples": t.size, "tokens": int(t.label_counts.sum()),
+                                  "truncated": t.data.n_truncated, "dropped": t.data.n_dropped,
+                                  "repeat": t.repeat} for t in self.train_sets},
+            "evals": {d.name: {"examples": len(d.data), "role": d.role, "metric": d.metric,
+                               "accuracy": d.accuracy, "truncated": d.data.n_truncated}
+                      for d in self.domains},
+        }
+
+
+def train(cfg: RunConfig) -> dict:
+    """Build a :class:`Trainer` from ``cfg`` and run it; returns the run summary."""
+    return Trainer(cfg).run()
+
+
+def _progress(cfg: RunConfig, start: int, main: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step",
+                disable=not (main and cfg.progress), dynamic_ncols=True)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "/"))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v
+    return out

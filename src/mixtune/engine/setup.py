@@ -1,0 +1,139 @@
+"""Build the pieces the loop needs: tokenizer, model (full or LoRA), optimizer, LR schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from mixtune.config import ModelConfig, TrainConfig
+from mixtune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _resolve(name: str) -> str:
+    if name == "builtin":
+        try:
+            from mixtune.builtin import base_model_path
+        except ImportError:
+            raise ConfigError("model.name_or_path: the built-in base model is not available") from None
+        return str(base_model_path())
+    return name
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer or cfg.name_or_path
+    if name == "byte":
+        from mixtune.data.bytetok import byte_tokenizer
+
+        tok = byte_tokenizer()
+    else:
+        path = _resolve(name)
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except Exception as e:
+            raise ConfigError(
+                f"model.tokenizer: cannot load tokenizer '{name}' ({type(e).__name__}); give a "
+                "local directory or a reachable hub name, or 'byte'"
+            ) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if tok.eos_token_id is None:
+        raise ConfigError(f"model.tokenizer: '{name}' has no EOS token; set one on the tokenizer")
+    return tok
+
+
+def load_model(cfg: ModelConfig, tokenizer, seed: int, dtype: torch.dtype):
+    """A causal LM from a hub name / local path, or randomly initialised from ``cfg.config``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.config is not None:
+        spec = dict(cfg.config)
+        model_type = spec.pop("model_type", "llama")
+        spec.setdefault("vocab_size", len(tokenizer))
+        try:
+            hf_cfg = AutoConfig.for_model(model_type, **spec)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model.config: {e}") from None
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+    else:
+        path = _resolve(cfg.name_or_path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except Exception as e:
+            raise ConfigError(
+                f"model.name_or_path: cannot load '{cfg.name_or_path}' ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:160] if str(e) else ''})"
+            ) from None
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        raise ConfigError(
+            f"model: tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
+            f"{model.get_input_embeddings().weight.shape[0]}; use the model's own tokenizer"
+        )
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        target = cfg.lora.target_modules
+        lora = LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            target_modules=list(target) if isinstance(target, tuple) else target,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norms (the usual convention)."""
+    decay, no_decay = [], []
+    for n, p in trainable(model):
+        (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
+                             eps=cfg.adam_eps)
+
+
+def lr_factor(step: int, cfg: TrainConfig, max_steps: int) -> float:
+    """LR multiplier at ``step``: linear warm-up, then constant / linear / cosine decay to 0."""
+    warm = cfg.warmup_steps or int(cfg.warmup_ratio * max_steps)
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, max_steps - warm)
+    if cfg.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, max_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, max_steps))
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def save_final(model, tokenizer, out: Path) -> None:
+    """A directory loadable with ``from_pretrained`` (full model, or the LoRA adapter)."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

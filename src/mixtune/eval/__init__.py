@@ -1,0 +1,1 @@
+"""Evaluation: per-domain loss on fixed batches, generation accuracy, constraint checks."""

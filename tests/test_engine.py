@@ -1,0 +1,117 @@
+"""Training-path invariants: exact resume, exact gradient accumulation, NaN handling, LoRA."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import ChaseLoss
+from mixtune import config
+from mixtune.engine.loop import Trainer
+from mixtune.engine.rundir import read_metrics
+from mixtune.errors import TrainingError
+from mixtune.mixers import MIXERS
+
+
+@pytest.fixture
+def chase_mixer(monkeypatch):
+    monkeypatch.setitem(MIXERS, "chase", ChaseLoss)
+
+
+def _params(trainer):
+    return [p.detach().clone() for p in trainer.params]
+
+
+def _strip_time(records):
+    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+
+def test_resume_equals_uninterrupted(make_config, tmp_path, chase_mixer):
+    raw = make_config(max_steps=10, mixer={"name": "chase"})
+    raw["train"].update(save_every=0, eval_every=4, log_every=2)
+    full = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/full"]))
+    full.run()
+    first = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/split"]))
+    first.run(stop_after=5)
+    assert (tmp_path / "split/checkpoints/step-000005/state.json").is_file()
+    second = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/split"]))
+    assert second.resume_from is not None
+    second.run()
+    for a, b in zip(_params(full), _params(second)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ma, mb = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
+    assert _strip_time(ma) == _strip_time(mb)
+    weights = [r["weights"]["add"] for r in ma]
+    assert len(set(weights)) > 2, "the test mixer must actually move the weights"
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_gradient_accumulation_is_exact(make_config, tmp_path, micro):
+    raw = make_config(max_steps=3)
+    raw["train"].update(batch_size=8, eval_every=0)
+    ref = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/ref",
+                                                    "train.micro_batch_size=8"]))
+    ref.run()
+    acc = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/acc{micro}",
+                                                    f"train.micro_batch_size={micro}"]))
+    acc.run()
+    for a, b in zip(_params(ref), _params(acc)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(make_config, tmp_path):
+    raw = make_config(max_steps=6)
+    raw["train"].update(save_every=2, eval_every=0, max_grad_norm=None)
+    trainer = Trainer(config.load(data=raw))
+    calls = {"n": 0}
+    inner = trainer.loss_fn
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        terms = inner(logits, labels)
+        if calls["n"] > 2:  # steps 1-2 fine (one micro-batch each), then NaN
+            terms.per_token = terms.per_token * float("nan")
+        return terms
+
+    trainer.loss_fn = poisoned
+    with pytest.raises(TrainingError, match="non-finite loss/gradient at step 3"):
+        trainer.run()
+    ckpts = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    assert ckpts == ["step-000002"]
+    state = json.loads((tmp_path / "run/checkpoints/step-000002/state.json").read_text())
+    assert state["step"] == 2
+
+
+def test_lora_trains_only_the_adapter(make_config, tmp_path):
+    raw = make_config(max_steps=3)
+    raw["model"]["lora"] = {"enabled": True, "r": 4, "alpha": 8}
+    trainer = Trainer(config.load(data=raw))
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+              if not p.requires_grad}
+    adapters = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+                if p.requires_grad}
+    assert adapters and all("lora" in n for n in adapters)
+    trainer.run()
+    for n, p in trainer.model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n])
+    assert any(not torch.equal(p, adapters[n]) for n, p in trainer.model.named_parameters()
+               if n in adapters and "lora_B" in n)
+    assert (tmp_path / "run/final/adapter_config.json").is_file()
+
+
+def test_run_directory_contents(make_config, tmp_path):
+    Trainer(config.load(data=make_config(max_steps=4))).run()
+    run = tmp_path / "run"
+    recs = read_metrics(run)
+    assert recs[0]["step"] == 0 and "eval" in recs[0] and recs[-1]["step"] == 4
+    assert set(recs[-1]["weights"]) == {"add", "rev"}
+    assert abs(sum(recs[-1]["weights"].values()) - 1) < 1e-9
+    assert recs[-1]["train"]["per_dataset"].keys() == {"add", "rev"}
+    saved = config.load(run / "config.yaml")
+    assert saved.max_steps == 4
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run / "final")
+    data = json.loads((run / "data.json").read_text())
+    assert data["datasets"]["add"]["examples"] == 200 - 16

@@ -66,9 +66,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(make_config, tmp_p
     calls = {"n": 0}
     inner = trainer.loss_fn
 
-    def poisoned(logits, labels):
+    def poisoned(logits, labels, extra=None):
         calls["n"] += 1
-        terms = inner(logits, labels)
+        terms = inner(logits, labels, extra)
         if calls["n"] > 2:  # steps 1-2 fine (one micro-batch each), then NaN
             terms.per_token = terms.per_token * float("nan")
         return terms

@@ -6,6 +6,20 @@ weights and divides by a token count given by the caller. The engine passes the 
 supervised tokens in the *whole* optimizer step (all micro-batches, all ranks), so summing the
 micro-batch losses reproduces the full-batch loss exactly: gradient accumulation is exact, and
 8 micro-batches of 1 give the same gradient as 4 of 2 or 1 of 8.
+
+The loss protocol (a registered class, built with its validated ``Config`` options):
+
+- ``__call__(logits, labels, extra) -> LossTerms`` for one micro-batch; ``extra`` is what
+  ``prepare`` returned for it (or None).
+- optional ``prepare(trainer, batches) -> list[dict]``: called once per optimizer step with all
+  of this rank's micro-batches (each holds ``input_ids``, ``labels``, ``attention_mask``,
+  ``domain`` and ``index``, the example ids) before any backward pass — for statistics over
+  the global batch (all-reduce across ranks through ``trainer.acc``).
+- optional ``after_step(trainer)``: after each optimizer step (e.g. rewriting targets with
+  ``trainer.replace_example``).
+- optional ``diagnostics(trainer) -> dict``: logged under ``"loss"`` at log steps (every rank
+  calls it together, so it may all-reduce).
+- optional ``state_dict()`` / ``load_state_dict()``: saved in checkpoints (``loss.pt``).
 """
 
 from __future__ import annotations
@@ -90,7 +104,7 @@ class SFT:
     def __init__(self, options=None):
         pass
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> LossTerms:
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, extra=None) -> LossTerms:
         return sft(logits, labels)
 
 

@@ -2,7 +2,7 @@
 
 ``checkpoints/step-000123/`` holds the trainable weights (``trainable.safetensors``: the full
 model, or only the LoRA adapter), ``optimizer.pt``, ``scheduler.pt``, ``sampler.json``,
-``mixer.pt``, one ``rank<r>.pt`` per process (RNG states and that rank's running sums) and
+``mixer.pt``, ``loss.pt`` (when the loss has state), one ``rank<r>.pt`` per process (RNG states and that rank's running sums) and
 ``state.json`` (step, counters, elapsed time). It is written into ``.tmp-step-000123`` and
 renamed into place only once complete, so a crash never leaves a half-written checkpoint as the
 latest one; directories without ``state.json`` are ignored.
@@ -41,7 +41,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(root: Path, step: int, *, accelerator, model, optimizer, scheduler, sampler, mixer,
-         state: dict, rank_state: dict, keep: int) -> Path:
+         state: dict, rank_state: dict, keep: int, loss=None) -> Path:
     """Write checkpoint ``step`` under ``root`` (all ranks call this)."""
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{PREFIX}{step:06d}"
@@ -59,6 +59,8 @@ def save(root: Path, step: int, *, accelerator, model, optimizer, scheduler, sam
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "sampler.json").write_text(json.dumps(sampler.state_dict()))
         torch.save(mixer.state_dict(), tmp / "mixer.pt")
+        if hasattr(loss, "state_dict"):
+            torch.save(loss.state_dict(), tmp / "loss.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
@@ -80,7 +82,8 @@ def complete(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def load(path: Path, *, accelerator, model, optimizer, scheduler, sampler, mixer) -> tuple[dict, dict]:
+def load(path: Path, *, accelerator, model, optimizer, scheduler, sampler, mixer,
+         loss=None) -> tuple[dict, dict]:
     """Restore every component from ``path``; returns ``(state, rank_state)``."""
     unwrapped = accelerator.unwrap_model(model)
     tensors = load_file(str(path / "trainable.safetensors"))
@@ -95,6 +98,8 @@ def load(path: Path, *, accelerator, model, optimizer, scheduler, sampler, mixer
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     sampler.load_state_dict(json.loads((path / "sampler.json").read_text()))
     mixer.load_state_dict(torch.load(path / "mixer.pt", weights_only=False))
+    if hasattr(loss, "load_state_dict") and (path / "loss.pt").is_file():
+        loss.load_state_dict(torch.load(path / "loss.pt", weights_only=False))
     rank_state = torch.load(path / f"rank{accelerator.process_index}.pt", weights_only=False)
     set_rng_state(rank_state.pop("rng"))
     state = json.loads((path / "state.json").read_text())

@@ -116,7 +116,7 @@ class Trainer:
         K = len(self.names)
         self.sums = {"log": torch.zeros(K, 2, dtype=torch.float64, device=self.acc.device),
                      "mix": torch.zeros(K, 2, dtype=torch.float64, device=self.acc.device),
-                     "gn": torch.zeros(2, dtype=torch.float64, device=self.acc.device)}
+                     "gn": torch.zeros(4, dtype=torch.float64, device=self.acc.device)}
         self.eval_cache: dict | None = None
         self.record: dict = {}
 
@@ -127,19 +127,25 @@ class Trainer:
         # Global supervised-token count: every rank knows the whole batch, so no all-reduce.
         n_tokens = float(sum(self._labels[k][e] for k, e in zip(ds, ex)))
         stats = torch.zeros(K, 2, dtype=torch.float64, device=device)
-        slices = shard(len(ds), self.world, self.rank, self.micro)
-        for i, sl in enumerate(slices):
+        batches = []
+        for sl in shard(len(ds), self.world, self.rank, self.micro):
             d, e = ds[sl], ex[sl]
             batch = collate([self.train_sets[k].data.input_ids[j] for k, j in zip(d, e)],
                             [self.train_sets[k].data.labels[j] for k, j in zip(d, e)],
                             self.tokenizer.pad_token_id, d)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch["index"] = torch.as_tensor(e, dtype=torch.long)
+            batches.append({k: v.to(device) for k, v in batch.items()})
+        # A loss may need the whole step first (CADFT z-scores over the global batch).
+        prepare = getattr(self.loss_fn, "prepare", None)
+        extras = prepare(self, batches) if prepare else [None] * len(batches)
+        for i, batch in enumerate(batches):
             # Only the last micro-batch all-reduces gradients.
-            sync = contextlib.nullcontext() if i == len(slices) - 1 else self.acc.no_sync(self.model)
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
             with sync, self.acc.autocast():
                 logits = self.model(input_ids=batch["input_ids"],
                                     attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-                terms = self.loss_fn(logits, batch["labels"])
+                terms = self.loss_fn(logits, batch["labels"], extras[i])
                 # DDP averages gradients over ranks; x world turns that into the global sum.
                 loss = reduce(terms.per_token, terms.mask, terms.token_weights,
                               terms.sample_weights, n_tokens) * self.world
@@ -161,6 +167,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(stats, grad_norm.detach().double())
 
+    def replace_example(self, k: int, e: int, input_ids: np.ndarray, labels: np.ndarray) -> None:
+        """Swap training example ``e`` of dataset ``k`` (keeps the loop's token counts right)."""
+        data = self.train_sets[k].data
+        data.input_ids[e], data.labels[e] = input_ids, labels
+        count = int((labels[1:] != -100).sum())
+        self.train_sets[k].label_counts[e] = count
+        self._labels[k][e] = count
+        self._lengths[k][e] = len(input_ids)
+
     def evaluate(self, n_batches: int | None = None, accuracy: bool = True,
                  use_cache: bool = True) -> dict[str, dict[str, float]]:
         """Metrics of every domain now; reuses this step's scheduled evaluation when it can."""
@@ -181,7 +196,7 @@ class Trainer:
             state, rank_state = checkpoint.load(
                 self.resume_from, accelerator=self.acc, model=self.model,
                 optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler,
-                mixer=self.mixer)
+                mixer=self.mixer, loss=self.loss_fn)
             self.step = state["step"]
             self.counters = state["counters"]
             self.eval_cache = state.get("eval_cache")
@@ -214,6 +229,9 @@ class Trainer:
             stats = self.train_step(ds, ex)
             self.step += 1
             self._count(ds, ex, stats)
+            after_step = getattr(self.loss_fn, "after_step", None)
+            if after_step is not None:  # e.g. CADFT's delayed rewriting of targets
+                after_step(self)
             last = self.step == cfg.max_steps
             if self.step % tc.log_every == 0 or last:
                 self._log_train(bar, t_start, base_elapsed)
@@ -244,7 +262,10 @@ class Trainer:
         c["drawn"] = [int(a + b) for a, b in zip(c["drawn"], drawn)]
         self.sums["log"] += stats.per_dataset
         self.sums["mix"] += stats.per_dataset
-        self.sums["gn"] += torch.stack([stats.grad_norm, torch.ones_like(stats.grad_norm)])
+        g = stats.grad_norm
+        gn = self.sums["gn"]
+        gn[:3] += torch.stack([g, torch.ones_like(g), g * g])
+        gn[3] = torch.maximum(gn[3], g)
 
     def _take_sums(self, key: str) -> np.ndarray:
         """Per-dataset (NLL sum, tokens) since the last call, summed over ranks; resets them."""
@@ -264,8 +285,15 @@ class Trainer:
         gn = self.sums["gn"].cpu().numpy().copy()  # the global norm: equal on every rank
         self.sums["gn"].zero_()
         loss = float(total[0] / max(total[1], 1))
-        self.record["train"] = {"loss": loss, "per_dataset": per,
-                                "grad_norm": float(gn[0] / max(gn[1], 1))}
+        mean = gn[0] / max(gn[1], 1)
+        self.record["train"] = {
+            "loss": loss, "per_dataset": per, "grad_norm": float(mean),
+            "grad_norm_std": float(np.sqrt(max(gn[2] / max(gn[1], 1) - mean**2, 0.0))),
+            "grad_norm_max": float(gn[3]),
+        }
+        diagnostics = getattr(self.loss_fn, "diagnostics", None)
+        if diagnostics is not None:
+            self.record["loss"] = diagnostics(self)
         elapsed = base_elapsed + time.perf_counter() - t_start
         tps = self.counters["input_tokens"] / max(elapsed, 1e-9)
         w = " ".join(f"{n[:8]}={x:.2f}" for n, x in zip(self.names, self.sampler.weights))
@@ -320,7 +348,7 @@ class Trainer:
         checkpoint.save(
             self.rundir.checkpoints, self.step, accelerator=self.acc, model=self.model,
             optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler,
-            mixer=self.mixer, keep=self.cfg.train.keep_checkpoints,
+            mixer=self.mixer, loss=self.loss_fn, keep=self.cfg.train.keep_checkpoints,
             state={"counters": self.counters, "eval_cache": self.eval_cache},
             rank_state={"sums": {k: v.cpu() for k, v in self.sums.items()}},
         )

@@ -6,6 +6,10 @@ import json
 import random
 
 import pytest
+import torch
+
+# Tiny models run fastest on one thread, and the suite must not oversubscribe a shared 2-core box.
+torch.set_num_threads(1)
 
 TINY_MODEL = {
     "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

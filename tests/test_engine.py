@@ -115,3 +115,24 @@ def test_run_directory_contents(make_config, tmp_path):
     AutoModelForCausalLM.from_pretrained(run / "final")
     data = json.loads((run / "data.json").read_text())
     assert data["datasets"]["add"]["examples"] == 200 - 16
+
+
+def test_model_from_local_directory_like_a_hub_name(make_config, tmp_path):
+    """Real users pass hub names; the same from_pretrained path serves a saved directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import TINY_MODEL
+    from mixtune.data.bytetok import byte_tokenizer
+
+    tok = byte_tokenizer()
+    spec = dict(TINY_MODEL)
+    hf_cfg = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tok), **spec)
+    saved = tmp_path / "saved-model"
+    AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(saved)
+    tok.save_pretrained(saved)
+    raw = make_config(max_steps=2)
+    raw["model"] = {"name_or_path": str(saved)}
+    trainer = Trainer(config.load(data=raw))
+    first = next(iter(trainer.params)).detach().clone()
+    trainer.run()
+    assert not torch.equal(first, next(iter(trainer.params)))

@@ -48,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("target", help="a run directory (holding config.yaml) or a YAML config")
     e.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    r = sub.add_parser(
+        "report", help="write the HTML + PNG report of a run",
+        description="Plots of a run directory's metrics.jsonl (mixture weights, per-domain "
+        "evaluation curves with constraint references, training loss, and every series a mixer "
+        "or loss logged) into RUN_DIR/report/, with a self-contained index.html.",
+    )
+    r.add_argument("run_dir", help="a run directory (holding metrics.jsonl)")
     return p
 
 
@@ -70,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run directory: {summary['output_dir']}")
         elif args.command == "eval":
             output_dir = _eval(args)
+        elif args.command == "report":
+            from mixtune.errors import ConfigError
+            from mixtune.report import write_report
+
+            if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+                raise ConfigError(f"{args.run_dir} is not a run directory (no metrics.jsonl)")
+            print(write_report(args.run_dir))
         return 0
     except MixtuneError as e:
         print(f"mixtune: error: {e}", file=sys.stderr)

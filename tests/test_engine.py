@@ -136,3 +136,16 @@ def test_model_from_local_directory_like_a_hub_name(make_config, tmp_path):
     first = next(iter(trainer.params)).detach().clone()
     trainer.run()
     assert not torch.equal(first, next(iter(trainer.params)))
+
+
+def test_tensorboard_tracker_receives_metrics(make_config, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Trainer(config.load(data=make_config(max_steps=4, report_to=["tensorboard"]))).run()
+    events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file written"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags and "eval/add/loss" in tags and "weights/add" in tags

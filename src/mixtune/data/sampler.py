@@ -3,7 +3,8 @@
 Each step draws a *global* batch of ``n`` (dataset, example) pairs:
 
 1. the dataset of every slot is drawn independently with the current weights (inverse CDF:
-   one uniform and a binary search over the cumulative weights, O(log K) per draw);
+   one uniform and a search of the cumulative weights -- a binary search, or for big draws
+   over many datasets a guide table with the same result);
 2. inside a dataset, examples come without replacement from a permutation of that dataset,
    regenerated from ``(seed, dataset, pass)`` at every new pass, so each pass reshuffles.
 
@@ -22,6 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from mixtune import simplex
+
+_GUIDE_SCANS = 4  # linear steps inside a guide-table cell before a binary search takes over
 
 
 class SamplerExhausted(Exception):
@@ -66,19 +69,21 @@ class MixtureSampler:
         ds = self._draw_datasets(rng, n)
         ex = np.empty(n, np.int64)
         counts = np.bincount(ds, minlength=len(self.sizes))
-        # rank of each slot among the slots of the same dataset (stable: order of appearance)
-        order = np.argsort(ds, kind="stable")
+        # rank of each slot among the slots of the same dataset (stable: order of appearance);
+        # 16-bit keys make numpy's stable argsort a radix sort (same result, O(n))
+        keys = ds.astype(np.uint16) if len(self.sizes) <= 1 << 16 else ds
+        order = np.argsort(keys, kind="stable")
         starts = np.cumsum(counts) - counts
         rank = np.empty(n, np.int64)
         rank[order] = np.arange(n) - starts[ds[order]]
         pos = self.cursors[ds] + rank
-        fits = pos < self.sizes[ds]
-        if fits.all():  # common case: no dataset wraps around in this batch
+        wraps = self.cursors + counts > self.sizes  # datasets whose pass ends inside this batch
+        if not wraps.any():  # common case: no dataset wraps around in this batch
             ex[:] = self._perm[self.offsets[ds] + pos]
             self.cursors += counts
         else:  # vectorised for the datasets that do not wrap, one by one for those that do
-            wrapping = np.unique(ds[~fits])
-            simple = ~np.isin(ds, wrapping)
+            wrapping = np.flatnonzero(wraps)
+            simple = ~wraps[ds]
             ex[simple] = self._perm[self.offsets[ds[simple]] + pos[simple]]
             moved = counts.copy()
             moved[wrapping] = 0
@@ -135,13 +140,41 @@ class MixtureSampler:
         w = np.where(self.exhausted, 0.0, self.weights)
         total = w.sum()
         self._cdf = np.cumsum(w / total) if total > 0 else None
+        self._guide = None  # built on first use for these weights
+
+    def _lookup(self, u: np.ndarray) -> np.ndarray:
+        """Dataset of each uniform: ``searchsorted(cdf, u, side="right")``, clamped to K - 1.
+
+        Big draws over many datasets go through a guide table instead of a binary search per
+        draw (whose unpredictable branches dominate the draw), with the identical result.
+        """
+        cdf = self._cdf
+        if len(u) < 256 or len(cdf) < 8:
+            ds = np.searchsorted(cdf, u, side="right")
+        else:
+            if self._guide is None:
+                # M = 2^m >= 4K equal cells of [0, 1); lo[b] = #{cdf <= b / M}. b / M and u * M
+                # are exact in binary, so the answer for u lies in [lo[b], lo[b + 1]].
+                m = 1 << (4 * len(cdf) - 1).bit_length()
+                lo = np.searchsorted(cdf, np.arange(m + 1) / m, side="right")
+                self._guide = (m, lo[:-1].copy(), lo[1:].copy(), np.append(cdf, np.inf),
+                               int((lo[1:] - lo[:-1]).max()))
+            m, lo, hi, padded, widest = self._guide
+            b = (u * m).astype(np.int64)
+            ds, end = lo[b], hi[b]
+            if widest > _GUIDE_SCANS:  # crowded cells (tiny weights): binary search there
+                slow = np.flatnonzero(end - ds > _GUIDE_SCANS)
+            for _ in range(min(widest, _GUIDE_SCANS)):  # step through the cell's cdf entries
+                ds += (padded[ds] <= u) & (ds < end)
+            if widest > _GUIDE_SCANS:
+                ds[slow] = np.searchsorted(cdf, u[slow], side="right")
+        np.minimum(ds, len(self.sizes) - 1, out=ds)  # guard u ~ 1 against rounding in the cdf
+        return ds
 
     def _draw_datasets(self, rng: np.random.Generator, n: int) -> np.ndarray:
         if self._cdf is None:
             raise SamplerExhausted(self._exhausted_message())
-        u = rng.random(n)
-        ds = np.searchsorted(self._cdf, u, side="right")
-        np.minimum(ds, len(self.sizes) - 1, out=ds)  # guard u ~ 1 against rounding in the cdf
+        ds = self._lookup(rng.random(n))
         # Non-repeating datasets may run out inside this batch: redraw the overflow slots.
         if not self.repeat.all():
             while True:
@@ -156,8 +189,7 @@ class MixtureSampler:
                     self._refresh_cdf()
                     if self._cdf is None:
                         raise SamplerExhausted(self._exhausted_message())
-                    ds[slots] = np.searchsorted(self._cdf, rng.random(slots.size), side="right")
-                    np.minimum(ds, len(self.sizes) - 1, out=ds)
+                    ds[slots] = self._lookup(rng.random(slots.size))
         return ds
 
     def _take(self, k: int, count: int) -> np.ndarray:

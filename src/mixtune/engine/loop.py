@@ -30,6 +30,7 @@ from mixtune.data.sampler import MixtureSampler, SamplerExhausted, shard
 from mixtune.engine import checkpoint, probe, setup
 from mixtune.engine.rundir import RunDir
 from mixtune.errors import ConfigError, TrainingError
+from mixtune.eval.constraints import best_feasible_for_run
 from mixtune.eval.domains import evaluate
 from mixtune.losses import build_loss, reduce
 from mixtune.mixers import DatasetInfo, DomainInfo, MixContext, build_mixer
@@ -320,6 +321,8 @@ class Trainer:
             probe=partial(probe.probe, self),
             lookahead=partial(probe.lookahead, self),
             log=diagnostics.__setitem__,
+            losses=partial(probe.example_losses, self),
+            grad_alignment=partial(probe.grad_alignment, self),
         )
         weights = validate(self.mixer.propose(ctx), self.names, what=f"mixer '{self.cfg.mixer.name}'")
         self.sampler.set_weights(weights)
@@ -364,6 +367,9 @@ class Trainer:
             "output_dir": str(self.rundir.path),
         }
         if self.acc.is_main_process:
+            best = best_feasible_for_run(self.rundir.path, self.dom_infos)
+            if best is not None:  # the best evaluated step with every constraint kept
+                summary["best_feasible"] = best
             setup.save_final(self.acc.unwrap_model(self.model), self.tokenizer,
                              self.rundir.path / "final")
             self.rundir.write_json("summary.json", summary)

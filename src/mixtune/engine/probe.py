@@ -131,6 +131,120 @@ def lookahead(trainer, j: int, optimizer: str = "sgd", batch_size: int | None = 
                            time.perf_counter() - t0)
 
 
+def example_losses(trainer, j: int, batch_size: int | None = None,
+                   key: int | None = None) -> np.ndarray:
+    """Per-example mean token loss, (n,), on the mini-batch of dataset ``j`` that
+    :func:`lookahead` would draw for the same ``(batch_size, key)``: forward only, no step.
+
+    Nothing changes: no gradient, and the RNG is restored (dropout may draw from it).
+    Gathered over ranks, so every rank gets the same numbers.
+    """
+    t = trainer
+    n = batch_size or t.micro * t.world
+    n = max(t.world, n - n % t.world)
+    ex = t.sampler.draw_from(j, n, t.step if key is None else key)
+    mine = ex[shard(n, t.world, t.rank, n // t.world)[0]]
+    data = t.train_sets[j].data
+    batch = collate([data.input_ids[i] for i in mine], [data.labels[i] for i in mine],
+                    t.tokenizer.pad_token_id)
+    batch = {k: v.to(t.acc.device) for k, v in batch.items()}
+    rng = rng_state()
+    try:
+        with torch.no_grad(), t.acc.autocast():
+            logits = t.model(input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).logits
+            loss = sequence_mean(*token_losses(logits, batch["labels"]))  # (b,)
+        if t.world > 1:
+            loss = t.acc.gather(loss.contiguous())
+    finally:
+        set_rng_state(rng)
+    return loss.double().cpu().numpy()
+
+
+def grad_alignment(trainer, n_batches: int | None = None, batch_size: int | None = None,
+                   key: int | None = None) -> np.ndarray:
+    """DynaMiCS's gradient-alignment slopes, (M, K): S_ij = −lr·⟨g_i, d_j⟩.
+
+    g_i is the gradient of domain i's token-mean evaluation loss over its first ``n_batches``
+    batches; d_j the bias-corrected Adam direction m̂/(√v̂ + eps) the run's optimizer would take
+    from its current moments after the gradient of a batch of dataset j (drawn as
+    :func:`lookahead` draws it). Gradients go through the unwrapped model and are summed over
+    ranks here, so ranks may hold different numbers of batches (not for FSDP). Nothing changes.
+    """
+    t = trainer
+    model = t.acc.unwrap_model(t.model)
+    opt = _inner(t.optimizer)
+    was_training = model.training
+    snap = Snapshot(t, optimizer=False)
+    try:
+        model.eval()
+        g_eval = []
+        for dom in t.domains:
+            nb = dom.n_batches if n_batches is None else min(n_batches, dom.n_batches)
+            tokens = torch.zeros((), dtype=torch.float64, device=t.acc.device)
+            for b in range(t.rank, nb, t.world):
+                lo, hi = b * dom.batch_size, min((b + 1) * dom.batch_size, len(dom.data))
+                tokens += _backward_nll_sum(t, model, dom.data.input_ids[lo:hi],
+                                            dom.data.labels[lo:hi])
+            g_eval.append(_reduced_grad(t, tokens))
+        model.train(was_training)
+        S = np.zeros((len(t.domains), len(t.train_sets)))
+        lr = opt.param_groups[0]["lr"]
+        for j, train_set in enumerate(t.train_sets):
+            n = batch_size or t.micro * t.world
+            n = max(t.world, n - n % t.world)
+            ex = t.sampler.draw_from(j, n, t.step if key is None else key)
+            mine = ex[shard(n, t.world, t.rank, n // t.world)[0]]
+            tokens = _backward_nll_sum(t, model, [train_set.data.input_ids[i] for i in mine],
+                                       [train_set.data.labels[i] for i in mine])
+            d = _adam_direction(t, opt, _reduced_grad(t, tokens))
+            S[:, j] = [-lr * float(g @ d) for g in g_eval]
+    finally:
+        model.train(was_training)
+        snap.restore()
+    return S
+
+
+def _backward_nll_sum(t, model, input_ids, labels) -> torch.Tensor:
+    """Backward of the summed token NLL of one batch; returns its supervised token count."""
+    batch = collate(input_ids, labels, t.tokenizer.pad_token_id)
+    batch = {k: v.to(t.acc.device) for k, v in batch.items()}
+    with t.acc.autocast():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll, mask = token_losses(logits, batch["labels"])
+        (nll * mask).sum().backward()
+    return mask.sum().double()
+
+
+def _reduced_grad(t, tokens: torch.Tensor) -> torch.Tensor:
+    """Token-mean gradient over all ranks, flat in ``t.params`` order (float64); clears grads."""
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double()
+                      for p in t.params])
+    for p in t.params:
+        p.grad = None
+    if t.world > 1:
+        flat = t.acc.reduce(flat, reduction="sum")
+        tokens = t.acc.reduce(tokens, reduction="sum")
+    return flat / tokens.clamp(min=1)
+
+
+def _adam_direction(t, opt, grad: torch.Tensor) -> torch.Tensor:
+    """m̂/(√v̂ + eps) after folding ``grad`` into each parameter's current Adam moments."""
+    group = {id(p): g for g in opt.param_groups for p in g["params"]}
+    out, i = [], 0
+    for p in t.params:
+        g = grad[i: i + p.numel()]
+        i += p.numel()
+        hp, state = group[id(p)], opt.state.get(p, {})
+        b1, b2 = hp["betas"]
+        m = state["exp_avg"].flatten().double() if "exp_avg" in state else torch.zeros_like(g)
+        v = state["exp_avg_sq"].flatten().double() if "exp_avg_sq" in state else torch.zeros_like(g)
+        k = float(state["step"]) + 1 if "step" in state else 1.0
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        out.append((m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + hp["eps"]))
+    return torch.cat(out)
+
+
 def _inner(optimizer):
     """The torch optimizer behind accelerate's wrapper."""
     return getattr(optimizer, "optimizer", optimizer)

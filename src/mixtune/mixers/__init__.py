@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from mixtune.mixers.base import DatasetInfo, DomainInfo, LookaheadResult, MixContext, Mixer
+from mixtune.mixers.dynamics import DynaMiCS
+from mixtune.mixers.dynamixsft import DynamixSFT
+from mixtune.mixers.exp3 import EXP3
+from mixtune.mixers.proxymix import ProxyMix
 from mixtune.mixers.static import Fixed, Proportional, Temperature, Uniform
 
 MIXERS: dict[str, type] = {
@@ -10,6 +14,10 @@ MIXERS: dict[str, type] = {
     "proportional": Proportional,
     "temperature": Temperature,
     "fixed": Fixed,
+    "dynamics": DynaMiCS,
+    "dynamixsft": DynamixSFT,
+    "exp3": EXP3,
+    "proxymix": ProxyMix,
 }
 
 

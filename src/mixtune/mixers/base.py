@@ -56,6 +56,13 @@ class MixContext:
     log: Callable[[str, object], None]
     """``log(key, value)`` adds a diagnostic to this step's metrics record (under "mixer")."""
     extra: dict = field(default_factory=dict)
+    losses: Callable[..., np.ndarray] | None = None
+    """``losses(j, batch_size=None, key=None)``: per-example loss, forward only, on the batch
+    ``lookahead`` would draw for the same arguments (no step, nothing changes)."""
+    grad_alignment: Callable[..., np.ndarray] | None = None
+    """``grad_alignment(n_batches=None)`` -> (M, K) slopes −lr·⟨g_i, d_j⟩: g_i the gradient of
+    domain i's evaluation loss, d_j the Adam direction of a step on a batch of dataset j
+    (DynaMiCS's gradient-alignment baseline; nothing changes)."""
 
 
 class Mixer(Protocol):

@@ -1,0 +1,291 @@
+"""DynaMiCS's weight problem: a penalised linear program over the simplex, as pure functions.
+
+Given one update's slope matrix S (rows = evaluation domains, columns = datasets), the anchors
+L_i now, the references L_i^ref and the horizon H, the paper (Gualdoni et al. 2026, eq. 3.4)
+solves, for every (λ, ε) of a grid (λ: 15 log-spaced values in [1, 5000]; ε ∈ {0, .05, .1}),
+
+    w*(λ, ε) = argmin_{w ∈ Δ}  Σ_{i∈T} S_i·w  +  λ Σ_{i∈C} max(0, L_i + H·S_i·w − L_i^ref + ε)²
+
+and keeps the candidate whose predicted constraints L̂_i(w) = L_i + H·S_i·w are all at or under
+their references with the lowest target term or, if none is, the one with the smallest maximum
+predicted violation. Values are "loss-like": an accuracy enters as −accuracy.
+
+The problem is convex (a linear term plus squared hinges of affine functions) but badly scaled
+(target slopes ~1e-3 per step next to penalties up to 5000·(H·S)²). scipy's SLSQP stalls on a
+few per cent of such instances ("positive directional derivative"), so the default solver,
+``exact``, runs two exact methods and keeps the better point: a primal active-set method (Newton
+steps on the current face and hinge pattern, exact piecewise-quadratic line search, multiplier
+checks) and a Mehrotra interior-point method on the equivalent QP in (w, u), u ≥ A w + b + ε,
+u ≥ 0; the result is never worse than the best vertex. ``slsqp`` (scipy, on the same smooth QP)
+is kept as an option. Everything is deterministic: the same inputs give bit-identical weights,
+so every rank of a distributed run computes the same mixture.
+
+``fallback="minimax"`` (not in the paper) adds one candidate when nothing on the grid is
+feasible: the exact minimiser of the maximum predicted violation (a linear program).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linprog, minimize
+
+EPSILONS = (0.0, 0.05, 0.1)
+FEAS_TOL = 1e-9  # a predicted L̂ may exceed its reference by this much and count as feasible
+
+
+def lambda_grid(n: int = 15, lo: float = 1.0, hi: float = 5000.0) -> np.ndarray:
+    """``n`` log-spaced penalty weights in ``[lo, hi]`` (the paper: 15 in [1, 5000])."""
+    return np.logspace(np.log10(lo), np.log10(hi), n)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """``c``: (K,) summed target slopes; ``A``: (C, K) = H·S_C; ``b``: (C,) = L_C − L_C^ref.
+    The predicted violation of constraint i under mixture w is A_i·w + b_i."""
+
+    c: np.ndarray
+    A: np.ndarray
+    b: np.ndarray
+
+    @staticmethod
+    def build(slopes, anchors, refs, targets, constraints, horizon: float) -> Problem:
+        S = np.asarray(slopes, np.float64)  # (M, K)
+        t, ci = list(targets), list(constraints)
+        c = S[t].sum(0) if t else np.zeros(S.shape[1])
+        A = (horizon * S[ci]).reshape(len(ci), S.shape[1])
+        b = np.asarray(anchors, np.float64)[ci] - np.asarray(refs, np.float64)[ci]
+        return Problem(c, A, b.reshape(len(ci)))
+
+    @property
+    def K(self) -> int:
+        return self.c.size
+
+
+def objective(p: Problem, w, lam: float, eps: float) -> float:
+    """Eq. 3.4 at ``w`` (terms constant in w dropped, as in the paper)."""
+    h = np.maximum(0.0, p.A @ w + p.b + eps)
+    return float(p.c @ w + lam * (h @ h))
+
+
+def gradient(p: Problem, w, lam: float, eps: float) -> np.ndarray:
+    return p.c + 2.0 * lam * (p.A.T @ np.maximum(0.0, p.A @ w + p.b + eps))
+
+
+def max_violation(p: Problem, w) -> float:
+    """Largest predicted excess over a reference (0 when every constraint holds)."""
+    return float(max(0.0, (p.A @ w + p.b).max(initial=0.0)))
+
+
+def solve(p: Problem, lam: float, eps: float, method: str = "exact") -> np.ndarray:
+    """The minimiser of eq. 3.4 on the simplex for one (λ, ε)."""
+    K = p.K
+    if method == "exact":
+        cands = [_active_set(p, lam, eps), _interior_point(p, lam, eps)]
+    elif method == "slsqp":
+        cands = [_slsqp(p, lam, eps)]
+    else:
+        raise ValueError(f"unknown solver {method!r}; use 'exact' or 'slsqp'")
+    cands += list(np.eye(K))  # never worse than a single-dataset mixture
+    vals = [objective(p, w, lam, eps) for w in cands]
+    return cands[int(np.argmin(vals))]  # first minimum: deterministic ties
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact method 1: primal active set on the piecewise-quadratic objective
+
+
+def _active_set(p: Problem, lam: float, eps: float) -> np.ndarray:
+    K = p.K
+    w, fixed, released = np.full(K, 1.0 / K), np.zeros(K, bool), -1
+    for _ in range(50 * K + 50):
+        free = np.flatnonzero(~fixed)
+        g = gradient(p, w, lam, eps)
+        gscale = max(np.abs(p.c).max(initial=0.0), np.abs(g).max()) + 1e-300
+        d, newton = np.zeros(K), False
+        if free.size > 1:
+            d, newton = _face_direction(p, w, g, free, lam, eps)
+            d[fixed] = 0.0
+            if released >= 0 and d[released] <= 0:  # move mass onto the released coordinate
+                j = free[np.argmax(np.where(w[free] > 0, g[free], -np.inf))]
+                d, newton = np.zeros(K), False
+                d[released], d[j] = 1.0, -1.0
+            if not (np.abs(d).max() > 1e-12 and g @ d < 0) and np.ptp(g[free]) > 1e-10 * gscale:
+                # Not stationary on the face although the model says so: a hinge sits at its
+                # kink. A projected-gradient step (with the exact line search) gets past it.
+                d, newton = np.zeros(K), False
+                d[free] = -(g[free] - g[free].mean())
+        released = -1
+        if np.abs(d).max() > 1e-15 and g @ d < 0:
+            neg = np.flatnonzero(d < 0)
+            ratios = -w[neg] / d[neg]
+            tmax = min(ratios.min(), 1.0) if newton else ratios.min()
+            t = _line_min(p, w, d, lam, eps, tmax) if tmax > 0 else 0.0
+            w = w + t * d
+            hit = neg[ratios <= t]
+            w[hit], fixed[hit] = 0.0, True
+            w = np.maximum(w, 0.0)
+            w /= w.sum()
+            continue
+        # Optimal on this face; release the zero coordinate with the most negative multiplier.
+        gap = np.where(fixed, g - g[free].mean(), np.inf)
+        k = int(np.argmin(gap))
+        if gap[k] >= -1e-10 * gscale:
+            break
+        fixed[k], released = False, k
+    return w
+
+
+def _face_direction(p: Problem, w, g, free, lam, eps) -> tuple[np.ndarray, bool]:
+    """Newton step to the minimum of the quadratic model on the face (sum fixed, others 0), or
+    a descent direction along which that model is linear."""
+    K, n = p.K, free.size
+    Z = np.zeros((K, n - 1))
+    Z[free[:-1], np.arange(n - 1)] = 1.0
+    Z[free[-1], :] = -1.0
+    Z = np.linalg.qr(Z)[0]  # orthonormal basis of the face directions
+    r = p.A @ w + p.b + eps
+    on = r > 1e-12 * (np.abs(p.A).sum(1) + np.abs(p.b + eps))  # hinges in their quadratic part
+    AZ = p.A[on] @ Z
+    evals, evecs = np.linalg.eigh(2.0 * lam * AZ.T @ AZ)
+    gy = Z.T @ g
+    big = evals > 1e-12 * max(evals.max(initial=0.0), 1e-300)
+    null = evecs[:, ~big] @ (evecs[:, ~big].T @ gy)
+    if np.abs(null).max(initial=0.0) > 1e-12 * (np.abs(gy).max() + 1e-300):
+        return -Z @ null, False
+    return -Z @ ((evecs[:, big] / evals[big]) @ (evecs[:, big].T @ gy)), True
+
+
+def _line_min(p: Problem, w, d, lam, eps, tmax: float) -> float:
+    """Exact minimiser of the convex piecewise quadratic t -> F(w + t d) on [0, tmax]."""
+    r, s, cd = p.A @ w + p.b + eps, p.A @ d, p.c @ d
+
+    def slope(t):
+        return cd + 2.0 * lam * (np.maximum(r + t * s, 0.0) @ s)
+
+    if slope(tmax) <= 0:
+        return tmax
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kinks = -r / s
+    lo, v_lo = 0.0, slope(0.0)
+    for t in np.unique(np.r_[kinks[(kinks > 0) & (kinks < tmax)], tmax]):
+        v = slope(t)
+        if v > 0:  # the slope is linear between kinks: interpolate its zero
+            return lo + (t - lo) * (-v_lo) / (v - v_lo)
+        lo, v_lo = t, v
+    return tmax
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact method 2 (and the SLSQP option): the smooth QP in (w, u)
+
+
+def _qp(p: Problem, lam: float, eps: float):
+    """min q·x + ½ xᵀQx, E x = 1, G x <= h over x = (w, u/α), scaled to O(1)."""
+    K, C = p.K, p.b.size
+    alpha = max(np.abs(p.A).max(initial=0.0), np.abs(p.b + eps).max(initial=0.0), 1e-12)
+    scale = max(np.abs(p.c).max(initial=0.0), lam * alpha**2)
+    Q = np.diag(np.r_[np.zeros(K), np.full(C, 2.0 * lam * alpha**2 / scale)])
+    q = np.r_[p.c / scale, np.zeros(C)]
+    E = np.r_[np.ones(K), np.zeros(C)][None]
+    G = np.block([[-np.eye(K + C)], [p.A / alpha, -np.eye(C)]])
+    h = np.r_[np.zeros(K + C), -(p.b + eps) / alpha]
+    return Q, q, E, G, h
+
+
+def _interior_point(p: Problem, lam: float, eps: float, iters: int = 100) -> np.ndarray:
+    """Mehrotra predictor-corrector on the QP (dense; the problem has K + C variables)."""
+    Q, q, E, G, h = _qp(p, lam, eps)
+    n, m = q.size, h.size
+    x, y, s, z = np.zeros(n), np.zeros(1), np.ones(m), np.ones(m)
+    for _ in range(iters):
+        rd, rp, ri = Q @ x + q + E.T @ y + G.T @ z, E @ x - 1.0, G @ x + s - h
+        mu = s @ z / m
+        if max(np.abs(rd).max(), np.abs(rp).max(), np.abs(ri).max(), mu) < 1e-13:
+            break
+        kkt = np.block([[Q + G.T @ ((z / s)[:, None] * G), E.T], [E, np.zeros((1, 1))]])
+
+        def newton(rc):
+            sol = np.linalg.solve(kkt, np.r_[-rd - G.T @ ((z * ri - rc) / s), -rp])
+            ds = -ri - G @ sol[:n]
+            return sol[:n], sol[n:], ds, (-rc - z * ds) / s
+
+        try:
+            dx, dy, ds, dz = newton(s * z)  # affine-scaling predictor
+            a = min(_max_step(s, ds), _max_step(z, dz))
+            sigma = (((s + a * ds) @ (z + a * dz)) / m / mu) ** 3
+            dx, dy, ds, dz = newton(s * z + ds * dz - sigma * mu)  # corrector
+        except np.linalg.LinAlgError:
+            break
+        a = 0.99 * min(_max_step(s, ds), _max_step(z, dz))
+        x, y, s, z = x + a * dx, y + a * dy, s + a * ds, z + a * dz
+    return _clean(x[: p.K])
+
+
+def _max_step(v, dv) -> float:
+    neg = dv < 0
+    return float(min(1.0, (-v[neg] / dv[neg]).min())) if neg.any() else 1.0
+
+
+def _slsqp(p: Problem, lam: float, eps: float) -> np.ndarray:
+    Q, q, E, G, h = _qp(p, lam, eps)
+    K, n = p.K, q.size
+    x0 = np.r_[np.full(K, 1.0 / K), np.zeros(n - K)]
+    x0[K:] = np.maximum(0.0, G[n:, :K] @ x0[:K] - h[n:])
+    res = minimize(lambda x: q @ x + 0.5 * x @ Q @ x, x0, jac=lambda x: q + Q @ x,
+                   method="SLSQP", constraints=[
+                       {"type": "eq", "fun": lambda x: E @ x - 1.0, "jac": lambda x: E},
+                       {"type": "ineq", "fun": lambda x: h - G @ x, "jac": lambda x: -G}],
+                   options={"ftol": 1e-15, "maxiter": 2000})
+    return _clean(res.x[:K])
+
+
+def _clean(w) -> np.ndarray:
+    w = np.clip(np.asarray(w, np.float64), 0.0, None)
+    w[w < 1e-12] = 0.0
+    return w / w.sum() if w.sum() > 0 else np.full(w.size, 1.0 / w.size)
+
+
+def minimax(p: Problem) -> np.ndarray:
+    """The mixture with the smallest maximum predicted violation (LP: min s, A w + b <= s)."""
+    K, C = p.K, p.b.size
+    res = linprog(np.r_[np.zeros(K), 1.0], A_ub=np.c_[p.A, -np.ones(C)], b_ub=-p.b,
+                  A_eq=np.r_[np.ones(K), 0.0][None], b_eq=[1.0],
+                  bounds=[(0, None)] * K + [(None, None)], method="highs")
+    return _clean(res.x[:K]) if res.success else np.full(K, 1.0 / K)
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid and the selection rule
+
+
+@dataclass(frozen=True)
+class Choice:
+    weights: np.ndarray
+    lam: float | None  # None: the minimax fallback
+    eps: float | None
+    feasible: bool  # every predicted constraint at or under its reference
+    target: float  # Σ_{i∈T} S_i·w: predicted per-step change of the summed target loss
+    max_violation: float  # largest predicted excess over a reference
+    n_feasible: int  # feasible candidates on the grid
+
+
+def choose(p: Problem, lambdas=None, epsilons=EPSILONS, method: str = "exact",
+           fallback: str = "grid") -> Choice:
+    """Solve eq. 3.4 on the (λ, ε) grid and apply the paper's selection rule."""
+    lambdas = lambda_grid() if lambdas is None else lambdas
+    cands = []
+    for eps in epsilons:
+        for lam in lambdas:
+            w = solve(p, float(lam), float(eps), method)
+            cands.append((w, float(lam), float(eps), float(p.c @ w), max_violation(p, w)))
+    feasible = [c for c in cands if c[4] <= FEAS_TOL]
+    if feasible:  # lowest target term; ties go to the first in grid order
+        w, lam, eps, target, viol = min(feasible, key=lambda c: c[3])
+        return Choice(w, lam, eps, True, target, viol, len(feasible))
+    if fallback == "minimax" and p.b.size:
+        w = minimax(p)
+        cands.append((w, None, None, float(p.c @ w), max_violation(p, w)))
+    w, lam, eps, target, viol = min(cands, key=lambda c: (c[4], c[3]))
+    return Choice(w, lam, eps, viol <= FEAS_TOL, target, viol, 0)

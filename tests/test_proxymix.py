@@ -1,0 +1,225 @@
+"""ProxyMix: masking, the controller file, the baselines, and REINFORCE on a known problem."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mixtune import config
+from mixtune.config import MethodConfig
+from mixtune.continual import controller as ctl
+from mixtune.continual.config import LearnConfig
+from mixtune.continual.features import FEATURES, GLOBALS, Tracker, masked_policy
+from mixtune.continual.learn import Learner, train
+from mixtune.continual.toy import ToyEnv
+from mixtune.errors import ConfigError
+from mixtune.mixers import MIXERS, DatasetInfo, DomainInfo, LookaheadResult, MixContext
+
+DATASETS = [DatasetInfo("cur", 200, 4000), DatasetInfo("old", 50, 1000),
+            DatasetInfo("older", 150, 3000), DatasetInfo("future", 100, 2000)]
+DOMAINS = [DomainInfo(d.name, "target", "loss", None) for d in DATASETS] + [
+    DomainInfo("safety", "constraint", "accuracy", None)]
+
+
+def _mixer(seed=0, **params):
+    opts = config.method_options(MethodConfig("proxymix", params), MIXERS, "mixer")
+    return MIXERS["proxymix"](opts, list(DATASETS), list(DOMAINS), seed)
+
+
+def _ctx(step, losses, weights=None):
+    w = np.full(len(DATASETS), 0.25) if weights is None else weights
+    return MixContext(
+        step=step, max_steps=40, datasets=list(DATASETS), domains=list(DOMAINS), weights=w,
+        train_losses={}, evaluate=lambda n_batches=None, accuracy=True: {
+            k: {"loss": v} for k, v in losses.items()},
+        probe=None, lookahead=lambda *a, **k: LookaheadResult(np.zeros(1), np.zeros(1), 0.0),
+        log=lambda k, v: None)
+
+
+def _losses(step, rng=None):
+    base = {"cur": 2.0 - 0.02 * step, "old": 1.5 + 0.03 * step, "older": 1.2,
+            "future": 3.0, "safety": 1.0 + 0.01 * step}
+    if rng is not None:
+        base = {k: v * float(rng.uniform(0.2, 5.0)) for k, v in base.items()}
+    return base
+
+
+@pytest.fixture
+def controller_file(tmp_path):
+    return str(ctl.save(tmp_path / "c.pt", ctl.new(5), {"old": 0.3, "older": 0.1}))
+
+
+# --------------------------------------------------------------------------------------------
+# Masking
+
+
+def test_masked_policy_gives_exactly_zero_to_masked_slots_and_keeps_the_floor():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(2, 7, (1,), generator=gen))
+        logits = torch.randn(n, generator=gen, dtype=torch.float64) * 50  # extreme scores too
+        mask = torch.rand(n, generator=gen) < 0.6
+        cur = int(torch.randint(0, n, (1,), generator=gen))
+        mask[cur] = True
+        p = masked_policy(logits, mask, cur, p_min=0.3)
+        assert torch.all(p[~mask] == 0)
+        assert abs(float(p.sum()) - 1) < 1e-9
+        if int(mask.sum()) > 1:
+            assert float(p[cur]) >= 0.3 - 1e-12
+    with pytest.raises(ValueError):
+        masked_policy(torch.zeros(3), torch.tensor([False, True, True]), 0, 0.3)
+
+
+@pytest.mark.parametrize("policy", ["controller", "random", "fixed", "loss_increase", "loss"])
+def test_mixer_never_weights_a_future_task(policy, controller_file):
+    extra = {"controller": controller_file} if policy == "controller" else {}
+    mixer = _mixer(policy=policy, accessible=["cur", "old", "older"], explore_sigma=2.0,
+                   current="cur", stage=2, n_stages=4, ages={"old": 0, "older": 1}, **extra)
+    rng = np.random.default_rng(0)
+    for step in mixer.update_steps(40):
+        w = mixer.propose(_ctx(step, _losses(step, rng)))
+        assert w[3] == 0.0 and abs(w.sum() - 1) < 1e-12 and np.all(w >= 0)
+        assert w[0] >= (0.3 - 1e-12 if policy not in ("fixed",) else 0.8 - 1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# The controller file
+
+
+def test_controller_save_load_round_trip(tmp_path):
+    net = ctl.new(3, hidden=16, layers=3)
+    path = ctl.save(tmp_path / "sub" / "ctl.pt", net, {"a": 0.1, "b": 0.5, "safety": 0.2},
+                    {"episodes": 7})
+    loaded, info = ctl.load(path)
+    assert info["features"] == list(FEATURES) and info["globals"] == list(GLOBALS)
+    assert info["ranking"] == ["b", "safety", "a"] and info["meta"] == {"episodes": 7}
+    assert info["arch"] == {"hidden": 16, "layers": 3}
+    x, g = torch.randn(4, len(FEATURES)), torch.randn(len(GLOBALS))
+    mask = torch.tensor([True, True, False, True])
+    with torch.no_grad():
+        assert torch.equal(net(x, g, mask), loaded(x, g, mask))
+    for a, b in zip(net.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_controller_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        ctl.load(tmp_path / "missing.pt")
+    torch.save({"format": "something else"}, tmp_path / "x.pt")
+    with pytest.raises(ConfigError, match="not a ProxyMix controller"):
+        ctl.load(tmp_path / "x.pt")
+    blob = torch.load(ctl.save(tmp_path / "c.pt", ctl.new(0)), weights_only=True)
+    blob["features"] = ["loss_ratio"]
+    torch.save(blob, tmp_path / "old.pt")
+    with pytest.raises(ConfigError, match="learn it again"):
+        ctl.load(tmp_path / "old.pt")
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"policy": "controller"}, "mixer.controller: required"),
+    ({"policy": "fixed", "p_min": 1.0}, "mixer.p_min"),
+    ({"policy": "fixed", "replay_ratio": 1.5}, "mixer.replay_ratio"),
+    ({"policy": "fixed", "temperature": 0}, "mixer.temperature"),
+    ({"policy": "oracle"}, "mixer.policy"),
+    ({"policy": "fixed", "stage": 3, "n_stages": 3}, "mixer.stage"),
+])
+def test_bad_options_are_config_errors(params, match):
+    with pytest.raises(ConfigError, match=match):
+        _mixer(**params)
+
+
+def test_bad_current_or_missing_controller_file(tmp_path):
+    with pytest.raises(ConfigError, match="mixer.current"):
+        _mixer(policy="fixed", current="nope")
+    with pytest.raises(ConfigError, match="controller file not found"):
+        _mixer(policy="controller", controller=str(tmp_path / "none.pt"))
+
+
+# --------------------------------------------------------------------------------------------
+# The baselines move the mixture the right way
+
+
+def test_fixed_replay_spreads_uniformly_or_by_size():
+    w = _mixer(policy="fixed", replay_ratio=0.2, accessible=["cur", "old", "older"]
+               ).propose(_ctx(0, _losses(0)))
+    np.testing.assert_allclose(w, [0.8, 0.1, 0.1, 0.0])
+    w = _mixer(policy="fixed", replay_ratio=0.2, spread="proportional",
+               accessible=["cur", "old", "older"]).propose(_ctx(0, _losses(0)))
+    np.testing.assert_allclose(w, [0.8, 0.05, 0.15, 0.0])
+
+
+def test_loss_increase_heuristic_replays_the_task_being_forgotten():
+    mixer = _mixer(policy="loss_increase", accessible=["cur", "old", "older"])
+    first = mixer.propose(_ctx(0, _losses(0)))
+    assert first[0] == 1.0  # nothing forgotten yet: no replay
+    w = mixer.propose(_ctx(20, _losses(20)))  # "old" is 40% above its reference, "older" flat
+    assert w[1] == pytest.approx(0.4) and w[2] == 0.0 and w[0] == pytest.approx(0.6)
+    w = mixer.propose(_ctx(39, _losses(39)))  # capped so the current task keeps p_min
+    assert w[0] == pytest.approx(0.3) and w[1] == pytest.approx(0.7)
+
+
+def test_features_are_scale_free():
+    a, b = Tracker(), Tracker()
+    for loss in (2.0, 2.2, 2.1, 2.6):
+        ra, rb = a.observe("t", loss), b.observe("t", 37.0 * loss)
+        np.testing.assert_allclose(ra, rb)
+
+
+# --------------------------------------------------------------------------------------------
+# REINFORCE on a toy environment with a known best policy
+
+
+def test_toy_environment_optimum_is_what_it_claims():
+    env = ToyEnv()
+    best = env.value(env.oracle_act)
+    for pc in np.linspace(0.3, 1.0, 15):  # no constant current share does better
+        def constant(obs, rng, pc=pc):
+            n = len(obs["slots"]) - 1
+            return (np.array([pc] + [(1 - pc) / n] * n) if n else np.ones(1)), None
+        assert env.value(constant) <= best + 1e-9
+
+
+def test_reinforce_improves_return_towards_the_known_best_policy(tmp_path):
+    env = ToyEnv()
+    lc = LearnConfig(episodes=100, lr=3e-3, sigma=0.5)
+    before = env.value(env.controller_act(Learner(lc, 0).net, 0.0))
+    learner = train(env, lc, 0, tmp_path, echo=lambda s: None)
+    after = env.value(env.controller_act(learner.net, 0.0))
+    best = env.value(env.oracle_act)
+    assert after > before + 0.1
+    assert after >= 0.9 * best
+    second = env.rollout(env.controller_act(learner.net, 0.0))[1]  # one buffer: replay 2/3
+    replay = np.mean([1 - o["weights"][0] for o in second[:-1]])
+    assert replay == pytest.approx(2 / 3, abs=0.05)
+    returns = [h["return"] for h in learner.history]
+    assert np.mean(returns[-20:]) > np.mean(returns[:20])
+
+
+def test_toy_episodes_and_learning_are_deterministic_and_resume(tmp_path):
+    env = ToyEnv()
+    lc = LearnConfig(episodes=12, lr=3e-3)
+    a = env.rollout(env.controller_act(ctl.new(1), 0.5), e=3)
+    b = env.rollout(env.controller_act(ctl.new(1), 0.5), e=3)
+    c = env.rollout(env.controller_act(ctl.new(1), 0.5), e=4)
+    assert a == b and a != c
+    full = train(env, lc, 0, tmp_path / "full", echo=lambda s: None)
+    half = LearnConfig(episodes=5, lr=3e-3)
+    train(env, half, 0, tmp_path / "split", echo=lambda s: None)
+    msgs = []
+    resumed = train(env, lc, 0, tmp_path / "split", echo=msgs.append)
+    assert msgs[0].startswith("[learn] resuming at episode 6/12")
+    for x, y in zip(full.net.state_dict().values(), resumed.net.state_dict().values()):
+        assert torch.equal(x, y)
+    assert [h["return"] for h in full.history] == [h["return"] for h in resumed.history]
+
+
+def test_rank_correlation_of_vulnerability_rankings():
+    from mixtune.continual.transfer import rank_correlation
+
+    proxy = {"a": 0.1, "b": 0.5, "c": 0.3, "safety": 2.0}
+    same_order = {"a": 1.0, "b": 9.0, "c": 3.0, "safety": 40.0, "new": 1.0}  # other scale
+    assert rank_correlation(proxy, same_order) == (1.0, ["a", "b", "c", "safety"])
+    reverse = {k: -v for k, v in proxy.items()}
+    assert rank_correlation(proxy, reverse, "kendall")[0] == pytest.approx(-1.0)
+    assert rank_correlation(proxy, {"a": 1.0, "b": 2.0})[0] is None  # < 3 shared: inconclusive

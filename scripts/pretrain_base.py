@@ -273,7 +273,8 @@ def main() -> None:
     if args.out.resolve() != args.tokenizer.resolve():  # copied as built, not re-saved
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(args.tokenizer / name, args.out / name)
-    info.update(seed=args.seed, mix=MIX, prompt_weight=PROMPT_WEIGHT, safety_slice=[SAFETY_HARMFUL, SAFETY_BENIGN],
+    info.update(seed=args.seed, mix=MIX, prompt_weight=PROMPT_WEIGHT,
+                safety_slice=[SAFETY_HARMFUL, SAFETY_BENIGN],
                 examples={d: len(v) for d, v in data.items()}, uniform_loss=math.log(len(tok)),
                 args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 command="python " + " ".join(sys.argv), torch=torch.__version__,

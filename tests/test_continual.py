@@ -179,12 +179,11 @@ def test_transfer_fallback_to_fixed_replay(continual, tmp_path, monkeypatch):
     assert res["replay_share"][1] == pytest.approx(0.5)  # stage 2: the fallback's 50% replay
 
 
-@pytest.mark.parametrize("mixer_batches", [None, 1])
-def test_references_carry_over_exactly_between_stages(continual, tmp_path, mixer_batches):
+def test_references_carry_over_exactly_between_stages(continual, tmp_path):
     """The just-learned task starts the next stage at ratio 1 and safety where it ended: the
     mixer's observations and references always use the same evaluation batches."""
     raw = continual(eval_batches=2, mixer={"name": "proxymix", "policy": "random",
-                                           "decisions": 2, "eval_batches": mixer_batches})
+                                           "decisions": 2, "eval_batches": 1})
     res = run_sequence(cconf.load(data=raw), ("add", "rev"), tmp_path / "seq")
     first, second = (r["trajectory"] for r in res["records"])
     assert first[-1]["end"] and not second[0].get("end")

@@ -39,7 +39,9 @@ def validate(w, names: Sequence[str] | None = None, *, what: str = "weights") ->
     if arr.ndim != 1 or arr.size == 0:
         raise MixtuneError(f"{what}: expected a non-empty 1-D list, got shape {arr.shape}")
     if names is not None and arr.size != len(names):
-        raise MixtuneError(f"{what}: got {arr.size} weights for {len(names)} datasets {list(names)}")
+        raise MixtuneError(
+            f"{what}: got {arr.size} weights for {len(names)} datasets {list(names)}"
+        )
     if not np.all(np.isfinite(arr)):
         raise MixtuneError(f"{what}: weights must be finite numbers, got {_show(arr, names)}")
     if np.any(arr < 0):

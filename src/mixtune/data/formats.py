@@ -41,7 +41,7 @@ def detect(record: dict) -> str:
 
 def normalize(records: list[dict], fmt: str, fields: dict | None, where: str,
               answer_field: str = "answer") -> list[Example]:
-    """Turn raw records into :class:`Example`s, raising a :class:`DataError` on the first bad one."""
+    """Turn raw records into :class:`Example`s; a :class:`DataError` names the first bad one."""
     if not records:
         raise DataError(f"{where}: no records; the source is empty")
     if fields:

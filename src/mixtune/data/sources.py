@@ -71,7 +71,7 @@ def _read_json(p: Path, where: str) -> list[dict]:
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} shapes
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise DataError(f"{where}: {p}: expected a list of records (or one list inside an object)")
+            raise DataError(f"{where}: {p}: expected a list of records (or one list in an object)")
         data = lists[0]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{where}: {p}: expected a JSON list of objects")
@@ -99,7 +99,8 @@ def _read_hub(name: str, split: str, subset: str | None, where: str) -> list[dic
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
-        raise DataError(f"{where}: '{name}' is not a local file and `datasets` is missing") from None
+        raise DataError(f"{where}: '{name}' is not a local file and `datasets` is missing") \
+            from None
     try:
         ds = datasets.load_dataset(name, subset, split=split)
     except Exception as e:

@@ -2,7 +2,8 @@
 
 ``checkpoints/step-000123/`` holds the trainable weights (``trainable.safetensors``: the full
 model, or only the LoRA adapter), ``optimizer.pt``, ``scheduler.pt``, ``sampler.json``,
-``mixer.pt``, ``loss.pt`` (when the loss has state), one ``rank<r>.pt`` per process (RNG states and that rank's running sums) and
+``mixer.pt``, ``loss.pt`` (when the loss has state), one ``rank<r>.pt`` per process (RNG
+states and that rank's running sums) and
 ``state.json`` (step, counters, elapsed time). It is written into ``.tmp-step-000123`` and
 renamed into place only once complete, so a crash never leaves a half-written checkpoint as the
 latest one; directories without ``state.json`` are ignored.

@@ -270,7 +270,9 @@ class Trainer:
 
     def _take_sums(self, key: str) -> np.ndarray:
         """Per-dataset (NLL sum, tokens) since the last call, summed over ranks; resets them."""
-        sums = self.acc.reduce(self.sums[key], reduction="sum") if self.world > 1 else self.sums[key]
+        sums = self.sums[key]
+        if self.world > 1:
+            sums = self.acc.reduce(sums, reduction="sum")
         out = sums.cpu().numpy().copy()  # host sync: only at log and mixer-update steps
         self.sums[key].zero_()
         return out
@@ -324,7 +326,8 @@ class Trainer:
             losses=partial(probe.example_losses, self),
             grad_alignment=partial(probe.grad_alignment, self),
         )
-        weights = validate(self.mixer.propose(ctx), self.names, what=f"mixer '{self.cfg.mixer.name}'")
+        weights = validate(self.mixer.propose(ctx), self.names,
+                           what=f"mixer '{self.cfg.mixer.name}'")
         self.sampler.set_weights(weights)
         if diagnostics:
             self.record["mixer"] = diagnostics

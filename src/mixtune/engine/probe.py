@@ -57,7 +57,8 @@ class Snapshot:
             for p, saved in self.opt_state.items():
                 cur = self.opt.state.setdefault(p, {})
                 for k, v in saved.items():
-                    if torch.is_tensor(v) and torch.is_tensor(cur.get(k)) and cur[k].shape == v.shape:
+                    same = torch.is_tensor(cur.get(k)) and cur[k].shape == v.shape
+                    if torch.is_tensor(v) and same:
                         cur[k].copy_(v)
                     else:
                         cur[k] = v.clone() if torch.is_tensor(v) else copy.deepcopy(v)

@@ -19,7 +19,8 @@ def _resolve(name: str) -> str:
         try:
             from mixtune.builtin import base_model_path
         except ImportError:
-            raise ConfigError("model.name_or_path: the built-in base model is not available") from None
+            raise ConfigError("model.name_or_path: the built-in base model is not installed") \
+                from None
         return str(base_model_path())
     return name
 

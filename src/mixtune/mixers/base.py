@@ -50,7 +50,8 @@ class MixContext:
     """``evaluate(n_batches=None)`` -> {domain: {"loss": .., "accuracy": ..}} at the current
     parameters (reuses the scheduled evaluation of this step when it has enough batches)."""
     probe: Callable[..., dict[str, dict[str, float]]]
-    """``probe(j, steps, n_batches)``: train ``steps`` steps on dataset j only, evaluate, restore."""
+    """``probe(j, steps, n_batches)``: train ``steps`` steps on dataset j only, evaluate,
+    restore."""
     lookahead: Callable[..., LookaheadResult]
     """``lookahead(j, optimizer="sgd"|"adam")``: one virtual step on a batch of dataset j."""
     log: Callable[[str, object], None]

@@ -48,3 +48,22 @@ def test_report_of_non_run_dir_is_bad_input(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
     assert write_report  # imported API
+
+
+def test_report_renders_in_a_headless_browser(make_config, tmp_path):
+    """The page renders offline in a real browser: the screenshot is a non-blank image."""
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from mixtune.report.browser import find_browser, screenshot
+
+    if find_browser() is None:
+        pytest.skip("no Chromium-family browser (Debian: apt-get install chromium)")
+    Trainer(config.load(data=make_config(max_steps=4))).run()
+    index = write_report(tmp_path / "run")
+    png = screenshot(index, tmp_path / "shot.png", width=900, height=900)
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=float)
+    assert pixels.shape == (900, 900)
+    # Plots and a table: many dark pixels on a light page, not an empty or error page.
+    assert (pixels < 128).mean() > 0.01 and pixels.std() > 20

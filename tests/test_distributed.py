@@ -1,58 +1,147 @@
-"""One 2-process CPU run (gloo): same weights on both ranks, disjoint shards, params in sync,
-and the same parameters as a single process on the same global batches."""
+"""2-process CPU runs (torchrun, gloo) against 1-process runs of the same global batches.
+
+For every registered mixer (and the CADFT loss): every rank sets the same weights at every
+update (exactly, and logs the same mixer diagnostics), the ranks step on the same global batches
+and split them disjointly, the parameters stay in sync, and weights at every update and the
+final parameters match a single process (micro-batches of 2 accumulated 4 times instead of 2) to
+floating-point tolerance. Each case is one torchrun invocation (~15-40 s on 2 cores), so only
+the two hard ones (look-ahead and probing) run by default; the rest are ``slow``.
+"""
 
 import json
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from dist_worker import collect
 from helpers import ChaseLoss
-from mixtune import config
-from mixtune.engine.loop import Trainer
 from mixtune.mixers import MIXERS
 
 HERE = Path(__file__).parent
+slow = pytest.mark.slow
+
+# name -> (mixer options, loss options, overrides of the eval domains' roles)
+ROLES = {"add": "target", "rev": "constraint"}
+CASES = {
+    "dynamixsft": ({"name": "dynamixsft", "update_every": 2, "batch_size": 4}, None, None),
+    "dynamics": ({"name": "dynamics", "schedule": "fixed", "interval": 3, "c_max": 2,
+                  "probe_batches": 2}, None, ROLES),
+    "uniform": ({"name": "uniform"}, None, None),
+    "proportional": ({"name": "proportional", "by": "tokens"}, None, None),
+    "temperature": ({"name": "temperature", "tau": 3.0}, None, None),
+    "fixed": ({"name": "fixed", "weights": {"add": 3, "rev": 1}}, None, None),
+    "exp3": ({"name": "exp3", "update_every": 2, "warmup_steps": 0}, None, None),
+    "dynamixsft_adam": ({"name": "dynamixsft", "update_every": 2, "batch_size": 4,
+                         "optimizer": "adam"}, None, None),
+    "dynamixsft_progress": ({"name": "dynamixsft", "update_every": 2, "batch_size": 4,
+                             "reward": "progress"}, None, None),
+    "dynamics_grad_alignment": ({"name": "dynamics", "slopes": "gradient_alignment",
+                                 "schedule": "fixed", "interval": 3, "probe_batches": 2},
+                                None, ROLES),
+    "proxymix": ({"name": "proxymix", "policy": "random", "explore_sigma": 0.5,
+                  "update_every": 2}, None, None),
+    "chase": ({"name": "chase"}, None, None),
+    # CADFT: global z-scores all-reduced over ranks, and rewriting (rank 0 generates) at steps
+    # 2-5 (the scaled schedule); with a moving mixer.
+    "cadft_exp3": ({"name": "exp3", "update_every": 2, "warmup_steps": 0},
+                   {"name": "cadft", "rewrite": {"fraction": 0.02, "prob": 1.0,
+                                                 "min_visits": 1}}, None),
+}
+DEFAULT = ("dynamixsft", "dynamics")
+# Reward / alignment batches default to micro_batch_size x processes: with the micro-batch
+# pinned that grows with the process count, so a case either sets mixer.batch_size (dynamixsft)
+# or leaves the micro-batch to the loop (batch_size / processes), as here: DynaMiCS has no
+# option for the alignment batch.
+TRAIN = {"dynamics_grad_alignment": {"micro_batch_size": None}}
+ABORT = "terminate called without an active exception"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def case_config(make_config, tmp_path, name: str) -> dict:
+    mixer, loss, roles = CASES[name]
+    raw = make_config(max_steps=6, mixer=dict(mixer))
+    raw["train"].update(batch_size=8, micro_batch_size=2, eval_every=3, log_every=1)
+    raw["train"].update(TRAIN.get(name, {}))
+    if loss is not None:
+        raw["loss"] = loss
+    for ev in raw["evals"]:
+        ev["role"] = (roles or {}).get(ev["name"], "monitor")
+    raw["output_dir"] = str(tmp_path / "dist")
+    return raw
+
+
+def run_two_processes(raw: dict, tmp_path: Path) -> tuple[dict, torch.Tensor]:
+    (tmp_path / "cfg.json").write_text(json.dumps(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for attempt in range(2):
+        shutil.rmtree(raw["output_dir"], ignore_errors=True)
+        proc = subprocess.run(
+            # --standalone: the rendezvous binds a free port itself (no race on a guessed port)
+            [shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2",
+             str(HERE / "dist_worker.py"), str(tmp_path / "cfg.json"),
+             str(tmp_path / "out.json")],
+            env=env, capture_output=True, text=True, timeout=900,
+        )
+        # Known intermittent abort of one gloo rank around the end of a run (~1 in 10 on a
+        # loaded 2-core box, not reproducible in isolation): retry that, and only that, once.
+        if proc.returncode == 0 or ABORT not in proc.stderr:
+            break
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "out.json").read_text())
+    return res, torch.load(tmp_path / "out.json.params.pt")
 
 
 @pytest.mark.dist
-def test_two_process_run_matches_single_process(make_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", [n if n in DEFAULT else pytest.param(n, marks=slow)
+                                  for n in CASES])
+def test_two_processes_match_one(name, make_config, tmp_path, monkeypatch):
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun not available")
-    raw = make_config(max_steps=6, mixer={"name": "chase"})
-    raw["train"].update(batch_size=8, micro_batch_size=2, eval_every=3, log_every=1)
-    raw["output_dir"] = str(tmp_path / "dist")
-    (tmp_path / "cfg.json").write_text(json.dumps(raw))
-    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         str(HERE / "dist_worker.py"), str(tmp_path / "cfg.json"), str(tmp_path / "out.json")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((tmp_path / "out.json").read_text())
-    assert res["world"] == [2, 2]
-    assert res["weights"][0] == res["weights"][1]
-    assert res["weights"][0] != [0.5, 0.5]  # the mixer did move (from all-reduced losses)
-    assert res["same_global_batches"] and res["shards_cover_batches"] and res["shards_nonempty"]
-    assert res["params_in_sync"]
+    raw = case_config(make_config, tmp_path, name)
+    res, params2 = run_two_processes(raw, tmp_path)
 
-    # The same run in one process (micro-batches of 2, accumulated 4 times) gives the same model.
+    # Every rank: same global batches, disjoint shards covering them, params in sync.
+    assert res["world"] == [2, 2]
+    assert res["same_global_batches"] and res["shards_cover_batches"]
+    assert res["shards_nonempty"] and res["params_in_sync"]
+    # Same weights on every rank at every update, bit for bit (and the same diagnostics).
+    rank0, rank1 = res["updates"]
+    assert [u["step"] for u in rank0] == [u["step"] for u in rank1]
+    assert len(rank0) >= 1
+    assert rank0 == rank1
+
+    # One process, same global batches: same weight trajectory and final parameters.
     monkeypatch.setitem(MIXERS, "chase", ChaseLoss)
-    single = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/single"]))
-    single.run()
-    flat = torch.cat([p.detach().flatten() for p in single.params])
-    torch.testing.assert_close(flat, torch.load(tmp_path / "out.json.params.pt"),
-                               rtol=1e-4, atol=1e-5)
-    assert single.sampler.weights.tolist() == pytest.approx(res["weights"][0], abs=1e-6)
+    raw["output_dir"] = str(tmp_path / "single")
+    single, params1, _ = collect(raw)
+    assert [u["step"] for u in single["updates"]] == [u["step"] for u in rank0]
+    for a, b in zip(single["updates"], rank0):
+        assert a["weights"] == pytest.approx(b["weights"], abs=1e-5), a["step"]
+        # ... and the numbers behind them (rewards, slopes, losses), not only the weights
+        x, y = _leaves(a["mixer"]), _leaves(b["mixer"])
+        assert x.keys() == y.keys()
+        assert x == pytest.approx(y, rel=1e-3, abs=1e-5), a["step"]
+    torch.testing.assert_close(params1, params2, rtol=1e-4, atol=1e-5)
+    if name == "cadft_exp3":  # rank 0 rewrote the same targets as the single process
+        def rewrites(run):
+            lines = (tmp_path / run / "rewrites.jsonl").read_text().splitlines()
+            return [(r["step"], r["dataset"], r["example"], r["new_text"])
+                    for r in map(json.loads, lines)]
+        assert rewrites("dist") and rewrites("dist") == rewrites("single")
+    if name in ("dynamixsft", "dynamics", "exp3", "chase", "proxymix", "cadft_exp3"):
+        assert any(u["weights"] != [0.5, 0.5] for u in rank0), "the mixer never moved"
+
+
+def _leaves(tree, prefix="") -> dict:
+    """Numeric leaves of a diagnostics tree, by path (booleans and strings kept as they are)."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}/{key}")
+                .items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in _leaves(sub, f"{prefix}/{i}")
+                .items()}
+    return {prefix: tree}

@@ -2,15 +2,17 @@
 
 import json
 
+import pytest
 import yaml
 
 from mixtune import cli
-from mixtune.suite import load_suite
+from mixtune.errors import ConfigError
+from mixtune.suite import cells, check_suite, load_suite
 
 
-def _suite(tmp_path, make_config, methods):
+def _suite(tmp_path, make_config, methods, **top):
     base = make_config(max_steps=3)
-    suite = {
+    suite = {**top,
         "output_dir": str(tmp_path / "bench"),
         "parallel": 2, "threads": 1, "seeds": [0],
         "base": {k: base[k] for k in ("max_steps", "model", "train")},
@@ -24,35 +26,128 @@ def _suite(tmp_path, make_config, methods):
     return path
 
 
-def test_broken_cell_is_recorded_and_resume_skips_finished(tmp_path, make_config, capsys):
+def test_broken_cell_is_recorded_resume_skips_finished_and_losses_are_rows(tmp_path, make_config,
+                                                                          capsys):
     path = _suite(tmp_path, make_config, [
         {"name": "proportional", "mixer": {"name": "proportional"}},
-        {"name": "uniform", "mixer": {"name": "uniform"}},
+        {"name": "prop-dft", "mixer": {"name": "proportional"}, "loss": {"name": "dft"}},
+        {"name": "prop-cadft", "mixer": {"name": "proportional"}, "loss": {"name": "cadft"}},
         {"name": "broken", "mixer": {"name": "fixed", "weights": {"nope": 1}}},
     ])
     assert cli.main(["bench", str(path)]) == 0
-    cells = tmp_path / "bench/cells"
-    assert (cells / "toy--proportional--s0/summary.json").is_file()
-    assert (cells / "toy--uniform--s0/summary.json").is_file()
-    assert "unknown dataset name" in (cells / "toy--broken--s0/error.txt").read_text()
-    rows = {r["method"]: r for r in json.loads((tmp_path / "bench/results.json").read_text())}
+    root, cells_dir = tmp_path / "bench", tmp_path / "bench/cells"
+    for name in ("proportional", "prop-dft", "prop-cadft"):
+        assert (cells_dir / f"toy--{name}--s0/summary.json").is_file()
+    assert "unknown dataset name" in (cells_dir / "toy--broken--s0/error.txt").read_text()
+    rows = {r["method"]: r for r in json.loads((root / "results.json").read_text())}
     assert rows["broken"]["failed"] == 1 and rows["proportional"]["failed"] == 0
     assert rows["proportional"]["cost"] == 1.0
-    assert rows["uniform"]["target_delta"] is not None
-    for ext in ("md", "csv", "html"):
-        assert (tmp_path / f"bench/results.{ext}").stat().st_size > 0
+    # The loss axis: separate rows, and those cells really trained with dft / cadft.
+    for name in ("dft", "cadft"):
+        assert rows[f"prop-{name}"]["failed"] == 0
+        assert rows[f"prop-{name}"]["target_delta"] is not None
+        ran = yaml.safe_load((cells_dir / f"toy--prop-{name}--s0/cell.yaml").read_text())
+        assert ran["loss"] == {"name": name}
+    assert rows["prop-dft"]["target_delta"] != rows["prop-cadft"]["target_delta"]
+    md, html = (root / "results.md").read_text(), (root / "results.html").read_text()
+    csv_rows = (root / "results.csv").read_text().splitlines()
+    for name in ("proportional", "prop-dft", "prop-cadft", "broken"):
+        assert f"| {name} |" in md and f"<td>{name}</td>" in html
+        assert any(r.startswith(name + ",") for r in csv_rows)
 
     # Interrupted suite: one finished cell lost its summary; only that one reruns.
-    stamp = (cells / "toy--proportional--s0/summary.json").stat().st_mtime_ns
-    (cells / "toy--uniform--s0/summary.json").unlink()
+    stamp = (cells_dir / "toy--proportional--s0/summary.json").stat().st_mtime_ns
+    (cells_dir / "toy--prop-dft--s0/summary.json").unlink()
     capsys.readouterr()
     assert cli.main(["bench", str(path)]) == 0
-    assert "1 already done, running 2" in capsys.readouterr().out  # uniform + the broken one
-    assert (cells / "toy--proportional--s0/summary.json").stat().st_mtime_ns == stamp
-    assert (cells / "toy--uniform--s0/summary.json").is_file()
+    assert "2 already done, running 2" in capsys.readouterr().out  # prop-dft + the broken one
+    assert (cells_dir / "toy--proportional--s0/summary.json").stat().st_mtime_ns == stamp
+    assert (cells_dir / "toy--prop-dft--s0/summary.json").is_file()
 
 
-def test_builtin_suites_load():
-    for name in ("quick",):
+def test_builtin_suites_load_and_every_cell_validates():
+    for name in ("quick", "standard"):
         suite = load_suite(name)
         assert suite.methods and suite.scenarios
+        assert check_suite(suite) == len(cells(suite))
+    assert cli.main(["bench", "standard", "--check"]) == 0
+    std = load_suite("standard")
+    assert std.parallel == 2 and std.threads == 1
+    names = {m.name for m in std.methods}
+    assert {"proportional", "uniform", "target-only", "temperature", "exp3", "dynamixsft",
+            "dynamics", "mergemix"} <= names
+    assert {m.loss["name"] for m in std.methods} >= {"sft", "dft", "cadft"}
+    assert any(m.planner and m.planner["name"] == "mergemix" for m in std.methods)
+    for sc in std.scenarios:
+        roles = [e.get("role") for e in sc.evals]
+        assert 1 <= roles.count("target") <= 3 and roles.count("constraint") >= 3
+
+
+def test_mergemix_planned_method_counts_planning_and_reuses_the_plan(tmp_path, make_config,
+                                                                    capsys):
+    planner = {"name": "mergemix", "experts": {"steps": 2},
+               "search": {"n_seeds": 3, "n_candidates": 200, "surrogate": "quadratic",
+                          "eval_batches": 1}}
+    path = _suite(tmp_path, make_config, [{"name": "mergemix", "planner": planner}],
+                  reference_slack=0.25)
+    assert cli.main(["bench", str(path)]) == 0
+    root = tmp_path / "bench"
+    plan_dir, cell = root / "plans/toy--mergemix--s0", root / "cells/toy--mergemix--s0"
+    plan = json.loads((plan_dir / "plan.json").read_text())
+    ran = yaml.safe_load((cell / "cell.yaml").read_text())
+    assert ran["mixer"] == {"name": "fixed", "weights": plan["weights"]}
+    # reference_slack: the constraint's reference is the base model's loss + 0.25, and the
+    # planner bounded it with that same number
+    base = json.loads((root / "references.json").read_text())["toy"]
+    ref = next(e["reference"] for e in ran["evals"] if e["role"] == "constraint")
+    assert ref == pytest.approx(base["rev"] + 0.25, abs=1e-5)
+    assert [b["limit"] for b in plan["bounds"]] == [pytest.approx(ref)]
+    plan_s = float((plan_dir / "seconds.txt").read_text())
+    train_s = json.loads((cell / "summary.json").read_text())["seconds"]
+    wall = float((cell / "wall.txt").read_text())
+    assert plan_s > 0 and wall > plan_s + train_s  # planning is part of the cell's time
+    row = json.loads((root / "results.json").read_text())[0]
+    assert row["failed"] == 0 and row["plan_seconds"] == plan_s and row["seconds"] == wall
+
+    # Resume: the planned cell's training is lost, the cached plan is reused (not replanned).
+    stamp = (plan_dir / "plan.json").stat().st_mtime_ns
+    (cell / "summary.json").unlink()
+    capsys.readouterr()
+    assert cli.main(["bench", str(path)]) == 0
+    assert "0 already done, running 1" in capsys.readouterr().out
+    assert (plan_dir / "plan.json").stat().st_mtime_ns == stamp
+    assert float((cell / "plan_seconds.txt").read_text()) == plan_s
+    assert float((cell / "wall.txt").read_text()) > plan_s
+
+
+def test_suite_options_are_validated(tmp_path, make_config):
+    path = _suite(tmp_path, make_config, [{"name": "x", "planner": {"name": "doremi"}}])
+    with pytest.raises(ConfigError, match="planner.name"):
+        load_suite(str(path))
+    path = _suite(tmp_path, make_config, [{"name": "a b"}])
+    with pytest.raises(ConfigError, match="methods"):
+        load_suite(str(path))
+    path = _suite(tmp_path, make_config, [
+        {"name": "t", "mixer": {"name": "fixed", "weights": "targets"}},
+        {"name": "bad", "mixer": {"name": "fixed", "weights": {"nope": 1}}}])
+    with pytest.raises(ConfigError, match="cell toy--bad--s0: mixer.weights.nope"):
+        check_suite(load_suite(str(path)))
+
+
+def _check_quick(out, max_steps=None):
+    args = ["bench", "quick", f"output_dir={out}"]
+    if max_steps:  # CI: the real quick suite, shortened
+        args += [f"base.max_steps={max_steps}", f"base.train.eval_every={max_steps}"]
+    assert cli.main(args) == 0
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    assert set(rows) == {m.name for m in load_suite("quick").methods}
+    assert all(r["failed"] == 0 and r["target_delta"] is not None for r in rows.values()), rows
+
+
+def test_quick_suite_runs_shortened(tmp_path):
+    _check_quick(tmp_path / "quick", max_steps=2)
+
+
+@pytest.mark.slow
+def test_quick_suite_runs_in_full(tmp_path):
+    _check_quick(tmp_path / "quick")

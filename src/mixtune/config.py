@@ -57,7 +57,11 @@ class LoraConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = "builtin"
-    """Hub name, local directory, or ``builtin`` (mixtune's embedded tiny base model)."""
+    """Hub name, local directory, ``package:<module>`` (the directory of an installed Python
+    package), or ``builtin`` (mixtune's embedded tiny base model)."""
+    gguf_file: str | None = None
+    """A GGUF file inside ``name_or_path`` to load (dequantised; needs ``pip install gguf``).
+    The tokenizer comes from the same file unless ``tokenizer`` is set. See docs/models.md."""
     config: dict | None = None
     """Build a randomly initialised model from this transformers config instead of loading
     weights, e.g. ``{model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}``."""
@@ -69,6 +73,14 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Parameter dtype: ``auto`` = bf16 on a bf16-capable GPU, else fp32."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self):
+        if self.gguf_file is not None:
+            _check(bool(self.gguf_file.strip()), "model.gguf_file", "must be a file name",
+                   self.gguf_file)
+            if self.config is not None or self.name_or_path == "builtin":
+                raise ConfigError("model.gguf_file: needs model.name_or_path set to the directory "
+                                  "(or hub repo) holding the file, and no model.config")
 
 
 FORMATS = ("auto", "messages", "prompt_response", "instruction", "text")
@@ -93,9 +105,20 @@ class DatasetConfig:
     """Budget: keep at most this many examples (after removing held-out eval examples)."""
     repeat: bool = True
     """Whether the sampler may start another pass once every example has been seen."""
+    streaming: bool = False
+    """Read lazily and tokenise on the fly (JSONL file, glob or directory of JSONL shards, or
+    ``datasets`` with ``streaming=True``); see ``mixtune.data.streaming`` and docs/streaming.md."""
+    shuffle_buffer: int = 0
+    """Streaming only: examples read, permuted (seeded) and handed out together, plus a seeded
+    shard order per epoch; 0 = stream order."""
 
     def __post_init__(self):
         _check_name(self.name, "datasets[].name")
+        _check(self.shuffle_buffer >= 0, f"datasets.{self.name}.shuffle_buffer", "must be >= 0",
+               self.shuffle_buffer)
+        if self.shuffle_buffer and not self.streaming:
+            raise ConfigError(f"datasets.{self.name}.shuffle_buffer: applies only with "
+                              "streaming: true")
         _check(
             self.max_examples is None or self.max_examples >= 1,
             f"datasets.{self.name}.max_examples",
@@ -139,13 +162,19 @@ class EvalConfig:
         where = f"evals.{self.name}"
         if (self.path is None) == (self.from_dataset is None):
             raise ConfigError(f"{where}: give exactly one of 'path' or 'from_dataset'")
-        _check(self.holdout > 0, f"{where}.holdout", "must be > 0", self.holdout)
+        _check(0 < self.holdout < math.inf, f"{where}.holdout", "must be finite and > 0",
+               self.holdout)
+        _check(self.reference is None or math.isfinite(self.reference), f"{where}.reference",
+               "must be finite (or null)", self.reference)
         _check(self.batches >= 1, f"{where}.batches", "must be >= 1", self.batches)
         _check(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1", self.batch_size)
         _check(self.max_new_tokens >= 1, f"{where}.max_new_tokens", "must be >= 1",
                self.max_new_tokens)
         if self.metric == "accuracy" and self.accuracy is False:
             raise ConfigError(f"{where}: metric 'accuracy' needs accuracy: true (or null)")
+
+
+MAX_BATCH = 2**20  # examples per step: beyond this a typo, not a batch (the sampler allocates it)
 
 
 @dataclass(frozen=True)
@@ -175,15 +204,29 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Most recent checkpoints kept (older ones are deleted)."""
     gradient_checkpointing: bool = False
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss/gradient is NaN or inf: ``stop`` the run (exit 2; the last checkpoint
+    is intact), or ``skip`` its update (no optimizer or scheduler step; counted and logged as
+    ``skipped_nonfinite``)."""
+    max_nonfinite: int = 10
+    """With ``nonfinite: skip``: stop after this many consecutive skipped steps."""
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
+        _check(self.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1",
+               self.max_nonfinite)
         _check(
             self.micro_batch_size is None or self.micro_batch_size >= 1,
             "train.micro_batch_size", "must be >= 1", self.micro_batch_size,
         )
-        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", "must be > 0", self.lr)
-        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
+        _check(self.batch_size <= MAX_BATCH, "train.batch_size", f"must be <= {MAX_BATCH}",
+               self.batch_size)
+        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", "must be > 0 and finite",
+               self.lr)
+        _check(0 <= self.weight_decay < math.inf, "train.weight_decay", "must be finite and >= 0",
+               self.weight_decay)
+        _check(0 < self.adam_eps < math.inf, "train.adam_eps", "must be finite and > 0",
+               self.adam_eps)
         _check(all(0 <= b < 1 for b in self.betas), "train.betas", "must be in [0, 1)", self.betas)
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", self.warmup_steps)
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)",
@@ -223,6 +266,9 @@ class RunConfig:
 
     def __post_init__(self):
         _check(self.max_steps >= 1, "max_steps", "must be >= 1", self.max_steps)
+        _check(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)", self.seed)
+        _check(bool(self.output_dir.strip()) and "\0" not in self.output_dir, "output_dir",
+               "must be a non-empty path without NUL characters", self.output_dir)
         if not self.datasets:
             raise ConfigError("datasets: at least one training dataset is required")
         _unique([d.name for d in self.datasets], "datasets")
@@ -261,7 +307,11 @@ def from_dict(raw: dict) -> RunConfig:
 
 
 def save(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config (atomically: a crash never leaves half a config.yaml)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
 
 
 def _validate_methods(cfg: RunConfig) -> None:

@@ -87,6 +87,16 @@ def _need(rec: dict, key: str, fmt: str) -> str:
     value = rec[key]
     if not isinstance(value, str):
         raise DataError(f"field '{key}' must be a string, got {type(value).__name__}")
+    return _unicode(value, key)
+
+
+def _unicode(value: str, key: str) -> str:
+    """JSON can smuggle lone surrogates (``"\\ud800"``) that no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"field '{key}' is not valid Unicode ({e.reason} at character "
+                        f"{e.start})") from None
     return value
 
 
@@ -103,7 +113,7 @@ def _from_messages(rec: dict) -> Example:
         role = {"human": "user", "gpt": "assistant"}.get(role, role)
         if role not in ROLES or not isinstance(content, str):
             raise DataError(f"bad message {m!r}: role must be one of {ROLES}, content a string")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _unicode(content, "content")})
     if out[-1]["role"] != "assistant":
         raise DataError("the last message must be from the assistant (the trained response)")
     return Example(out, None, out[-1]["content"])
@@ -115,14 +125,14 @@ def _from_prompt_response(rec: dict) -> Example:
     response = _need(rec, key, "prompt_response")
     msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     if isinstance(rec.get("system"), str):
-        msgs.insert(0, {"role": "system", "content": rec["system"]})
+        msgs.insert(0, {"role": "system", "content": _unicode(rec["system"], "system")})
     return Example(msgs, None, response)
 
 
 def _from_instruction(rec: dict) -> Example:
     instruction = _need(rec, "instruction", "instruction")
     output = _need(rec, "output", "instruction")
-    extra = rec.get("input") or ""
+    extra = _unicode(str(rec.get("input") or ""), "input")
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
     msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
     return Example(msgs, None, output)

@@ -14,6 +14,10 @@ step, the per-dataset cursors and pass counters, and the weights. Every rank dra
 global batch and takes its own shard with :func:`shard`. Datasets with ``repeat=False`` stop
 being drawn once exhausted (their share goes to the others); when nothing is left to draw the
 sampler raises :class:`SamplerExhausted`.
+
+A *streamed* dataset (``streams``: dataset index -> :class:`mixtune.data.streaming.Stream`)
+is still chosen by the weights like any other, but hands out its next examples in stream order;
+its ids are stream sequence numbers, and its position is part of ``state_dict``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class MixtureSampler:
         weights,
         seed: int = 0,
         repeat: Sequence[bool] | None = None,
+        streams: dict | None = None,
     ):
         self.sizes = np.asarray(sizes, dtype=np.int64)
         if np.any(self.sizes <= 0):
@@ -47,12 +52,14 @@ class MixtureSampler:
         self.names = list(names)
         self.seed = int(seed)
         self.repeat = np.ones(len(sizes), bool) if repeat is None else np.asarray(repeat, bool)
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        self.streams = dict(streams or {})  # dataset index -> Stream; no permutation kept
+        held = np.where(np.isin(np.arange(len(sizes)), list(self.streams)), 0, self.sizes)
+        self.offsets = np.concatenate([[0], np.cumsum(held)[:-1]])
         self.step = 0
         self.cursors = np.zeros(len(sizes), np.int64)
         self.passes = np.zeros(len(sizes), np.int64)
         self.exhausted = np.zeros(len(sizes), bool)
-        self._perm = np.empty(int(self.sizes.sum()), np.int64)
+        self._perm = np.empty(int(held.sum()), np.int64)
         for k in range(len(sizes)):
             self._reshuffle(k)
         self.set_weights(weights)
@@ -67,6 +74,13 @@ class MixtureSampler:
         """Draw the next global batch: ``(dataset_ids, example_ids)``, each of shape (n,)."""
         rng = np.random.default_rng([self.seed, 0x6D6978, self.step])
         ds = self._draw_datasets(rng, n)
+        ex = self._pick_streamed(ds) if self.streams else self._pick(ds)
+        self.step += 1
+        return ds, ex
+
+    def _pick(self, ds: np.ndarray) -> np.ndarray:
+        """Example ids of in-memory datasets for the slots ``ds``; advances their cursors."""
+        n = len(ds)
         ex = np.empty(n, np.int64)
         counts = np.bincount(ds, minlength=len(self.sizes))
         # rank of each slot among the slots of the same dataset (stable: order of appearance);
@@ -90,21 +104,34 @@ class MixtureSampler:
             self.cursors += moved
             for k in wrapping:
                 ex[ds == k] = self._take(k, int(counts[k]))
-        self.step += 1
-        return ds, ex
+        return ex
+
+    def _pick_streamed(self, ds: np.ndarray) -> np.ndarray:
+        ex = np.empty(len(ds), np.int64)
+        mem = ~np.isin(ds, list(self.streams))
+        if mem.any():
+            ex[mem] = self._pick(ds[mem])
+        for k, stream in self.streams.items():
+            slots = np.flatnonzero(ds == k)
+            if slots.size:  # the stream's next examples, in slot order
+                ex[slots] = stream.take(slots.size, bool(self.repeat[k]))
+        return ex
 
     def draw_from(self, k: int, n: int, key: int) -> np.ndarray:
         """``n`` example ids of dataset ``k`` drawn with a separate generator keyed by ``key``.
 
         Leaves the sampler's state untouched (used for look-ahead reward batches).
         """
+        if k in self.streams:  # drawn from the stream's current block, position untouched
+            return self.streams[k].draw(n, key)
         rng = np.random.default_rng([self.seed, 0x6C6B, int(k), int(key)])
         size = int(self.sizes[k])
         return rng.choice(size, size=n, replace=n > size)
 
     # ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
+        streams = {str(k): s.state_dict() for k, s in self.streams.items()}
+        return {**({"streams": streams} if streams else {}),
             "step": int(self.step),
             "cursors": self.cursors.tolist(),
             "passes": self.passes.tolist(),
@@ -128,10 +155,14 @@ class MixtureSampler:
         self.exhausted = np.asarray(state["exhausted"], bool)
         for k in range(len(self.sizes)):
             self._reshuffle(k)
+        for k, stream in self.streams.items():
+            stream.load_state_dict(state["streams"][str(k)])
         self.set_weights(state["weights"])
 
     # ---------------------------------------------------------------------------------------
     def _reshuffle(self, k: int) -> None:
+        if k in self.streams:
+            return
         rng = np.random.default_rng([self.seed, 0x7065, k, int(self.passes[k])])
         a, b = self.offsets[k], self.offsets[k] + self.sizes[k]
         self._perm[a:b] = rng.permutation(int(self.sizes[k]))
@@ -180,6 +211,9 @@ class MixtureSampler:
             while True:
                 counts = np.bincount(ds, minlength=len(self.sizes))
                 remaining = np.where(self.repeat, counts, self.sizes - self.cursors)
+                for k, stream in self.streams.items():  # a stream knows only by reading ahead
+                    if not self.repeat[k]:
+                        remaining[k] = stream.available(int(counts[k]))
                 over = np.nonzero(counts > remaining)[0]
                 if over.size == 0:
                     return ds
@@ -203,7 +237,7 @@ class MixtureSampler:
             c = int(self.cursors[k])
             got = min(count, size - c)
             a = self.offsets[k] + c
-            out.append(self._perm[a : a + got])
+            out.append(self._perm[a : a + got].copy())  # a view would see the next reshuffle
             self.cursors[k] += got
             count -= got
         return np.concatenate(out)

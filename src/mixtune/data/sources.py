@@ -20,23 +20,34 @@ def read_records(path: str, split: str = "train", subset: str | None = None,
     ``builtin:<domain>`` name, or a Hugging Face dataset name (``split`` and ``subset`` apply to
     the last two). Errors name the file, the line where relevant, and the fix.
     """
+    if "\0" in path:
+        raise DataError(f"{where}: path {path!r} contains a NUL character")
     if path.startswith("builtin:"):
         return _read_builtin(path.removeprefix("builtin:"), split, where)
     p = Path(path).expanduser()
     if p.is_dir():  # a saved dataset directory: `datasets` reads it like a hub dataset
+        if not any(p.iterdir()):
+            raise DataError(f"{where}: {p} is an empty directory; give a data file or a "
+                            "saved dataset directory")
         return _read_hub(str(p), split, subset, where)
     if p.suffix in (".jsonl", ".json", ".parquet", ".csv", ".gz") or p.exists():
         if not p.is_file():
             raise DataError(f"{where}: file not found: {p}")
         name = p.name.lower()
-        if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
-            return _read_jsonl(p, where)
-        if name.endswith(".json"):
-            return _read_json(p, where)
-        if name.endswith(".parquet"):
-            return _read_parquet(p, where)
-        if name.endswith(".csv"):
-            return _read_csv(p, where)
+        try:
+            if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
+                return _read_jsonl(p, where)
+            if name.endswith(".json"):
+                return _read_json(p, where)
+            if name.endswith(".parquet"):
+                return _read_parquet(p, where)
+            if name.endswith(".csv"):
+                return _read_csv(p, where)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: {p}: not UTF-8 text ({e.reason}); re-save the file as "
+                            "UTF-8") from None
+        except (OSError, EOFError, csv.Error) as e:  # unreadable, or a .gz that is not gzip
+            raise DataError(f"{where}: {p}: cannot read: {e}") from None
         raise DataError(f"{where}: unsupported file type '{p.name}'; use one of {LOCAL_SUFFIXES}")
     return _read_hub(path, split, subset, where)
 
@@ -44,8 +55,13 @@ def read_records(path: str, split: str = "train", subset: str | None = None,
 def _read_jsonl(p: Path, where: str) -> list[dict]:
     opener = gzip.open if p.name.endswith(".gz") else open
     records = []
-    with opener(p, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with opener(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:  # decoded line by line, so an error can name the line; a BOM is tolerated
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: {p}:{lineno}: not UTF-8 text ({e.reason} at byte "
+                                f"{e.start}); re-save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -65,7 +81,7 @@ def _read_jsonl(p: Path, where: str) -> list[dict]:
 
 def _read_json(p: Path, where: str) -> list[dict]:
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: {p}: malformed JSON at line {e.lineno}: {e.msg}") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} shapes
@@ -88,7 +104,7 @@ def _read_parquet(p: Path, where: str) -> list[dict]:
 
 
 def _read_csv(p: Path, where: str) -> list[dict]:
-    with open(p, newline="", encoding="utf-8") as f:
+    with open(p, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
             raise DataError(f"{where}: {p}: empty CSV (no header row)")

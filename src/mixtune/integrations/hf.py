@@ -156,7 +156,7 @@ class MixtureCallback(TrainerCallback):
             scheduler=lr_scheduler, train_sets=self.mix.parts,
             tokenizer=SimpleNamespace(pad_token_id=self.mix.pad_token_id),
             sampler=_look_sampler(self.mix), first=state.global_step, forwards=0)
-        self.updates = set(self.mixer.update_steps(state.max_steps)) | {0}
+        self.updates = self.mixer.update_steps(state.max_steps)
         if self.track:
             self._dev_sums = torch.zeros(len(self.mix.names), 2, dtype=torch.float64,
                                          device=device)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from mixtune.mixers.base import DatasetInfo, DomainInfo, LookaheadResult, MixContext, Mixer
+from mixtune.mixers.base import (
+    DatasetInfo,
+    DomainInfo,
+    LookaheadResult,
+    MixContext,
+    Mixer,
+    Steps,
+)
 from mixtune.mixers.dynamics import DynaMiCS
 from mixtune.mixers.dynamixsft import DynamixSFT
 from mixtune.mixers.exp3 import EXP3
@@ -30,4 +37,4 @@ def build_mixer(cfg, datasets: list[DatasetInfo], domains: list[DomainInfo], see
 
 
 __all__ = ["MIXERS", "build_mixer", "DatasetInfo", "DomainInfo", "LookaheadResult",
-           "MixContext", "Mixer"]
+           "MixContext", "Mixer", "Steps"]

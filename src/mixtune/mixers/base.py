@@ -1,19 +1,93 @@
 """The mixer contract: what a mixer sees and what it must provide.
 
 A mixer owns the mixture weights; the loop owns the step. The loop calls ``propose(ctx)`` after
-each step listed in ``update_steps(max_steps)`` (always including 0, before any training) and
+each step in ``update_steps(max_steps)`` (always including 0, before any training) and
 hands the result to the sampler. A mixer sees numbers and narrow callables, never the model.
+
+``update_steps`` returns any container of ints: the loop only asks ``step in steps`` and never
+iterates it, so ``max_steps`` may be huge (10**12). Return a :class:`Steps` (a ``range`` for
+periodic schedules, a short explicit set otherwise): O(1) memory, and ``after(step)`` gives the
+next update in O(1) / O(log n). A plain list still works for short schedules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import bisect
+import operator
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 Weights = np.ndarray  # (K,), on the simplex, train-dataset order
+
+
+class Steps(Sequence):
+    """A sorted set of update steps in O(1) memory: a ``range``, or a short explicit tuple.
+
+    ``in`` is O(1) (range) or O(log n) (tuple) and never iterates; it equals any sequence
+    with the same elements (``Steps(range(0, 9, 4)) == [0, 4, 8]``).
+    """
+
+    __slots__ = ("_s",)
+
+    def __init__(self, steps):
+        if isinstance(steps, range):
+            if steps.step <= 0:
+                raise ValueError(f"update steps: range step must be > 0, got {steps.step}")
+            self._s = steps
+        else:
+            self._s = tuple(sorted({operator.index(s) for s in steps}))
+
+    @classmethod
+    def every(cls, interval: int, max_steps: int) -> Steps:
+        """0, interval, 2*interval, ... below ``max_steps``."""
+        return cls(range(0, max_steps, interval))
+
+    def __contains__(self, step) -> bool:
+        try:
+            step = operator.index(step)  # numpy ints too; a non-int would make range iterate
+        except TypeError:
+            return False
+        if isinstance(self._s, range):
+            return step in self._s
+        i = bisect.bisect_left(self._s, step)
+        return i < len(self._s) and self._s[i] == step
+
+    def after(self, step: int) -> int | None:
+        """The first update step strictly after ``step``, or None."""
+        s = self._s
+        if isinstance(s, range):
+            if not s or step < s.start:
+                return s.start if s else None
+            nxt = s.start + ((step - s.start) // s.step + 1) * s.step
+            return nxt if nxt < s.stop else None
+        i = bisect.bisect_right(s, step)
+        return s[i] if i < len(s) else None
+
+    def __len__(self) -> int:
+        return len(self._s)
+
+    def __getitem__(self, i):
+        return self._s[i]
+
+    def __iter__(self):
+        return iter(self._s)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Steps):
+            other = other._s
+        if isinstance(other, range) and isinstance(self._s, range):
+            return self._s == other  # O(1)
+        if not isinstance(other, (Sequence, range)) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Steps({self._s!r})"
 
 
 @dataclass(frozen=True)
@@ -67,7 +141,7 @@ class MixContext:
 
 
 class Mixer(Protocol):
-    def update_steps(self, max_steps: int) -> Sequence[int]: ...
+    def update_steps(self, max_steps: int) -> Container[int]: ...  # e.g. Steps
 
     def propose(self, ctx: MixContext) -> Weights: ...
 

@@ -47,7 +47,7 @@ import numpy as np
 from mixtune.errors import ConfigError, MixtuneError
 from mixtune.eval.constraints import Constraints, loss_like
 from mixtune.mixers import dynamics_solver as solver
-from mixtune.mixers.base import DatasetInfo, DomainInfo, MixContext, Weights
+from mixtune.mixers.base import DatasetInfo, DomainInfo, MixContext, Steps, Weights
 
 # The paper's update sets for a 2048-step run (all include step 0).
 SCHEDULES = {
@@ -99,18 +99,20 @@ class DynaMiCSConfig:
             raise ConfigError(f"mixer.ga_batches: must be >= 1 or null, got {self.ga_batches}")
 
 
-def schedule_steps(kind: str, max_steps: int, interval: int = 128) -> list[int]:
-    """Update steps for a run of ``max_steps`` (0 first; every step < max_steps)."""
+def schedule_steps(kind: str, max_steps: int, interval: int = 128) -> Steps:
+    """Update steps for a run of ``max_steps`` (0 first; every step < max_steps), lazily."""
     if kind == "fixed":
-        return list(range(0, max_steps, interval))
+        return Steps.every(interval, max_steps)
     scaled = {0} | {max(1, round(s * max_steps / PAPER_STEPS)) for s in SCHEDULES[kind][1:]}
-    return sorted(s for s in scaled if s < max_steps)
+    return Steps(s for s in scaled if s < max_steps)
 
 
-def horizon(steps: list[int], step: int, max_steps: int) -> int:
+def horizon(steps, step: int, max_steps: int) -> int:
     """H_t: steps until the next update, or until the end of the run."""
-    later = [s for s in steps if s > step]
-    return (later[0] if later else max_steps) - step
+    if not isinstance(steps, Steps):
+        steps = Steps(steps)
+    nxt = steps.after(step)
+    return (max_steps if nxt is None else nxt) - step
 
 
 class DynaMiCS:
@@ -135,7 +137,7 @@ class DynaMiCS:
         self.refs: dict[str, float] | None = None  # constraint references, native units
         self.pending: dict | None = None  # last prediction, checked at the next update
 
-    def update_steps(self, max_steps: int) -> list[int]:
+    def update_steps(self, max_steps: int) -> Steps:
         return schedule_steps(self.o.schedule, max_steps, self.o.interval)
 
     # -----------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ import numpy as np
 
 from mixtune import simplex
 from mixtune.errors import ConfigError, MixtuneError
-from mixtune.mixers.base import DatasetInfo, MixContext, Weights
+from mixtune.mixers.base import DatasetInfo, MixContext, Steps, Weights
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,8 @@ class DynamixSFT:
         self.updates = 0
         self.pending: dict | None = None  # progress reward: {"key": step, "loss": [[...], ...]}
 
-    def update_steps(self, max_steps: int) -> list[int]:
-        return list(range(0, max_steps, self.o.update_every))
+    def update_steps(self, max_steps: int) -> Steps:
+        return Steps.every(self.o.update_every, max_steps)
 
     def propose(self, ctx: MixContext) -> Weights:
         o = self.o

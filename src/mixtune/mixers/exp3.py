@@ -41,7 +41,7 @@ import numpy as np
 
 from mixtune import simplex
 from mixtune.errors import ConfigError
-from mixtune.mixers.base import DatasetInfo, MixContext, Weights
+from mixtune.mixers.base import DatasetInfo, MixContext, Steps, Weights
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,8 @@ class EXP3:
         self.r = np.zeros(len(datasets))
         self.prev_eps = 1.0 / len(datasets)
 
-    def update_steps(self, max_steps: int) -> list[int]:
-        return list(range(0, max_steps, self.o.update_every))
+    def update_steps(self, max_steps: int) -> Steps:
+        return Steps.every(self.o.update_every, max_steps)
 
     def propose(self, ctx: MixContext) -> Weights:
         o, k, t = self.o, len(self.names), ctx.step

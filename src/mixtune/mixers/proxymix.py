@@ -51,7 +51,7 @@ from mixtune.continual.features import (
     slot_features,
 )
 from mixtune.errors import ConfigError
-from mixtune.mixers.base import DatasetInfo, DomainInfo, MixContext, Weights
+from mixtune.mixers.base import DatasetInfo, DomainInfo, MixContext, Steps, Weights
 
 
 @dataclass(frozen=True)
@@ -161,10 +161,10 @@ class ProxyMix:
         self.tracker = Tracker(o.beta, o.carry)
         self.trajectory: list[dict] = []
 
-    def update_steps(self, max_steps: int) -> list[int]:
+    def update_steps(self, max_steps: int) -> Steps:
         if self.o.update_every:
-            return list(range(0, max_steps, self.o.update_every))
-        return sorted({int(k * max_steps / self.o.decisions) for k in range(self.o.decisions)})
+            return Steps.every(self.o.update_every, max_steps)
+        return Steps(int(k * max_steps / self.o.decisions) for k in range(self.o.decisions))
 
     # ------------------------------------------------------------------------------------------
     def propose(self, ctx: MixContext) -> Weights:

@@ -17,7 +17,7 @@ import numpy as np
 
 from mixtune import simplex
 from mixtune.errors import ConfigError
-from mixtune.mixers.base import DatasetInfo, MixContext, Weights
+from mixtune.mixers.base import DatasetInfo, MixContext, Steps, Weights
 
 
 def _sizes(datasets: list[DatasetInfo], by: str) -> np.ndarray:
@@ -30,8 +30,8 @@ class Uniform:
     def __init__(self, options, datasets: list[DatasetInfo], domains, seed: int):
         self.w = np.full(len(datasets), 1.0 / len(datasets))
 
-    def update_steps(self, max_steps: int) -> list[int]:
-        return [0]
+    def update_steps(self, max_steps: int) -> Steps:
+        return Steps((0,))
 
     def propose(self, ctx: MixContext) -> Weights:
         return self.w

@@ -130,7 +130,7 @@ def comparison_table(results: dict[str, dict]) -> str:
                 mark = " ✓ kept" if a["loss"] <= b["loss"] + TOLERANCE else " ✗ broken"
             cells.append(f"{_m(a)}{mark}")
         rows.append(f"| {dom} | {role} | {_m(b)} | " + " | ".join(cells) + " |")
-    rows.append("| *wall time* | | | " + " | ".join(f"{results[n]['seconds']:.0f} s"
+    rows.append("| wall time | | | " + " | ".join(f"{results[n]['seconds']:.0f} s"
                                                     for n in names) + " |")
     return "\n".join(rows) + (f"\n\nLoss / exact-match accuracy on held-out examples. A constraint "
                               f"is kept when its loss ends at most {TOLERANCE} nats above the "

@@ -124,7 +124,12 @@ def test_two_processes_match_one(name, make_config, tmp_path, monkeypatch):
         # ... and the numbers behind them (rewards, slopes, losses), not only the weights
         x, y = _leaves(a["mixer"]), _leaves(b["mixer"])
         assert x.keys() == y.keys()
-        assert x == pytest.approx(y, rel=1e-3, abs=1e-5), a["step"]
+        numeric = {k for k, v in y.items() if isinstance(v, (int, float))
+                   and not isinstance(v, bool)}
+        assert {k: x[k] for k in numeric} == pytest.approx(
+            {k: y[k] for k in numeric}, rel=1e-3, abs=1e-5), a["step"]
+        assert {k: x[k] for k in x if k not in numeric} == \
+            {k: y[k] for k in y if k not in numeric}, a["step"]
     torch.testing.assert_close(params1, params2, rtol=1e-4, atol=1e-5)
     if name == "cadft_exp3":  # rank 0 rewrote the same targets as the single process
         def rewrites(run):

@@ -87,13 +87,9 @@ def probe(trainer, j: int, steps: int, n_batches: int | None = None,
         snap.restore()
 
 
-def lookahead(trainer, j: int, optimizer: str = "sgd", batch_size: int | None = None,
-              key: int | None = None) -> LookaheadResult:
-    """Per-example relative-loss material for DynamixSFT's reward on dataset ``j``."""
-    if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"lookahead optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-    t0 = time.perf_counter()
-    t = trainer
+def _reward_batch(t, j: int, batch_size: int | None, key: int | None):
+    """A global mini-batch of dataset ``j`` drawn apart from the sampler's stream (same ids on
+    every rank, keyed by ``key`` or the step), and this rank's shard of it, collated on device."""
     n = batch_size or t.micro * t.world
     n = max(t.world, n - n % t.world)
     ex = t.sampler.draw_from(j, n, t.step if key is None else key)
@@ -101,7 +97,17 @@ def lookahead(trainer, j: int, optimizer: str = "sgd", batch_size: int | None = 
     data = t.train_sets[j].data
     batch = collate([data.input_ids[i] for i in mine], [data.labels[i] for i in mine],
                     t.tokenizer.pad_token_id)
-    batch = {k: v.to(t.acc.device) for k, v in batch.items()}
+    return ex, {k: v.to(t.acc.device) for k, v in batch.items()}
+
+
+def lookahead(trainer, j: int, optimizer: str = "sgd", batch_size: int | None = None,
+              key: int | None = None) -> LookaheadResult:
+    """Per-example relative-loss material for DynamixSFT's reward on dataset ``j``."""
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"lookahead optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    t0 = time.perf_counter()
+    t = trainer
+    ex, batch = _reward_batch(t, j, batch_size, key)
     n_tokens = float(t.train_sets[j].label_counts[ex].sum())
     snap = Snapshot(t, optimizer=optimizer == "adam")
     try:
@@ -141,14 +147,7 @@ def example_losses(trainer, j: int, batch_size: int | None = None,
     Gathered over ranks, so every rank gets the same numbers.
     """
     t = trainer
-    n = batch_size or t.micro * t.world
-    n = max(t.world, n - n % t.world)
-    ex = t.sampler.draw_from(j, n, t.step if key is None else key)
-    mine = ex[shard(n, t.world, t.rank, n // t.world)[0]]
-    data = t.train_sets[j].data
-    batch = collate([data.input_ids[i] for i in mine], [data.labels[i] for i in mine],
-                    t.tokenizer.pad_token_id)
-    batch = {k: v.to(t.acc.device) for k, v in batch.items()}
+    ex, batch = _reward_batch(t, j, batch_size, key)
     rng = rng_state()
     try:
         with torch.no_grad(), t.acc.autocast():

@@ -205,24 +205,32 @@ def save_task_vector(tv: StateDict, path: str | Path) -> None:
     tmp.replace(p)
 
 
+class _SafetensorsTensors(Mapping):
+    """A safetensors file as a read-only mapping that loads one tensor per lookup."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self._h = safe_open(str(path), framework="pt")
+        self._keys = list(self._h.keys())
+        self._set = set(self._keys)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._set:
+            raise KeyError(name)
+        return self._h.get_tensor(name)
+
+    def __contains__(self, name) -> bool:
+        return name in self._set
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def task_arithmetic_files(base: StateDict, paths: Sequence[str | Path], alphas: Sequence[float],
                           dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """:func:`task_arithmetic` reading each cached task vector one tensor at a time."""
-    from safetensors import safe_open
-
-    if len(paths) != len(alphas):
-        raise MixtuneError(f"task arithmetic: {len(paths)} task vectors for {len(alphas)} "
-                           "coefficients")
-    handles = [safe_open(str(p), framework="pt") for p in paths]
-    keys = [set(h.keys()) for h in handles]
-    out = {}
-    for name, t in base.items():
-        if not _is_float(t):
-            out[name] = t.clone()
-            continue
-        acc = t.detach().to("cpu", torch.float32).clone()
-        for h, ks, a in zip(handles, keys, alphas):
-            if name in ks and a != 0:
-                acc.add_(h.get_tensor(name).to(torch.float32), alpha=float(a))
-        out[name] = acc.to(dtype or t.dtype)
-    return out
+    return task_arithmetic(base, [_SafetensorsTensors(p) for p in paths], alphas, dtype)

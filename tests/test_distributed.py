@@ -40,7 +40,8 @@ CASES = {
     "dynamixsft_progress": ({"name": "dynamixsft", "update_every": 2, "batch_size": 4,
                              "reward": "progress"}, None, None),
     "dynamics_grad_alignment": ({"name": "dynamics", "slopes": "gradient_alignment",
-                                 "schedule": "fixed", "interval": 3, "probe_batches": 2},
+                                 "schedule": "fixed", "interval": 3, "probe_batches": 2,
+                                 "ga_batch_size": 4},
                                 None, ROLES),
     "proxymix": ({"name": "proxymix", "policy": "random", "explore_sigma": 0.5,
                   "update_every": 2}, None, None),
@@ -53,10 +54,8 @@ CASES = {
 }
 DEFAULT = ("dynamixsft", "dynamics")
 # Reward / alignment batches default to micro_batch_size x processes: with the micro-batch
-# pinned that grows with the process count, so a case either sets mixer.batch_size (dynamixsft)
-# or leaves the micro-batch to the loop (batch_size / processes), as here: DynaMiCS has no
-# option for the alignment batch.
-TRAIN = {"dynamics_grad_alignment": {"micro_batch_size": None}}
+# pinned that grows with the process count, so the cases set mixer.batch_size (dynamixsft) or
+# mixer.ga_batch_size (dynamics' gradient alignment).
 ABORT = "terminate called without an active exception"
 
 
@@ -64,7 +63,6 @@ def case_config(make_config, tmp_path, name: str) -> dict:
     mixer, loss, roles = CASES[name]
     raw = make_config(max_steps=6, mixer=dict(mixer))
     raw["train"].update(batch_size=8, micro_batch_size=2, eval_every=3, log_every=1)
-    raw["train"].update(TRAIN.get(name, {}))
     if loss is not None:
         raw["loss"] = loss
     for ev in raw["evals"]:

@@ -160,6 +160,28 @@ def test_gradient_alignment_matches_a_one_step_probe_at_small_lr(toy_root):
             assert S[i, j] == pytest.approx(after[d]["loss"] - now[d]["loss"], rel=0.15)
 
 
+def test_ga_batch_size_pins_the_alignment_batch_whatever_the_micro_batch(toy_root):
+    """mixer.ga_batch_size reaches ctx.grad_alignment: the slopes then no longer follow
+    train.micro_batch_size (the default alignment batch is micro_batch_size x processes)."""
+    def slopes(micro: int, ga_batch_size) -> np.ndarray:
+        mixer = {"name": "dynamics", "slopes": "gradient_alignment", "schedule": "fixed",
+                 "interval": 100, "probe_batches": 2, "ga_batch_size": ga_batch_size}
+        raw = toy_config(toy_root, f"ga_bs_{micro}_{ga_batch_size}", mixer, steps=1,
+                         micro_batch_size=micro)
+        t = Trainer(config.load(data=raw))
+        t.run()
+        rec = next(r for r in read_metrics(toy_root / raw["output_dir"]) if "mixer" in r)
+        return np.array([[rec["mixer"]["S"][d][k] for k in ("tgt", "reg")]
+                         for d in ("tgt", "reg")])
+
+    pinned = [slopes(m, 8) for m in (2, 4)]
+    np.testing.assert_allclose(pinned[0], pinned[1], rtol=1e-5, atol=1e-9)
+    default = [slopes(m, None) for m in (2, 4)]
+    assert np.abs(default[0] - default[1]).max() > 1e-3 * np.abs(default[0]).max()
+    with pytest.raises(ConfigError, match="mixer.ga_batch_size"):
+        config.load(data={**toy_config(toy_root, "x", {"name": "dynamics", "ga_batch_size": 0})})
+
+
 @pytest.mark.parametrize("variant", ["lora_probe", "full_gradient_alignment"])
 def test_variants_run_and_keep_weights_valid(toy_root, variant):
     mixer = {"name": "dynamics", "schedule": "fixed", "interval": 3, "n_lambda": 5}

@@ -84,6 +84,10 @@ class DynaMiCSConfig:
     least-max-violation mixture."""
     ga_batches: int | None = None
     """Evaluation batches for gradient alignment's g_i (null: probe_batches)."""
+    ga_batch_size: int | None = None
+    """Examples of D_j behind gradient alignment's d_j (null: micro_batch_size x processes, which
+    changes with the process count when train.micro_batch_size is pinned; set it for runs that
+    must match across process counts). Rounded down to a multiple of the process count."""
 
     def __post_init__(self):
         for key in ("interval", "c_max", "probe_batches", "n_lambda"):
@@ -95,8 +99,10 @@ class DynaMiCSConfig:
         if not self.epsilons or any(e < 0 for e in self.epsilons):
             raise ConfigError(f"mixer.epsilons: need one or more values >= 0, got "
                               f"{list(self.epsilons)}")
-        if self.ga_batches is not None and self.ga_batches < 1:
-            raise ConfigError(f"mixer.ga_batches: must be >= 1 or null, got {self.ga_batches}")
+        for key in ("ga_batches", "ga_batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"mixer.{key}: must be >= 1 or null, got "
+                                  f"{getattr(self, key)}")
 
 
 def schedule_steps(kind: str, max_steps: int, interval: int = 128) -> Steps:
@@ -198,7 +204,8 @@ class DynaMiCS:
             if getattr(ctx, "grad_alignment", None) is None:
                 raise MixtuneError("slopes: gradient_alignment needs ctx.grad_alignment, which "
                                    "this training loop does not provide")
-            S = np.asarray(ctx.grad_alignment(self.o.ga_batches or self.o.probe_batches),
+            S = np.asarray(ctx.grad_alignment(self.o.ga_batches or self.o.probe_batches,
+                                                  batch_size=self.o.ga_batch_size),
                            np.float64)
             return S.reshape(len(self.domains), len(self.datasets))
         S = np.zeros((len(self.domains), len(self.datasets)))

@@ -135,9 +135,40 @@ def main(argv: list[str] | None = None) -> int:
     # slow small-model training several times over. Must be set before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Under torchrun / accelerate launch every rank runs this: only rank 0 reports progress and
+    # results (warnings and errors still come from every rank).
+    main_rank = os.environ.get("RANK", "0") in ("", "0")
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format="%(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    code = 1
+    try:
+        code = _run(args, main_rank)
+        return code
+    finally:
+        _leave_process_group(ok=code == 0)
+
+
+def _leave_process_group(ok: bool) -> None:
+    """Tear down a distributed process group this command started (torchrun / accelerate).
+
+    Ranks leave together (a barrier) and destroy the gloo/NCCL group before the interpreter
+    exits; a rank that exits with the group alive can abort. After a failure there is no
+    barrier: the other ranks may never reach it.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        if ok:
+            dist.barrier()
+        dist.destroy_process_group()
+    except Exception as e:  # leaving must not turn a finished run into a failure
+        logging.getLogger(__name__).warning("could not tear down the process group: %s", e)
+
+
+def _run(args, main_rank: bool) -> int:
     output_dir = None
     try:
         from mixtune import config
@@ -148,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             from mixtune.engine.loop import train
 
             summary = train(cfg)
-            _print_eval(summary.get("final_eval") or {}, None)
-            print(f"run directory: {summary['output_dir']}")
+            if main_rank:
+                _print_eval(summary.get("final_eval") or {}, None)
+                print(f"run directory: {summary['output_dir']}")
         elif args.command == "eval":
             output_dir = _eval(args)
         elif args.command == "plan":
@@ -209,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixtune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # loop.Interrupted: a graceful stop with a checkpoint
-        print(f"mixtune: {e or 'interrupted'}", file=sys.stderr)
+        if main_rank:  # every rank stops after the same step; one of them says so
+            print(f"mixtune: {e or 'interrupted'}", file=sys.stderr)
         return 128 + getattr(e, "signum", 2)
     except Exception:
         text = traceback.format_exc()

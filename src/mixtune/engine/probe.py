@@ -27,6 +27,11 @@ from mixtune.engine.checkpoint import rng_state, set_rng_state
 from mixtune.losses import reduce, sequence_mean, token_losses
 from mixtune.mixers.base import LookaheadResult
 
+try:  # FSDP2 (torch >= 2.6); absent in builds without distributed support
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover
+    FSDPModule = None
+
 
 class Snapshot:
     def __init__(self, trainer, optimizer: bool = True):
@@ -65,9 +70,25 @@ class Snapshot:
             for g, saved in zip(self.opt.param_groups, self.groups):
                 g.update(copy.deepcopy(saved))
             t.scheduler.load_state_dict(copy.deepcopy(self.sched))
+        _drop_gathered(t.model)
         set_rng_state(self.rng)
         t.sampler.repeat = self.repeat.copy()
         t.sampler.load_state_dict(copy.deepcopy(self.sampler))
+
+
+def _drop_gathered(model) -> None:
+    """FSDP2: free gathered (unsharded) parameters so the next forward re-gathers the shards.
+
+    After a forward without a backward (an evaluation, the look-ahead's second pass) FSDP2
+    keeps the root module's parameters gathered; a restore writes the shards only, and the next
+    forward would run on the gathered copy of the probe's values. ``reshard()`` is local (no
+    communication). Nothing to do without FSDP2.
+    """
+    if FSDPModule is None:
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def probe(trainer, j: int, steps: int, n_batches: int | None = None,

@@ -1,0 +1,125 @@
+"""Probes and look-aheads on FSDP2-sharded state (torch's ``fully_shard``, CPU, gloo).
+
+    torchrun --standalone --nproc_per_node 2 fsdp_worker.py CFG.json OUT.json
+
+accelerate 1.15 enables FSDP only on GPUs, so this worker shards the model itself: the
+Trainer's ``accelerator.prepare`` is replaced by ``fully_shard`` of every decoder layer and the
+root, with the optimizer's parameter groups pointed at the sharded (DTensor) parameters. Then
+mixtune's own ``engine.probe`` functions run on it. Two trainers of the same config train side
+by side; one of them also runs a DynaMiCS probe, SGD and Adam look-aheads and the per-example
+losses between its steps. Rank 0 writes what it found to OUT.json.
+"""
+
+import copy
+import json
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from mixtune import config
+from mixtune.engine import probe
+from mixtune.engine.loop import Trainer
+from mixtune.engine.runtime import make_accelerator
+
+
+def _fsdp2_prepare(model, optimizer):
+    """``Accelerator.prepare`` for (model, optimizer): FSDP2 instead of DDP."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    sharded = dict(model.named_parameters())
+    for g, ns in zip(optimizer.param_groups, groups):
+        g["params"] = [sharded[n] for n in ns]
+    return model, optimizer
+
+
+def build(raw: dict) -> Trainer:
+    cfg = config.load(data=raw)
+    acc = make_accelerator(cfg)
+    acc.prepare = _fsdp2_prepare
+    return Trainer(cfg, accelerator=acc)
+
+
+def train(t: Trainer, n: int) -> None:
+    for _ in range(n):
+        t.train_step(*t.sampler.next_batch(t.cfg.train.batch_size))
+        t.step += 1
+
+
+def full_state(t: Trainer) -> dict:
+    """Everything a probe must leave untouched, gathered to full tensors (a collective)."""
+    def full(x):
+        return x.full_tensor() if isinstance(x, DTensor) else x
+
+    opt = probe._inner(t.optimizer)
+    return {
+        "params": [full(p.detach()).clone() for p in t.params],
+        "opt": [{k: full(v).clone() if torch.is_tensor(v) else v
+                 for k, v in sorted(opt.state[p].items())} for p in t.params],
+        "lr": [g["lr"] for g in opt.param_groups],
+        "sched": t.scheduler.state_dict(),
+        "sampler": copy.deepcopy(t.sampler.state_dict()),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
+    return a == b
+
+
+def main(cfg_path: str, out_path: str) -> None:
+    raw = json.load(open(cfg_path))
+    x, y = build(raw), build({**raw, "output_dir": raw["output_dir"] + "_twin"})
+    out = {"world": x.world,
+           "sharded": all(isinstance(p, DTensor) for p in x.params),
+           "local_fraction": sum(p.to_local().numel() for p in x.params)
+           / sum(p.numel() for p in x.params)}
+    snap = probe.Snapshot(x)
+    out["snapshot_fraction"] = sum(s.to_local().numel() for s in snap.params) / \
+        sum(p.numel() for p in x.params)
+    del snap
+    for t in (x, y):
+        train(t, 2)
+    before = full_state(x)
+    now = x.evaluate(2, accuracy=False, use_cache=False)
+    probed = probe.probe(x, 0, 2, n_batches=2)
+    out["probe_moved"] = {d: probed[d]["loss"] - now[d]["loss"] for d in now}
+    out["after_probe_same"] = same(full_state(x), before)
+    la = {opt: probe.lookahead(x, j, opt, batch_size=4)
+          for j, opt in ((1, "sgd"), (0, "adam"))}
+    out["lookahead_moved"] = {k: float((r.pre - r.post).mean()) for k, r in la.items()}
+    losses = probe.example_losses(x, 1, batch_size=4)
+    out["example_losses_equal_pre"] = bool(
+        torch.allclose(torch.as_tensor(losses), torch.as_tensor(la["sgd"].pre), atol=1e-6))
+    out["after_lookahead_same"] = same(full_state(x), before)
+    # ... and training goes on exactly as if nothing had happened.
+    out["eval_same"] = x.evaluate(2, accuracy=False, use_cache=False) == \
+        y.evaluate(2, accuracy=False, use_cache=False)
+    for t in (x, y):
+        train(t, 3)
+    out["continued_same"] = same(full_state(x), full_state(y))
+    out["eval_after_same"] = x.evaluate(2, accuracy=False, use_cache=False) == \
+        y.evaluate(2, accuracy=False, use_cache=False)
+    if x.rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(out, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

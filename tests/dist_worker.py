@@ -16,7 +16,7 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-from helpers import ChaseLoss
+from helpers import ChaseLoss, leave_distributed
 from mixtune import config
 from mixtune.engine import loop
 from mixtune.mixers import MIXERS
@@ -81,11 +81,7 @@ def main(cfg_path: str, out_path: str) -> None:
     if trainer.rank == 0:
         _report(gathered, params, out_path, flat)
     if world > 1:
-        # Leave together and tear the gloo group down before the interpreter exits: a rank
-        # exiting with the group alive can abort ("terminate called without an active
-        # exception"), and torchrun then kills rank 0 mid-write.
-        dist.barrier()
-        dist.destroy_process_group()
+        leave_distributed()  # helpers.leave_distributed: why not a plain exit
 
 
 def _report(gathered: list[dict], params: list[torch.Tensor], out_path: str,

@@ -16,10 +16,10 @@ import sys
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from helpers import leave_distributed
 from mixtune import config
 from mixtune.engine import probe
 from mixtune.engine.loop import Trainer
@@ -117,8 +117,7 @@ def main(cfg_path: str, out_path: str) -> None:
     if x.rank == 0:
         with open(out_path, "w") as f:
             json.dump(out, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_distributed()  # helpers.leave_distributed: why not a plain exit
 
 
 if __name__ == "__main__":

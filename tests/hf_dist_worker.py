@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
+from helpers import leave_distributed
 from test_hf_integration import MixtureCallback, MixtureDataset, tiny_model, toy_data
 
 
@@ -78,8 +79,7 @@ def main(spec_path: str, out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump(gathered, f)
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        leave_distributed()  # helpers.leave_distributed: why not a plain exit
 
 
 if __name__ == "__main__":

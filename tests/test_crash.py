@@ -288,6 +288,30 @@ def test_sigterm_sigint_checkpoint_and_resume(workdir, sig, code):
     assert _strip(_read_metrics(run)) == _strip(_read_metrics(ref_run))
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fds")
+def test_checkpoint_is_fsynced_before_it_is_renamed_into_place(workdir, monkeypatch):
+    """Every file, then the directory, then (after the rename) its parent reach the disk."""
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    raw = _raw(workdir, 2, "fsync")
+    Trainer(config.load(data=raw)).run()
+    root = Path(raw["output_dir"]) / "checkpoints"
+    tmp = root / ".tmp-step-000002"
+    files = {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "sampler.json", "mixer.pt",
+             "rank0.pt", "state.json"}
+    assert files <= {p.name for p in synced if p.parent == tmp}
+    order = [synced.index(tmp / "state.json"), synced.index(tmp), synced.index(root)]
+    assert order == sorted(order)
+    assert all(synced.index(tmp / f) < order[0] for f in files - {"state.json"})
+    assert (root / "step-000002" / "state.json").is_file()
+
+
 def test_resume_drops_a_metrics_line_cut_short(workdir):
     """A kill mid-append leaves half a JSON line; resuming must not choke on it."""
     from mixtune.engine.rundir import RunDir

@@ -5,7 +5,8 @@ model, or only the LoRA adapter), ``optimizer.pt``, ``scheduler.pt``, ``sampler.
 ``mixer.pt``, ``loss.pt`` (when the loss has state), one ``rank<r>.pt`` per process (RNG
 states and that rank's running sums) and
 ``state.json`` (step, counters, elapsed time). It is written into ``.tmp-step-000123`` and
-renamed into place only once complete, so a crash never leaves a half-written checkpoint as the
+renamed into place only once complete (every file, the directory and the rename fsync'd),
+so a crash never leaves a half-written checkpoint as the
 latest one; directories without ``state.json`` are ignored. Old checkpoints are first renamed
 out of the ``step-`` namespace and then deleted, so a crash mid-deletion never leaves a
 partial ``step-`` directory either; leftover ``.tmp-*`` directories are removed by the next save.
@@ -61,6 +62,7 @@ def save(root: Path, step: int, *, accelerator, model, optimizer, scheduler, sam
     accelerator.wait_for_everyone()
     rank = accelerator.process_index
     torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{rank}.pt")
+    _fsync(tmp / f"rank{rank}.pt")
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         tensors = {n: p.detach().cpu().contiguous() for n, p in trainable(unwrapped)}
@@ -71,6 +73,9 @@ def save(root: Path, step: int, *, accelerator, model, optimizer, scheduler, sam
         torch.save(mixer.state_dict(), tmp / "mixer.pt")
         if hasattr(loss, "state_dict"):
             torch.save(loss.state_dict(), tmp / "loss.pt")
+        for f in tmp.iterdir():
+            if not f.name.startswith("rank"):
+                _fsync(f)
     pause = float(os.environ.get("MIXTUNE_TEST_CHECKPOINT_PAUSE") or 0)
     if pause:
         time.sleep(pause)
@@ -78,13 +83,31 @@ def save(root: Path, step: int, *, accelerator, model, optimizer, scheduler, sam
     if accelerator.is_main_process:
         # state.json last: it marks the directory complete.
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+        _fsync(tmp / "state.json")
+        _fsync(tmp)
         if final.exists():  # re-saving a step (resume from an older checkpoint)
             _discard(final)
         tmp.rename(final)
+        _fsync(root)  # the rename itself survives a power cut
         for old in complete(root)[:-keep]:
             _discard(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to the disk (a checkpoint must survive a
+    power cut or a node failure, not only a killed process). Best effort where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # e.g. some network file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
 
 
 def _discard(path: Path) -> None:

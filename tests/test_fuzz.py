@@ -63,6 +63,14 @@ def _set_path(path: str, i: int = 0):
     return edit
 
 
+def _nested_aliases(levels: int) -> str:
+    """One YAML value of 10**levels leaves written in a few hundred characters."""
+    text = "[" + ", ".join(["1"] * 10) + "]"
+    for i in range(levels - 1):
+        text = f"[&l{i} {text}" + f", *l{i}" * 9 + "]"
+    return text
+
+
 def _cases(root: Path) -> list[Case]:  # noqa: C901  (one flat list is the clearest form)
     rng = random.Random(20240611)
     base_yaml = yaml.safe_dump(_base(root))
@@ -76,6 +84,14 @@ def _cases(root: Path) -> list[Case]:  # noqa: C901  (one flat list is the clear
         Case("yaml_nul_char", "not valid YAML", text=base_yaml[:40] + "\0" + base_yaml[40:]),
         Case("yaml_binary", "not UTF-8", text=b"\xff" + rng.randbytes(63)),
         Case("yaml_bom", OK, text=lambda raw: b"\xef\xbb\xbf" + yaml.safe_dump(raw).encode()),
+        Case("yaml_alias_bomb", "more than 100,000 values once YAML aliases",
+             text=lambda raw: "".join(
+                 f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}" if i else "lol"] * 9) + "]\n"
+                 for i in range(10)) + yaml.safe_dump(raw) + "mixer: {name: uniform, x: *a9}\n"),
+        Case("yaml_alias_in_itself", "nested more than 64 levels deep",
+             text=lambda raw: yaml.safe_dump(raw) + "mixer: &m {name: uniform, x: *m}\n"),
+        Case("override_alias_bomb", "more than 100,000 values",
+             overrides=["mixer.name=uniform", "mixer.x=" + _nested_aliases(6)]),
         Case("yaml_is_dir", "is a directory", config_path=str(root / "data")),
         Case("yaml_missing", "config file not found", config_path=str(root / "nope.yaml")),
         Case("override_no_equals", "expected key=value", overrides=["train.lr"]),
@@ -134,6 +150,17 @@ def _cases(root: Path) -> list[Case]:  # noqa: C901  (one flat list is the clear
         Case("negative_seed", "seed: must be in [0, 2**63)", overrides=["seed=-1"]),
         Case("huge_holdout", "leaves nothing to train on",
              overrides=["evals.add.holdout=1000000000000"]),
+        Case("huge_layers", "model.config.num_hidden_layers: 10000000 is above",
+             overrides=["model.config.num_hidden_layers=10000000"]),
+        Case("model_beyond_memory", "more than the",
+             overrides=["model.config.hidden_size=65536", "model.config.num_hidden_layers=512",
+                        "model.config.intermediate_size=262144"]),
+        Case("huge_lora_rank", "model.lora.r: must be in [1, 65536]",
+             overrides=["model.lora.enabled=true", "model.lora.r=1000000000"]),
+        Case("lora_rank_above_hidden", "above the model's hidden size",
+             overrides=["model.lora.enabled=true", "model.lora.r=4096"]),
+        Case("huge_max_new_tokens", "evals.add.max_new_tokens: must be in [1, 4096]",
+             overrides=["evals.add.max_new_tokens=1000000000"]),
         Case("huge_but_valid", OK,
              overrides=["train.max_length=1000000000000", "train.warmup_steps=1000000000000",
                         "train.keep_checkpoints=1000000000000", "train.log_every=1000000000000",

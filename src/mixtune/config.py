@@ -50,7 +50,8 @@ class LoraConfig:
     """Module names to adapt, or ``all-linear``."""
 
     def __post_init__(self):
-        _check(self.r >= 1, "model.lora.r", "must be >= 1", self.r)
+        _check(1 <= self.r <= 2**16, "model.lora.r", "must be in [1, 65536] (usually 4-64)",
+               self.r)
         _check(0 <= self.dropout < 1, "model.lora.dropout", "must be in [0, 1)", self.dropout)
 
 
@@ -127,6 +128,9 @@ class DatasetConfig:
         )
 
 
+MAX_NEW_TOKENS = 4096  # greedy answers for exact match: beyond this a typo, not an answer
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     name: str
@@ -168,8 +172,8 @@ class EvalConfig:
                "must be finite (or null)", self.reference)
         _check(self.batches >= 1, f"{where}.batches", "must be >= 1", self.batches)
         _check(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1", self.batch_size)
-        _check(self.max_new_tokens >= 1, f"{where}.max_new_tokens", "must be >= 1",
-               self.max_new_tokens)
+        _check(1 <= self.max_new_tokens <= MAX_NEW_TOKENS, f"{where}.max_new_tokens",
+               f"must be in [1, {MAX_NEW_TOKENS}]", self.max_new_tokens)
         if self.metric == "accuracy" and self.accuracy is False:
             raise ConfigError(f"{where}: metric 'accuracy' needs accuracy: true (or null)")
 

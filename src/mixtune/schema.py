@@ -48,7 +48,36 @@ def read_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
+    check_expanded_size(data, str(p))
     return data
+
+
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 64
+
+
+def check_expanded_size(data: Any, where: str) -> None:
+    """Refuse YAML whose aliases (``&a`` / ``*a``) expand to a huge or self-containing value.
+
+    PyYAML shares an aliased value instead of copying it, so a "billion laughs" file loads
+    instantly, but anything that walks it (validation, JSON dumps) would take forever; a value
+    that contains itself would recurse without end. Configs are small: this counts values with
+    aliases expanded and stops early.
+    """
+    stack, seen = [(data, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: more than {MAX_YAML_VALUES:,} values once YAML aliases "
+                              "(&name / *name) are expanded; write the config out without them")
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{where}: nested more than {MAX_YAML_DEPTH} levels deep (a YAML "
+                              "alias inside the value it names?)")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -60,6 +89,7 @@ def apply_override(raw: dict, item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    check_expanded_size(value, f"override '{key.strip()}'")
     parts = key.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts):

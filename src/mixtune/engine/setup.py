@@ -105,6 +105,7 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int, dtype: torch.dtype):
             hf_cfg = AutoConfig.for_model(model_type, **spec)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model.config: {e}") from None
+        _check_fits(hf_cfg, dtype, cfg.lora.enabled)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
@@ -128,6 +129,11 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int, dtype: torch.dtype):
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
+        hidden = getattr(model.config, "hidden_size", None)
+        if isinstance(hidden, int) and cfg.lora.r > hidden:
+            raise ConfigError(f"model.lora.r: {cfg.lora.r} is above the model's hidden size "
+                              f"({hidden}); a LoRA rank is usually 4-64")
+
         target = cfg.lora.target_modules
         lora = LoraConfig(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -136,6 +142,46 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int, dtype: torch.dtype):
         )
         model = get_peft_model(model, lora)
     return model
+
+
+# Far above any real model's (2025: <= 128 layers, hidden 16k, vocab 256k, context 1M).
+SIZE_LIMITS = {"num_hidden_layers": 1024, "hidden_size": 2**17, "intermediate_size": 2**20,
+               "vocab_size": 2**23, "num_attention_heads": 2**12, "num_key_value_heads": 2**12,
+               "max_position_embeddings": 2**24, "num_local_experts": 2**12}
+
+
+def _check_fits(hf_cfg, dtype: torch.dtype, lora: bool) -> None:
+    """Refuse a ``model.config`` whose training state cannot fit in this machine's memory.
+
+    The model is built on the meta device (no memory) to count its parameters; full training
+    needs about 4x their bytes (weights, gradients, two Adam moments), LoRA about 1x.
+    """
+    from transformers import AutoModelForCausalLM
+
+    for key, top in SIZE_LIMITS.items():  # building even on meta is slow for absurd sizes
+        value = getattr(hf_cfg, key, None)
+        if isinstance(value, int) and value > top:
+            raise ConfigError(f"model.config.{key}: {value} is above {top:,}, the largest this "
+                              "checks before building a model (a typo?)")
+    try:
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - any failure to build is a config problem
+        raise ConfigError(f"model.config: cannot build the model ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    n = sum(p.numel() for p in meta.parameters())
+    need = n * torch.finfo(dtype).bits // 8 * (1 if lora else 4)
+    try:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    except Exception:  # noqa: BLE001 - no reading: no check
+        return
+    if need > free:
+        raise ConfigError(
+            f"model.config: a model of {n / 1e6:,.1f}M parameters needs about "
+            f"{need / 2**30:,.1f} GiB to train, more than the {free / 2**30:,.1f} GiB free; "
+            "lower hidden_size / intermediate_size / num_hidden_layers / vocab_size")
 
 
 def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:

@@ -64,3 +64,20 @@ def leave_distributed() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def torchrun(script, *args: str, timeout: float = 900):
+    """``torchrun --standalone --nproc_per_node 2 SCRIPT ARGS`` on one thread per process, with
+    the tests directory importable; returns the completed process (output captured)."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # --standalone: the rendezvous binds a free port itself (no race on a guessed port)
+    return subprocess.run([shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2",
+                           str(script), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=timeout)

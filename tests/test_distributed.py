@@ -9,16 +9,14 @@ the two hard ones (look-ahead and probing) run by default; the rest are ``slow``
 """
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from dist_worker import collect
-from helpers import ChaseLoss
+from helpers import ChaseLoss, torchrun
 from mixtune.mixers import MIXERS
 
 HERE = Path(__file__).parent
@@ -56,7 +54,6 @@ DEFAULT = ("dynamixsft", "dynamics")
 # Reward / alignment batches default to micro_batch_size x processes: with the micro-batch
 # pinned that grows with the process count, so the cases set mixer.batch_size (dynamixsft) or
 # mixer.ga_batch_size (dynamics' gradient alignment).
-ABORT = "terminate called without an active exception"
 
 
 def case_config(make_config, tmp_path, name: str) -> dict:
@@ -73,21 +70,7 @@ def case_config(make_config, tmp_path, name: str) -> dict:
 
 def run_two_processes(raw: dict, tmp_path: Path) -> tuple[dict, torch.Tensor]:
     (tmp_path / "cfg.json").write_text(json.dumps(raw))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    for attempt in range(2):
-        shutil.rmtree(raw["output_dir"], ignore_errors=True)
-        proc = subprocess.run(
-            # --standalone: the rendezvous binds a free port itself (no race on a guessed port)
-            [shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2",
-             str(HERE / "dist_worker.py"), str(tmp_path / "cfg.json"),
-             str(tmp_path / "out.json")],
-            env=env, capture_output=True, text=True, timeout=900,
-        )
-        # Known intermittent abort of one gloo rank around the end of a run (~1 in 10 on a
-        # loaded 2-core box, not reproducible in isolation): retry that, and only that, once.
-        if proc.returncode == 0 or ABORT not in proc.stderr:
-            break
+    proc = torchrun(HERE / "dist_worker.py", tmp_path / "cfg.json", tmp_path / "out.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "out.json").read_text())
     return res, torch.load(tmp_path / "out.json.params.pt")

@@ -5,15 +5,14 @@ torch's ``fully_shard`` itself and runs mixtune's probe, look-aheads and example
 """
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from helpers import torchrun
+
 HERE = Path(__file__).parent
-ABORT = "terminate called without an active exception"
 
 
 @pytest.mark.dist
@@ -23,17 +22,7 @@ def test_probe_and_lookahead_restore_fsdp2_shards_exactly(make_config, tmp_path)
     raw = make_config(max_steps=20, output_dir=str(tmp_path / "run"))
     raw["train"]["micro_batch_size"] = 2
     (tmp_path / "cfg.json").write_text(json.dumps(raw))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    for _ in range(2):  # the known gloo abort at exit (test_distributed.py): retry it once
-        for p in tmp_path.glob("run*"):
-            shutil.rmtree(p)
-        proc = subprocess.run(
-            [shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2",
-             str(HERE / "fsdp_worker.py"), str(tmp_path / "cfg.json"), str(tmp_path / "out.json")],
-            env=env, capture_output=True, text=True, timeout=900)
-        if proc.returncode == 0 or ABORT not in proc.stderr:
-            break
+    proc = torchrun(HERE / "fsdp_worker.py", tmp_path / "cfg.json", tmp_path / "out.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["world"] == 2 and out["sharded"]

@@ -240,12 +240,11 @@ HF_DIST = {
 @pytest.mark.parametrize("case", [c if c != "trl_exp3" else pytest.param(c, marks=pytest.mark.slow)
                                   for c in HF_DIST])
 def test_two_processes_match_one(case, tmp_path):
-    import os
     import shutil
-    import subprocess
     from collections import Counter
     from pathlib import Path
 
+    from helpers import torchrun
     from hf_dist_worker import run
 
     if shutil.which("torchrun") is None:
@@ -255,17 +254,8 @@ def test_two_processes_match_one(case, tmp_path):
         pytest.importorskip("trl")
     spec.update(steps=8, dir=str(tmp_path / "two"))
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    here = Path(__file__).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    for _ in range(2):  # the known gloo abort at exit (test_distributed.py): retry it once
-        proc = subprocess.run(
-            [shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2",
-             str(here / "hf_dist_worker.py"), str(tmp_path / "spec.json"),
-             str(tmp_path / "out.json")],
-            env=env, capture_output=True, text=True, timeout=900)
-        if proc.returncode == 0 or "terminate called without" not in proc.stderr:
-            break
+    proc = torchrun(Path(__file__).parent / "hf_dist_worker.py", tmp_path / "spec.json",
+                    tmp_path / "out.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "out.json").read_text())
     assert [g["world"] for g in two] == [2, 2]

@@ -1,4 +1,4 @@
-"""Probes and look-aheads on FSDP2-sharded state (torch's ``fully_shard``, CPU, gloo).
+"""Probes, look-aheads and checkpoints on FSDP2 shards (torch's ``fully_shard``, CPU, gloo).
 
     torchrun --standalone --nproc_per_node 2 fsdp_worker.py CFG.json OUT.json
 
@@ -7,21 +7,24 @@ Trainer's ``accelerator.prepare`` is replaced by ``fully_shard`` of every decode
 root, with the optimizer's parameter groups pointed at the sharded (DTensor) parameters. Then
 mixtune's own ``engine.probe`` functions run on it. Two trainers of the same config train side
 by side; one of them also runs a DynaMiCS probe, SGD and Adam look-aheads and the per-example
-losses between its steps. Rank 0 writes what it found to OUT.json.
+losses between its steps. Then a checkpoint of the shards is loaded by a third sharded trainer,
+which must train on bit for bit like the original. Rank 0 writes what it found to OUT.json.
 """
 
 import copy
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from helpers import leave_distributed
 from mixtune import config
-from mixtune.engine import probe
+from mixtune.engine import checkpoint, probe, setup
 from mixtune.engine.loop import Trainer
 from mixtune.engine.runtime import make_accelerator
 
@@ -81,6 +84,41 @@ def same(a, b) -> bool:
     return a == b
 
 
+def _save(t: Trainer) -> Path:
+    return checkpoint.save(t.rundir.checkpoints, t.step, accelerator=t.acc, model=t.model,
+                           optimizer=t.optimizer, scheduler=t.scheduler, sampler=t.sampler,
+                           mixer=t.mixer, loss=t.loss_fn, keep=2, state={}, rank_state={})
+
+
+def checkpoint_round_trip(x: Trainer, y: Trainer, raw: dict) -> dict:
+    """x saves a checkpoint of its shards; a fresh sharded trainer z loads it; x and z train on
+    side by side and must stay bit-identical. Also the final model directory (gathered)."""
+    path = _save(x)
+    z = build({**raw, "output_dir": raw["output_dir"] + "_resumed"})
+    state, _ = checkpoint.load(path, accelerator=z.acc, model=z.model, optimizer=z.optimizer,
+                               scheduler=z.scheduler, sampler=z.sampler, mixer=z.mixer,
+                               loss=z.loss_fn)
+    z.step = state["step"]
+    loaded_same = same(full_state(z)["params"], full_state(x)["params"])
+    for t in (x, z):
+        train(t, 2)
+    a, b = full_state(x), full_state(z)
+    a.pop("torch_rng"), b.pop("torch_rng")  # z's RNG was set from the checkpoint: same too
+    resumed_same = same(a, b)
+    files = sorted(p.name for p in path.iterdir())
+    final = Path(raw["output_dir"]) / "final"
+    full = checkpoint.full_state_dict(x.acc.unwrap_model(x.model))
+    if x.rank == 0:
+        setup.save_final(x.acc.unwrap_model(x.model), x.tokenizer, final, full)
+    x.acc.wait_for_everyone()
+    saved = load_file(str(final / "model.safetensors"))
+    final_same = all(torch.equal(saved[n], p.full_tensor()) for n, p in
+                     x.acc.unwrap_model(x.model).named_parameters() if n in saved)
+    return {"checkpoint_files": files, "loaded_same": loaded_same,
+            "resumed_same": resumed_same, "final_same": final_same,
+            "final_tensors": len(saved)}
+
+
 def main(cfg_path: str, out_path: str) -> None:
     raw = json.load(open(cfg_path))
     x, y = build(raw), build({**raw, "output_dir": raw["output_dir"] + "_twin"})
@@ -114,6 +152,7 @@ def main(cfg_path: str, out_path: str) -> None:
     out["continued_same"] = same(full_state(x), full_state(y))
     out["eval_after_same"] = x.evaluate(2, accuracy=False, use_cache=False) == \
         y.evaluate(2, accuracy=False, use_cache=False)
+    out.update(checkpoint_round_trip(x, y, raw))
     if x.rank == 0:
         with open(out_path, "w") as f:
             json.dump(out, f)

@@ -1,4 +1,4 @@
-"""The probe snapshot on FSDP2-sharded state, 2 CPU processes (torchrun, gloo).
+"""The probe snapshot and checkpoints on FSDP2-sharded state, 2 CPU processes (torchrun, gloo).
 
 accelerate enables FSDP on GPUs only, so ``fsdp_worker.py`` shards the Trainer's model with
 torch's ``fully_shard`` itself and runs mixtune's probe, look-aheads and example losses on it.
@@ -39,3 +39,11 @@ def test_probe_and_lookahead_restore_fsdp2_shards_exactly(make_config, tmp_path)
     # The next forward sees the restored shards (not FSDP2's gathered copy of the probe's
     # values), and training continues bit for bit like a twin run that never probed.
     assert out["eval_same"] and out["continued_same"] and out["eval_after_same"]
+    # Checkpoints of sharded state: full trainable tensors (gathered) plus one optimizer shard
+    # per rank; a fresh sharded trainer loads it and trains on bit for bit like the original.
+    assert {"trainable.safetensors", "optimizer-rank0.pt", "optimizer-rank1.pt", "rank0.pt",
+            "rank1.pt", "state.json"} <= set(out["checkpoint_files"])
+    assert "optimizer.pt" not in out["checkpoint_files"]
+    assert out["loaded_same"] and out["resumed_same"]
+    # The final model directory holds the gathered full tensors.
+    assert out["final_same"] and out["final_tensors"] > 10

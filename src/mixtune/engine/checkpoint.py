@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mixtune.engine.setup import trainable
+from mixtune.errors import ConfigError
 
 PREFIX = "step-"
 
@@ -63,11 +65,19 @@ def save(root: Path, step: int, *, accelerator, model, optimizer, scheduler, sam
     rank = accelerator.process_index
     torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{rank}.pt")
     _fsync(tmp / f"rank{rank}.pt")
+    unwrapped = accelerator.unwrap_model(model)
+    params = trainable(unwrapped)
+    sharded = any(isinstance(p, DTensor) for _, p in params)
+    if sharded:  # FSDP2: every rank gathers (a collective) and writes its optimizer shard
+        tensors = {n: _full(p) for n, p in params}
+        name = f"optimizer-rank{rank}.pt"
+        torch.save(_local_optimizer_state(optimizer), tmp / name)
+        _fsync(tmp / name)
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        tensors = {n: p.detach().cpu().contiguous() for n, p in trainable(unwrapped)}
+        if not sharded:
+            tensors = {n: p.detach().cpu().contiguous() for n, p in params}
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         save_file(tensors, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "sampler.json").write_text(json.dumps(sampler.state_dict()))
         torch.save(mixer.state_dict(), tmp / "mixer.pt")
@@ -93,6 +103,51 @@ def save(root: Path, step: int, *, accelerator, model, optimizer, scheduler, sam
             _discard(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _full(p) -> torch.Tensor:
+    """A whole trainable tensor on the CPU (FSDP2's DTensor shards are gathered: collective)."""
+    p = p.detach()
+    return (p.full_tensor() if isinstance(p, DTensor) else p).cpu().contiguous()
+
+
+def full_state_dict(model) -> dict | None:
+    """The model's whole state dict when it holds FSDP2 shards (gathered: every rank must call
+    this), else None (``save_pretrained`` reads the model itself)."""
+    sd = model.state_dict()
+    if not any(isinstance(v, DTensor) for v in sd.values()):
+        return None
+    return {k: _full(v) for k, v in sd.items()}
+
+
+def _local_optimizer_state(optimizer) -> dict:
+    """``optimizer.state_dict()`` with every DTensor replaced by this rank's local shard."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: v.to_local().cpu() if isinstance(v, DTensor) else v
+                       for k, v in s.items()} for i, s in sd["state"].items()}
+    return sd
+
+
+def _load_local_optimizer_state(optimizer, path: Path, accelerator) -> None:
+    """Inverse of :func:`_local_optimizer_state`: this rank's shards back into DTensors."""
+    mine = path / f"optimizer-rank{accelerator.process_index}.pt"
+    written = len(list(path.glob("optimizer-rank*.pt")))
+    if not mine.is_file() or written != accelerator.num_processes:
+        raise ConfigError(
+            f"checkpoint {path} holds optimizer state sharded over {written} processes; resume "
+            f"it with {written} processes (this run has {accelerator.num_processes})")
+    sd = torch.load(mine, weights_only=False)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    order = [p for g in inner.param_groups for p in g["params"]]
+    for i, s in sd["state"].items():
+        p = order[int(i)]
+        if isinstance(p, DTensor):
+            for k, v in s.items():
+                if torch.is_tensor(v) and v.shape == p.to_local().shape and v.dim() > 0:
+                    s[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements,
+                                              shape=p.shape, stride=p.stride(),
+                                              run_check=False)
+    optimizer.load_state_dict(sd)
 
 
 def _fsync(path: Path) -> None:
@@ -138,8 +193,14 @@ def load(path: Path, *, accelerator, model, optimizer, scheduler, sampler, mixer
         raise ValueError(f"checkpoint {path} lacks parameters {sorted(missing)[:3]}...")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors[name].to(p.device, p.dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+            value = tensors[name].to(p.device, p.dtype)
+            if isinstance(p, DTensor):  # this rank's shard of the full tensor (no communication)
+                value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(value)
+    if any(isinstance(p, DTensor) for p in params.values()):
+        _load_local_optimizer_state(optimizer, path, accelerator)
+    else:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     sampler.load_state_dict(json.loads((path / "sampler.json").read_text()))
     mixer.load_state_dict(torch.load(path / "mixer.pt", weights_only=False))

@@ -415,12 +415,13 @@ class Trainer:
             "weights": dict(zip(self.names, self.sampler.weights.tolist())),
             "output_dir": str(self.rundir.path),
         }
+        model = self.acc.unwrap_model(self.model)
+        full = checkpoint.full_state_dict(model)  # FSDP2 shards: gathered on every rank
         if self.acc.is_main_process:
             best = best_feasible_for_run(self.rundir.path, self.dom_infos)
             if best is not None:  # the best evaluated step with every constraint kept
                 summary["best_feasible"] = best
-            setup.save_final(self.acc.unwrap_model(self.model), self.tokenizer,
-                             self.rundir.path / "final")
+            setup.save_final(model, self.tokenizer, self.rundir.path / "final", full)
             self.rundir.write_json("summary.json", summary)
         self.acc.wait_for_everyone()
         return summary

@@ -226,10 +226,11 @@ def pick_dtype(name: str) -> torch.dtype:
     return torch.float32
 
 
-def save_final(model, tokenizer, out: Path) -> None:
-    """A directory loadable with ``from_pretrained`` (full model, or the LoRA adapter)."""
+def save_final(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:
+    """A directory loadable with ``from_pretrained`` (full model, or the LoRA adapter).
+    ``state_dict``: the full tensors when the model holds shards (FSDP2)."""
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out)
 
 

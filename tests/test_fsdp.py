@@ -47,3 +47,98 @@ def test_probe_and_lookahead_restore_fsdp2_shards_exactly(make_config, tmp_path)
     assert out["loaded_same"] and out["resumed_same"]
     # The final model directory holds the gathered full tensors.
     assert out["final_same"] and out["final_tensors"] > 10
+
+
+# --- mixtune's own FSDP2 mode (train.fsdp=true), through the CLI ---------------------------
+
+
+def _fsdp_raw(tmp_path: Path, make_config, out: str, fsdp: bool = True) -> dict:
+    raw = make_config(max_steps=8, output_dir=str(tmp_path / out),
+                      mixer={"name": "dynamixsft", "update_every": 2, "batch_size": 4})
+    # 3 eval batches: ranks hold 2 and 1, so the sharded evaluation must pad with a forward;
+    # greedy accuracy on "add" runs generate() with synced ranks.
+    raw["evals"][0].update(batches=3, batch_size=4, max_new_tokens=4)
+    raw["evals"][1].update(batches=3, batch_size=4)
+    raw["train"].update(batch_size=8, micro_batch_size=2, eval_every=4, log_every=1,
+                        save_every=0, fsdp=fsdp)
+    return raw
+
+
+@pytest.mark.dist
+def test_fsdp_training_matches_ddp_and_resumes_after_sigterm(make_config, tmp_path):
+    import os
+    import signal
+    import time
+
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from mixtune.engine import checkpoint
+    from test_distributed_resume import _launch, _max_step, _metrics
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not available")
+
+    def finish(name: str, fsdp: bool = True) -> Path:
+        cfg = tmp_path / f"{name}.yaml"
+        if not cfg.exists():
+            cfg.write_text(yaml.safe_dump(_fsdp_raw(tmp_path, make_config, name, fsdp)))
+        log = tmp_path / f"{name}.log"
+        assert _launch(cfg, log).wait(600) == 0, log.read_text()[-3000:]
+        return tmp_path / name
+
+    fsdp, ddp = finish("fsdp"), finish("ddp", fsdp=False)
+    # The same run sharded and replicated: same weights, evaluations and parameters.
+    a, b = _metrics(fsdp), _metrics(ddp)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    moved = False
+    for x, y in zip(a, b):
+        if "weights" in x:
+            assert x["weights"] == pytest.approx(y["weights"], abs=1e-5), x["step"]
+            moved |= x["weights"]["add"] != 0.5
+        if "eval" in x:
+            assert x["eval"].keys() == y["eval"].keys()
+            for d in x["eval"]:
+                assert x["eval"][d] == pytest.approx(y["eval"][d], rel=1e-4), (x["step"], d)
+    assert moved, "the mixer never moved"
+    pa, pb = (load_file(str(r / "final" / "model.safetensors")) for r in (fsdp, ddp))
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-5)
+
+    # Sharded state through a graceful stop and a resume: equal to the uninterrupted run.
+    cfg = tmp_path / "sig.yaml"
+    cfg.write_text(yaml.safe_dump(_fsdp_raw(tmp_path, make_config, "sig")))
+    run, log = tmp_path / "sig", tmp_path / "sig.log"
+    proc = _launch(cfg, log)
+    t0 = time.monotonic()
+    while _max_step(run) < 3:
+        assert proc.poll() is None and time.monotonic() - t0 < 300, log.read_text()[-3000:]
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(120)
+    found = checkpoint.complete(run / "checkpoints")
+    assert len(found) == 1 and (found[0] / "optimizer-rank1.pt").is_file(), log.read_text()
+    assert _launch(cfg, log).wait(600) == 0, log.read_text()[-3000:]
+    assert _metrics(run) == _metrics(fsdp)
+    ps = load_file(str(run / "final" / "model.safetensors"))
+    assert all(torch.equal(ps[k], pa[k]) for k in pa)
+
+
+def test_fsdp_refuses_features_that_need_whole_parameters(make_config):
+    from mixtune import config
+    from mixtune.engine.runtime import check_fsdp
+    from mixtune.errors import ConfigError
+
+    raw = make_config(mixer={"name": "dynamics", "slopes": "gradient_alignment"})
+    for e, role in zip(raw["evals"], ("target", "constraint")):
+        e.update(role=role, accuracy=False)
+    with pytest.raises(ConfigError, match="train.fsdp: DynaMiCS gradient alignment"):
+        check_fsdp(config.load(data=raw))
+    raw = make_config(loss={"name": "cadft", "rewrite": {"enabled": True}})
+    with pytest.raises(ConfigError, match="train.fsdp: CADFT rewriting"):
+        check_fsdp(config.load(data=raw))
+    # CADFT's weights alone are fine
+    check_fsdp(config.load(data=make_config(loss={"name": "cadft",
+                                                  "rewrite": {"enabled": False}})))

@@ -208,6 +208,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Most recent checkpoints kept (older ones are deleted)."""
     gradient_checkpointing: bool = False
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state over the processes with torch's FSDP2
+    (``fully_shard`` of every decoder layer, then the root): mixtune's own, on CPUs (gloo) and
+    GPUs, independent of accelerate's FSDP plugin. Needs several processes; not with DynaMiCS
+    gradient alignment or CADFT rewriting. See docs/distributed.md."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """A step whose loss/gradient is NaN or inf: ``stop`` the run (exit 2; the last checkpoint
     is intact), or ``skip`` its update (no optimizer or scheduler step; counted and logged as

@@ -32,11 +32,15 @@ from mixtune.engine.rundir import RunDir
 from mixtune.engine.runtime import (  # noqa: F401  (re-exported)
     Interrupted,
     catch_signals,
+    check_fsdp,
     check_writable,
     flat,
+    local,
     make_accelerator,
     progress,
     seed_everything,
+    shard_fsdp2,
+    whole,
 )
 from mixtune.errors import ConfigError, TrainingError
 from mixtune.eval.constraints import best_feasible_for_run
@@ -98,7 +102,13 @@ class Trainer:
             model.gradient_checkpointing_enable()
         self.optimizer = setup.make_optimizer(model, tc)
         self.scheduler = setup.make_scheduler(self.optimizer, tc, cfg.max_steps)
-        self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
+        if tc.fsdp and self.world > 1:
+            check_fsdp(cfg)
+            self.model, self.optimizer = shard_fsdp2(model.to(self.acc.device), self.optimizer)
+        else:
+            if tc.fsdp:
+                log.warning("train.fsdp: a single process has nothing to shard; training as usual")
+            self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.model.train()
         self.params = [p for _, p in setup.trainable(self.model)]
         # Membership tests only (never iterated): max_steps may be huge (mixers.base.Steps).
@@ -153,7 +163,7 @@ class Trainer:
             stats[:, 0].index_add_(0, batch["domain"], seq_nll)
             stats[:, 1].index_add_(0, batch["domain"], terms.mask.sum(-1).double())
         max_norm = self.cfg.train.max_grad_norm or float("inf")
-        grad_norm = self.acc.clip_grad_norm_(self.params, max_norm)
+        grad_norm = whole(self.acc.clip_grad_norm_(self.params, max_norm))
         # Host sync, once per step: a non-finite gradient must never reach the weights.
         # The norm is global (all ranks agree), so every rank takes the same branch.
         if not torch.isfinite(grad_norm):
@@ -387,7 +397,7 @@ class Trainer:
     def _save(self, t_start: float, base_elapsed: float) -> None:
         # A finite gradient can still overflow the weights (an absurd lr or weight decay): never
         # write such weights over a good checkpoint. One host sync, at checkpoints only.
-        bad = torch.stack([~torch.isfinite(p).all() for p in self.params]).sum().double()
+        bad = torch.stack([~torch.isfinite(local(p)).all() for p in self.params]).sum().double()
         if self.world > 1:
             bad = self.acc.reduce(bad, reduction="sum")
         if bad.item():

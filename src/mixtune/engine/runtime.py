@@ -112,3 +112,49 @@ def flat(d: dict, prefix: str = "") -> dict:
         elif isinstance(v, (int, float, str, bool)) or v is None:
             out[key] = v
     return out
+
+
+def check_fsdp(cfg: RunConfig) -> None:
+    """ConfigError for features that need whole (unsharded) parameters on one rank."""
+    from mixtune.config import method_options
+    from mixtune.losses import LOSSES
+    from mixtune.mixers import MIXERS
+
+    mixer = method_options(cfg.mixer, MIXERS, "mixer")
+    if getattr(mixer, "slopes", None) == "gradient_alignment":
+        raise ConfigError("train.fsdp: DynaMiCS gradient alignment flattens whole gradients, "
+                          "which FSDP shards; use mixer.slopes=probe or train.fsdp=false")
+    loss = method_options(cfg.loss, LOSSES, "loss")
+    if getattr(getattr(loss, "rewrite", None), "enabled", False):
+        raise ConfigError("train.fsdp: CADFT rewriting generates on rank 0 alone, which FSDP's "
+                          "collective forwards cannot do; set loss.rewrite.enabled=false")
+
+
+def shard_fsdp2(model, optimizer):
+    """FSDP2 in place of DDP: ``fully_shard`` every decoder layer (the model's
+    ``_no_split_modules`` classes), then the root; the optimizer's groups are pointed at the
+    sharded (DTensor) parameters, so the LR scheduler built on it stays valid."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = set(getattr(base, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+    sharded = dict(model.named_parameters())
+    for g, ns in zip(optimizer.param_groups, groups):
+        g["params"] = [sharded[n] for n in ns]
+    return model, optimizer
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (FSDP2 DTensor shard), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (a clipped gradient norm under FSDP2) as a plain tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

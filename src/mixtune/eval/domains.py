@@ -17,6 +17,11 @@ from mixtune.data.collate import collate, collate_prompts
 from mixtune.data.domains import EvalDomain
 from mixtune.losses import token_losses
 
+try:  # FSDP2 (torch >= 2.6)
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover
+    FSDPModule = None
+
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]+$")
 
 
@@ -35,22 +40,31 @@ def evaluate(model, accelerator, domains: list[EvalDomain], tokenizer,
     model.eval()
     device = accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
+    # FSDP2: every forward is a collective, so every rank runs as many forwards (a rank with no
+    # batch left repeats batch 0 and discards it) and generation runs with synced_gpus.
+    sharded = FSDPModule is not None and isinstance(model, FSDPModule)
     # sums[d] = [nll sum, tokens, correct, answered] for domain d, reduced once at the end
     sums = torch.zeros(len(domains), 4, dtype=torch.float64, device=device)
     for d, dom in enumerate(domains):
         nb = dom.n_batches if n_batches is None else min(n_batches, dom.n_batches)
-        for b in range(rank, nb, world):
-            lo, hi = b * dom.batch_size, min((b + 1) * dom.batch_size, len(dom.data))
+        end = -(-nb // world) * world if sharded else nb
+        for b in range(rank, end, world):
+            keep = b < nb
+            lo, hi = (b * dom.batch_size, min((b + 1) * dom.batch_size, len(dom.data))) \
+                if keep else (0, min(dom.batch_size, len(dom.data)))
             batch = collate(dom.data.input_ids[lo:hi], dom.data.labels[lo:hi], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"]).logits
             nll, mask = token_losses(logits, batch["labels"])
+            if accuracy and dom.accuracy:
+                correct = _generate_and_score(accelerator.unwrap_model(model), tokenizer, dom,
+                                              lo, hi, device, synced=sharded)
+            if not keep:
+                continue
             sums[d, 0] += (nll * mask).sum().double()
             sums[d, 1] += mask.sum()
             if accuracy and dom.accuracy:
-                correct = _generate_and_score(accelerator.unwrap_model(model), tokenizer, dom,
-                                              lo, hi, device)
                 sums[d, 2] += correct
                 sums[d, 3] += hi - lo
     if world > 1:
@@ -66,12 +80,14 @@ def evaluate(model, accelerator, domains: list[EvalDomain], tokenizer,
     return out
 
 
-def _generate_and_score(model, tokenizer, dom: EvalDomain, lo: int, hi: int, device) -> int:
+def _generate_and_score(model, tokenizer, dom: EvalDomain, lo: int, hi: int, device,
+                        synced: bool = False) -> int:
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompts = [dom.data.input_ids[i][: dom.data.prompt_len[i]] for i in range(lo, hi)]
     batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_id).items()}
     gen = model.generate(**batch, max_new_tokens=dom.max_new_tokens, do_sample=False,
-                         pad_token_id=pad_id, eos_token_id=eos_id)
+                         pad_token_id=pad_id, eos_token_id=eos_id,
+                         **({"synced_gpus": True} if synced else {}))
     new = gen[:, batch["input_ids"].shape[1]:].tolist()  # host sync: decoding needs the ids
     correct = 0
     for i, ids in zip(range(lo, hi), new):

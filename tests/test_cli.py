@@ -123,6 +123,11 @@ def test_unexpected_failure_exits_1_with_traceback_in_run_dir(make_config, tmp_p
     assert cli.main(["train", str(path)]) == 1
     assert "kaboom" in capsys.readouterr().err
     assert "RuntimeError: kaboom" in (tmp_path / "run/logs/error.log").read_text()
+    # Another rank of a distributed run keeps its own traceback (rank 0's explains the failure).
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["train", str(path)]) == 1
+    assert (tmp_path / "run/logs/error-rank1.log").is_file()
+    assert "RuntimeError: kaboom" in (tmp_path / "run/logs/error.log").read_text()
 
 
 def test_help_lists_commands(capsys):

@@ -298,15 +298,19 @@ def _print_eval(result: dict, infos, source: str | None = None) -> None:
 
 
 def _keep_traceback(output_dir: str | None, text: str) -> str:
+    # One file per rank: when one rank fails the others fail next ("connection reset"), and
+    # their tracebacks must not overwrite the one that explains the failure.
+    rank = os.environ.get("RANK", "0")
+    name = "error.log" if rank in ("", "0") else f"error-rank{rank}.log"
     if output_dir:
         try:
             logs = Path(output_dir) / "logs"
             logs.mkdir(parents=True, exist_ok=True)
-            (logs / "error.log").write_text(text)
-            return str(logs / "error.log")
+            (logs / name).write_text(text)
+            return str(logs / name)
         except (OSError, ValueError):  # unwritable, or not a usable path
             pass
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / "mixtune-error.log"
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"mixtune-{name}"
     path.write_text(text)
     return str(path)
 

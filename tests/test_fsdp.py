@@ -142,3 +142,15 @@ def test_fsdp_refuses_features_that_need_whole_parameters(make_config):
     # CADFT's weights alone are fine
     check_fsdp(config.load(data=make_config(loss={"name": "cadft",
                                                   "rewrite": {"enabled": False}})))
+
+
+def test_fsdp_on_one_process_trains_as_usual(make_config, caplog):
+    from mixtune import config
+    from mixtune.engine.loop import Trainer
+
+    raw = make_config(max_steps=2)
+    raw["train"]["fsdp"] = True
+    with caplog.at_level("WARNING"):
+        summary = Trainer(config.load(data=raw)).run()
+    assert summary["steps"] == 2
+    assert "a single process has nothing to shard" in caplog.text

@@ -68,8 +68,10 @@ def save(root: Path, step: int, *, accelerator, model, optimizer, scheduler, sam
     unwrapped = accelerator.unwrap_model(model)
     params = trainable(unwrapped)
     sharded = any(isinstance(p, DTensor) for _, p in params)
-    if sharded:  # FSDP2: every rank gathers (a collective) and writes its optimizer shard
-        tensors = {n: _full(p) for n, p in params}
+    if sharded:  # FSDP2: every rank gathers (a collective; rank 0 keeps the result) and
+        # writes its own optimizer shard
+        main = accelerator.is_main_process
+        tensors = {n: t for n, t in ((n, _full(p)) for n, p in params) if main}
         name = f"optimizer-rank{rank}.pt"
         torch.save(_local_optimizer_state(optimizer), tmp / name)
         _fsync(tmp / name)
@@ -111,13 +113,14 @@ def _full(p) -> torch.Tensor:
     return (p.full_tensor() if isinstance(p, DTensor) else p).cpu().contiguous()
 
 
-def full_state_dict(model) -> dict | None:
+def full_state_dict(model, keep: bool = True) -> dict | None:
     """The model's whole state dict when it holds FSDP2 shards (gathered: every rank must call
-    this), else None (``save_pretrained`` reads the model itself)."""
+    this; ranks with ``keep=False`` take part and drop the result, so only one rank holds a full
+    copy), else None (``save_pretrained`` reads the model itself)."""
     sd = model.state_dict()
     if not any(isinstance(v, DTensor) for v in sd.values()):
         return None
-    return {k: _full(v) for k, v in sd.items()}
+    return {k: t for k, t in ((k, _full(v)) for k, v in sd.items()) if keep}
 
 
 def _local_optimizer_state(optimizer) -> dict:

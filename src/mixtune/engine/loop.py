@@ -426,7 +426,8 @@ class Trainer:
             "output_dir": str(self.rundir.path),
         }
         model = self.acc.unwrap_model(self.model)
-        full = checkpoint.full_state_dict(model)  # FSDP2 shards: gathered on every rank
+        # FSDP2 shards: every rank takes part in the gather, rank 0 keeps the full tensors
+        full = checkpoint.full_state_dict(model, keep=self.acc.is_main_process)
         if self.acc.is_main_process:
             best = best_feasible_for_run(self.rundir.path, self.dom_infos)
             if best is not None:  # the best evaluated step with every constraint kept

@@ -2,10 +2,9 @@
 
     torchrun --standalone --nproc_per_node 2 fsdp_worker.py CFG.json OUT.json
 
-accelerate 1.15 enables FSDP only on GPUs, so this worker shards the model itself: the
-Trainer's ``accelerator.prepare`` is replaced by ``fully_shard`` of every decoder layer and the
-root, with the optimizer's parameter groups pointed at the sharded (DTensor) parameters. Then
-mixtune's own ``engine.probe`` functions run on it. Two trainers of the same config train side
+The Trainer shards its model with ``train.fsdp`` (``fully_shard`` of every decoder layer and
+the root, the optimizer's groups pointed at the DTensor parameters), then mixtune's own
+``engine.probe`` functions run on it. Two trainers of the same config train side
 by side; one of them also runs a DynaMiCS probe, SGD and Adam look-aheads and the per-example
 losses between its steps. Then a checkpoint of the shards is loaded by a third sharded trainer,
 which must train on bit for bit like the original. Rank 0 writes what it found to OUT.json.
@@ -19,34 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from helpers import leave_distributed
 from mixtune import config
 from mixtune.engine import checkpoint, probe, setup
 from mixtune.engine.loop import Trainer
-from mixtune.engine.runtime import make_accelerator
-
-
-def _fsdp2_prepare(model, optimizer):
-    """``Accelerator.prepare`` for (model, optimizer): FSDP2 instead of DDP."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    sharded = dict(model.named_parameters())
-    for g, ns in zip(optimizer.param_groups, groups):
-        g["params"] = [sharded[n] for n in ns]
-    return model, optimizer
 
 
 def build(raw: dict) -> Trainer:
-    cfg = config.load(data=raw)
-    acc = make_accelerator(cfg)
-    acc.prepare = _fsdp2_prepare
-    return Trainer(cfg, accelerator=acc)
+    """A Trainer whose model is sharded with FSDP2 (``train.fsdp``: engine.runtime.shard_fsdp2)."""
+    return Trainer(config.load(data={**raw, "train": {**raw["train"], "fsdp": True}}))
 
 
 def train(t: Trainer, n: int) -> None:

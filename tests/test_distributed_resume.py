@@ -27,6 +27,7 @@ from conftest import TINY_MODEL, addition_records, reverse_records, write_jsonl
 from mixtune import config
 from mixtune.engine import checkpoint
 from mixtune.engine.loop import Trainer
+from test_streaming import _strip
 
 MAX_STEPS = 12
 
@@ -70,13 +71,16 @@ def _finish(cfg_path: Path, log: Path) -> None:
     assert code == 0, log.read_text()[-3000:]
 
 
-def _strip(record):
-    """Without wall-clock fields (``time``, ``*seconds*``)."""
-    if isinstance(record, list):
-        return [_strip(r) for r in record]
-    if isinstance(record, dict):
-        return {k: _strip(v) for k, v in record.items() if k != "time" and "seconds" not in k}
-    return record
+def sigterm_after(cfg_path: Path, run: Path, log: Path, step: int) -> None:
+    """Launch ``cfg_path``; once ``run`` logged ``step``, SIGTERM the launcher and both ranks
+    (its process group) and wait for them to stop."""
+    proc = _launch(cfg_path, log)
+    t0 = time.monotonic()
+    while _max_step(run) < step:
+        assert proc.poll() is None and time.monotonic() - t0 < 300, log.read_text()[-3000:]
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(120)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -116,13 +120,7 @@ def test_streaming_sigterm_resume_two_processes(tmp_path):
     cfg_path = tmp_path / "sig.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     log = tmp_path / "sig.log"
-    proc = _launch(cfg_path, log)
-    t0 = time.monotonic()
-    while _max_step(run) < 3:
-        assert proc.poll() is None and time.monotonic() - t0 < 300, log.read_text()[-3000:]
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(120)
+    sigterm_after(cfg_path, run, log, 3)
     text = log.read_text()
     found = checkpoint.complete(run / "checkpoints")
     assert len(found) == 1, text[-3000:]

@@ -66,16 +66,12 @@ def _fsdp_raw(tmp_path: Path, make_config, out: str, fsdp: bool = True) -> dict:
 
 @pytest.mark.dist
 def test_fsdp_training_matches_ddp_and_resumes_after_sigterm(make_config, tmp_path):
-    import os
-    import signal
-    import time
-
     import torch
     import yaml
     from safetensors.torch import load_file
 
     from mixtune.engine import checkpoint
-    from test_distributed_resume import _launch, _max_step, _metrics
+    from test_distributed_resume import _launch, _metrics, sigterm_after
 
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun not available")
@@ -111,13 +107,7 @@ def test_fsdp_training_matches_ddp_and_resumes_after_sigterm(make_config, tmp_pa
     cfg = tmp_path / "sig.yaml"
     cfg.write_text(yaml.safe_dump(_fsdp_raw(tmp_path, make_config, "sig")))
     run, log = tmp_path / "sig", tmp_path / "sig.log"
-    proc = _launch(cfg, log)
-    t0 = time.monotonic()
-    while _max_step(run) < 3:
-        assert proc.poll() is None and time.monotonic() - t0 < 300, log.read_text()[-3000:]
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(120)
+    sigterm_after(cfg, run, log, 3)
     found = checkpoint.complete(run / "checkpoints")
     assert len(found) == 1 and (found[0] / "optimizer-rank1.pt").is_file(), log.read_text()
     assert _launch(cfg, log).wait(600) == 0, log.read_text()[-3000:]

@@ -158,3 +158,34 @@ def test_streaming_sigterm_resume_two_processes(tmp_path):
     p1 = _params(tmp_path / "single")
     for name in want:
         torch.testing.assert_close(p1[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.dist
+def test_a_failing_rank_stops_the_run_without_a_hang(tmp_path):
+    """Rank 0 fails mid-run (its metrics file turns into a directory): the launch ends within
+    seconds instead of leaving rank 1 waiting in a collective, rank 0's traceback is kept
+    (not overwritten by rank 1's "connection reset"), and the last checkpoint stays good."""
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not available")
+    raw = _raw(tmp_path, "fail")
+    raw["max_steps"] = 200
+    raw["train"]["save_every"] = 2
+    run = Path(raw["output_dir"])
+    cfg_path = tmp_path / "fail.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    log = tmp_path / "fail.log"
+    proc = _launch(cfg_path, log)
+    t0 = time.monotonic()
+    while not checkpoint.complete(run / "checkpoints"):
+        assert proc.poll() is None and time.monotonic() - t0 < 300, log.read_text()[-3000:]
+        time.sleep(0.01)
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()
+    t1 = time.monotonic()
+    code = proc.wait(120)
+    assert code != 0 and time.monotonic() - t1 < 60
+    text = log.read_text()
+    assert "mixtune: unexpected failure: IsADirectoryError" in text, text[-3000:]
+    assert "IsADirectoryError" in (run / "logs" / "error.log").read_text()
+    last = checkpoint.complete(run / "checkpoints")[-1]
+    assert load_file(str(last / "trainable.safetensors"))  # loads: not corrupted

@@ -115,6 +115,17 @@ def test_fsdp_training_matches_ddp_and_resumes_after_sigterm(make_config, tmp_pa
     ps = load_file(str(run / "final" / "model.safetensors"))
     assert all(torch.equal(ps[k], pa[k]) for k in pa)
 
+    # One process can evaluate a sharded run's checkpoint (its weights are whole) ...
+    from mixtune import cli
+
+    assert cli.main(["eval", str(fsdp), "--json"]) == 0
+    ev = json.loads((fsdp / "eval.json").read_text())["eval"]
+    assert ev["rev"]["loss"] == pytest.approx(a[-1]["eval"]["rev"]["loss"], rel=1e-5)
+    # ... but not resume its sharded optimizer state: a clear error, nothing written.
+    before = (fsdp / "metrics.jsonl").read_text()
+    assert cli.main(["train", str(tmp_path / "fsdp.yaml"), "max_steps=10"]) == 2
+    assert (fsdp / "metrics.jsonl").read_text() == before
+
 
 def test_fsdp_refuses_features_that_need_whole_parameters(make_config):
     from mixtune import config

@@ -271,8 +271,8 @@ def _eval(args) -> str | None:
     source = "base model"
     if run_dir is not None and trainer.resume_from is not None:
         checkpoint.load(trainer.resume_from, accelerator=trainer.acc, model=trainer.model,
-                        optimizer=trainer.optimizer, scheduler=trainer.scheduler,
-                        sampler=trainer.sampler, mixer=trainer.mixer)
+                        optimizer=None, scheduler=None, sampler=trainer.sampler,
+                        mixer=trainer.mixer)
         source = str(trainer.resume_from)
     result = trainer.evaluate(use_cache=False)
     if args.json:

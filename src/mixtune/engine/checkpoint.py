@@ -187,7 +187,8 @@ def complete(root: Path) -> list[Path]:
 
 def load(path: Path, *, accelerator, model, optimizer, scheduler, sampler, mixer,
          loss=None) -> tuple[dict, dict]:
-    """Restore every component from ``path``; returns ``(state, rank_state)``."""
+    """Restore every component from ``path``; returns ``(state, rank_state)``.
+    ``optimizer=None, scheduler=None``: the weights (and the rest) without the training state."""
     unwrapped = accelerator.unwrap_model(model)
     tensors = load_file(str(path / "trainable.safetensors"))
     params = dict(trainable(unwrapped))
@@ -200,11 +201,18 @@ def load(path: Path, *, accelerator, model, optimizer, scheduler, sampler, mixer
             if isinstance(p, DTensor):  # this rank's shard of the full tensor (no communication)
                 value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
             p.copy_(value)
-    if any(isinstance(p, DTensor) for p in params.values()):
+    if optimizer is None:  # weights only (mixtune eval)
+        pass
+    elif any(isinstance(p, DTensor) for p in params.values()):
         _load_local_optimizer_state(optimizer, path, accelerator)
+    elif not (path / "optimizer.pt").is_file() and any(path.glob("optimizer-rank*.pt")):
+        n = len(list(path.glob("optimizer-rank*.pt")))
+        raise ConfigError(f"checkpoint {path} holds optimizer state sharded over {n} processes "
+                          f"(train.fsdp); resume it with train.fsdp=true and {n} processes")
     else:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     sampler.load_state_dict(json.loads((path / "sampler.json").read_text()))
     mixer.load_state_dict(torch.load(path / "mixer.pt", weights_only=False))
     if hasattr(loss, "load_state_dict") and (path / "loss.pt").is_file():

@@ -107,7 +107,7 @@ class Trainer:
             self.model, self.optimizer = shard_fsdp2(model.to(self.acc.device), self.optimizer)
         else:
             if tc.fsdp:
-                log.warning("train.fsdp: a single process has nothing to shard; training as usual")
+                log.warning("train.fsdp: a single process has nothing to shard; not sharding")
             self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.model.train()
         self.params = [p for _, p in setup.trainable(self.model)]

@@ -180,7 +180,7 @@ def _run(args, main_rank: bool) -> int:
 
             summary = train(cfg)
             if main_rank:
-                _print_eval(summary.get("final_eval") or {}, None)
+                _print_eval(summary.get("final_eval") or {}, cfg.evals)
                 print(f"run directory: {summary['output_dir']}")
         elif args.command == "eval":
             output_dir = _eval(args)

@@ -99,6 +99,10 @@ def check_writable(path) -> None:
 def progress(cfg: RunConfig, start: int, main: bool):
     from tqdm.auto import tqdm
 
+    if not (main and cfg.progress):  # nor transformers' own bars (saving the final model)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     return tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step",
                 disable=not (main and cfg.progress), dynamic_ncols=True)
 

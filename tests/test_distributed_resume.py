@@ -179,8 +179,13 @@ def test_a_failing_rank_stops_the_run_without_a_hang(tmp_path):
     while not checkpoint.complete(run / "checkpoints"):
         assert proc.poll() is None and time.monotonic() - t0 < 300, log.read_text()[-3000:]
         time.sleep(0.01)
-    (run / "metrics.jsonl").unlink()
-    (run / "metrics.jsonl").mkdir()
+    for _ in range(100):  # rank 0 may re-create the file between the two calls: again
+        try:
+            (run / "metrics.jsonl").unlink(missing_ok=True)
+            (run / "metrics.jsonl").mkdir()
+            break
+        except FileExistsError:
+            continue
     t1 = time.monotonic()
     code = proc.wait(120)
     assert code != 0 and time.monotonic() - t1 < 60

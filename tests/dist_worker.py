@@ -61,7 +61,9 @@ def collect(raw: dict) -> tuple[dict, torch.Tensor, loop.Trainer]:
         summary = trainer.run()
     finally:
         loop.collate = real_collate
-    flat = torch.cat([p.detach().flatten() for p in trainer.params])
+    # (FSDP2 shards are gathered: every rank then holds the whole vector)
+    flat = torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten()
+                      for p in trainer.params])
     mine = {"updates": updates, "processed": processed, "batches": batches,
             "world": trainer.world, "seconds": summary["seconds"]}
     return mine, flat, trainer

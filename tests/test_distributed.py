@@ -4,7 +4,8 @@ For every registered mixer (and the CADFT loss): every rank sets the same weight
 update (exactly, and logs the same mixer diagnostics), the ranks step on the same global batches
 and split them disjointly, the parameters stay in sync, and weights at every update and the
 final parameters match a single process (micro-batches of 2 accumulated 4 times instead of 2) to
-floating-point tolerance. Each case is one torchrun invocation (~15-40 s on 2 cores), so only
+floating-point tolerance. The ``*_fsdp`` cases repeat this with the 2-process run sharded by
+``train.fsdp`` (FSDP2). Each case is one torchrun invocation (~15-40 s on 2 cores), so only
 the two hard ones (look-ahead and probing) run by default; the rest are ``slow``.
 """
 
@@ -50,6 +51,15 @@ CASES = {
                    {"name": "cadft", "rewrite": {"fraction": 0.02, "prob": 1.0,
                                                  "min_visits": 1}}, None),
 }
+# The same under mixtune's FSDP2 (train.fsdp): sharded vs one process (CADFT without rewriting,
+# which FSDP refuses). The CLI-level FSDP test runs in CI (tests/test_fsdp.py).
+FSDP = {"dynamics_fsdp": "dynamics", "dynamixsft_adam_fsdp": "dynamixsft_adam",
+        "exp3_fsdp": "exp3", "proxymix_fsdp": "proxymix"}
+CASES["cadft_fsdp"] = ({"name": "exp3", "update_every": 2, "warmup_steps": 0},
+                       {"name": "cadft", "rewrite": {"enabled": False}}, None)
+FSDP["cadft_fsdp"] = "cadft_fsdp"
+for _name, _base in list(FSDP.items()):
+    CASES.setdefault(_name, CASES[_base])
 DEFAULT = ("dynamixsft", "dynamics")
 # Reward / alignment batches default to micro_batch_size x processes: with the micro-batch
 # pinned that grows with the process count, so the cases set mixer.batch_size (dynamixsft) or
@@ -62,6 +72,8 @@ def case_config(make_config, tmp_path, name: str) -> dict:
     raw["train"].update(batch_size=8, micro_batch_size=2, eval_every=3, log_every=1)
     if loss is not None:
         raw["loss"] = loss
+    if name in FSDP:
+        raw["train"]["fsdp"] = True
     for ev in raw["evals"]:
         ev["role"] = (roles or {}).get(ev["name"], "monitor")
     raw["output_dir"] = str(tmp_path / "dist")
@@ -118,7 +130,7 @@ def test_two_processes_match_one(name, make_config, tmp_path, monkeypatch):
             return [(r["step"], r["dataset"], r["example"], r["new_text"])
                     for r in map(json.loads, lines)]
         assert rewrites("dist") and rewrites("dist") == rewrites("single")
-    if name in ("dynamixsft", "dynamics", "exp3", "chase", "proxymix", "cadft_exp3"):
+    if name in ("dynamixsft", "dynamics", "exp3", "chase", "proxymix", "cadft_exp3", *FSDP):
         assert any(u["weights"] != [0.5, 0.5] for u in rank0), "the mixer never moved"
 
 

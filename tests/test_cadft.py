@@ -236,11 +236,9 @@ def test_two_processes_match_one(make_config, tmp_path):
     """Global statistics and the rewrite table are all-reduced/gathered over ranks: a 2-process
     run (2 micro-batches of 2 per rank) equals 1 process (4 micro-batches of 2)."""
     import json
-    import os
     import shutil
-    import socket
-    import subprocess
-    from pathlib import Path
+
+    from helpers import torchrun
 
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun not available")
@@ -250,15 +248,7 @@ def test_two_processes_match_one(make_config, tmp_path):
     raw["train"].update(batch_size=8, micro_batch_size=2, eval_every=0, log_every=2)
     raw["output_dir"] = str(tmp_path / "dist")
     (tmp_path / "cfg.json").write_text(json.dumps(raw))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    here = Path(__file__).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port",
-                           str(port), __file__, str(tmp_path / "cfg.json")],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = torchrun(__file__, tmp_path / "cfg.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/single"]))
     single.run()
@@ -285,3 +275,6 @@ if __name__ == "__main__":  # the worker of test_two_processes_match_one (under 
     if trainer.rank == 0:
         flat = torch.cat([p.detach().flatten() for p in trainer.params])
         torch.save(flat, Path(trainer.cfg.output_dir) / "params.pt")
+    from helpers import leave_distributed
+
+    leave_distributed()

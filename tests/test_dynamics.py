@@ -2,17 +2,15 @@
 alignment, LoRA, resume and two processes."""
 
 import json
-import os
 import random
 import shutil
-import socket
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import TINY_MODEL, write_jsonl
+from helpers import torchrun
 from mixtune import config
 from mixtune.engine import probe
 from mixtune.engine.loop import Trainer
@@ -239,6 +237,8 @@ out = [None, None]
 dist.all_gather_object(out, seen)
 if t.rank == 0:
     json.dump(out, open(sys.argv[2], "w"))
+from helpers import leave_distributed
+leave_distributed()
 """
 
 
@@ -251,14 +251,7 @@ def test_two_processes_compute_the_same_weights(toy_root, tmp_path):
     raw = toy_config(toy_root, "two_proc", mixer, steps=12, micro_batch_size=2)
     (tmp_path / "cfg.json").write_text(json.dumps(raw))
     (tmp_path / "worker.py").write_text(WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port",
-                           str(port), str(tmp_path / "worker.py"), str(tmp_path / "cfg.json"),
-                           str(tmp_path / "out.json")], env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = torchrun(tmp_path / "worker.py", tmp_path / "cfg.json", tmp_path / "out.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = json.loads((tmp_path / "out.json").read_text())
     assert rank0 == rank1 and len(rank0) == 3  # bit-identical on both ranks

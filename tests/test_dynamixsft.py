@@ -6,11 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 import shutil
-import socket
-import subprocess
 from functools import partial
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import pytest
 import torch
 
 from conftest import write_jsonl
+from helpers import torchrun
 from mixtune import config
 from mixtune.config import MethodConfig
 from mixtune.engine import probe
@@ -217,12 +215,6 @@ def test_resume_repeats_the_uninterrupted_run(make_config, tmp_path):
     assert [r["weights"] for r in strip] == [r["weights"] for r in again]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize("reward", ["lookahead", "progress"])
@@ -234,14 +226,10 @@ def test_two_processes_hold_the_same_policy(noisy_config, tmp_path, reward):
     raw["max_steps"] = 10
     raw["train"].update(batch_size=8, micro_batch_size=2)
     (tmp_path / "cfg.json").write_text(json.dumps(raw))
-    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         str(HERE / "dist_worker.py"), str(tmp_path / "cfg.json"), str(tmp_path / "out.json")],
-        env=env, capture_output=True, text=True, timeout=600)
+    proc = torchrun(HERE / "dist_worker.py", tmp_path / "cfg.json", tmp_path / "out.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "out.json").read_text())
-    assert res["weights"][0] == res["weights"][1] and res["params_in_sync"]
+    rank0, rank1 = res["updates"]
+    assert rank0 and rank0 == rank1 and res["params_in_sync"]
     records = [r for r in read_metrics(raw["output_dir"]) if "reward" in r.get("mixer", {})]
     assert records and records[-1]["weights"]["add"] > 0.5

@@ -47,6 +47,8 @@ def test_probe_and_lookahead_restore_fsdp2_shards_exactly(make_config, tmp_path)
     assert out["loaded_same"] and out["resumed_same"]
     # The final model directory holds the gathered full tensors.
     assert out["final_same"] and out["final_tensors"] > 10
+    # A DDP checkpoint resumes sharded and trains on like the DDP run (fp round-off).
+    assert out["from_ddp_max_diff"] < 1e-5
 
 
 # --- mixtune's own FSDP2 mode (train.fsdp=true), through the CLI ---------------------------

@@ -132,24 +132,31 @@ def _local_optimizer_state(optimizer) -> dict:
 
 
 def _load_local_optimizer_state(optimizer, path: Path, accelerator) -> None:
-    """Inverse of :func:`_local_optimizer_state`: this rank's shards back into DTensors."""
+    """Inverse of :func:`_local_optimizer_state`: this rank's shards back into DTensors. An
+    unsharded checkpoint (``optimizer.pt``, from DDP or one process) is sharded on the fly."""
     mine = path / f"optimizer-rank{accelerator.process_index}.pt"
     written = len(list(path.glob("optimizer-rank*.pt")))
-    if not mine.is_file() or written != accelerator.num_processes:
+    whole = written == 0 and (path / "optimizer.pt").is_file()
+    if not whole and (not mine.is_file() or written != accelerator.num_processes):
         raise ConfigError(
             f"checkpoint {path} holds optimizer state sharded over {written} processes; resume "
             f"it with {written} processes (this run has {accelerator.num_processes})")
-    sd = torch.load(mine, weights_only=False)
+    sd = torch.load(path / "optimizer.pt" if whole else mine, weights_only=False)
     inner = getattr(optimizer, "optimizer", optimizer)
     order = [p for g in inner.param_groups for p in g["params"]]
     for i, s in sd["state"].items():
         p = order[int(i)]
-        if isinstance(p, DTensor):
-            for k, v in s.items():
-                if torch.is_tensor(v) and v.shape == p.to_local().shape and v.dim() > 0:
-                    s[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements,
-                                              shape=p.shape, stride=p.stride(),
-                                              run_check=False)
+        if not isinstance(p, DTensor):
+            continue
+        for k, v in s.items():
+            if not torch.is_tensor(v) or v.dim() == 0:
+                continue
+            if whole and v.shape == p.shape:  # this rank's shard of the full moment
+                s[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements,
+                                         src_data_rank=None)
+            elif not whole and v.shape == p.to_local().shape:
+                s[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements,
+                                          shape=p.shape, stride=p.stride(), run_check=False)
     optimizer.load_state_dict(sd)
 
 

@@ -51,7 +51,8 @@ def leave_distributed() -> None:
     ``~AsyncBarrierWork -> ~AsyncAllgatherWork -> decref_pyobject -> take_gil ->
     pthread_exit`` while the main thread was in ``Py_FinalizeEx``). It hits workers whose last
     collective is an ``all_gather`` of Python tensors right before the end (about 1 run in 10
-    here). Everything is written by now, so skipping finalisation loses nothing.
+    here). Everything is written by now, so skipping finalisation loses nothing. ``mixtune``'s
+    CLI ends a distributed rank the same way (``cli.main``).
     """
     import os
     import sys

@@ -147,25 +147,35 @@ def main(argv: list[str] | None = None) -> int:
         code = _run(args, main_rank)
         return code
     finally:
-        _leave_process_group(ok=code == 0)
+        if _leave_process_group(ok=code == 0):
+            # A distributed rank ends here, without interpreter shutdown: gloo's worker threads
+            # free finished collectives asynchronously, and one that frees Python-owned tensors
+            # while the interpreter shuts down aborts the process ("terminate called without an
+            # active exception"; root cause in tests/helpers.leave_distributed). Everything is
+            # written and closed by now.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
 
-def _leave_process_group(ok: bool) -> None:
-    """Tear down a distributed process group this command started (torchrun / accelerate).
+def _leave_process_group(ok: bool) -> bool:
+    """Tear down a distributed process group this command started (torchrun / accelerate);
+    True if there was one.
 
-    Ranks leave together (a barrier) and destroy the gloo/NCCL group before the interpreter
-    exits; a rank that exits with the group alive can abort. After a failure there is no
-    barrier: the other ranks may never reach it.
+    Ranks leave together (a barrier) and destroy the gloo/NCCL group. After a failure there is
+    no barrier: the other ranks may never reach it.
     """
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized():
-        return
+        return False
     try:
         if ok:
             dist.barrier()
         dist.destroy_process_group()
     except Exception as e:  # leaving must not turn a finished run into a failure
         logging.getLogger(__name__).warning("could not tear down the process group: %s", e)
+    return True
 
 
 def _run(args, main_rank: bool) -> int:

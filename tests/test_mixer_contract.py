@@ -64,12 +64,12 @@ def _fake_ctx(step: int, weights: np.ndarray, logged: dict) -> MixContext:
     phase = (step % 7) / 7.0
     w = np.asarray(weights, np.float64)
 
-    def evaluate(n_batches=None, accuracy=True):
+    def evaluate(n_batches=None, accuracy=True, per_example=False, use_cache=True):
         return {d.name: {"loss": 2.0 + 0.3 * i - 0.2 * w[i % K] + 0.05 * phase,
                          "accuracy": 0.2 + 0.1 * i + 0.1 * w[i % K]}
                 for i, d in enumerate(DOMAINS)}
 
-    def probe(j, steps, n_batches=None, accuracy=False):
+    def probe(j, steps, n_batches=None, accuracy=False, per_example=False):
         base = evaluate()
         return {d: {"loss": m["loss"] - 0.01 * steps * (1 + j + i) * (1 if i == j else -0.3),
                     "accuracy": m["accuracy"]} for i, (d, m) in enumerate(base.items())}

@@ -284,11 +284,11 @@ def _eval(args) -> str | None:
                         optimizer=None, scheduler=None, sampler=trainer.sampler,
                         mixer=trainer.mixer)
         source = str(trainer.resume_from)
-    result = trainer.evaluate(use_cache=False)
+    result = trainer.evaluate(use_cache=False, include_test=True)
     if args.json:
         print(json.dumps({"source": source, "eval": result}, indent=1))
     else:
-        _print_eval(result, trainer.dom_infos, source)
+        _print_eval(result, trainer.all_domains, source)
     if run_dir is not None and trainer.acc.is_main_process:
         (run_dir / "eval.json").write_text(json.dumps({"source": source, "eval": result},
                                                       indent=1))
@@ -301,10 +301,13 @@ def _print_eval(result: dict, infos, source: str | None = None) -> None:
     roles = {d.name: d.role for d in infos} if infos else {}
     if source:
         print(f"evaluated: {source}")
-    print(f"{'domain':<20} {'role':<11} {'loss':>8} {'accuracy':>9}")
+    print(f"{'domain':<20} {'role':<11} {'loss':>8} {'± se':>7} {'n':>5} {'accuracy':>9}")
     for name, m in result.items():
         acc = f"{m['accuracy']:.3f}" if "accuracy" in m else "-"
-        print(f"{name:<20} {roles.get(name, ''):<11} {m['loss']:>8.4f} {acc:>9}")
+        se = m.get("loss_se")
+        se = f"{se:.4f}" if se is not None and se == se else "-"  # NaN: fewer than 2 examples
+        print(f"{name:<20} {roles.get(name, ''):<11} {m['loss']:>8.4f} {se:>7} "
+              f"{m.get('n', ''):>5} {acc:>9}")
 
 
 def _keep_traceback(output_dir: str | None, text: str) -> str:

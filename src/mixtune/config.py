@@ -146,8 +146,13 @@ class EvalConfig:
     format: Literal["auto", "messages", "prompt_response", "instruction", "text"] = "auto"
     fields: dict | None = None
     max_examples: int | None = None
-    role: Literal["target", "constraint", "monitor"] = "monitor"
-    """What later mixers do with it: improve a target, keep a constraint at its reference."""
+    role: Literal["target", "constraint", "monitor", "test"] = "monitor"
+    """What later mixers do with it: improve a target, keep a constraint at its reference.
+    ``test``: a held-out report split (of the domain named by ``test_of``), evaluated at every
+    scheduled evaluation and logged, but never seen by mixers, probes or checkpoint selection
+    -- select on the other domains, report on these (the DynaMiCS paper's protocol)."""
+    test_of: str | None = None
+    """With ``role: test``: the evaluation domain this is the test split of."""
     metric: Literal["loss", "accuracy"] = "loss"
     """The metric a constraint is stated in."""
     reference: float | None = None
@@ -176,6 +181,12 @@ class EvalConfig:
                f"must be in [1, {MAX_NEW_TOKENS}]", self.max_new_tokens)
         if self.metric == "accuracy" and self.accuracy is False:
             raise ConfigError(f"{where}: metric 'accuracy' needs accuracy: true (or null)")
+        if (self.role == "test") != (self.test_of is not None):
+            raise ConfigError(f"{where}: role 'test' and test_of go together (test_of names "
+                              "the evaluation domain this is the test split of)")
+        if self.role == "test" and self.reference is not None:
+            raise ConfigError(f"{where}.reference: a test domain has no reference (it is "
+                              f"judged by the reference of '{self.test_of}')")
 
 
 MAX_BATCH = 2**20  # examples per step: beyond this a typo, not a batch (the sampler allocates it)
@@ -288,6 +299,13 @@ class RunConfig:
                 raise ConfigError(
                     f"evals.{e.name}.from_dataset: unknown dataset '{e.from_dataset}'; "
                     f"training datasets are {names}"
+                )
+        roles = {e.name: e.role for e in self.evals}
+        for e in self.evals:
+            if e.test_of is not None and roles.get(e.test_of) in (None, "test"):
+                raise ConfigError(
+                    f"evals.{e.name}.test_of: '{e.test_of}' is not a non-test evaluation "
+                    f"domain; domains are {[n for n, r in roles.items() if r != 'test']}"
                 )
         for t in self.report_to:
             _check(t in ("tensorboard", "wandb"), "report_to", "entries must be tensorboard or "

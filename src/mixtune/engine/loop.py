@@ -44,7 +44,7 @@ from mixtune.engine.runtime import (  # noqa: F401  (re-exported)
 )
 from mixtune.errors import ConfigError, TrainingError
 from mixtune.eval.constraints import best_feasible_for_run
-from mixtune.eval.domains import evaluate
+from mixtune.eval.domains import Scores, evaluate_examples, summarize
 from mixtune.losses import build_loss, reduce
 from mixtune.mixers import DatasetInfo, DomainInfo, MixContext, build_mixer
 from mixtune.simplex import validate
@@ -79,7 +79,10 @@ class Trainer:
         # Inputs first: any bad config, data or model fails here, before the run dir is touched.
         self.tokenizer = setup.load_tokenizer(cfg.model)
         # (streaming datasets are read lazily: mixtune.data.streaming)
-        self.train_sets, self.domains = streaming.build(cfg, self.tokenizer)
+        self.train_sets, self.all_domains = streaming.build(cfg, self.tokenizer)
+        # What mixers, probes and checkpoint selection see: every domain but the test splits
+        # (role: test), which only the scheduled evaluations measure and log.
+        self.domains = [d for d in self.all_domains if d.role != "test"]
         self.names = [t.name for t in self.train_sets]
         self.infos = [DatasetInfo(t.name, t.size, int(t.label_counts.sum()))
                       for t in self.train_sets]
@@ -190,15 +193,39 @@ class Trainer:
         self._lengths[k][e] = len(input_ids)
 
     def evaluate(self, n_batches: int | None = None, accuracy: bool = True,
-                 use_cache: bool = True) -> dict[str, dict[str, float]]:
-        """Metrics of every domain now; reuses this step's scheduled evaluation when it can."""
+                 use_cache: bool = True, per_example: bool = False,
+                 include_test: bool = False) -> dict[str, dict]:
+        """Metrics of every domain now (``eval.domains.summarize``) over its first
+        ``n_batches`` batches.
+
+        This step's scheduled evaluation is reused when it covers them (evaluation recycling):
+        the numbers are computed from its per-example scores on exactly the requested
+        batches, so an anchor recycled from a full evaluation and a probe evaluated on
+        ``n_batches`` batches see the same examples. ``per_example``: each domain's dict also
+        holds its :class:`~mixtune.eval.domains.Scores` under ``"scores"`` (for paired
+        differences; not JSON). Test-split domains (role ``test``) only with ``include_test``.
+        """
+        domains = self.all_domains if include_test else self.domains
         c = self.eval_cache
-        if (use_cache and c is not None and c["step"] == self.step
+        scores = None
+        if (use_cache and c is not None and c["step"] == self.step and c.get("scores")
                 and (c["n_batches"] is None or (n_batches is not None
                                                 and c["n_batches"] >= n_batches))
-                and (c["accuracy"] or not accuracy)):
-            return c["result"]
-        return evaluate(self.model, self.acc, self.domains, self.tokenizer, n_batches, accuracy)
+                and (c["accuracy"] or not accuracy)
+                and all(d.name in c["scores"] for d in domains)):
+            scores = {d.name: Scores.from_json(c["scores"][d.name]) for d in domains}
+            if not accuracy:
+                scores = {k: Scores(v.nll, v.tokens) for k, v in scores.items()}
+        if scores is None:
+            scores = evaluate_examples(self.model, self.acc, domains, self.tokenizer, n_batches,
+                                       accuracy)
+        result = summarize(scores, domains, n_batches)
+        if per_example:
+            for d in domains:
+                sc = scores[d.name]
+                nb = d.n_batches if n_batches is None else min(n_batches, d.n_batches)
+                result[d.name]["scores"] = sc.head(nb * d.batch_size)
+        return result
 
     # ------------------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> dict:
@@ -349,11 +376,13 @@ class Trainer:
 
     def _eval_if_due(self, force: bool = False) -> None:
         every = self.cfg.train.eval_every
-        if not self.domains or not (force or (every and self.step % every == 0)):
+        if not self.all_domains or not (force or (every and self.step % every == 0)):
             return
-        result = evaluate(self.model, self.acc, self.domains, self.tokenizer)
+        scores = evaluate_examples(self.model, self.acc, self.all_domains, self.tokenizer)
+        result = summarize(scores, self.all_domains)
         self.eval_cache = {"step": self.step, "n_batches": None, "accuracy": True,
-                           "result": result}
+                           "result": result,
+                           "scores": {k: v.to_json() for k, v in scores.items()}}
         self.record["eval"] = result
 
     def _update_mixer(self) -> None:
@@ -444,7 +473,7 @@ class Trainer:
                                   "repeat": t.repeat} for t in self.train_sets},
             "evals": {d.name: {"examples": len(d.data), "role": d.role, "metric": d.metric,
                                "accuracy": d.accuracy, "truncated": d.data.n_truncated}
-                      for d in self.domains},
+                      for d in self.all_domains},
         }
 
 

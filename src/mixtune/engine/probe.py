@@ -11,10 +11,20 @@ the branch had never happened. Memory is proportional to the trainable parameter
   step, the loss again on the same examples, restore. ``optimizer="sgd"`` takes a plain gradient
   step at the current LR (no optimizer state involved); ``"adam"`` steps the run's AdamW from its
   current moments. No gradient clipping in the virtual step.
+
+Dropout in the look-ahead (``lookahead`` and ``example_losses``):
+
+1. Losses are measured without dropout: L_pre, L_post and :func:`example_losses` come from
+   eval-mode forwards, so the reward (L_pre - L_post) / L_pre is the effect of the step, not of
+   two different dropout masks. The virtual step's gradient is the one a real training step
+   would take (train mode, dropout on). With active dropout that costs one more forward (eval,
+   no grad) for L_pre; without (p = 0 everywhere, the usual case) L_pre is read off the
+   back-propagated forward as before, bit-identically and at the same cost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 
@@ -92,8 +102,9 @@ def _drop_gathered(model) -> None:
 
 
 def probe(trainer, j: int, steps: int, n_batches: int | None = None,
-          accuracy: bool = False) -> dict[str, dict[str, float]]:
-    """Metrics of every domain after ``steps`` steps on dataset ``j`` alone; state restored."""
+          accuracy: bool = False, per_example: bool = False) -> dict[str, dict]:
+    """Metrics of every domain after ``steps`` steps on dataset ``j`` alone; state restored.
+    ``per_example``: as :meth:`Trainer.evaluate` (per-example scores for paired slopes)."""
     snap = Snapshot(trainer)
     try:
         s = trainer.sampler
@@ -103,7 +114,8 @@ def probe(trainer, j: int, steps: int, n_batches: int | None = None,
         for _ in range(steps):
             ds, ex = s.next_batch(trainer.cfg.train.batch_size)
             trainer.train_step(ds, ex)
-        return trainer.evaluate(n_batches, accuracy=accuracy, use_cache=False)
+        return trainer.evaluate(n_batches, accuracy=accuracy, use_cache=False,
+                                per_example=per_example)
     finally:
         snap.restore()
 
@@ -123,20 +135,35 @@ def _reward_batch(t, j: int, batch_size: int | None, key: int | None):
 
 def lookahead(trainer, j: int, optimizer: str = "sgd", batch_size: int | None = None,
               key: int | None = None) -> LookaheadResult:
-    """Per-example relative-loss material for DynamixSFT's reward on dataset ``j``."""
+    """Per-example relative-loss material for DynamixSFT's reward on dataset ``j``.
+
+    1. Dropout: L_pre and L_post are eval-mode forwards, else the two passes draw different
+       masks and the reward mixes the step's effect with dropout noise. The virtual step's
+       gradient comes from a train-mode forward, dropout on, so the step measured is the one
+       the run would take. With active dropout L_pre therefore needs its own forward (eval, no
+       grad: one more per look-ahead). With none (:func:`_active_dropout` false, the usual case)
+       both modes compute the same, so L_pre is read off the back-propagated forward as before:
+       same cost, same bits. Every rank holds the same modules and takes the same branch (FSDP2
+       needs that); the train-mode forward's masks come from the RNG, which the restore resets.
+    """
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"lookahead optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     t0 = time.perf_counter()
     t = trainer
     ex, batch = _reward_batch(t, j, batch_size, key)
     n_tokens = float(t.train_sets[j].label_counts[ex].sum())
+    noisy = _active_dropout(t.model)
     snap = Snapshot(t, optimizer=optimizer == "adam")
     try:
+        if noisy:  # eval forward first: it draws no RNG, so the gradient's masks are unchanged
+            with torch.no_grad(), t.acc.autocast(), _eval_mode(t.model):
+                pre = _sequence_losses(t.model, batch)  # (b,)
         with t.acc.autocast():
             logits = t.model(input_ids=batch["input_ids"],
                              attention_mask=batch["attention_mask"]).logits
             nll, mask = token_losses(logits, batch["labels"])
-            pre = sequence_mean(nll.detach(), mask)  # (b,)
+            if not noisy:
+                pre = sequence_mean(nll.detach(), mask)  # (b,)
             t.acc.backward(reduce(nll, mask, n_tokens=n_tokens) * t.world)
         if optimizer == "sgd":
             lr = _inner(t.optimizer).param_groups[0]["lr"]
@@ -147,10 +174,9 @@ def lookahead(trainer, j: int, optimizer: str = "sgd", batch_size: int | None = 
         else:
             t.optimizer.step()
         t.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad(), t.acc.autocast():
-            logits = t.model(input_ids=batch["input_ids"],
-                             attention_mask=batch["attention_mask"]).logits
-            post = sequence_mean(*token_losses(logits, batch["labels"]))
+        quiet = _eval_mode(t.model) if noisy else contextlib.nullcontext()
+        with torch.no_grad(), t.acc.autocast(), quiet:
+            post = _sequence_losses(t.model, batch)
         if t.world > 1:
             pre, post = t.acc.gather(pre.contiguous()), t.acc.gather(post.contiguous())
     finally:
@@ -164,22 +190,61 @@ def example_losses(trainer, j: int, batch_size: int | None = None,
     """Per-example mean token loss, (n,), on the mini-batch of dataset ``j`` that
     :func:`lookahead` would draw for the same ``(batch_size, key)``: forward only, no step.
 
-    Nothing changes: no gradient, and the RNG is restored (dropout may draw from it).
-    Gathered over ranks, so every rank gets the same numbers.
+    Eval mode (no dropout), as :func:`lookahead` measures L_pre; the modules' modes come back
+    afterwards. Nothing changes: no gradient, and the RNG is restored (a model may still draw
+    from it). Gathered over ranks, so every rank gets the same numbers.
     """
     t = trainer
     ex, batch = _reward_batch(t, j, batch_size, key)
     rng = rng_state()
     try:
-        with torch.no_grad(), t.acc.autocast():
-            logits = t.model(input_ids=batch["input_ids"],
-                             attention_mask=batch["attention_mask"]).logits
-            loss = sequence_mean(*token_losses(logits, batch["labels"]))  # (b,)
+        with torch.no_grad(), t.acc.autocast(), _eval_mode(t.model):
+            loss = _sequence_losses(t.model, batch)  # (b,)
         if t.world > 1:
             loss = t.acc.gather(loss.contiguous())
     finally:
         set_rng_state(rng)
     return loss.double().cpu().numpy()
+
+
+def _sequence_losses(model, batch) -> torch.Tensor:
+    """Per-example mean token loss of ``batch``, (b,), under the caller's grad/autocast/mode."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_mean(*token_losses(logits, batch["labels"]))
+
+
+def _active_dropout(model) -> bool:
+    """Whether a forward of ``model`` in its current mode can drop anything.
+
+    A module in train mode counts if it is a dropout layer with p > 0 (``nn.Dropout`` and kin;
+    peft's LoRA dropout is one, an ``nn.Identity`` at p = 0) or holds a float rate > 0 under a
+    name ending in ``dropout`` or ``pdrop``: transformers' attention dropout is functional
+    (``LlamaAttention.attention_dropout``), with no layer to find. A false positive costs one
+    forward; a false negative brings back the dropout noise in the reward.
+    """
+    for m in model.modules():
+        if not m.training:
+            continue
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            if m.p > 0:
+                return True
+        elif any(isinstance(v, float) and v > 0 and k.endswith(("dropout", "pdrop"))
+                 for k, v in vars(m).items()):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Every module in eval mode for the block; each one's own mode back afterwards (a mixed
+    train/eval model stays mixed), also when the block raises."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def grad_alignment(trainer, n_batches: int | None = None, batch_size: int | None = None,

@@ -121,11 +121,14 @@ class MixContext:
     weights: Weights  # current
     train_losses: dict[str, float]  # mean token loss per dataset since the last update (all ranks)
     evaluate: Callable[..., dict[str, dict[str, float]]]
-    """``evaluate(n_batches=None)`` -> {domain: {"loss": .., "accuracy": ..}} at the current
-    parameters (reuses the scheduled evaluation of this step when it has enough batches)."""
+    """``evaluate(n_batches=None, accuracy=True, use_cache=True, per_example=False)`` ->
+    {domain: {"loss", "loss_se", "n"[, "accuracy"]}} at the current parameters over each
+    domain's first ``n_batches`` batches (computed from this step's scheduled evaluation when
+    it covers them: the same examples either way). ``per_example``: each entry also holds the
+    per-example ``eval.domains.Scores`` under ``"scores"``. Test-split domains are never here."""
     probe: Callable[..., dict[str, dict[str, float]]]
-    """``probe(j, steps, n_batches)``: train ``steps`` steps on dataset j only, evaluate,
-    restore."""
+    """``probe(j, steps, n_batches, accuracy=False, per_example=False)``: train ``steps``
+    steps on dataset j only, evaluate (as ``evaluate``), restore."""
     lookahead: Callable[..., LookaheadResult]
     """``lookahead(j, optimizer="sgd"|"adam")``: one virtual step on a batch of dataset j."""
     log: Callable[[str, object], None]

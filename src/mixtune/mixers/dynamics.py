@@ -31,13 +31,21 @@ Deliberate simplifications and guesses:
 3. The solver is exact (active set + interior point, checked against a brute-force grid) rather
    than an unspecified "low-dimensional simplex optimisation". ``fallback: minimax`` (off by
    default) adds the exact least-max-violation mixture as a candidate when nothing is feasible.
-4. Gradient alignment: the dataset gradient is unclipped, weight decay is left out of d_j, and
+4. Anchors recycled from a scheduled evaluation are computed on the probe budget's batches
+   (the first ``probe_batches``), the examples every probe evaluates: the paper's anchors use
+   all 200 batches and its probes 50, which biases S by (L_subset − L_all)/c_t.
+5. Noise (beyond the paper): every slope's standard error, paired over the probe's examples,
+   is logged (``S_se``, ``anchor_se``); a constraint that noise rather than the mixture would
+   decide is named once in a warning; ``noise_margin: k`` solves with S + k·SE on the
+   constraints (off by default).
+6. Gradient alignment: the dataset gradient is unclipped, weight decay is left out of d_j, and
    accuracy domains are not supported (their metric has no gradient); it needs an unsharded
    model (single process or DDP, not FSDP).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -45,7 +53,8 @@ from typing import Literal
 import numpy as np
 
 from mixtune.errors import ConfigError, MixtuneError
-from mixtune.eval.constraints import Constraints, loss_like
+from mixtune.eval.constraints import Constraints, loss_like, native
+from mixtune.eval.domains import loss_se
 from mixtune.mixers import dynamics_solver as solver
 from mixtune.mixers.base import DatasetInfo, DomainInfo, MixContext, Steps, Weights
 
@@ -56,6 +65,7 @@ SCHEDULES = {
     "dense_warmup": [0] + [2 * 2**k for k in range(10)],  # 0, 2, 4, ..., 1024
 }
 PAPER_STEPS = 2048
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,15 @@ class DynaMiCSConfig:
     fallback: Literal["grid", "minimax"] = "grid"
     """Without a feasible candidate: least-violating grid point (paper), or also the exact
     least-max-violation mixture."""
+    noise_margin: float = 0.0
+    """Beyond the paper (which lists noise-aware slopes as future work): solve with every
+    constraint slope raised by this many standard errors, S_ij + k·SE(S_ij), so a mixture
+    counts as keeping a constraint only if it does so with k standard errors to spare.
+    SE(S_ij) comes from the probe's per-example losses, paired (the same examples before and
+    after). 0 = the paper's rule. The margin is linear in w (Σ_j w_j SE_ij bounds the standard
+    error of Σ_j w_j S_ij from above), so the problem keeps its form."""
+    noise_warnings: bool = True
+    """Warn once per constraint when the evaluation noise, not the mixture, would decide it."""
     ga_batches: int | None = None
     """Evaluation batches for gradient alignment's g_i (null: probe_batches)."""
     ga_batch_size: int | None = None
@@ -99,6 +118,9 @@ class DynaMiCSConfig:
         if not self.epsilons or any(e < 0 for e in self.epsilons):
             raise ConfigError(f"mixer.epsilons: need one or more values >= 0, got "
                               f"{list(self.epsilons)}")
+        if not 0 <= self.noise_margin < float("inf"):
+            raise ConfigError(f"mixer.noise_margin: must be finite and >= 0, got "
+                              f"{self.noise_margin}")
         for key in ("ga_batches", "ga_batch_size"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"mixer.{key}: must be >= 1 or null, got "
@@ -142,6 +164,7 @@ class DynaMiCS:
                                           options.lambda_max)
         self.refs: dict[str, float] | None = None  # constraint references, native units
         self.pending: dict | None = None  # last prediction, checked at the next update
+        self.warned: list[str] = []  # constraints already warned about (noise)
 
     def update_steps(self, max_steps: int) -> Steps:
         return schedule_steps(self.o.schedule, max_steps, self.o.interval)
@@ -153,34 +176,46 @@ class DynaMiCS:
         c = min(H, self.o.c_max)
         # Anchors: the scheduled evaluation of this step when there is one (evaluation
         # recycling), else the probe budget, so anchors and probes see the same batches.
-        now = ctx.evaluate(self.o.probe_batches, accuracy=self.need_accuracy,
+        # Anchors: the scheduled evaluation of this step when there is one (evaluation
+        # recycling, computed on the probe budget's batches), else the probe budget, so anchors
+        # and probes see the same examples.
+        now = ctx.evaluate(self.o.probe_batches, accuracy=self.need_accuracy, per_example=True,
                            **({} if self.o.recycle_eval else {"use_cache": False}))
         if self.refs is None:
             self.refs = Constraints.from_step0(self.domains, now).references
             ctx.log("references", dict(self.refs))
             ctx.log("roles", {d.name: d.role for d in self.domains})
         cons = Constraints(self.domains, self.refs)
-        L = np.array([self._value(now, d) for d in self.domains])  # (M,) loss-like
+        L = np.array([self._value(now[d.name], d) for d in self.domains])  # (M,) loss-like
+        L_se = np.array([self._value_se(now[d.name], d) for d in self.domains])  # (M,)
         self._log_realised(ctx, L)
 
         t0 = time.perf_counter()
-        S = self._slopes(ctx, L, c)  # (M, K), loss-like change per step
+        S, S_se = self._slopes(ctx, now, L, c)  # (M, K) each: loss-like change per step
         probe_seconds = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         refs = np.array([cons.ref_loss_like(d.name) if d.role == "constraint" else 0.0
                          for d in self.domains])
-        problem = solver.Problem.build(S, L, refs, self.targets, self.constraints, H)
+        # noise_margin: constraint slopes raised by k standard errors (0: the paper)
+        S_solve = S.copy()
+        if self.o.noise_margin:
+            S_solve[self.constraints] += self.o.noise_margin * np.nan_to_num(S_se[self.constraints])
+        problem = solver.Problem.build(S_solve, L, refs, self.targets, self.constraints, H)
         choice = solver.choose(problem, self.lambdas, self.o.epsilons, self.o.solver,
                                self.o.fallback)
         solve_seconds = time.perf_counter() - t0
         w = choice.weights
         predicted = L + H * S @ w
         self.pending = {"step": ctx.step + H, "values": dict(zip(names, predicted.tolist()))}
+        if self.o.noise_warnings:
+            self._warn_noise(ctx, now, L, L_se, S, S_se, refs, H)
 
         ds = [d.name for d in self.datasets]
         ctx.log("S", {n: dict(zip(ds, row)) for n, row in zip(names, S.tolist())})
+        ctx.log("S_se", {n: dict(zip(ds, row)) for n, row in zip(names, S_se.tolist())})
         ctx.log("anchor", dict(zip(names, L.tolist())))
+        ctx.log("anchor_se", dict(zip(names, L_se.tolist())))
         ctx.log("predicted", dict(self.pending["values"]))
         ctx.log("predicted_step", ctx.step + H)
         ctx.log("horizon", H)
@@ -195,11 +230,35 @@ class DynaMiCS:
         ctx.log("solve_seconds", solve_seconds)
         return w
 
-    def _value(self, metrics: dict, d: DomainInfo) -> float:
+    def _value(self, m: dict, d: DomainInfo) -> float:
         # Monitors are followed in loss (their accuracy is not evaluated in probes).
-        return loss_like(metrics[d.name], "loss" if d.role == "monitor" else d.metric, d.name)
+        return loss_like(m, "loss" if d.role == "monitor" else d.metric, d.name)
 
-    def _slopes(self, ctx: MixContext, L: np.ndarray, c: int) -> np.ndarray:
+    def _value_se(self, m: dict, d: DomainInfo) -> float:
+        """Standard error of :meth:`_value` over the evaluated examples (NaN if unknown)."""
+        sc = m.get("scores")
+        if d.role != "monitor" and d.metric == "accuracy":
+            if sc is None or sc.correct is None or sc.correct.size < 2:
+                return float("nan")
+            return float(sc.correct.std(ddof=1) / np.sqrt(sc.correct.size))
+        return float(m.get("loss_se", float("nan")))
+
+    def _paired_se(self, before: dict, after: dict, d: DomainInfo) -> float:
+        """Standard error of the change after − before of domain ``d``'s value, paired over
+        the same examples (what the probe did, not which examples were drawn)."""
+        a, b = after.get("scores"), before.get("scores")
+        if a is None or b is None or a.nll.size != b.nll.size:
+            return float("nan")
+        if d.role != "monitor" and d.metric == "accuracy":
+            if a.correct is None or b.correct is None or a.correct.size < 2:
+                return float("nan")
+            diff = b.correct - a.correct  # loss-like: −accuracy
+            return float(diff.std(ddof=1) / np.sqrt(diff.size))
+        return loss_se(a.nll - b.nll, b.tokens)
+
+    def _slopes(self, ctx: MixContext, now: dict, L: np.ndarray,
+                c: int) -> tuple[np.ndarray, np.ndarray]:
+        M, K = len(self.domains), len(self.datasets)
         if self.o.slopes == "gradient_alignment":
             if getattr(ctx, "grad_alignment", None) is None:
                 raise MixtuneError("slopes: gradient_alignment needs ctx.grad_alignment, which "
@@ -207,12 +266,45 @@ class DynaMiCS:
             S = np.asarray(ctx.grad_alignment(self.o.ga_batches or self.o.probe_batches,
                                                   batch_size=self.o.ga_batch_size),
                            np.float64)
-            return S.reshape(len(self.domains), len(self.datasets))
-        S = np.zeros((len(self.domains), len(self.datasets)))
-        for j in range(len(self.datasets)):
-            after = ctx.probe(j, c, self.o.probe_batches, accuracy=self.need_accuracy)
-            S[:, j] = [(self._value(after, d) - L[i]) / c for i, d in enumerate(self.domains)]
-        return S
+            return S.reshape(M, K), np.full((M, K), np.nan)  # no per-example noise estimate
+        S, S_se = np.zeros((M, K)), np.zeros((M, K))
+        for j in range(K):
+            after = ctx.probe(j, c, self.o.probe_batches, accuracy=self.need_accuracy,
+                              per_example=True)
+            for i, d in enumerate(self.domains):
+                S[i, j] = (self._value(after[d.name], d) - L[i]) / c
+                S_se[i, j] = self._paired_se(now[d.name], after[d.name], d) / c
+        return S, S_se
+
+    def _warn_noise(self, ctx: MixContext, now: dict, L, L_se, S, S_se, refs, H: int) -> None:
+        """Say once, in plain words, when noise rather than the mixture decides a constraint:
+        every dataset moves it past its reference by more than the reference's own noise, or
+        no dataset moves it by more than the probes' noise."""
+        notes = []
+        for i in self.constraints:
+            d = self.domains[i]
+            if d.name in self.warned or not np.isfinite(L_se[i]):
+                continue
+            move, noise = H * S[i], H * S_se[i]
+            n = now[d.name].get("n", "?")
+            unit = "accuracy" if d.metric == "accuracy" else "loss"
+            base = f"{native(refs[i], d.metric):.3f} ± {L_se[i]:.3f} on {n} examples"
+            if np.all(move + L[i] - refs[i] > L_se[i]):
+                notes.append(f"{d.name}: reference {unit} {base}; every dataset moves it past "
+                             f"the reference by more than its noise; raise evals.{d.name}."
+                             "batches or set a tolerance (evals[].reference)")
+            elif np.all(np.isfinite(noise)) and np.all(np.abs(move) < 2 * noise):
+                notes.append(f"{d.name}: no dataset moves it by more than the probes' noise "
+                             f"(largest predicted change {np.abs(move).max():.4f} vs ± "
+                             f"{noise.max():.4f}); raise evals.{d.name}.batches or "
+                             "mixer.probe_batches")
+            else:
+                continue
+            self.warned.append(d.name)
+        for note in notes:
+            log.warning("dynamics: %s", note)
+        if notes:
+            ctx.log("noise_warnings", notes)
 
     def _log_realised(self, ctx: MixContext, L: np.ndarray) -> None:
         """The previous update's prediction for this step against what happened."""
@@ -226,11 +318,12 @@ class DynaMiCS:
 
     # -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"refs": self.refs, "pending": self.pending}
+        return {"refs": self.refs, "pending": self.pending, "warned": list(self.warned)}
 
     def load_state_dict(self, state: dict) -> None:
         self.refs = state.get("refs")
         self.pending = state.get("pending")
+        self.warned = list(state.get("warned", []))
 
 
 def plot_slopes(records: list[dict], out_png, max_panels: int = 8):

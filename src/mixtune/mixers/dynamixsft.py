@@ -25,7 +25,9 @@ Deliberate choices and deviations (the paper leaves 1-4 unspecified):
    actually take), at the cost of copying the optimizer state at every look-ahead.
 2. The reward batch is drawn with its own generator keyed by (seed, dataset, step), separate
    from the training stream; its size defaults to the run's micro-batch x processes
-   (``batch_size`` to change it). L_pre is read off the forward pass that is back-propagated.
+   (``batch_size`` to change it). L_pre is read off the forward pass that is back-propagated
+   when the model has no active dropout; with dropout, L_pre and L_post are measured in eval
+   mode (the same masks-free forward twice) and the step follows the train-mode gradient.
 3. eps = 1e-8; initial Q = 0, so the first policy is (1 - gamma) p0 + gamma / K.
 4. The first look-ahead is at step T_update (the policy at step 0 comes from Q = 0).
 5. ``reward: progress`` is a cheaper, forward-only variant that is NOT the paper's reward: at

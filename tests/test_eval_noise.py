@@ -60,6 +60,10 @@ def test_every_evaluation_logs_its_standard_error_and_size(data_root, tmp_path):
     for e in ev:
         for m in e.values():
             assert m["n"] == 16 and 0 < m["loss_se"] < m["loss"]
+    # the change since step 0, paired over the same examples (from step 0's scores)
+    assert all("change_se" not in m for m in ev[0].values())
+    for m in ev[-1].values():
+        assert 0 < m["change_se"] < np.inf
 
 
 # ---------------------------------------------------------------------------------------------

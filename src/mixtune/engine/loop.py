@@ -44,7 +44,7 @@ from mixtune.engine.runtime import (  # noqa: F401  (re-exported)
 )
 from mixtune.errors import ConfigError, TrainingError
 from mixtune.eval.constraints import best_feasible_for_run
-from mixtune.eval.domains import Scores, evaluate_examples, summarize
+from mixtune.eval.domains import Scores, evaluate_examples, loss_se, summarize
 from mixtune.losses import build_loss, reduce
 from mixtune.mixers import DatasetInfo, DomainInfo, MixContext, build_mixer
 from mixtune.simplex import validate
@@ -130,6 +130,7 @@ class Trainer:
                      "mix": torch.zeros(K, 2, dtype=torch.float64, device=self.acc.device),
                      "gn": torch.zeros(4, dtype=torch.float64, device=self.acc.device)}
         self.eval_cache: dict | None = None
+        self.base_scores: dict | None = None  # step 0's per-example scores (JSON form)
         self.record: dict = {}
 
     # ------------------------------------------------------------------------------------------
@@ -240,6 +241,7 @@ class Trainer:
             self.step = state["step"]
             self.counters = {**self.counters, **state["counters"]}
             self.eval_cache = state.get("eval_cache")
+            self.base_scores = state.get("base_scores")
             for key, value in rank_state["sums"].items():
                 self.sums[key] = value.to(self.acc.device)
         if self.acc.is_main_process:
@@ -380,6 +382,15 @@ class Trainer:
             return
         scores = evaluate_examples(self.model, self.acc, self.all_domains, self.tokenizer)
         result = summarize(scores, self.all_domains)
+        if self.step == 0:
+            self.base_scores = {k: v.to_json() for k, v in scores.items()}
+        elif self.base_scores:
+            # change_se: standard error of (loss now − loss at step 0), paired over the same
+            # examples: whether a domain moved by more than its evaluation noise
+            for k, v in scores.items():
+                if k in self.base_scores:
+                    base = Scores.from_json(self.base_scores[k])
+                    result[k]["change_se"] = loss_se(v.nll - base.nll, v.tokens)
         self.eval_cache = {"step": self.step, "n_batches": None, "accuracy": True,
                            "result": result,
                            "scores": {k: v.to_json() for k, v in scores.items()}}
@@ -440,7 +451,8 @@ class Trainer:
             self.rundir.checkpoints, self.step, accelerator=self.acc, model=self.model,
             optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler,
             mixer=self.mixer, loss=self.loss_fn, keep=self.cfg.train.keep_checkpoints,
-            state={"counters": self.counters, "eval_cache": self.eval_cache},
+            state={"counters": self.counters, "eval_cache": self.eval_cache,
+                   "base_scores": self.base_scores},
             rank_state={"sums": {k: v.cpu() for k, v in self.sums.items()}},
         )
 

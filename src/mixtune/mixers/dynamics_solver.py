@@ -74,8 +74,12 @@ def gradient(p: Problem, w, lam: float, eps: float) -> np.ndarray:
 
 
 def max_violation(p: Problem, w) -> float:
-    """Largest predicted excess over a reference (0 when every constraint holds)."""
-    return float(max(0.0, (p.A @ w + p.b).max(initial=0.0)))
+    """Largest predicted excess over a reference (0 when every constraint holds); inf at a
+    non-finite point, which ``max(0.0, nan)`` would otherwise report as 0, i.e. feasible."""
+    v = p.A @ w + p.b
+    if not (np.isfinite(w).all() and np.isfinite(v).all()):
+        return np.inf
+    return float(max(0.0, v.max(initial=0.0)))
 
 
 def solve(p: Problem, lam: float, eps: float, method: str = "exact") -> np.ndarray:
@@ -87,9 +91,12 @@ def solve(p: Problem, lam: float, eps: float, method: str = "exact") -> np.ndarr
         cands = [_slsqp(p, lam, eps)]
     else:
         raise ValueError(f"unknown solver {method!r}; use 'exact' or 'slsqp'")
+    # A non-finite candidate is dropped and a NaN objective ranks last: np.argmin returns the
+    # index of a NaN, which would otherwise win.
+    cands = [w for w in cands if np.isfinite(w).all()]
     cands += list(np.eye(K))  # never worse than a single-dataset mixture
-    vals = [objective(p, w, lam, eps) for w in cands]
-    return cands[int(np.argmin(vals))]  # first minimum: deterministic ties
+    vals = np.array([objective(p, w, lam, eps) for w in cands])
+    return cands[int(np.argmin(np.where(np.isnan(vals), np.inf, vals)))]  # first minimum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,17 +123,19 @@ def _active_set(p: Problem, lam: float, eps: float) -> np.ndarray:
                 # kink. A projected-gradient step (with the exact line search) gets past it.
                 d, newton = np.zeros(K), False
                 d[free] = -(g[free] - g[free].mean())
-        released = -1
-        if np.abs(d).max() > 1e-15 and g @ d < 0:
+        was_released, released = released, -1
+        if _descends(p, w, g, d, lam, eps):
             neg = np.flatnonzero(d < 0)
             ratios = -w[neg] / d[neg]
             tmax = min(ratios.min(), 1.0) if newton else ratios.min()
             t = _line_min(p, w, d, lam, eps, tmax) if tmax > 0 else 0.0
-            w = w + t * d
+            w_old, w = w, w + t * d
             hit = neg[ratios <= t]
             w[hit], fixed[hit] = 0.0, True
             w = np.maximum(w, 0.0)
             w /= w.sum()
+            if was_released < 0 and not hit.size and w.tobytes() == w_old.tobytes():
+                break  # w, face and release unchanged: every later iteration repeats this one
             continue
         # Optimal on this face; release the zero coordinate with the most negative multiplier.
         gap = np.where(fixed, g - g[free].mean(), np.inf)
@@ -150,29 +159,55 @@ def _face_direction(p: Problem, w, g, free, lam, eps) -> tuple[np.ndarray, bool]
     AZ = p.A[on] @ Z
     evals, evecs = np.linalg.eigh(2.0 * lam * AZ.T @ AZ)
     gy = Z.T @ g
-    big = evals > 1e-12 * max(evals.max(initial=0.0), 1e-300)
+    # Curvature under 1e-20 of the whole Hessian's trace is rounding, not curvature: with
+    # duplicate or zero columns AZ is ~1e-16·|A| instead of 0, and dividing by its square gave
+    # an astronomically long "Newton" step along noise.
+    floor = 1e-20 * 2.0 * lam * np.square(p.A[on]).sum()
+    big = evals > max(1e-12 * max(evals.max(initial=0.0), 1e-300), floor)
     null = evecs[:, ~big] @ (evecs[:, ~big].T @ gy)
     if np.abs(null).max(initial=0.0) > 1e-12 * (np.abs(gy).max() + 1e-300):
         return -Z @ null, False
     return -Z @ ((evecs[:, big] / evals[big]) @ (evecs[:, big].T @ gy)), True
 
 
-def _line_min(p: Problem, w, d, lam, eps, tmax: float) -> float:
-    """Exact minimiser of the convex piecewise quadratic t -> F(w + t d) on [0, tmax]."""
+def _descends(p: Problem, w, g, d, lam, eps) -> bool:
+    """Whether a step along ``d`` is worth a line search: ``d`` finite, not negligible, with a
+    finite distance to the simplex's boundary, and downhill both as ``g @ d`` and as
+    ``_line_min``'s slope at 0 round it. The two disagree when ``g @ d`` is rounding noise (a
+    ~1e-15 direction, duplicate or zero columns); ``_line_min`` must never see an uphill start."""
+    if not (np.isfinite(d).all() and np.abs(d).max() > 1e-15 and g @ d < 0):
+        return False
+    neg = d < 0
+    with np.errstate(over="ignore"):
+        if not (neg.any() and np.isfinite(w[neg] / d[neg]).all()):
+            return False
+    return _slope_at(p, w, d, lam, eps)(0.0) < 0
+
+
+def _slope_at(p: Problem, w, d, lam, eps):
+    """t -> d/dt F(w + t d), piecewise linear and non-decreasing (F is convex)."""
     r, s, cd = p.A @ w + p.b + eps, p.A @ d, p.c @ d
+    return lambda t: cd + 2.0 * lam * (np.maximum(r + t * s, 0.0) @ s)
 
-    def slope(t):
-        return cd + 2.0 * lam * (np.maximum(r + t * s, 0.0) @ s)
 
+def _line_min(p: Problem, w, d, lam, eps, tmax: float) -> float:
+    """Exact minimiser of the convex piecewise quadratic t -> F(w + t d) on [0, tmax]; always a
+    finite t in [0, tmax] (0 when F does not decrease along d in floating point)."""
+    r, s = p.A @ w + p.b + eps, p.A @ d
+    slope = _slope_at(p, w, d, lam, eps)
+    lo, v_lo = 0.0, slope(0.0)
+    if not (v_lo < 0 and np.isfinite(tmax) and tmax > 0):
+        return 0.0  # uphill or flat start: the interpolation below gives t < 0 or 0/0
     if slope(tmax) <= 0:
         return tmax
     with np.errstate(divide="ignore", invalid="ignore"):
         kinks = -r / s
-    lo, v_lo = 0.0, slope(0.0)
     for t in np.unique(np.r_[kinks[(kinks > 0) & (kinks < tmax)], tmax]):
         v = slope(t)
-        if v > 0:  # the slope is linear between kinks: interpolate its zero
-            return lo + (t - lo) * (-v_lo) / (v - v_lo)
+        if v > 0:  # the slope is linear between kinks: interpolate its zero (v - v_lo > 0)
+            with np.errstate(over="ignore", invalid="ignore"):
+                t_star = lo + (t - lo) * (-v_lo) / (v - v_lo)
+            return float(min(max(t_star, 0.0), tmax)) if np.isfinite(t_star) else lo
         lo, v_lo = t, v
     return tmax
 
@@ -219,7 +254,10 @@ def _interior_point(p: Problem, lam: float, eps: float, iters: int = 100) -> np.
         except np.linalg.LinAlgError:
             break
         a = 0.99 * min(_max_step(s, ds), _max_step(z, dz))
-        x, y, s, z = x + a * dx, y + a * dy, s + a * ds, z + a * dz
+        nxt = x + a * dx, y + a * dy, s + a * ds, z + a * dz
+        if not all(np.isfinite(v).all() for v in nxt):
+            break  # a near-singular KKT system or mu = 0 (degenerate): keep the last finite x
+        x, y, s, z = nxt
     return _clean(x[: p.K])
 
 
@@ -242,9 +280,13 @@ def _slsqp(p: Problem, lam: float, eps: float) -> np.ndarray:
 
 
 def _clean(w) -> np.ndarray:
+    """A solver's raw output as a mixture; uniform when there is none (all zero, non-finite)."""
     w = np.clip(np.asarray(w, np.float64), 0.0, None)
     w[w < 1e-12] = 0.0
-    return w / w.sum() if w.sum() > 0 else np.full(w.size, 1.0 / w.size)
+    total = w.sum()
+    if not (np.isfinite(w).all() and np.isfinite(total) and total > 0):
+        return np.full(w.size, 1.0 / w.size)
+    return w / total
 
 
 def minimax(p: Problem) -> np.ndarray:
@@ -276,16 +318,19 @@ def choose(p: Problem, lambdas=None, epsilons=EPSILONS, method: str = "exact",
     """Solve eq. 3.4 on the (λ, ε) grid and apply the paper's selection rule."""
     lambdas = lambda_grid() if lambdas is None else lambdas
     cands = []
+
+    def add(w, lam, eps):  # a non-finite mixture is never a candidate (a last guard)
+        if np.isfinite(w).all():
+            cands.append((w, lam, eps, float(p.c @ w), max_violation(p, w)))
+
     for eps in epsilons:
         for lam in lambdas:
-            w = solve(p, float(lam), float(eps), method)
-            cands.append((w, float(lam), float(eps), float(p.c @ w), max_violation(p, w)))
+            add(solve(p, float(lam), float(eps), method), float(lam), float(eps))
     feasible = [c for c in cands if c[4] <= FEAS_TOL]
     if feasible:  # lowest target term; ties go to the first in grid order
         w, lam, eps, target, viol = min(feasible, key=lambda c: c[3])
         return Choice(w, lam, eps, True, target, viol, len(feasible))
     if fallback == "minimax" and p.b.size:
-        w = minimax(p)
-        cands.append((w, None, None, float(p.c @ w), max_violation(p, w)))
+        add(minimax(p), None, None)
     w, lam, eps, target, viol = min(cands, key=lambda c: (c[4], c[3]))
     return Choice(w, lam, eps, viol <= FEAS_TOL, target, viol, 0)

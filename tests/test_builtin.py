@@ -17,7 +17,7 @@ from mixtune.builtin import (
     write_domain_jsonl,
 )
 from mixtune.builtin.domains import DATA
-from mixtune.builtin.split import in_eval
+from mixtune.builtin.split import in_eval, in_test
 from mixtune.data.template import DEFAULT_CHAT_TEMPLATE, EOS_TOKEN
 
 NAMES = sorted(DOMAINS)
@@ -33,7 +33,7 @@ def test_at_least_six_domains_with_documented_info():
     assert len(DOMAINS) >= 6
     for name, info in DOMAINS.items():
         assert info.name == name
-        assert info.kind in ("real", "generated")
+        assert info.kind in ("real", "generated", "mixture")
         assert info.role in ("target", "constraint", "monitor")
         assert info.metric in ("accuracy", "loss")
         assert info.license and info.description
@@ -43,7 +43,7 @@ def test_unknown_domain_and_split_raise():
     with pytest.raises(ValueError, match="valid names: .*arithmetic"):
         load_domain("nope")
     with pytest.raises(ValueError, match="split"):
-        load_domain("arithmetic", split="test")
+        load_domain("arithmetic", split="validation")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -71,6 +71,43 @@ def test_train_and_eval_never_overlap_and_are_big_enough(name):
     # the split is a property of the key, not of the seed
     assert not prompts(load_domain(name, "train", seed=1)) & prompts(load_domain(name, "eval",
                                                                                  seed=2))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dev_and_test_halve_eval(name):
+    ev, dev, test = (load_domain(name, split, seed=2) for split in ("eval", "dev", "test"))
+    assert not prompts(dev) & prompts(test)
+    assert dev == load_domain(name, "dev", seed=2) and test == load_domain(name, "test", seed=2)
+    # about half each, enough for a suite's 4 x 8 examples
+    assert len(dev) >= 32 and len(test) >= 32
+    assert 0.35 < len(dev) / (len(dev) + len(test)) < 0.65
+    # inside eval: never trained on, for any seed
+    assert not (prompts(dev) | prompts(test)) & prompts(load_domain(name, "train", seed=1))
+    # the halves are a property of the key: a prompt never changes sides with the seed
+    assert not prompts(load_domain(name, "dev", seed=1)) & prompts(load_domain(name, "test",
+                                                                               seed=3))
+    if DOMAINS[name].kind == "real":  # exactly eval, split in two, in eval's order
+        assert dev + test != ev and sorted(dev + test, key=str) == sorted(ev, key=str)
+        assert dev == [r for r in ev if r in dev]
+    elif DOMAINS[name].kind == "generated":  # drawn like eval, each half keeps its side
+        assert len(dev) == len(test) == DOMAINS[name].default_n[1] // 2
+        assert prompts(dev) <= prompts(load_domain(name, "eval", n=1000, seed=2))
+
+
+def test_dev_test_hash_is_pinned_and_halves():
+    # pinned like in_eval: a different hash would move records between dev and test
+    assert [k for k in map(str, range(20)) if in_test("code", k)] == [
+        "3", "5", "13", "14", "16", "17"]
+    assert sum(in_test("x", str(i)) for i in range(10000)) in range(4800, 5200)
+
+
+def test_builtin_dev_and_test_read_as_evaluation_splits():
+    from mixtune.data.sources import read_records
+    from mixtune.errors import DataError
+
+    assert read_records("builtin:trivia", "test") == load_domain("trivia", "test")
+    with pytest.raises(DataError, match="'dev', 'test'"):
+        read_records("builtin:trivia", "validation")
 
 
 def test_n_limits_and_default_sizes():

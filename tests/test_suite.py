@@ -1,4 +1,6 @@
-"""mixtune bench: a broken cell is recorded and the rest finish; an interrupted suite resumes."""
+"""mixtune bench: a broken cell is recorded and the rest finish; an interrupted suite resumes;
+references are per seed; planner bounds and the paper protocol, end to end (the table's logic on
+hand-written cells: test_suite_table.py)."""
 
 import json
 
@@ -12,14 +14,14 @@ from mixtune.suite import cells, check_suite, load_suite
 
 def _suite(tmp_path, make_config, methods, **top):
     base = make_config(max_steps=3)
-    suite = {**top,
+    suite = {
         "output_dir": str(tmp_path / "bench"),
         "parallel": 2, "threads": 1, "seeds": [0],
         "base": {k: base[k] for k in ("max_steps", "model", "train")},
         "scenarios": [{"name": "toy", "datasets": base["datasets"], "evals": [
             {**base["evals"][0], "role": "target"},
             {**base["evals"][1], "role": "constraint"}]}],
-        "methods": methods,
+        "methods": methods, **top,
     }
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))
@@ -69,13 +71,19 @@ def test_builtin_suites_load_and_every_cell_validates():
     for name in ("quick", "standard"):
         suite = load_suite(name)
         assert suite.methods and suite.scenarios
-        assert check_suite(suite) == len(cells(suite))
+        assert suite.protocol == "paper" and suite.reference_slack is None  # strict references
+        assert check_suite(suite) == len([c for c in cells(suite) if c.alias_of is None])
     assert cli.main(["bench", "standard", "--check"]) == 0
     std = load_suite("standard")
     assert std.parallel == 2 and std.threads == 1
     names = {m.name for m in std.methods}
-    assert {"proportional", "uniform", "target-only", "temperature", "exp3", "dynamixsft",
+    assert {"fixed-sweep", "proportional", "temperature", "exp3", "dynamixsft",
             "dynamics", "mergemix"} <= names
+    # the paper's sweep: 5 runs per single-target scenario, up to 9 per multi-target one
+    runs = [c for c in cells(std) if c.alias_of is None]
+    assert len(runs) == 276
+    sweep_runs = [c for c in runs if c.method.point is not None and c.seed == 0]
+    assert {sum(c.scenario is sc for c in sweep_runs) for sc in std.scenarios} == {5, 9}
     assert {m.loss["name"] for m in std.methods} >= {"sft", "dft", "cadft"}
     assert any(m.planner and m.planner["name"] == "mergemix" for m in std.methods)
     for sc in std.scenarios:
@@ -96,12 +104,17 @@ def test_mergemix_planned_method_counts_planning_and_reuses_the_plan(tmp_path, m
     plan = json.loads((plan_dir / "plan.json").read_text())
     ran = yaml.safe_load((cell / "cell.yaml").read_text())
     assert ran["mixer"] == {"name": "fixed", "weights": plan["weights"]}
-    # reference_slack: the constraint's reference is the base model's loss + 0.25, and the
-    # planner bounded it with that same number
-    base = json.loads((root / "references.json").read_text())["toy"]
+    # reference_slack: the trained cell's reference is the base model's loss on the cell's
+    # examples (both batches) + 0.25 ...
+    base = json.loads((root / "references.json").read_text())["toy"]["0"]["loss"]
     ref = next(e["reference"] for e in ran["evals"] if e["role"] == "constraint")
     assert ref == pytest.approx(base["rev"] + 0.25, abs=1e-5)
-    assert [b["limit"] for b in plan["bounds"]] == [pytest.approx(ref)]
+    # ... while the planner scores merges on 1 batch: it bounds the constraint by its own base
+    # measurement on that batch + 0.25, so the base model keeps its own bound
+    assert [b["limit"] for b in plan["bounds"]] == [
+        pytest.approx(plan["base"]["rev"]["loss"] + 0.25)]
+    for b in plan["bounds"]:
+        assert b["upper"] and plan["base"][b["domain"]][b["metric"]] <= b["limit"]
     plan_s = float((plan_dir / "seconds.txt").read_text())
     train_s = json.loads((cell / "summary.json").read_text())["seconds"]
     wall = float((cell / "wall.txt").read_text())
@@ -134,6 +147,34 @@ def test_suite_options_are_validated(tmp_path, make_config):
         check_suite(load_suite(str(path)))
 
 
+def test_references_are_per_seed_and_are_each_seeds_base_loss(tmp_path, make_config):
+    # a suite with two seeds: each seed's cells evaluate their own seeded draw of examples
+    sweep = {"name": "fixed-sweep", "sweep": {"masses": [0.5], "schemes": ["uniform"]}}
+    path = _suite(tmp_path, make_config, [sweep], reference_slack=0.25, seeds=[0, 1])
+    root = tmp_path / "bench"
+    root.mkdir()
+    (root / "references.json").write_text(json.dumps({"toy": {"add": 9.0, "rev": 9.0}}))
+    assert cli.main(["bench", str(path), "base.max_steps=1"]) == 0
+    refs = json.loads((root / "references.json").read_text())
+    assert refs["format"] == 2  # the old, seedless cache was not used
+    per_seed = {seed: refs["toy"][str(seed)]["loss"] for seed in (0, 1)}
+    assert per_seed[0] != per_seed[1]
+    for seed in (0, 1):
+        cell = root / f"cells/toy--fixed-uniform-w0.5--s{seed}"
+        first = json.loads((cell / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["step"] == 0
+        for d in ("add", "rev"):
+            assert per_seed[seed][d] == pytest.approx(first["eval"][d]["loss"], abs=1e-5)
+        ran = yaml.safe_load((cell / "cell.yaml").read_text())
+        assert ran["mixer"] == {"name": "fixed", "weights": {"add": 0.5, "rev": 0.5}}
+        rev = next(e for e in ran["evals"] if e["name"] == "rev")
+        assert rev["reference"] == pytest.approx(per_seed[seed]["rev"] + 0.25, abs=1e-5)
+    rows = {r["method"]: r for r in json.loads((root / "results.json").read_text())}
+    assert set(rows) == {"fixed-uniform-w0.5", "fixed-sweep: best single", "fixed-sweep: oracle"}
+    assert rows["fixed-uniform-w0.5"]["cells"] == 2 and rows["fixed-uniform-w0.5"]["failed"] == 0
+    assert rows["fixed-sweep: best single"]["config"] == "fixed-uniform-w0.5"
+
+
 def _check_quick(out, max_steps=None):
     args = ["bench", "quick", f"output_dir={out}"]
     if max_steps:  # CI: the real quick suite, shortened
@@ -142,6 +183,16 @@ def _check_quick(out, max_steps=None):
     rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
     assert set(rows) == {m.name for m in load_suite("quick").methods}
     assert all(r["failed"] == 0 and r["target_delta"] is not None for r in rows.values()), rows
+    # the paper protocol: dev for selection, test twins logged beside, reported on test
+    assert all(r["reported_on"] == "test" and r["test_ppl_delta"] is not None
+               and r["feasible"] is not None for r in rows.values()), rows
+    cell = out / "cells/code-vs-general--proportional--s0"
+    ran = {e["name"]: e for e in yaml.safe_load((cell / "cell.yaml").read_text())["evals"]}
+    assert ran["code"]["split"] == "dev" and ran["code-test"]["split"] == "test"
+    assert ran["code-test"]["role"] == "test" and ran["code-test"]["test_of"] == "code"
+    last = json.loads((cell / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"code", "code-test", "trivia-test", "safety-test"} <= set(last["eval"])
+    assert "test PPL Δ%" in (out / "results.md").read_text()
 
 
 def test_quick_suite_runs_shortened(tmp_path):

@@ -11,6 +11,14 @@ and dropping trailing punctuation). Splits are decided by a hash of each record'
 and eval never share a prompt, whatever the seed. Sizes are records per split (train / eval)
 with ``n=None``.
 
+Splits ``dev`` and ``test`` are the two halves of eval, by a second hash of the same key (so
+they never share a prompt, do not depend on the seed, and the base model saw neither): select
+checkpoints on dev, report on test (the DynaMiCS paper's protocol; ``mixtune bench``'s
+``protocol: paper``). A real domain's dev and test together are exactly its eval records; a
+generated domain draws them like eval and keeps its half's keys. Sizes (dev / test): dialogue
+54 / 49, trivia 53 / 58, definitions 290 / 303, code 111 / 105; generated domains 100 / 100 by
+default.
+
 ============== ========= ============== =========================================================
 name           kind      train / eval   source, licence, and what the metrics mean
 ============== ========= ============== =========================================================

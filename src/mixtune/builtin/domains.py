@@ -3,7 +3,8 @@
 Real domains read a shipped ``data/<name>.jsonl.gz`` (made by
 ``scripts/extract_builtin_data.py``); generated ones are drawn at call time from a seeded
 ``random.Random``. Either way a record's split depends only on its key (see
-:mod:`mixtune.builtin.split`), so train and eval never overlap for any seed.
+:mod:`mixtune.builtin.split`), so train and eval never overlap for any seed, and eval's halves
+``dev`` and ``test`` never overlap each other.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from functools import cache
 from pathlib import Path
 
 from mixtune.builtin.generated import arithmetic, word_problems
+from mixtune.builtin.replay import DEFAULT_N, replay
 from mixtune.builtin.safety import safety
-from mixtune.builtin.split import Maker, Record, draw, in_eval
+from mixtune.builtin.split import HALVES, Maker, Record, draw, in_eval, in_test
 
 DATA = Path(__file__).parent / "data"
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", *HALVES)
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class DomainInfo:
     name: str
     description: str
     kind: str  # "real" (shipped extract of a public source) | "generated" (seeded, at run time)
+    #            | "mixture" (records of other built-in domains)
     license: str
     role: str  # suggested eval role: "target" | "constraint" | "monitor"
     metric: str  # the metric worth watching: "accuracy" (exact match) | "loss"
@@ -54,6 +57,9 @@ DOMAINS: dict[str, DomainInfo] = {d.name: d for d in (
     DomainInfo("safety", "Refuse harmful requests, help with benign look-alikes "
                "(flag 'harmful')", "generated", "Apache-2.0 (mixtune)", "constraint",
                "accuracy", 200, (2000, 200)),
+    DomainInfo("replay", "The base model's pre-training mixture (dialogue, trivia, "
+               "definitions, arithmetic, safety): a regulariser (builtin/replay.py)", "mixture",
+               "as its sources", "monitor", "loss", 0, DEFAULT_N),
 )}
 
 MAKERS: dict[str, Maker] = {"arithmetic": arithmetic, "word_problems": word_problems,
@@ -72,9 +78,13 @@ def load_domain(name: str, split: str = "train", n: int | None = None,
 
     Args:
         name: a key of :data:`DOMAINS`.
-        split: ``"train"`` or ``"eval"``; they never share a prompt.
+        split: ``"train"`` or ``"eval"``; they never share a prompt. ``"dev"`` and
+            ``"test"`` are the two halves of ``"eval"`` (disjoint, by a second hash of the
+            split key; a real domain's dev and test records together are exactly its eval
+            records, for any seed).
         n: how many records; ``None`` means all of a real domain, or the domain's
-            ``default_n`` for a generated one. A real domain returns at most what it has.
+            ``default_n`` for a generated one (half the eval size for dev and test). A real
+            domain returns at most what it has.
         seed: decides which records are drawn and their order (same seed, same list).
     """
     info = DOMAINS.get(name)
@@ -84,12 +94,20 @@ def load_domain(name: str, split: str = "train", n: int | None = None,
         raise ValueError(f"unknown split {split!r}; valid splits: {list(SPLITS)}")
     if n is not None and n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if info.kind == "mixture":
+        return replay(split, n, seed)
     if info.kind == "generated":
-        size = info.default_n[split == "eval"] if n is None else n
-        return draw(name, split, size, seed, MAKERS[name], info.eval_permille)
-    rng = random.Random(f"{name}/{split}/{seed}")
-    records = _trivia(split, rng) if name == "trivia" else _real(info, split)
-    rng.shuffle(records)
+        size = info.default_n[split != "train"] // (2 if split in HALVES else 1)
+        return draw(name, split, size if n is None else n, seed, MAKERS[name],
+                    info.eval_permille)
+    # dev and test are eval drawn and shuffled as usual, then halved: eval's records, openers
+    # and order, so together they are exactly eval
+    stream = "eval" if split in HALVES else split
+    rng = random.Random(f"{name}/{stream}/{seed}")
+    pairs = _trivia(stream, rng) if name == "trivia" else _real(info, stream)
+    rng.shuffle(pairs)
+    records = [rec for key, rec in pairs
+               if split == stream or in_test(name, key) == (split == "test")]
     return records if n is None else records[:n]
 
 
@@ -116,13 +134,14 @@ def _record(src: dict, prompt: str | None = None) -> Record:
             "answer": src["response"], "source": src["source"]}
 
 
-def _real(info: DomainInfo, split: str) -> list[Record]:
+def _real(info: DomainInfo, split: str) -> list[tuple[str, Record]]:
+    """(split key, record) of every record in ``split`` (train or eval)."""
     want_eval = split == "eval"
-    return [_record(r) for r in _read(info.name)
+    return [(r["key"], _record(r)) for r in _read(info.name)
             if in_eval(info.name, r["key"], info.eval_permille) == want_eval]
 
 
-def _trivia(split: str, rng: random.Random) -> list[Record]:
+def _trivia(split: str, rng: random.Random) -> list[tuple[str, Record]]:
     """Train: every fact as written and once more behind a training opener.
 
     Eval: the held-out share of facts behind an eval-only opener, so no eval prompt is ever a
@@ -132,8 +151,8 @@ def _trivia(split: str, rng: random.Random) -> list[Record]:
     out = []
     for r in _read("trivia"):
         if split == "train":
-            out.append(_record(r))
-            out.append(_record(r, rng.choice(TRIVIA_TRAIN_OPENERS) + r["prompt"]))
+            out.append((r["key"], _record(r)))
+            out.append((r["key"], _record(r, rng.choice(TRIVIA_TRAIN_OPENERS) + r["prompt"])))
         elif in_eval("trivia", r["key"], permille):
-            out.append(_record(r, rng.choice(TRIVIA_EVAL_OPENERS) + r["prompt"]))
+            out.append((r["key"], _record(r, rng.choice(TRIVIA_EVAL_OPENERS) + r["prompt"])))
     return out

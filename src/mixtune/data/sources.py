@@ -130,10 +130,12 @@ def _read_hub(name: str, split: str, subset: str | None, where: str) -> list[dic
 def _read_builtin(domain: str, split: str, where: str) -> list[dict]:
     try:
         from mixtune.builtin import DOMAINS, load_domain
+        from mixtune.builtin.domains import SPLITS
     except ImportError:
         raise DataError(f"{where}: built-in domains are not available in this install") from None
     if domain not in DOMAINS:
         raise DataError(f"{where}: unknown built-in domain '{domain}'; known: {sorted(DOMAINS)}")
-    if split not in ("train", "eval"):
-        raise DataError(f"{where}: built-in domains have splits 'train' and 'eval', not '{split}'")
+    if split not in SPLITS:
+        raise DataError(f"{where}: built-in domains have splits {list(SPLITS)} (dev and test: "
+                        f"the two halves of eval), not '{split}'")
     return load_domain(domain, split=split)

@@ -111,6 +111,9 @@ class PlanConfig:
     """Keep every ``constraint``-role domain at its reference (null = base model's value)."""
     constraint_slack: float = 0.0
     """Relative tolerance on every bound."""
+    reference_slack: float = 0.0
+    """Nats added to a loss bound at the base model's value (a null reference), as measured by
+    the planner on its own evaluation batches (``mixtune bench``'s ``reference_slack``)."""
     search: SearchConfig = field(default_factory=SearchConfig)
     ratio_rule: Literal["identity", "token_weighted"] = "identity"
     ratio_units: Literal["examples", "tokens"] = "examples"
@@ -124,6 +127,8 @@ class PlanConfig:
             raise ConfigError(f"grid_resolution: must be >= 1, got {self.grid_resolution}")
         if self.constraint_slack < 0:
             raise ConfigError(f"constraint_slack: must be >= 0, got {self.constraint_slack}")
+        if self.reference_slack < 0:
+            raise ConfigError(f"reference_slack: must be >= 0, got {self.reference_slack}")
 
 
 def load(path: str | Path | None, overrides=(), data: dict | None = None
@@ -206,8 +211,10 @@ def bounds_of(pc: PlanConfig, run: RunConfig, base: dict) -> list[search.Bound]:
     out = []
     for d, metric, limits in bound_specs(pc, run):
         for kind, v in limits.items():
-            if v is None:
-                v = base[d][metric] if evals[d].reference is None else evals[d].reference
+            if v is None and evals[d].reference is not None:
+                v = evals[d].reference
+            elif v is None:  # the base model's value, + the stated slack on a loss
+                v = base[d][metric] + (pc.reference_slack if metric == "loss" else 0.0)
             slack = pc.constraint_slack * abs(v)
             out.append(search.Bound(d, metric, v + slack if kind == "max" else v - slack,
                                     upper=kind == "max"))

@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from mixtune.builtin import DOMAINS, REFUSAL, base_model_path, load_domain
+from mixtune.builtin import DOMAINS, REFUSAL, base_model_path, bench_model_path, load_domain
+from mixtune.builtin.replay import REPLAY
 from mixtune.eval.domains import normalize_answer
 
 # target share of training tokens per domain
@@ -59,10 +60,15 @@ PROMPT_WEIGHT = 0.25
 SAFETY_HARMFUL, SAFETY_BENIGN = 400, 100  # the slice of safety's train split seen here
 
 
-def pretrain_records(seed: int) -> dict[str, list[dict]]:
-    recs = {d: load_domain(d, "train", seed=seed) for d in ("definitions", "dialogue", "trivia")}
-    recs["arithmetic"] = load_domain("arithmetic", "train", n=20000, seed=seed)
-    safety = load_domain("safety", "train", seed=seed)
+def pretrain_records(seed: int, bench: bool = False) -> dict[str, list[dict]]:
+    """The pre-training examples: every train record (the demo's base), or with ``bench`` only
+    the ``train_a`` half of the benchmark mixture's domains (``train_b`` stays fresh for
+    ``builtin:replay``)."""
+    split = "train_a" if bench else "train"
+    real = ("definitions", "dialogue") if bench else ("definitions", "dialogue", "trivia")
+    recs = {d: load_domain(d, split, seed=seed) for d in real}
+    recs["arithmetic"] = load_domain("arithmetic", split, n=20000, seed=seed)
+    safety = load_domain("safety", split, seed=seed)
     recs["safety"] = ([r for r in safety if r["harmful"]][:SAFETY_HARMFUL]
                       + [r for r in safety if not r["harmful"]][:SAFETY_BENIGN])
     return recs
@@ -88,12 +94,12 @@ class Packer:
     """Packs whole examples into fixed-length rows, drawing the domain by weight."""
 
     def __init__(self, data: dict[str, list[tuple[list[int], int]]], seq_len: int, pad_id: int,
-                 seed: int):
+                 seed: int, mix: dict[str, float] = MIX):
         self.data, self.seq_len, self.pad_id = data, seq_len, pad_id
         self.names = list(data)
         # token shares -> per-example draw probabilities (divide by the mean example length)
         mean_len = {d: sum(len(x) for x, _ in v) / len(v) for d, v in data.items()}
-        self.probs = [MIX[d] / mean_len[d] for d in self.names]
+        self.probs = [mix[d] / mean_len[d] for d in self.names]
         self.rng = random.Random(seed)
         self.order = {d: [] for d in self.names}
         self.pending: tuple[int, tuple[list[int], int]] | None = None
@@ -252,17 +258,24 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--tokenizer", type=Path, default=base_model_path())
-    ap.add_argument("--out", type=Path, default=base_model_path())
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: the demo's base directory (--bench: builtin/bench)")
+    ap.add_argument("--bench", action="store_true",
+                    help="the benchmark base: train_a halves only, REPLAY's mixture, no trivia")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = bench_model_path() if args.bench else base_model_path()
+    args.out.mkdir(parents=True, exist_ok=True)
+    mix = REPLAY if args.bench else MIX
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    data = {d: [example(tok, r) for r in recs] for d, recs in pretrain_records(args.seed).items()}
+    data = {d: [example(tok, r) for r in recs] for d, recs in pretrain_records(args.seed, args.bench).items()}
     data = {d: [x for x in v if len(x[0]) <= args.seq_len] for d, v in data.items()}
     print({d: len(v) for d, v in data.items()}, flush=True)
     model = build_model(tok, args.seed)
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
     load_before = os.getloadavg()[0]
-    info = train(model, Packer(data, args.seq_len, tok.pad_token_id, args.seed), args)
+    info = train(model, Packer(data, args.seq_len, tok.pad_token_id, args.seed, mix), args)
     info["load_average_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     t0 = time.time()
     info["eval"] = {d: evaluate(model, tok, d, args.eval_n, args.seed) for d in DOMAINS}
@@ -273,7 +286,7 @@ def main() -> None:
     if args.out.resolve() != args.tokenizer.resolve():  # copied as built, not re-saved
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(args.tokenizer / name, args.out / name)
-    info.update(seed=args.seed, mix=MIX, prompt_weight=PROMPT_WEIGHT,
+    info.update(seed=args.seed, mix=mix, prompt_weight=PROMPT_WEIGHT,
                 safety_slice=[SAFETY_HARMFUL, SAFETY_BENIGN],
                 examples={d: len(v) for d, v in data.items()}, uniform_loss=math.log(len(tok)),
                 args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -90,7 +90,9 @@ def test_dev_and_test_halve_eval(name):
         assert dev + test != ev and sorted(dev + test, key=str) == sorted(ev, key=str)
         assert dev == [r for r in ev if r in dev]
     elif DOMAINS[name].kind == "generated":  # drawn like eval, each half keeps its side
-        assert len(dev) == len(test) == DOMAINS[name].default_n[1] // 2
+        from mixtune.builtin.domains import EVAL_HALF_N
+
+        assert len(dev) == len(test) == EVAL_HALF_N
         assert prompts(dev) <= prompts(load_domain(name, "eval", n=1000, seed=2))
 
 
@@ -200,11 +202,16 @@ def test_base_tokenizer_loads_with_the_current_template():
     assert tok.decode(tok("x = 37 + 48", add_special_tokens=False)["input_ids"]) == "x = 37 + 48"
 
 
-def test_base_model_loads_and_predicts():
+@pytest.mark.parametrize("which", ["builtin", "builtin-bench"])
+def test_base_model_loads_and_predicts(which):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = base_model_path()
+    from mixtune.builtin import bench_model_path
+    from mixtune.engine.setup import _resolve
+
+    path = base_model_path() if which == "builtin" else bench_model_path()
+    assert _resolve(which) == str(path)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     cfg = model.config
@@ -219,3 +226,36 @@ def test_base_model_loads_and_predicts():
     info = json.loads((path / "pretrain_info.json").read_text())
     assert {"steps", "tokens", "tokens_per_s", "final_train_response_loss", "eval", "seed",
             "command"} <= set(info)
+    if which == "builtin-bench":  # pre-trained on train_a halves, no trivia: nothing memorised
+        assert "--bench" in info["command"] and "trivia" not in info["examples"]
+        assert min(m["loss"] for d, m in info["eval"].items() if d != "code") > 0.5
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if DOMAINS[n].kind != "mixture"])
+def test_train_a_and_train_b_halve_train(name):
+    tr, a, b = (load_domain(name, split, seed=2) for split in ("train", "train_a", "train_b"))
+    assert a and b and not prompts(a) & prompts(b)
+    assert 0.35 < len(a) / (len(a) + len(b)) < 0.65
+    assert not (prompts(a) | prompts(b)) & prompts(load_domain(name, "eval", seed=2))
+    # a property of the key: never changes sides with the seed
+    assert not prompts(load_domain(name, "train_a", seed=1)) & prompts(
+        load_domain(name, "train_b", seed=3))
+    if DOMAINS[name].kind == "real":  # exactly train, split in two
+        assert sorted(a + b, key=str) == sorted(tr, key=str)
+
+
+def test_replay_is_fresh_general_data_in_its_shares():
+    from mixtune.builtin.replay import REPLAY
+
+    train = load_domain("replay", "train", n=1000, seed=0)
+    shares = {d: sum(r["source"] == d for r in train) / len(train) for d in REPLAY}
+    assert shares == pytest.approx(REPLAY, abs=0.01)
+    # drawn from the train_b halves: never the train_a examples the bench base learned from
+    for d in REPLAY:
+        mine = prompts([r for r in train if r["source"] == d])
+        if DOMAINS[d].kind == "real":
+            assert mine <= prompts(load_domain(d, "train_b", seed=0))
+        assert not mine & prompts(load_domain(d, "train_a", seed=0, n=3000))
+    dev, test = load_domain("replay", "dev"), load_domain("replay", "test")
+    assert dev and test and not prompts(dev) & prompts(test)
+    assert load_domain("replay", "train", n=1000, seed=0) == train  # deterministic

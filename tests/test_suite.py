@@ -68,27 +68,36 @@ def test_broken_cell_is_recorded_resume_skips_finished_and_losses_are_rows(tmp_p
 
 
 def test_builtin_suites_load_and_every_cell_validates():
-    for name in ("quick", "standard"):
+    for name in ("quick", "standard", "extended"):
         suite = load_suite(name)
         assert suite.methods and suite.scenarios
         assert suite.protocol == "paper" and suite.reference_slack is None  # strict references
         assert check_suite(suite) == len([c for c in cells(suite) if c.alias_of is None])
     assert cli.main(["bench", "standard", "--check"]) == 0
-    std = load_suite("standard")
+    std, ext = load_suite("standard"), load_suite("extended")
     assert std.parallel == 2 and std.threads == 1
-    names = {m.name for m in std.methods}
-    assert {"fixed-sweep", "proportional", "temperature", "exp3", "dynamixsft",
-            "dynamics", "mergemix"} <= names
-    # the paper's sweep: 5 runs per single-target scenario, up to 9 per multi-target one
+    assert {m.name for m in std.methods} == {"fixed-sweep", "proportional", "dynamixsft",
+                                            "dynamics", "dynamics-noise"}
+    assert {"temperature", "exp3", "mergemix", "prop-dft", "prop-cadft"} <= {
+        m.name for m in ext.methods}
+    assert std.base["model"]["name_or_path"] == "builtin-bench"
+    assert ext.scenarios == std.scenarios and ext.base == std.base
+    # the paper's sweep: 5 runs per scenario whose targets have equal budgets, up to 9 else
     runs = [c for c in cells(std) if c.alias_of is None]
-    assert len(runs) == 276
+    assert len(runs) == 188
     sweep_runs = [c for c in runs if c.method.point is not None and c.seed == 0]
     assert {sum(c.scenario is sc for c in sweep_runs) for sc in std.scenarios} == {5, 9}
-    assert {m.loss["name"] for m in std.methods} >= {"sft", "dft", "cadft"}
-    assert any(m.planner and m.planner["name"] == "mergemix" for m in std.methods)
+    # long enough for each method's schedule: DynaMiCS >= 6 updates, DynamixSFT >= 30
+    from mixtune.mixers.dynamics import schedule_steps
+
+    mix = {m.name: m.mixer for m in std.methods}
+    steps = std.base["max_steps"]
+    assert len(schedule_steps(mix["dynamics"]["schedule"], steps)) >= 6
+    assert steps // mix["dynamixsft"]["update_every"] >= 30
     for sc in std.scenarios:
         roles = [e.get("role") for e in sc.evals]
         assert 1 <= roles.count("target") <= 3 and roles.count("constraint") >= 3
+        assert any(d["path"] == "builtin:replay" for d in sc.datasets)  # the regulariser
 
 
 def test_mergemix_planned_method_counts_planning_and_reuses_the_plan(tmp_path, make_config,

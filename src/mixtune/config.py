@@ -79,7 +79,7 @@ class ModelConfig:
         if self.gguf_file is not None:
             _check(bool(self.gguf_file.strip()), "model.gguf_file", "must be a file name",
                    self.gguf_file)
-            if self.config is not None or self.name_or_path == "builtin":
+            if self.config is not None or self.name_or_path in ("builtin", "builtin-bench"):
                 raise ConfigError("model.gguf_file: needs model.name_or_path set to the directory "
                                   "(or hub repo) holding the file, and no model.config")
 

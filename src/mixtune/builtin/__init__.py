@@ -80,9 +80,18 @@ from mixtune.builtin.safety import REFUSAL
 from mixtune.builtin.tokenizer import PAD_TOKEN, SPECIAL_TOKENS, byte_tokenizer
 
 __all__ = ["DOMAINS", "PAD_TOKEN", "REFUSAL", "SPECIAL_TOKENS", "DomainInfo", "base_model_path",
+           "bench_model_path",
            "byte_tokenizer", "load_domain", "write_domain_jsonl"]
 
 
 def base_model_path() -> Path:
     """The shipped base model + tokenizer directory (inside the installed package)."""
     return Path(__file__).parent / "base"
+
+
+def bench_model_path() -> Path:
+    """The benchmark base model (``model.name_or_path: builtin-bench``): the same architecture
+    and tokenizer, pre-trained by ``scripts/pretrain_base.py --bench`` on the ``train_a`` halves
+    of definitions, arithmetic, safety and dialogue only, briefly enough that nothing is
+    memorised, so held-out constraints have headroom and ``builtin:replay`` is fresh data."""
+    return Path(__file__).parent / "bench"

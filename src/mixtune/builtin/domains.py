@@ -19,10 +19,20 @@ from pathlib import Path
 from mixtune.builtin.generated import arithmetic, word_problems
 from mixtune.builtin.replay import DEFAULT_N, replay
 from mixtune.builtin.safety import safety
-from mixtune.builtin.split import HALVES, Maker, Record, draw, in_eval, in_test
+from mixtune.builtin.split import (
+    HALVES,
+    TRAIN_HALVES,
+    Maker,
+    Record,
+    draw,
+    in_eval,
+    in_half,
+    stream_of,
+)
 
 DATA = Path(__file__).parent / "data"
-SPLITS = ("train", "eval", *HALVES)
+SPLITS = ("train", "eval", *HALVES, *TRAIN_HALVES)
+EVAL_HALF_N = 400  # default size of a generated domain's dev and test halves
 
 
 @dataclass(frozen=True)
@@ -83,7 +93,7 @@ def load_domain(name: str, split: str = "train", n: int | None = None,
             split key; a real domain's dev and test records together are exactly its eval
             records, for any seed).
         n: how many records; ``None`` means all of a real domain, or the domain's
-            ``default_n`` for a generated one (half the eval size for dev and test). A real
+            ``default_n`` for a generated one (``EVAL_HALF_N`` for dev and test). A real
             domain returns at most what it has.
         seed: decides which records are drawn and their order (same seed, same list).
     """
@@ -96,18 +106,21 @@ def load_domain(name: str, split: str = "train", n: int | None = None,
         raise ValueError(f"n must be >= 0, got {n}")
     if info.kind == "mixture":
         return replay(split, n, seed)
+    stream = stream_of(split)
     if info.kind == "generated":
-        size = info.default_n[split != "train"] // (2 if split in HALVES else 1)
+        # dev and test: EVAL_HALF_N each (more than eval's default: a benchmark's constraints
+        # need small standard errors, and generated domains cost nothing to draw)
+        size = (EVAL_HALF_N if split in HALVES
+                else info.default_n[stream == "eval"] // (1 if split == stream else 2))
         return draw(name, split, size if n is None else n, seed, MAKERS[name],
                     info.eval_permille)
-    # dev and test are eval drawn and shuffled as usual, then halved: eval's records, openers
-    # and order, so together they are exactly eval
-    stream = "eval" if split in HALVES else split
+    # a half (dev/test of eval, train_a/train_b of train) is its whole split drawn and
+    # shuffled as usual, then halved: the same records, openers and order, so the two halves
+    # together are exactly the whole
     rng = random.Random(f"{name}/{stream}/{seed}")
     pairs = _trivia(stream, rng) if name == "trivia" else _real(info, stream)
     rng.shuffle(pairs)
-    records = [rec for key, rec in pairs
-               if split == stream or in_test(name, key) == (split == "test")]
+    records = [rec for key, rec in pairs if in_half(name, key, split)]
     return records if n is None else records[:n]
 
 

@@ -1,20 +1,20 @@
-"""``replay``: the built-in base model's pre-training mixture, as a regulariser dataset.
+"""``replay``: general data of the benchmark base model's pre-training kind, as a regulariser.
 
-Fine-tuning recipes protect what a model knows by mixing some of its general pre-training text
-back in (the DynaMiCS paper's Wikipedia / FineWeb regularisers). For the built-in base model that
-text is known exactly: ``scripts/pretrain_base.py`` trained it on dialogue, trivia, definitions,
-arithmetic and safety. ``replay`` draws records from those domains in :data:`REPLAY`'s shares
-(the pre-training mixture's token shares, used here as shares of records), each record tagged
-with its ``source``. Its train split is drawn from the sources' train splits, so it repeats what
-the base saw; its eval / dev / test splits from theirs, which the base never saw.
+Fine-tuning recipes protect what a model knows by mixing general text of its pre-training kind
+back in (the DynaMiCS paper's Wikipedia / FineWeb regularisers). The benchmark base model
+(``builtin-bench``) was pre-trained by ``scripts/pretrain_base.py --bench`` on the ``train_a``
+half of definitions, arithmetic, safety and dialogue in :data:`REPLAY`'s token shares.
+``replay`` draws records from the same domains in the same shares (as shares of records), each
+tagged with its ``source``: its train split from their ``train_b`` halves -- fresh examples of
+the kind the bench base learned, never seen by it -- and its eval / dev / test splits from
+theirs. (For the demo's base model, trained on all of train, the train split is seen data.)
 """
 
 from __future__ import annotations
 
 import random
 
-REPLAY = {"definitions": 0.32, "dialogue": 0.12, "trivia": 0.2, "arithmetic": 0.28,
-          "safety": 0.08}
+REPLAY = {"definitions": 0.5, "arithmetic": 0.3, "safety": 0.12, "dialogue": 0.08}
 DEFAULT_N = (4000, 400)  # (train, eval) records when n is None; dev and test get half of eval
 
 
@@ -26,9 +26,10 @@ def replay(split: str, n: int | None, seed: int) -> list[dict]:
 
     if n is None:
         n = DEFAULT_N[split != "train"] // (2 if split in HALVES else 1)
+    source = "train_b" if split == "train" else split  # fresh general data to train on
     out = []
     for name, share in REPLAY.items():
         k = round(share * n)
-        out += [{**rec, "source": name} for rec in load_domain(name, split, k, seed)]
+        out += [{**rec, "source": name} for rec in load_domain(name, source, k, seed)]
     random.Random(f"replay/{split}/{seed}").shuffle(out)
     return out

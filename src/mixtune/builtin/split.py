@@ -36,11 +36,36 @@ def in_test(domain: str, key: str) -> bool:
     return int.from_bytes(digest[:4], "big") % 2 == 1
 
 
+TRAIN_HALVES = ("train_a", "train_b")  # the two halves of train
+
+
+def in_train_b(domain: str, key: str) -> bool:
+    """Whether a train ``key`` belongs to half ``train_b`` (else ``train_a``): a third
+    independent hash. The benchmark base model is pre-trained on ``train_a`` only, so
+    ``train_b`` is general data of the same kind that it never saw (``builtin:replay``)."""
+    digest = hashlib.sha256(f"{domain}\0{key}\0train_b".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 2 == 1
+
+
+def stream_of(split: str) -> str:
+    """The split a half is drawn from (dev/test: eval; train_a/train_b: train)."""
+    return "eval" if split in HALVES else "train" if split in TRAIN_HALVES else split
+
+
+def in_half(domain: str, key: str, split: str) -> bool:
+    """Whether a key of ``stream_of(split)`` belongs to ``split`` (always, for a whole split)."""
+    if split in HALVES:
+        return in_test(domain, key) == (split == "test")
+    if split in TRAIN_HALVES:
+        return in_train_b(domain, key) == (split == "train_b")
+    return True
+
+
 def in_split(domain: str, key: str, split: str, permille: int) -> bool:
-    """Whether ``key`` belongs to ``split`` (train, eval, or its halves dev and test)."""
-    if not in_eval(domain, key, permille):
-        return split == "train"
-    return split == "eval" or (split in HALVES and in_test(domain, key) == (split == "test"))
+    """Whether ``key`` belongs to ``split`` (train, eval, or their halves)."""
+    if in_eval(domain, key, permille) != (stream_of(split) == "eval"):
+        return False
+    return in_half(domain, key, split)
 
 
 def draw(domain: str, split: str, n: int, seed: int, make: Maker, permille: int) -> list[Record]:
@@ -48,10 +73,10 @@ def draw(domain: str, split: str, n: int, seed: int, make: Maker, permille: int)
 
     Rejection sampling keeps the split a property of the key alone; a bounded number of
     tries means a small universe returns fewer than ``n`` records instead of looping forever.
-    dev and test are drawn from eval's stream (same seed), keeping only their half's keys.
+    dev and test are drawn from eval's stream (same seed), keeping only their half's keys;
+    train_a and train_b likewise from train's.
     """
-    stream = "eval" if split in HALVES else split
-    rng = random.Random(f"{domain}/{stream}/{seed}")
+    rng = random.Random(f"{domain}/{stream_of(split)}/{seed}")
     out: list[Record] = []
     seen: set[str] = set()
     for _ in range(50 * n + 1000):

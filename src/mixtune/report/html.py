@@ -41,6 +41,7 @@ def write_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | No
 
     parts = [f"<h1>mixtune run report</h1><p><code>{html.escape(str(run.resolve()))}</code></p>"]
     parts.append(_table(records, summary))
+    parts.append(_noise(records))
     for title, body in extra_sections or []:
         parts.append(f"<h2>{html.escape(title)}</h2>{body}")
     for title, path in figures:
@@ -64,14 +65,15 @@ def _table(records: list[dict], summary: dict | None) -> str:
         return "<p>No evaluation recorded.</p>"
     first, last = evals[0], evals[-1]
     rows = ["<tr><th>domain</th><th>loss @ step %d</th><th>loss @ step %d</th>"
-            "<th>accuracy @ %d</th><th>accuracy @ %d</th></tr>"
+            "<th>change ± paired se</th><th>accuracy @ %d</th><th>accuracy @ %d</th></tr>"
             % (first["step"], last["step"], first["step"], last["step"])]
     for d in last["eval"]:
         a, b = first["eval"].get(d, {}), last["eval"][d]
         rows.append("<tr><td style='text-align:left'>%s</td><td>%s</td><td>%s</td><td>%s</td>"
-                    "<td>%s</td></tr>" % (html.escape(d), _fmt(a.get("loss")),
-                                          _fmt(b.get("loss")), _fmt(a.get("accuracy")),
-                                          _fmt(b.get("accuracy"))))
+                    "<td>%s</td><td>%s</td></tr>"
+                    % (html.escape(d), _pm(a.get("loss"), a.get("loss_se")),
+                       _pm(b.get("loss"), b.get("loss_se")), _change(a, b),
+                       _fmt(a.get("accuracy")), _fmt(b.get("accuracy"))))
     info = ""
     if summary:
         info = (f"<p>{summary.get('steps')} steps, {summary.get('tokens')} supervised tokens, "
@@ -81,6 +83,57 @@ def _table(records: list[dict], summary: dict | None) -> str:
 
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}"
+
+
+def _pm(x, se) -> str:
+    """``x ± se`` (the standard error over the evaluated examples, when logged)."""
+    if x is None:
+        return "-"
+    return f"{x:.4f}" + (f" ± {se:.4f}" if isinstance(se, float) and se == se else "")
+
+
+def _change(a: dict, b: dict) -> str:
+    """The change since the first evaluation with its paired standard error; bold when it is
+    beyond two standard errors (the domain really moved, not which examples were drawn)."""
+    if a.get("loss") is None or b.get("loss") is None:
+        return "-"
+    delta, se = b["loss"] - a["loss"], b.get("change_se")
+    if not isinstance(se, float) or se != se:
+        return f"{delta:+.4f}"
+    text = f"{delta:+.4f} ± {se:.4f}"
+    return f"<b>{text}</b>" if abs(delta) > 2 * se else text
+
+
+def _noise(records: list[dict]) -> str:
+    """DynaMiCS's constraint predictions at each update with their noise: the predicted change
+    H·S_i·w ± H·sqrt(Σ_j w_j² SE_ij²) (from the probes' paired standard errors), and what the
+    next update measured; plus the noise warnings, in plain words."""
+    ups = [r for r in records if isinstance(r.get("mixer"), dict) and "S_se" in r["mixer"]]
+    if not ups:
+        return ""
+    roles = next((u["mixer"]["roles"] for u in ups if "roles" in u["mixer"]), {})
+    cons = [d for d, role in roles.items() if role == "constraint"]
+    realised = {u["step"]: u["mixer"].get("realised", {}) for u in ups}
+    head = "".join(f"<th>{html.escape(d)}</th>" for d in cons)
+    rows = [f"<tr><th>step</th><th>horizon</th>{head}</tr>"]
+    for u in ups:
+        m, w = u["mixer"], u.get("weights", {})
+        cells = []
+        for d in cons:
+            pred = m["predicted"][d] - m["anchor"][d]
+            var = sum((w.get(j, 0.0) * se) ** 2 for j, se in m["S_se"][d].items()
+                      if isinstance(se, float) and se == se)
+            seen = realised.get(m.get("predicted_step"), {}).get(d)
+            real = "" if seen is None else f" (then {seen - m['anchor'][d]:+.4f})"
+            cells.append(f"<td>{pred:+.4f} ± {m['horizon'] * var ** 0.5:.4f}{real}</td>")
+        rows.append(f"<tr><td>{u['step']}</td><td>{m['horizon']}</td>{''.join(cells)}</tr>")
+    notes = [n for u in ups for n in u["mixer"].get("noise_warnings", [])]
+    warn = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    return ("<h2>DynaMiCS: predicted constraint changes ± noise</h2><p>At each update: the "
+            "predicted change of each constraint over the next interval under the chosen "
+            "mixture ± its standard error from the probes (paired over the same examples), and "
+            "(then) the change the next update measured.</p><table>" + "".join(rows)
+            + "</table>" + (f"<p>Noise warnings:</p><ul>{warn}</ul>" if warn else ""))
 
 
 def _load_json(path: Path):

@@ -60,6 +60,11 @@ def _med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def _p90(xs):
+    xs = sorted(x for x in xs if x is not None)
+    return xs[min(len(xs) - 1, int(0.9 * len(xs)))] if xs else float("nan")
+
+
 def noise_table(cells) -> str:
     move, se, level = {}, {}, {}
     for c in cells:
@@ -97,18 +102,19 @@ def prediction_table(cells) -> str:
                         rows.setdefault((c["scenario"], c["method"]), []).append((abs(err), moved))
             prev = m
     methods = sorted({k[1] for k in rows})
-    lines = ["| scenario | " + " | ".join(f"{m}: median abs error / abs predicted change"
-                                           for m in methods) + " |",
+    lines = ["| scenario | " + " | ".join(f"{m}: abs error median, p90 / abs predicted change "
+                                           "median" for m in methods) + " |",
              "|---|" + "---|" * len(methods)]
     for sc in sorted({k[0] for k in rows}):
         cells_ = []
         for m in methods:
             v = rows.get((sc, m), [])
-            cells_.append(f"{_med([e for e, _ in v]):.4f} / {_med([p for _, p in v]):.4f}"
-                          if v else "-")
+            cells_.append(f"{_med([e for e, _ in v]):.4f}, {_p90([e for e, _ in v]):.4f} / "
+                          f"{_med([p for _, p in v]):.4f}" if v else "-")
         lines.append(f"| {sc} | " + " | ".join(cells_) + " |")
     allm = ["| all | " + " | ".join(
-        f"{_med([e for k, v in rows.items() if k[1] == m for e, _ in v]):.4f} / "
+        f"{_med([e for k, v in rows.items() if k[1] == m for e, _ in v]):.4f}, "
+        f"{_p90([e for k, v in rows.items() if k[1] == m for e, _ in v]):.4f} / "
         f"{_med([p for k, v in rows.items() if k[1] == m for _, p in v]):.4f}"
         for m in methods) + " |"]
     return "\n".join(lines + allm)

@@ -3,6 +3,7 @@ references are per seed; planner bounds and the paper protocol, end to end (the 
 hand-written cells: test_suite_table.py)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -98,6 +99,9 @@ def test_builtin_suites_load_and_every_cell_validates():
         roles = [e.get("role") for e in sc.evals]
         assert 1 <= roles.count("target") <= 3 and roles.count("constraint") >= 3
         assert any(d["path"] == "builtin:replay" for d in sc.datasets)  # the regulariser
+    # the real-model benchmark's suite validates too (its model is only loaded when it runs)
+    real = load_suite(str(Path(__file__).parents[1] / "bench" / "suites" / "smollm2.yaml"))
+    assert check_suite(real) == 7
 
 
 def test_mergemix_planned_method_counts_planning_and_reuses_the_plan(tmp_path, make_config,

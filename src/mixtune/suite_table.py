@@ -38,6 +38,9 @@ from pathlib import Path
 
 import yaml
 
+from mixtune.eval.constraints import select_best_feasible
+from mixtune.mixers.base import DomainInfo
+
 
 def _float(path: Path) -> float | None:
     return float(path.read_text()) if path.is_file() else None
@@ -58,6 +61,10 @@ def _within(rec: dict, base: dict, d: str, info: dict) -> bool:
 def select(evals: list[tuple[int, dict]], domains: dict[str, dict]) -> dict:
     """The paper's checkpoint of one run and its test numbers.
 
+    The step is chosen by :func:`mixtune.eval.constraints.select_best_feasible`, the rule
+    behind every run's ``summary.json`` (targets and constraints in their metric, loss-like);
+    the numbers reported at it are the targets' losses on their test twins.
+
     Args:
         evals: ``(step, eval record)`` of every scheduled evaluation, in step order; the
             first is the base model (step 0).
@@ -68,28 +75,26 @@ def select(evals: list[tuple[int, dict]], domains: dict[str, dict]) -> dict:
         and ``test_loss_delta`` (0 when infeasible; None without targets) and ``reported_on``
         (``test`` when every target has a test twin, else ``eval``).
     """
-    (_, base), later = evals[0], evals[1:]
+    (_, base) = evals[0]
     targets = [d for d, i in domains.items() if i["role"] == "target"]
-    constraints = [d for d, i in domains.items() if i["role"] == "constraint"]
     twins = {i["test_of"]: d for d, i in domains.items() if i["role"] == "test"}
     on_test = bool(targets) and all(t in twins for t in targets)
     out = {"selected_step": None, "feasible": False, "test_ppl_delta": None,
            "test_loss_delta": None, "reported_on": "test" if on_test else "eval"}
     if not targets:
         return out
-
-    def total(rec: dict) -> float:
-        return sum(rec[t]["loss"] for t in targets)
-
-    feasible = [(total(rec), step, rec) for step, rec in later
-                if total(rec) < total(base)
-                and all(_within(rec, base, d, domains[d]) for d in constraints)]
-    out.update(feasible=bool(feasible), test_ppl_delta=0.0, test_loss_delta=0.0)
-    if feasible:  # lowest summed target loss; the earliest step on a tie
-        _, step, rec = min(feasible, key=lambda x: (x[0], x[1]))
+    # The run's own rule (eval.constraints.select_best_feasible, as summary.json's
+    # best_feasible), on the selection domains; test twins never take part.
+    seen = [DomainInfo(d, i["role"], i["metric"], i["reference"]) for d, i in domains.items()
+            if i["role"] in ("target", "constraint")]
+    best = select_best_feasible([{"step": s, "eval": rec} for s, rec in evals], seen)
+    out.update(feasible=best["feasible"], test_ppl_delta=0.0, test_loss_delta=0.0)
+    if best["feasible"]:
+        rec = dict(evals)[best["step"]]
         report = [twins[t] if on_test else t for t in targets]
         diffs = [rec[d]["loss"] - base[d]["loss"] for d in report]
-        out.update(selected_step=step, test_ppl_delta=1 - math.exp(statistics.mean(diffs)),
+        out.update(selected_step=best["step"],
+                   test_ppl_delta=1 - math.exp(statistics.mean(diffs)),
                    test_loss_delta=-sum(diffs) / sum(base[d]["loss"] for d in report))
     return out
 

@@ -9,7 +9,7 @@ from mixtune import config
 from mixtune.engine.loop import Trainer
 from mixtune.engine.rundir import read_metrics
 from mixtune.errors import ConfigError
-from mixtune.eval.domains import Scores, loss_se
+from mixtune.eval.domains import Scores, loss_se, mean_se
 from mixtune.mixers import DatasetInfo, DomainInfo, MixContext
 from mixtune.mixers.dynamics import DynaMiCS, DynaMiCSConfig
 from test_dynamics import _records, toy_config
@@ -51,6 +51,9 @@ def test_loss_se_is_the_ratio_estimators_standard_error():
     assert loss_se(nll, tokens) == pytest.approx(np.std(boot), rel=0.1)
     assert loss_se(3.0 * tokens, tokens) == pytest.approx(0.0, abs=1e-12)  # no spread
     assert np.isnan(loss_se(np.ones(1), np.ones(1)))  # one example: unknown
+    hits = np.array([1.0, 0.0, 1.0, 1.0])  # exact match: the plain mean's standard error
+    assert mean_se(hits) == pytest.approx(np.sqrt(0.75 / 3) / 2)  # sample var 0.25, n = 4
+    assert np.isnan(mean_se(hits[:1]))
 
 
 def test_every_evaluation_logs_its_standard_error_and_size(data_root, tmp_path):

@@ -44,7 +44,7 @@ from mixtune.engine.runtime import (  # noqa: F401  (re-exported)
 )
 from mixtune.errors import ConfigError, TrainingError
 from mixtune.eval.constraints import best_feasible_for_run
-from mixtune.eval.domains import Scores, evaluate_examples, loss_se, summarize
+from mixtune.eval.domains import Scores, evaluate_examples, first_batches, loss_se, summarize
 from mixtune.losses import build_loss, reduce
 from mixtune.mixers import DatasetInfo, DomainInfo, MixContext, build_mixer
 from mixtune.simplex import validate
@@ -220,12 +220,11 @@ class Trainer:
         if scores is None:
             scores = evaluate_examples(self.model, self.acc, domains, self.tokenizer, n_batches,
                                        accuracy)
-        result = summarize(scores, domains, n_batches)
+        scores = {d.name: first_batches(scores[d.name], d, n_batches) for d in domains}
+        result = summarize(scores, domains)
         if per_example:
             for d in domains:
-                sc = scores[d.name]
-                nb = d.n_batches if n_batches is None else min(n_batches, d.n_batches)
-                result[d.name]["scores"] = sc.head(nb * d.batch_size)
+                result[d.name]["scores"] = scores[d.name]
         return result
 
     # ------------------------------------------------------------------------------------------

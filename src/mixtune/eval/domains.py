@@ -70,6 +70,16 @@ def loss_se(nll: np.ndarray, tokens: np.ndarray) -> float:
     return float(np.sqrt(n / (n - 1) * (resid @ resid)) / total)
 
 
+def mean_se(values: np.ndarray) -> float:
+    """Standard error of a plain mean over examples (e.g. exact-match 0/1; NaN under 2)."""
+    return float(values.std(ddof=1) / np.sqrt(values.size)) if values.size >= 2 else float("nan")
+
+
+def first_batches(sc: Scores, dom: EvalDomain, n_batches: int | None) -> Scores:
+    """The examples of ``dom``'s first ``n_batches`` batches (all with None)."""
+    return sc if n_batches is None else sc.head(min(n_batches, dom.n_batches) * dom.batch_size)
+
+
 def summarize(scores: dict[str, Scores], domains: list[EvalDomain],
               n_batches: int | None = None) -> dict[str, dict[str, float]]:
     """``{domain: {"loss", "loss_se", "n"[, "accuracy"]}}`` over each domain's first
@@ -77,9 +87,7 @@ def summarize(scores: dict[str, Scores], domains: list[EvalDomain],
     (:func:`loss_se`); ``n``: examples evaluated."""
     out = {}
     for dom in domains:
-        sc = scores[dom.name]
-        if n_batches is not None:
-            sc = sc.head(min(n_batches, dom.n_batches) * dom.batch_size)
+        sc = first_batches(scores[dom.name], dom, n_batches)
         res = {"loss": float(sc.nll.sum() / max(sc.tokens.sum(), 1.0)),
                "loss_se": loss_se(sc.nll, sc.tokens), "n": int(sc.nll.size)}
         if sc.correct is not None:

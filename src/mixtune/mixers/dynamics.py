@@ -54,7 +54,7 @@ import numpy as np
 
 from mixtune.errors import ConfigError, MixtuneError
 from mixtune.eval.constraints import Constraints, loss_like, native
-from mixtune.eval.domains import loss_se
+from mixtune.eval.domains import loss_se, mean_se
 from mixtune.mixers import dynamics_solver as solver
 from mixtune.mixers.base import DatasetInfo, DomainInfo, MixContext, Steps, Weights
 
@@ -238,9 +238,7 @@ class DynaMiCS:
         """Standard error of :meth:`_value` over the evaluated examples (NaN if unknown)."""
         sc = m.get("scores")
         if d.role != "monitor" and d.metric == "accuracy":
-            if sc is None or sc.correct is None or sc.correct.size < 2:
-                return float("nan")
-            return float(sc.correct.std(ddof=1) / np.sqrt(sc.correct.size))
+            return float("nan") if sc is None or sc.correct is None else mean_se(sc.correct)
         return float(m.get("loss_se", float("nan")))
 
     def _paired_se(self, before: dict, after: dict, d: DomainInfo) -> float:
@@ -250,10 +248,9 @@ class DynaMiCS:
         if a is None or b is None or a.nll.size != b.nll.size:
             return float("nan")
         if d.role != "monitor" and d.metric == "accuracy":
-            if a.correct is None or b.correct is None or a.correct.size < 2:
+            if a.correct is None or b.correct is None:
                 return float("nan")
-            diff = b.correct - a.correct  # loss-like: −accuracy
-            return float(diff.std(ddof=1) / np.sqrt(diff.size))
+            return mean_se(b.correct - a.correct)  # loss-like: −accuracy
         return loss_se(a.nll - b.nll, b.tokens)
 
     def _slopes(self, ctx: MixContext, now: dict, L: np.ndarray,

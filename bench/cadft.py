@@ -86,10 +86,21 @@ def scenario(name: str, work: Path, noise: float, n: int) -> tuple[dict, set]:
         target, clean = "word_problems", load_domain("word_problems", "train", n=n)
         recs, bad = corrupt_foreign(clean, noise, rng, replies)
         extra = [{"name": "arithmetic", "path": "builtin:arithmetic", "max_examples": n}]
-    datasets = {kind: [{"name": target, "path": write_jsonl(work / f"{name}-{kind}.jsonl", r)}]
-                + extra for kind, r in (("noisy", recs), ("clean", clean))}
-    evals = [{"name": target, "path": f"builtin:{target}", "split": "eval", "role": "target",
-              "batches": 8, "batch_size": 16, "max_new_tokens": 8}]
+    datasets = {
+        kind: [{"name": target, "path": write_jsonl(work / f"{name}-{kind}.jsonl", r)}] + extra
+        for kind, r in (("noisy", recs), ("clean", clean))
+    }
+    evals = [
+        {
+            "name": target,
+            "path": f"builtin:{target}",
+            "split": "eval",
+            "role": "target",
+            "batches": 8,
+            "batch_size": 16,
+            "max_new_tokens": 8,
+        }
+    ]
     return {"datasets": datasets, "evals": evals, "target": target}, bad
 
 
@@ -123,8 +134,9 @@ class WeightSpy:
         tok = trainer.tokenizer
         for k, ts in enumerate(trainer.train_sets):
             for e in range(ts.size):
-                prompt = tok.decode(ts.data.input_ids[e][: ts.data.prompt_len[e]],
-                                    skip_special_tokens=True)
+                prompt = tok.decode(
+                    ts.data.input_ids[e][: ts.data.prompt_len[e]], skip_special_tokens=True
+                )
                 self.flags[(k, e)] = prompt.strip() in bad_prompts
         self.sums = {True: [0.0, 0], False: [0.0, 0]}
 
@@ -132,16 +144,37 @@ class WeightSpy:
         return {flag: s[0] / s[1] if s[1] else float("nan") for flag, s in self.sums.items()}
 
 
-def run_one(sc: dict, bad: set, method: str, seed: int, steps: int, out: Path,
-            spy: WeightSpy, model: str = "builtin", lr: float = 5e-4) -> dict:
+def run_one(
+    sc: dict,
+    bad: set,
+    method: str,
+    seed: int,
+    steps: int,
+    out: Path,
+    spy: WeightSpy,
+    model: str = "builtin",
+    lr: float = 5e-4,
+) -> dict:
     raw = {
-        "output_dir": str(out), "seed": seed, "max_steps": steps, "resume": "never",
-        "progress": False, "model": {"name_or_path": model},
+        "output_dir": str(out),
+        "seed": seed,
+        "max_steps": steps,
+        "resume": "never",
+        "progress": False,
+        "model": {"name_or_path": model},
         "datasets": sc["datasets"]["clean" if method == "sft-clean" else "noisy"],
         "evals": sc["evals"],
-        "mixer": {"name": "proportional"}, "loss": METHODS[method],
-        "train": {"batch_size": 16, "lr": lr, "schedule": "cosine", "warmup_ratio": 0.1,
-                  "max_length": 128, "eval_every": 0, "log_every": 1},
+        "mixer": {"name": "proportional"},
+        "loss": METHODS[method],
+        "train": {
+            "batch_size": 16,
+            "lr": lr,
+            "schedule": "cosine",
+            "warmup_ratio": 0.1,
+            "max_length": 128,
+            "eval_every": 0,
+            "log_every": 1,
+        },
     }
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -151,20 +184,24 @@ def run_one(sc: dict, bad: set, method: str, seed: int, steps: int, out: Path,
     summary = trainer.run()
     records = [json.loads(x) for x in open(out / "metrics.jsonl")]
     gn = np.array([r["train"]["grad_norm"] for r in records if "train" in r])
-    gn = gn[max(1, len(gn) // 10):]  # skip the LR warm-up
-    res = {"method": method, "seed": seed, "seconds": time.perf_counter() - t0,
-           "acc0": records[0]["eval"][sc["target"]]["accuracy"],
-           "acc": summary["final_eval"][sc["target"]]["accuracy"],
-           "loss": summary["final_eval"][sc["target"]]["loss"],
-           "gn_mean": float(gn.mean()), "gn_var": float(gn.var()),
-           "gn_cv": float(gn.std() / gn.mean())}
+    gn = gn[max(1, len(gn) // 10) :]  # skip the LR warm-up
+    res = {
+        "method": method,
+        "seed": seed,
+        "seconds": time.perf_counter() - t0,
+        "acc0": records[0]["eval"][sc["target"]]["accuracy"],
+        "acc": summary["final_eval"][sc["target"]]["accuracy"],
+        "loss": summary["final_eval"][sc["target"]]["loss"],
+        "gn_mean": float(gn.mean()),
+        "gn_var": float(gn.var()),
+        "gn_cv": float(gn.std() / gn.mean()),
+    }
     if method.startswith("cadft"):
         m = spy.means()
         res.update(w_bad=m[True], w_clean=m[False])
         rw = out / "rewrites.jsonl"
         recs = [json.loads(x) for x in open(rw)] if rw.exists() else []
-        res.update(rewrites=len(recs),
-                   rewrites_bad=sum(r["prompt"].strip() in bad for r in recs))
+        res.update(rewrites=len(recs), rewrites_bad=sum(r["prompt"].strip() in bad for r in recs))
     return res
 
 
@@ -180,8 +217,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default="builtin")
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "mixtune-bench-cadft"),
-                    help="run directories and generated data")
+    ap.add_argument(
+        "--work",
+        default=str(Path(tempfile.gettempdir()) / "mixtune-bench-cadft"),
+        help="run directories and generated data",
+    )
     ap.add_argument("--out", default=None, help="raw results JSON (default: <work>/results.json)")
     args = ap.parse_args()
     if args.quick:
@@ -197,8 +237,17 @@ def main() -> None:
         rows = []
         for seed in args.seeds:
             for method in args.methods:
-                res = run_one(sc, bad, method, seed, args.steps, work / f"{name}-{method}-{seed}",
-                              spy, args.model, args.lr)
+                res = run_one(
+                    sc,
+                    bad,
+                    method,
+                    seed,
+                    args.steps,
+                    work / f"{name}-{method}-{seed}",
+                    spy,
+                    args.model,
+                    args.lr,
+                )
                 rows.append(res)
                 print(json.dumps({"scenario": name, **res}), flush=True)
         results[name] = rows
@@ -213,8 +262,10 @@ def table(results: dict) -> str:
     lines = []
     for name, rows in results.items():
         lines.append(f"\n{name}: median over seeds (per-seed final accuracy in brackets)\n")
-        lines.append("| method | accuracy start -> end | eval CE | grad-norm mean | var | CV | "
-                     "w corrupted / clean | rewrites (on corrupted) | s/run |")
+        lines.append(
+            "| method | accuracy start -> end | eval CE | grad-norm mean | var | CV | "
+            "w corrupted / clean | rewrites (on corrupted) | s/run |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for m in dict.fromkeys(r["method"] for r in rows):
             rs = [r for r in rows if r["method"] == m]
@@ -224,11 +275,14 @@ def table(results: dict) -> str:
 
             per = ", ".join(f"{r['acc']:.3f}" for r in rs)
             w = f"{med('w_bad'):.3f} / {med('w_clean'):.3f}" if "w_bad" in rs[0] else "-"
-            rw = (f"{med('rewrites'):.0f} ({med('rewrites_bad'):.0f})" if "rewrites" in rs[0]
-                  else "-")
-            lines.append(f"| {m} | {med('acc0'):.3f} -> {med('acc'):.3f} [{per}] | "
-                         f"{med('loss'):.3f} | {med('gn_mean'):.3f} | {med('gn_var'):.3g} | "
-                         f"{med('gn_cv'):.3f} | {w} | {rw} | {med('seconds'):.0f} |")
+            rw = (
+                f"{med('rewrites'):.0f} ({med('rewrites_bad'):.0f})" if "rewrites" in rs[0] else "-"
+            )
+            lines.append(
+                f"| {m} | {med('acc0'):.3f} -> {med('acc'):.3f} [{per}] | "
+                f"{med('loss'):.3f} | {med('gn_mean'):.3f} | {med('gn_var'):.3g} | "
+                f"{med('gn_cv'):.3f} | {w} | {rw} | {med('seconds'):.0f} |"
+            )
     return "\n".join(lines)
 
 

@@ -46,6 +46,7 @@ def median(xs) -> float:
 
 def table(headers: list[str], rows: list[list]) -> str:
     """A GitHub markdown table; floats get 4 significant digits unless pre-formatted."""
+
     def fmt(x):
         if isinstance(x, float):
             return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
@@ -58,8 +59,9 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 def run_worker(argv: list[str], threads: int, log_path: Path) -> dict:
     """Run ``python argv...`` pinned to ``threads``; return the JSON object on its last line."""
-    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
-                          env=thread_env(threads))
+    proc = subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, env=thread_env(threads)
+    )
     with open(log_path, "a") as f:
         f.write(f"$ {' '.join(argv)}\n{proc.stderr}\n")
     if proc.returncode != 0:

@@ -36,14 +36,19 @@ import conftest  # noqa: E402
 from test_distributed import CASES, case_config  # noqa: E402
 
 
-def run_worker(raw: dict, work: Path, procs: int, threads: int = 1) -> tuple[dict, torch.Tensor,
-                                                                             float]:
+def run_worker(
+    raw: dict, work: Path, procs: int, threads: int = 1
+) -> tuple[dict, torch.Tensor, float]:
     """Run the worker on ``raw`` with ``procs`` processes; (result, params, wall seconds)."""
     work.mkdir(parents=True, exist_ok=True)
     raw = {**raw, "output_dir": str(work / "run")}
     (work / "cfg.json").write_text(json.dumps(raw))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
-           "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     args = [str(TESTS / "dist_worker.py"), str(work / "cfg.json"), str(work / "out.json")]
     if procs > 1:
         cmd = [shutil.which("torchrun"), "--standalone", "--nproc_per_node", str(procs), *args]
@@ -66,9 +71,11 @@ def agreement(name: str, tmp: Path, data_dir: Path) -> dict:
     u1, (u2a, u2b) = one["updates"][0], two["updates"]
     dw = max(abs(a - b) for x, y in zip(u1, u2a) for a, b in zip(x["weights"], y["weights"]))
     return {
-        "case": name, "updates": len(u1),
+        "case": name,
+        "updates": len(u1),
         "ranks_identical": u2a == u2b and two["params_in_sync"],
-        "max_weight_diff": dw, "max_param_diff": float((p1 - p2).abs().max()),
+        "max_weight_diff": dw,
+        "max_param_diff": float((p1 - p2).abs().max()),
         "max_param_abs": float(p1.abs().max()),
     }
 
@@ -76,15 +83,34 @@ def agreement(name: str, tmp: Path, data_dir: Path) -> dict:
 def timing_config(tmp: Path, steps: int) -> dict:
     """DynamixSFT on the built-in base model and three built-in domains."""
     return {
-        "seed": 0, "max_steps": steps, "progress": False, "output_dir": str(tmp / "t"),
+        "seed": 0,
+        "max_steps": steps,
+        "progress": False,
+        "output_dir": str(tmp / "t"),
         "model": {"name_or_path": "builtin"},
-        "datasets": [{"name": n, "path": f"builtin:{n}", "max_examples": 400}
-                     for n in ("arithmetic", "code", "dialogue")],
-        "evals": [{"name": "arithmetic", "path": "builtin:arithmetic", "split": "eval",
-                   "batches": 2, "batch_size": 8, "accuracy": False}],
+        "datasets": [
+            {"name": n, "path": f"builtin:{n}", "max_examples": 400}
+            for n in ("arithmetic", "code", "dialogue")
+        ],
+        "evals": [
+            {
+                "name": "arithmetic",
+                "path": "builtin:arithmetic",
+                "split": "eval",
+                "batches": 2,
+                "batch_size": 8,
+                "accuracy": False,
+            }
+        ],
         "mixer": {"name": "dynamixsft", "update_every": 10},
-        "train": {"batch_size": 16, "lr": 5e-4, "max_length": 128, "eval_every": steps,
-                  "log_every": 10, "save_every": 0},
+        "train": {
+            "batch_size": 16,
+            "lr": 5e-4,
+            "max_length": 128,
+            "eval_every": steps,
+            "log_every": 10,
+            "save_every": 0,
+        },
     }
 
 
@@ -116,18 +142,24 @@ def main() -> None:
             res, _, wall = run_worker(raw, tmp / f"time-{label[0]}{label[5]}-{r}", procs, threads)
             times[label].append({"wall": wall, "train": max(res["seconds"])})
             print(label, times[label][-1], flush=True)
-    med = {k: {m: statistics.median(x[m] for x in v) for m in ("wall", "train")}
-           for k, v in times.items()}
-    out = {"agreement": rows,
-           "timing": {"steps": steps, "repeats": repeats, "runs": times, "median": med}}
+    med = {
+        k: {m: statistics.median(x[m] for x in v) for m in ("wall", "train")}
+        for k, v in times.items()
+    }
+    out = {
+        "agreement": rows,
+        "timing": {"steps": steps, "repeats": repeats, "runs": times, "median": med},
+    }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
 
     print("\n| case | updates | ranks identical | max weight diff | max param diff |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['updates']} | {r['ranks_identical']} | "
-              f"{r['max_weight_diff']:.2e} | {r['max_param_diff']:.2e} |")
+        print(
+            f"| {r['case']} | {r['updates']} | {r['ranks_identical']} | "
+            f"{r['max_weight_diff']:.2e} | {r['max_param_diff']:.2e} |"
+        )
     print(f"\ntiming ({steps} steps, median of {repeats}):")
     for k, v in med.items():
         print(f"  {k}: train loop {v['train']:.1f} s, process wall {v['wall']:.1f} s")

@@ -43,19 +43,35 @@ from common import loadavg, median, pin_threads, run_worker, table  # noqa: E402
 
 SCENARIOS = [  # (name, targets with sample budgets, regulariser datasets, constraint domains)
     ("s01", {"code": 1000}, ["dialogue", "trivia"], ["dialogue", "trivia", "definitions"]),
-    ("s02", {"word_problems": 1000}, ["arithmetic", "definitions"],
-     ["arithmetic", "definitions", "trivia"]),
+    (
+        "s02",
+        {"word_problems": 1000},
+        ["arithmetic", "definitions"],
+        ["arithmetic", "definitions", "trivia"],
+    ),
     ("s03", {"safety": 800}, ["dialogue", "trivia"], ["dialogue", "trivia", "definitions"]),
     ("s04", {"code": 400}, ["definitions", "arithmetic"], ["definitions", "arithmetic", "safety"]),
     ("s05", {"word_problems": 600}, ["trivia", "dialogue"], ["trivia", "dialogue", "arithmetic"]),
     ("s06", {"definitions": 2000}, ["dialogue", "trivia"], ["dialogue", "trivia", "safety"]),
     ("s07", {"arithmetic": 2000}, ["trivia", "definitions"], ["trivia", "definitions", "safety"]),
-    ("s08", {"code": 600, "word_problems": 600}, ["dialogue", "arithmetic"],
-     ["dialogue", "arithmetic", "trivia"]),
-    ("s09", {"code": 500, "safety": 300}, ["trivia", "definitions"],
-     ["trivia", "definitions", "dialogue"]),
-    ("s10", {"code": 500, "word_problems": 500, "safety": 300}, ["trivia", "arithmetic"],
-     ["trivia", "arithmetic", "definitions", "dialogue"]),
+    (
+        "s08",
+        {"code": 600, "word_problems": 600},
+        ["dialogue", "arithmetic"],
+        ["dialogue", "arithmetic", "trivia"],
+    ),
+    (
+        "s09",
+        {"code": 500, "safety": 300},
+        ["trivia", "definitions"],
+        ["trivia", "definitions", "dialogue"],
+    ),
+    (
+        "s10",
+        {"code": 500, "word_problems": 500, "safety": 300},
+        ["trivia", "arithmetic"],
+        ["trivia", "arithmetic", "definitions", "dialogue"],
+    ),
 ]
 MASSES = (0.0, 0.2, 0.5, 0.8, 1.0)
 DOMAINS = ("arithmetic", "code", "definitions", "dialogue", "safety", "trivia", "word_problems")
@@ -80,29 +96,52 @@ def fixed_mixtures(targets: dict, regs: list[str]) -> tuple[dict[str, dict], dic
 
 
 def evals(names, args, roles=None, refs=None) -> list[dict]:
-    return [{"name": d, "path": f"builtin:{d}", "split": "eval", "batches": args.eval_batches,
-             "batch_size": 8, "accuracy": False, "role": (roles or {}).get(d, "monitor"),
-             "reference": (refs or {}).get(d)} for d in names]
+    return [
+        {
+            "name": d,
+            "path": f"builtin:{d}",
+            "split": "eval",
+            "batches": args.eval_batches,
+            "batch_size": 8,
+            "accuracy": False,
+            "role": (roles or {}).get(d, "monitor"),
+            "reference": (refs or {}).get(d),
+        }
+        for d in names
+    ]
 
 
 def train_section(args) -> dict:
     every = max(1, args.steps // 8)
-    return {"batch_size": args.batch_size, "lr": args.lr, "schedule": "constant",
-            "max_length": args.max_length, "eval_every": every, "log_every": every,
-            "save_every": 0}
+    return {
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "schedule": "constant",
+        "max_length": args.max_length,
+        "eval_every": every,
+        "log_every": every,
+        "save_every": 0,
+    }
 
 
 def run_config(scn, seed: int, mixer: dict, args, refs: dict, out_dir: Path) -> dict:
     _, targets, regs, cons = scn
-    datasets = [{"name": t, "path": f"builtin:{t}", "max_examples": n}
-                for t, n in targets.items()]
+    datasets = [{"name": t, "path": f"builtin:{t}", "max_examples": n} for t, n in targets.items()]
     datasets += [{"name": r, "path": f"builtin:{r}", "max_examples": 2000} for r in regs]
     roles = {**{t: "target" for t in targets}, **{c: "constraint" for c in cons}}
     cons_refs = {c: refs[c] + args.slack for c in cons}
-    return {"output_dir": str(out_dir), "seed": seed, "max_steps": args.steps,
-            "resume": "never", "progress": False, "model": {"name_or_path": "builtin"},
-            "datasets": datasets, "evals": evals(list(targets) + cons, args, roles, cons_refs),
-            "mixer": mixer, "train": train_section(args)}
+    return {
+        "output_dir": str(out_dir),
+        "seed": seed,
+        "max_steps": args.steps,
+        "resume": "never",
+        "progress": False,
+        "model": {"name_or_path": "builtin"},
+        "datasets": datasets,
+        "evals": evals(list(targets) + cons, args, roles, cons_refs),
+        "mixer": mixer,
+        "train": train_section(args),
+    }
 
 
 def base_losses(seed: int, args, work: Path) -> dict[str, float]:
@@ -110,10 +149,16 @@ def base_losses(seed: int, args, work: Path) -> dict[str, float]:
     from mixtune import config
     from mixtune.engine.loop import Trainer
 
-    raw = {"output_dir": str(work / f"base-seed{seed}"), "seed": seed, "max_steps": 1,
-           "progress": False, "model": {"name_or_path": "builtin"},
-           "datasets": [{"name": "x", "path": "builtin:arithmetic", "max_examples": 8}],
-           "evals": evals(DOMAINS, args), "train": train_section(args)}
+    raw = {
+        "output_dir": str(work / f"base-seed{seed}"),
+        "seed": seed,
+        "max_steps": 1,
+        "progress": False,
+        "model": {"name_or_path": "builtin"},
+        "datasets": [{"name": "x", "path": "builtin:arithmetic", "max_examples": 8}],
+        "evals": evals(DOMAINS, args),
+        "train": train_section(args),
+    }
     t = Trainer(config.load(data=raw))
     return {d: m["loss"] for d, m in t.evaluate(accuracy=False, use_cache=False).items()}
 
@@ -131,16 +176,25 @@ def worker(cfg_path: str, threads: int) -> None:
     mix = [r["mixer"] for r in read_metrics(cfg["output_dir"]) if "mixer" in r]
     errs = [abs(e) for m in mix for e in m.get("prediction_error", {}).values()]
     errs = [sum(errs) / len(errs)] if errs else []
-    print(json.dumps({
-        "feasible": best["feasible"], "loss_red": best["target_reduction"],
-        "ppl_red": best["target_ppl_reduction"], "step": best["step"],
-        "seconds": summary["seconds"],
-        "probe_steps": sum(m.get("probe_steps", 0) for m in mix) * len(cfg["datasets"]),
-        "mixer_seconds": sum(m.get("probe_seconds", 0) + m.get("solve_seconds", 0)
-                             for m in mix),
-        "updates": len(mix), "updates_feasible": sum(bool(m.get("feasible")) for m in mix),
-        "pred_err": median(errs) if errs else None, "final_weights": summary["weights"],
-    }))
+    print(
+        json.dumps(
+            {
+                "feasible": best["feasible"],
+                "loss_red": best["target_reduction"],
+                "ppl_red": best["target_ppl_reduction"],
+                "step": best["step"],
+                "seconds": summary["seconds"],
+                "probe_steps": sum(m.get("probe_steps", 0) for m in mix) * len(cfg["datasets"]),
+                "mixer_seconds": sum(
+                    m.get("probe_seconds", 0) + m.get("solve_seconds", 0) for m in mix
+                ),
+                "updates": len(mix),
+                "updates_feasible": sum(bool(m.get("feasible")) for m in mix),
+                "pred_err": median(errs) if errs else None,
+                "final_weights": summary["weights"],
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -171,8 +225,10 @@ def main() -> None:
         sys.exit("the built-in base model is not built yet (scripts/pretrain_base.py)")
     pin_threads(args.threads)
     scns = [s for s in SCENARIOS if args.scenarios == "all" or s[0] in args.scenarios.split(",")]
-    work = Path(args.work) / (f"T{args.steps}-lr{args.lr:g}-b{args.batch_size}"
-                              f"-L{args.max_length}-e{args.eval_batches}-s{args.slack:g}")
+    work = Path(args.work) / (
+        f"T{args.steps}-lr{args.lr:g}-b{args.batch_size}"
+        f"-L{args.max_length}-e{args.eval_batches}-s{args.slack:g}"
+    )
     work.mkdir(parents=True, exist_ok=True)
     c_max = max(1, round(128 * args.steps / 2048))
 
@@ -182,8 +238,7 @@ def main() -> None:
         refs = base_losses(seed, args, work)
         for scn in scns:
             name, targets, regs, _ = scn
-            methods = {"dynamics": {"name": "dynamics", "schedule": "no_warmup",
-                                    "c_max": c_max}}
+            methods = {"dynamics": {"name": "dynamics", "schedule": "no_warmup", "c_max": c_max}}
             runs, alias = fixed_mixtures(targets, regs)
             aliases[name] = alias
             methods.update({k: {"name": "fixed", "weights": w} for k, w in runs.items()})
@@ -198,11 +253,17 @@ def main() -> None:
         cached = path.with_suffix(".result.json")
         if cached.is_file():
             return job, json.loads(cached.read_text())
-        res = run_worker([__file__, "--worker", str(path), "--threads", str(args.threads)],
-                         args.threads, work / "log.txt")
+        res = run_worker(
+            [__file__, "--worker", str(path), "--threads", str(args.threads)],
+            args.threads,
+            work / "log.txt",
+        )
         cached.write_text(json.dumps(res))
-        print(f"{name} seed{seed} {label:12s} feasible={res['feasible']!s:5s} "
-              f"loss_red={res['loss_red']:+.3f} {res['seconds']:.0f}s", file=sys.stderr)
+        print(
+            f"{name} seed{seed} {label:12s} feasible={res['feasible']!s:5s} "
+            f"loss_red={res['loss_red']:+.3f} {res['seconds']:.0f}s",
+            file=sys.stderr,
+        )
         return job, res
 
     load_before = loadavg()
@@ -225,8 +286,12 @@ def render(results, aliases, scns, args, load_before: str, c_max: int) -> str:
         runs = [r for r in runs if r is not None]
         if not runs:
             return 0.0, 0.0, 0.0, 0
-        return (sum(r["feasible"] for r in runs) / len(runs), median([r["loss_red"] for r in runs]),
-                median([r["ppl_red"] for r in runs]), len(runs))
+        return (
+            sum(r["feasible"] for r in runs) / len(runs),
+            median([r["loss_red"] for r in runs]),
+            median([r["ppl_red"] for r in runs]),
+            len(runs),
+        )
 
     def fixed_runs(n, s):
         return [by[(n, s, lab)] for lab in fixed if (n, s, lab) in by]
@@ -234,60 +299,104 @@ def render(results, aliases, scns, args, load_before: str, c_max: int) -> str:
     dyn = [by[(n, s, "dynamics")] for n, s in groups]
     # a configuration identical to another one in a scenario (e.g. proportional = uniform with
     # one target) counts with that run, so every configuration covers every scenario
-    per_cfg = {lab: stats([by.get((n, s, aliases[n][lab])) for n, s in groups])
-               for lab in labels}
+    per_cfg = {lab: stats([by.get((n, s, aliases[n][lab])) for n, s in groups]) for lab in labels}
     best = max(per_cfg, key=lambda k: per_cfg[k][:2])
     pool = [r for n, s in groups for r in fixed_runs(n, s)]
-    oracle = [max(fixed_runs(n, s), key=lambda r: (r["feasible"], r["loss_red"]))
-              for n, s in groups]
-    cost = [by[(n, s, "dynamics")]["seconds"] / median([r["seconds"] for r in fixed_runs(n, s)])
-            for n, s in groups]
+    oracle = [
+        max(fixed_runs(n, s), key=lambda r: (r["feasible"], r["loss_red"])) for n, s in groups
+    ]
+    cost = [
+        by[(n, s, "dynamics")]["seconds"] / median([r["seconds"] for r in fixed_runs(n, s)])
+        for n, s in groups
+    ]
     probe_x = median([r["probe_steps"] / args.steps for r in dyn])
 
     def row(name, st, c):
-        return [name, f"{100 * st[0]:.0f}% ({st[3]} runs)", f"{100 * st[1]:.1f}%",
-                f"{100 * st[2]:.1f}%", c]
+        return [
+            name,
+            f"{100 * st[0]:.0f}% ({st[3]} runs)",
+            f"{100 * st[1]:.1f}%",
+            f"{100 * st[2]:.1f}%",
+            c,
+        ]
 
-    rows = [row("DynaMiCS (no warm-up)", stats(dyn), f"{median(cost):.2f}x"),
-            row(f"best fixed config ({best})", per_cfg[best], "1x"),
-            row("all fixed runs (pool)", stats(pool), "1x each"),
-            row("oracle: best of the sweep per scenario", stats(oracle), "5-9x")]
+    rows = [
+        row("DynaMiCS (no warm-up)", stats(dyn), f"{median(cost):.2f}x"),
+        row(f"best fixed config ({best})", per_cfg[best], "1x"),
+        row("all fixed runs (pool)", stats(pool), "1x each"),
+        row("oracle: best of the sweep per scenario", stats(oracle), "5-9x"),
+    ]
     scen_rows = []
     for (n, s), r, o, c in zip(groups, dyn, oracle, cost):
         fr = fixed_runs(n, s)
-        scen_rows.append([n, s, "yes" if r["feasible"] else "no", f"{100 * r['loss_red']:.1f}%",
-                          f"{r['updates_feasible']}/{r['updates']}",
-                          "n/a" if r["pred_err"] is None else f"{r['pred_err']:.3f}",
-                          f"{sum(x['feasible'] for x in fr)}/{len(fr)}",
-                          f"{100 * o['loss_red']:.1f}%", f"{c:.2f}x"])
-    cfg_rows = [[lab, f"{100 * f:.0f}%", f"{100 * m:.1f}%", k]
-                for lab, (f, m, _, k) in sorted(per_cfg.items())]
+        scen_rows.append(
+            [
+                n,
+                s,
+                "yes" if r["feasible"] else "no",
+                f"{100 * r['loss_red']:.1f}%",
+                f"{r['updates_feasible']}/{r['updates']}",
+                "n/a" if r["pred_err"] is None else f"{r['pred_err']:.3f}",
+                f"{sum(x['feasible'] for x in fr)}/{len(fr)}",
+                f"{100 * o['loss_red']:.1f}%",
+                f"{c:.2f}x",
+            ]
+        )
+    cfg_rows = [
+        [lab, f"{100 * f:.0f}%", f"{100 * m:.1f}%", k]
+        for lab, (f, m, _, k) in sorted(per_cfg.items())
+    ]
     d_feas, b_feas = stats(dyn)[0], per_cfg[best][0]
     cmd = " ".join(["python bench/dynamics.py", *sys.argv[1:]])
-    return "\n".join([
-        "# DynaMiCS benchmark", "",
-        f"Command: `{cmd}`  ",
-        f"Machine: 2-core CPU, torch 2.13 ({platform.machine()}); {args.jobs} runs in parallel"
-        f" x {args.threads} thread; load average before {load_before}, after {loadavg()} "
-        "(the machine was shared).  ",
-        f"Runs: {len(scns)} scenarios x {len(seeds)} seeds; built-in base model, full "
-        f"fine-tuning, {args.steps} steps, batch {args.batch_size}, lr {args.lr:g} constant, "
-        f"max length {args.max_length}; every domain evaluated every "
-        f"{max(1, args.steps // 8)} steps on {args.eval_batches} batches of 8; constraint "
-        f"references = base loss + {args.slack:g} nats; DynaMiCS c_max = {c_max}.", "",
-        "## Summary (medians over scenario x seed; infeasible runs score 0)", "",
-        table(["method", "feasibility", "target-loss reduction", "target-PPL reduction",
-               "cost"], rows), "",
-        f"Feasibility: DynaMiCS {100 * d_feas:.0f}% vs best fixed {100 * b_feas:.0f}% "
-        f"({100 * (d_feas - b_feas):+.0f} points; target: +20). Cost: {median(cost):.2f}x "
-        f"the wall time of one fixed run (target: <= 1.5x); probe training steps = "
-        f"{probe_x:.2f}x the run's own steps.", "",
-        "## Per scenario", "",
-        table(["scenario", "seed", "DynaMiCS feasible", "DynaMiCS loss red.",
-               "predicted-feasible updates", "mean abs pred. error", "fixed feasible",
-               "oracle loss red.", "cost"], scen_rows), "",
-        "## Fixed configurations (all scenarios and seeds)", "",
-        table(["config", "feasibility", "median loss red.", "runs"], cfg_rows), ""])
+    return "\n".join(
+        [
+            "# DynaMiCS benchmark",
+            "",
+            f"Command: `{cmd}`  ",
+            f"Machine: 2-core CPU, torch 2.13 ({platform.machine()}); {args.jobs} runs in parallel"
+            f" x {args.threads} thread; load average before {load_before}, after {loadavg()} "
+            "(the machine was shared).  ",
+            f"Runs: {len(scns)} scenarios x {len(seeds)} seeds; built-in base model, full "
+            f"fine-tuning, {args.steps} steps, batch {args.batch_size}, lr {args.lr:g} constant, "
+            f"max length {args.max_length}; every domain evaluated every "
+            f"{max(1, args.steps // 8)} steps on {args.eval_batches} batches of 8; constraint "
+            f"references = base loss + {args.slack:g} nats; DynaMiCS c_max = {c_max}.",
+            "",
+            "## Summary (medians over scenario x seed; infeasible runs score 0)",
+            "",
+            table(
+                ["method", "feasibility", "target-loss reduction", "target-PPL reduction", "cost"],
+                rows,
+            ),
+            "",
+            f"Feasibility: DynaMiCS {100 * d_feas:.0f}% vs best fixed {100 * b_feas:.0f}% "
+            f"({100 * (d_feas - b_feas):+.0f} points; target: +20). Cost: {median(cost):.2f}x "
+            f"the wall time of one fixed run (target: <= 1.5x); probe training steps = "
+            f"{probe_x:.2f}x the run's own steps.",
+            "",
+            "## Per scenario",
+            "",
+            table(
+                [
+                    "scenario",
+                    "seed",
+                    "DynaMiCS feasible",
+                    "DynaMiCS loss red.",
+                    "predicted-feasible updates",
+                    "mean abs pred. error",
+                    "fixed feasible",
+                    "oracle loss red.",
+                    "cost",
+                ],
+                scen_rows,
+            ),
+            "",
+            "## Fixed configurations (all scenarios and seeds)",
+            "",
+            table(["config", "feasibility", "median loss red.", "runs"], cfg_rows),
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

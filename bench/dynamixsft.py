@@ -46,28 +46,60 @@ METHODS = {
     "dynamixsft-adam": {"name": "dynamixsft", "optimizer": "adam"},
     "dynamixsft-progress": {"name": "dynamixsft", "reward": "progress"},
 }
-BASE_SHAPE = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 512,
-              "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
-              "max_position_embeddings": 256, "tie_word_embeddings": True}
+BASE_SHAPE = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
 
 
-def run_config(method: str, seed: int, steps: int, update_every: int, out: Path,
-               random_init: bool) -> dict:
+def run_config(
+    method: str, seed: int, steps: int, update_every: int, out: Path, random_init: bool
+) -> dict:
     mixer = dict(METHODS[method])
     if mixer["name"] == "dynamixsft":
         mixer["update_every"] = update_every
-    model = ({"name_or_path": "builtin", "tokenizer": "builtin", "config": BASE_SHAPE}
-             if random_init else {"name_or_path": "builtin"})
+    model = (
+        {"name_or_path": "builtin", "tokenizer": "builtin", "config": BASE_SHAPE}
+        if random_init
+        else {"name_or_path": "builtin"}
+    )
     return {
-        "output_dir": str(out / f"{method}-s{seed}"), "seed": seed, "max_steps": steps,
-        "resume": "never", "progress": False, "model": model,
+        "output_dir": str(out / f"{method}-s{seed}"),
+        "seed": seed,
+        "max_steps": steps,
+        "resume": "never",
+        "progress": False,
+        "model": model,
         "datasets": [{"name": d, "path": f"builtin:{d}"} for d in DOMAINS],
-        "evals": [{"name": d, "path": f"builtin:{d}", "split": "eval", "batches": 4,
-                   "batch_size": 16, "max_new_tokens": 16, "accuracy": d in ACCURACY}
-                  for d in DOMAINS],
+        "evals": [
+            {
+                "name": d,
+                "path": f"builtin:{d}",
+                "split": "eval",
+                "batches": 4,
+                "batch_size": 16,
+                "max_new_tokens": 16,
+                "accuracy": d in ACCURACY,
+            }
+            for d in DOMAINS
+        ],
         "mixer": mixer,
-        "train": {"batch_size": 16, "lr": 5e-4, "schedule": "cosine", "warmup_ratio": 0.03,
-                  "max_length": 256, "eval_every": 0, "log_every": 10, "save_every": 0},
+        "train": {
+            "batch_size": 16,
+            "lr": 5e-4,
+            "schedule": "cosine",
+            "warmup_ratio": 0.03,
+            "max_length": 256,
+            "eval_every": 0,
+            "log_every": 10,
+            "save_every": 0,
+        },
     }
 
 
@@ -87,6 +119,7 @@ def worker(cfg_path: str, threads: int) -> None:
                 return fn(*a, **k)
             finally:
                 spent[key] += time.perf_counter() - t0
+
         return wrapper
 
     loop.evaluate = timed("eval", loop.evaluate)
@@ -98,12 +131,20 @@ def worker(cfg_path: str, threads: int) -> None:
     summary = trainer.run()
     wall = time.perf_counter() - t0
     final = summary["final_eval"]
-    print(json.dumps({
-        "wall": wall, "train": wall - spent["eval"] - spent["save"], "mixer": spent["mixer"],
-        "eval": spent["eval"], "tokens": summary["tokens"], "weights": summary["weights"],
-        "loss": {d: final[d]["loss"] for d in DOMAINS},
-        "accuracy": {d: final[d]["accuracy"] for d in ACCURACY if "accuracy" in final[d]},
-    }))
+    print(
+        json.dumps(
+            {
+                "wall": wall,
+                "train": wall - spent["eval"] - spent["save"],
+                "mixer": spent["mixer"],
+                "eval": spent["eval"],
+                "tokens": summary["tokens"],
+                "weights": summary["weights"],
+                "loss": {d: final[d]["loss"] for d in DOMAINS},
+                "accuracy": {d: final[d]["accuracy"] for d in ACCURACY if "accuracy" in final[d]},
+            }
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,13 +177,19 @@ def main() -> None:
             cfg = run_config(m, seed, args.steps, args.update_every, tmp, random_init)
             path = tmp / f"{m}-s{seed}.json"
             path.write_text(json.dumps(cfg))
-            res = run_worker([__file__, "--worker", str(path), str(args.threads)], args.threads,
-                             tmp / "workers.log")
+            res = run_worker(
+                [__file__, "--worker", str(path), str(args.threads)],
+                args.threads,
+                tmp / "workers.log",
+            )
             res.update(method=m, seed=seed)
             runs.append(res)
-            print(f"seed {seed} {m:>20}: loss {np.mean(list(res['loss'].values())):.4f} "
-                  f"acc {np.mean(list(res['accuracy'].values())):.4f} train {res['train']:.1f}s "
-                  f"mixer {res['mixer']:.1f}s", flush=True)
+            print(
+                f"seed {seed} {m:>20}: loss {np.mean(list(res['loss'].values())):.4f} "
+                f"acc {np.mean(list(res['accuracy'].values())):.4f} train {res['train']:.1f}s "
+                f"mixer {res['mixer']:.1f}s",
+                flush=True,
+            )
     report = render(args, runs, methods, random_init, time.time() - started)
     print(report)
     if args.json:
@@ -159,32 +206,63 @@ def render(args, runs, methods, random_init, seconds) -> str:
         acc = [np.mean(list(r["accuracy"].values())) for r in rs]
         ratio = [r["train"] / prop[r["seed"]] for r in rs]
         share = [r["mixer"] / (r["train"] - r["mixer"]) for r in rs]
-        rows.append([m, f"{np.mean(loss):.4f} ± {np.std(loss):.4f}",
-                     f"{np.mean(acc):.4f} ± {np.std(acc):.4f}", median([r["tokens"] for r in rs]),
-                     median([r["train"] for r in rs]), median([r["mixer"] for r in rs]),
-                     f"{median(ratio):.3f}x", f"+{100 * median(share):.1f}%"])
-    per_domain = [[m] + [f"{np.mean([r['loss'][d] for r in by[m]]):.3f}" for d in DOMAINS]
-                  + [f"{np.mean([r['accuracy'].get(d, np.nan) for r in by[m]]):.3f}"
-                     for d in ACCURACY] for m in methods]
-    weights = [[m] + [f"{np.mean([r['weights'][d] for r in by[m]]):.3f}" for d in DOMAINS]
-               for m in methods]
+        rows.append(
+            [
+                m,
+                f"{np.mean(loss):.4f} ± {np.std(loss):.4f}",
+                f"{np.mean(acc):.4f} ± {np.std(acc):.4f}",
+                median([r["tokens"] for r in rs]),
+                median([r["train"] for r in rs]),
+                median([r["mixer"] for r in rs]),
+                f"{median(ratio):.3f}x",
+                f"+{100 * median(share):.1f}%",
+            ]
+        )
+    per_domain = [
+        [m]
+        + [f"{np.mean([r['loss'][d] for r in by[m]]):.3f}" for d in DOMAINS]
+        + [f"{np.mean([r['accuracy'].get(d, np.nan) for r in by[m]]):.3f}" for d in ACCURACY]
+        for m in methods
+    ]
+    weights = [
+        [m] + [f"{np.mean([r['weights'][d] for r in by[m]]):.3f}" for d in DOMAINS] for m in methods
+    ]
     import torch
 
-    return "\n".join([
-        f"machine: 2-core CPU, torch {torch.__version__}, python {platform.python_version()}; "
-        f"{args.threads} thread(s) per run; load average at the end {loadavg()}",
-        f"model: {'random-init tiny llama' if random_init else 'builtin base'}; "
-        f"{args.seeds} seeds x {len(methods)} methods, {args.steps} steps x 16 examples, "
-        f"DynamixSFT T_update={args.update_every}; total {seconds / 60:.1f} min",
-        "", table(["method", "mean held-out loss (± sd over seeds)", "mean accuracy",
-                   "tokens (median)", "train s (median)", "mixer s (median)",
-                   "train s / proportional's (median ratio)",
-                   "mixer s / rest of train s (median)"], rows),
-        "", "Per-domain held-out loss / accuracy (mean over seeds):", "",
-        table(["method"] + [f"{d} loss" for d in DOMAINS] + [f"{d} acc" for d in ACCURACY],
-              per_domain),
-        "", "Final weights (mean over seeds):", "", table(["method", *DOMAINS], weights),
-    ])
+    return "\n".join(
+        [
+            f"machine: 2-core CPU, torch {torch.__version__}, python {platform.python_version()}; "
+            f"{args.threads} thread(s) per run; load average at the end {loadavg()}",
+            f"model: {'random-init tiny llama' if random_init else 'builtin base'}; "
+            f"{args.seeds} seeds x {len(methods)} methods, {args.steps} steps x 16 examples, "
+            f"DynamixSFT T_update={args.update_every}; total {seconds / 60:.1f} min",
+            "",
+            table(
+                [
+                    "method",
+                    "mean held-out loss (± sd over seeds)",
+                    "mean accuracy",
+                    "tokens (median)",
+                    "train s (median)",
+                    "mixer s (median)",
+                    "train s / proportional's (median ratio)",
+                    "mixer s / rest of train s (median)",
+                ],
+                rows,
+            ),
+            "",
+            "Per-domain held-out loss / accuracy (mean over seeds):",
+            "",
+            table(
+                ["method"] + [f"{d} loss" for d in DOMAINS] + [f"{d} acc" for d in ACCURACY],
+                per_domain,
+            ),
+            "",
+            "Final weights (mean over seeds):",
+            "",
+            table(["method", *DOMAINS], weights),
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -25,30 +25,70 @@ SMALL = ["progress=false", "train.max_length=64", "train.batch_size=8", "train.l
 CASES: dict[str, tuple[str, list[str]]] = {
     "static": ("configs/static.yaml", ["max_steps=6", "train.eval_every=3"]),
     "exp3": ("configs/exp3.yaml", ["max_steps=6", "train.eval_every=3"]),
-    "dynamixsft": ("configs/dynamixsft.yaml", ["max_steps=6", "train.eval_every=3",
-                                               "mixer.update_every=2"]),
-    "dynamics": ("configs/dynamics.yaml", ["max_steps=6", "train.eval_every=3",
-                                           "mixer.c_max=2", "mixer.probe_batches=1",
-                                           "mixer.schedule=fixed", "mixer.interval=3"]),
-    "dynamics_lora": ("configs/dynamics.yaml", ["max_steps=4", "train.eval_every=2",
-                                                "mixer.c_max=2", "mixer.probe_batches=1",
-                                                "mixer.schedule=fixed", "mixer.interval=2",
-                                                "model.lora.enabled=true", "train.lr=1e-3"]),
+    "dynamixsft": (
+        "configs/dynamixsft.yaml",
+        ["max_steps=6", "train.eval_every=3", "mixer.update_every=2"],
+    ),
+    "dynamics": (
+        "configs/dynamics.yaml",
+        [
+            "max_steps=6",
+            "train.eval_every=3",
+            "mixer.c_max=2",
+            "mixer.probe_batches=1",
+            "mixer.schedule=fixed",
+            "mixer.interval=3",
+        ],
+    ),
+    "dynamics_lora": (
+        "configs/dynamics.yaml",
+        [
+            "max_steps=4",
+            "train.eval_every=2",
+            "mixer.c_max=2",
+            "mixer.probe_batches=1",
+            "mixer.schedule=fixed",
+            "mixer.interval=2",
+            "model.lora.enabled=true",
+            "train.lr=1e-3",
+        ],
+    ),
     "dft": ("configs/dft.yaml", ["max_steps=6", "train.eval_every=3"]),
-    "cadft": ("configs/cadft.yaml", ["max_steps=8", "train.eval_every=4",
-                                     "loss.rewrite.schedule=absolute", "loss.rewrite.warmup=3",
-                                     "loss.rewrite.every=2", "loss.rewrite.fraction=0.01",
-                                     "loss.rewrite.min_visits=1",
-                                     "loss.rewriter.max_new_tokens=8"]),
+    "cadft": (
+        "configs/cadft.yaml",
+        [
+            "max_steps=8",
+            "train.eval_every=4",
+            "loss.rewrite.schedule=absolute",
+            "loss.rewrite.warmup=3",
+            "loss.rewrite.every=2",
+            "loss.rewrite.fraction=0.01",
+            "loss.rewrite.min_visits=1",
+            "loss.rewriter.max_new_tokens=8",
+        ],
+    ),
 }
-TIMING_KEYS = {"time", "elapsed", "timing", "timings", "tok_per_s", "step_s", "wall_s",
-               "throughput", "seconds", "secs"}
+TIMING_KEYS = {
+    "time",
+    "elapsed",
+    "timing",
+    "timings",
+    "tok_per_s",
+    "step_s",
+    "wall_s",
+    "throughput",
+    "seconds",
+    "secs",
+}
 
 
 def _strip(obj):
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items()
-                if k not in TIMING_KEYS and not k.endswith(("_s", "_sec", "seconds", "_seconds_total"))}
+        return {
+            k: _strip(v)
+            for k, v in obj.items()
+            if k not in TIMING_KEYS and not k.endswith(("_s", "_sec", "seconds", "_seconds_total"))
+        }
     if isinstance(obj, list):
         return [_strip(v) for v in obj]
     return obj
@@ -65,8 +105,9 @@ def _param_hash(run: Path) -> str:
             t = f.get_tensor(name)
             h.update(name.encode())
             h.update(str((tuple(t.shape), str(t.dtype))).encode())
-            h.update(t.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy()
-                     .tobytes())
+            h.update(
+                t.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes()
+            )
     return h.hexdigest()
 
 
@@ -114,8 +155,11 @@ def main(argv: list[str]) -> int:
         elif g["params"] != w["params"]:
             bad.append(f"{n}: parameters differ")
         elif g["metrics"] != w["metrics"]:
-            i = next(i for i, (a, b) in enumerate(zip(g["metrics"], w["metrics"])) if a != b) \
-                if len(g["metrics"]) == len(w["metrics"]) else -1
+            i = (
+                next(i for i, (a, b) in enumerate(zip(g["metrics"], w["metrics"])) if a != b)
+                if len(g["metrics"]) == len(w["metrics"])
+                else -1
+            )
             where = ", ".join(_diff(g["metrics"][i], w["metrics"][i])[:5]) if i >= 0 else "count"
             bad.append(f"{n}: metrics differ (record {i}: {where})")
     for line in bad:

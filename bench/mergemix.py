@@ -46,34 +46,79 @@ from common import loadavg, pin_threads, table  # noqa: E402
 
 DATASETS = {"arithmetic": 2000, "word_problems": 2000, "code": 1500, "dialogue": None}
 TARGETS = ("arithmetic", "word_problems", "code")
-BASE_SHAPE = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 512,
-              "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
-              "max_position_embeddings": 256, "tie_word_embeddings": True}
-SMALL_SHAPE = {**BASE_SHAPE, "hidden_size": 64, "intermediate_size": 256,
-               "num_hidden_layers": 2}
+BASE_SHAPE = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
+SMALL_SHAPE = {**BASE_SHAPE, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2}
 LARGE_SHAPE = {**SMALL_SHAPE, "num_hidden_layers": 4}  # 2x the non-embedding parameters
 
 
-def plan_dict(out: Path, model: dict, steps: int, mixtures: int, batches: int, n_seeds: int,
-              scales: dict | None = None) -> dict:
+def plan_dict(
+    out: Path,
+    model: dict,
+    steps: int,
+    mixtures: int,
+    batches: int,
+    n_seeds: int,
+    scales: dict | None = None,
+) -> dict:
     run = {
-        "output_dir": str(out / "train"), "seed": 0, "max_steps": steps, "progress": False,
+        "output_dir": str(out / "train"),
+        "seed": 0,
+        "max_steps": steps,
+        "progress": False,
         "model": model,
-        "datasets": [{"name": n, "path": f"builtin:{n}", **({"max_examples": m} if m else {})}
-                     for n, m in DATASETS.items()],
-        "evals": [{"name": n, "path": f"builtin:{n}", "split": "eval", "role": "target",
-                   "batches": batches, "batch_size": 16} for n in TARGETS]
-        + [{"name": "trivia", "path": "builtin:trivia", "split": "eval", "role": "monitor",
-            "batches": batches, "batch_size": 16}],
+        "datasets": [
+            {"name": n, "path": f"builtin:{n}", **({"max_examples": m} if m else {})}
+            for n, m in DATASETS.items()
+        ],
+        "evals": [
+            {
+                "name": n,
+                "path": f"builtin:{n}",
+                "split": "eval",
+                "role": "target",
+                "batches": batches,
+                "batch_size": 16,
+            }
+            for n in TARGETS
+        ]
+        + [
+            {
+                "name": "trivia",
+                "path": "builtin:trivia",
+                "split": "eval",
+                "role": "monitor",
+                "batches": batches,
+                "batch_size": 16,
+            }
+        ],
         "mixer": {"name": "uniform"},
-        "train": {"batch_size": 16, "lr": 5e-4, "schedule": "cosine", "max_length": 256,
-                  "eval_every": 0, "log_every": 10},
+        "train": {
+            "batch_size": 16,
+            "lr": 5e-4,
+            "schedule": "cosine",
+            "max_length": 256,
+            "eval_every": 0,
+            "log_every": 10,
+        },
     }
-    return {"run": run, "output_dir": str(out), "progress": False,
-            "experts": {"steps": max(1, steps // 4)},
-            "objective": {"normalize": "base"},
-            "search": {"surrogate": "gbt", "n_seeds": n_seeds},
-            "validate": {"n_mixtures": mixtures, "scales": scales}}
+    return {
+        "run": run,
+        "output_dir": str(out),
+        "progress": False,
+        "experts": {"steps": max(1, steps // 4)},
+        "objective": {"normalize": "base"},
+        "search": {"surrogate": "gbt", "n_seeds": n_seeds},
+        "validate": {"n_mixtures": mixtures, "scales": scales},
+    }
 
 
 def run_part(name: str, raw: dict) -> dict:
@@ -88,11 +133,20 @@ def run_part(name: str, raw: dict) -> dict:
     # the best merge actually evaluated (search.select: measured) -- validated alongside
     K, extra_mix = len(planner.names), []
     for name_ in ("gp", "quadratic"):
-        res = search.run(planner.evaluator, K, objective=planner.objective,
-                         bounds=planner.bounds, surrogate=name_, n_seeds=pc.search.n_seeds,
-                         n_candidates=pc.search.n_candidates, seed=run.seed, loo=False)
-        extra_mix.append({"label": f"mergemix-{name_}",
-                          "weights": dict(zip(planner.names, res.alpha.tolist()))})
+        res = search.run(
+            planner.evaluator,
+            K,
+            objective=planner.objective,
+            bounds=planner.bounds,
+            surrogate=name_,
+            n_seeds=pc.search.n_seeds,
+            n_candidates=pc.search.n_candidates,
+            seed=run.seed,
+            loo=False,
+        )
+        extra_mix.append(
+            {"label": f"mergemix-{name_}", "weights": dict(zip(planner.names, res.alpha.tolist()))}
+        )
     best = min(result["table"], key=lambda t: t["objective"])
     extra_mix.append({"label": "best-merge", "weights": dict(zip(planner.names, best["alpha"]))})
     raw = {**raw, "validate": {**raw["validate"], "mixtures": extra_mix}}
@@ -117,69 +171,128 @@ def run_part(name: str, raw: dict) -> dict:
         px = [sum(m["proxy_scores"][d]["loss"] for d in TARGETS) for m in v["mixtures"]]
         rl = [sum(x[d]["loss"] for d in TARGETS) for x in reals]
         r = spearmanr(px, rl)
-        extra.append({"what": f"proxy vs real ({scale}), plain mean target loss",
-                      "rho": float(r.statistic), "p": float(r.pvalue)})
+        extra.append(
+            {
+                "what": f"proxy vs real ({scale}), plain mean target loss",
+                "rho": float(r.statistic),
+                "p": float(r.pvalue),
+            }
+        )
     real_secs = []
     for scale in v["real"]:
         for m in v["mixtures"]:
-            summ = json.loads((Path(pc.output_dir) / "validate" / scale / m["label"]
-                               / "summary.json").read_text())
+            summ = json.loads(
+                (Path(pc.output_dir) / "validate" / scale / m["label"] / "summary.json").read_text()
+            )
             real_secs.append((scale, summ["seconds"]))
-    return {"name": name, "result": result, "validation": v, "plan_s": plan_s, "val_s": val_s,
-            "loo": loo, "real_secs": real_secs, "extra_rank": extra}
+    return {
+        "name": name,
+        "result": result,
+        "validation": v,
+        "plan_s": plan_s,
+        "val_s": val_s,
+        "loo": loo,
+        "real_secs": real_secs,
+        "extra_rank": extra,
+    }
 
 
 def report(parts: list[dict], args, cmd: str, threads: int, base_kind: str) -> str:
-    lines = ["# MergeMix benchmark", "",
-             f"Command: `{cmd}`  ", f"Machine: 2-core CPU, torch 2.13, {threads} thread(s), "
-             f"load average at start {args.load0}, at end {loadavg()}; Python "
-             f"{platform.python_version()}.  ",
-             f"Part A base model: {base_kind}. Steps per real run: {args.steps}; experts: "
-             f"{max(1, args.steps // 4)} constant-LR steps; {args.n_seeds} seed merges; "
-             f"objective: mean of the loss ratios to the base model (`normalize: base`) on "
-             f"{', '.join(TARGETS)} (eval splits, {args.batches}x16 examples each).", ""]
+    lines = [
+        "# MergeMix benchmark",
+        "",
+        f"Command: `{cmd}`  ",
+        f"Machine: 2-core CPU, torch 2.13, {threads} thread(s), "
+        f"load average at start {args.load0}, at end {loadavg()}; Python "
+        f"{platform.python_version()}.  ",
+        f"Part A base model: {base_kind}. Steps per real run: {args.steps}; experts: "
+        f"{max(1, args.steps // 4)} constant-LR steps; {args.n_seeds} seed merges; "
+        f"objective: mean of the loss ratios to the base model (`normalize: base`) on "
+        f"{', '.join(TARGETS)} (eval splits, {args.batches}x16 examples each).",
+        "",
+    ]
     for p in parts:
         r, v = p["result"], p["validation"]
         c = r["cost"]
-        lines += [f"## {p['name']}", "",
-                  "alpha* = " + ", ".join(f"{n} {a:.3f}" for n, a in zip(r["datasets"],
-                                                                           r["alpha"])), ""]
-        lines += [table(["mixture", *r["datasets"], "surrogate", "merged proxy",
-                         *[f"real ({s})" for s in v["real"]]],
-                        [[m["label"], *[f"{a:.2f}" for a in m["alpha"]], m["surrogate"],
-                          m["proxy"], *[v["real"][s][i] for s in v["real"]]]
-                         for i, m in enumerate(v["mixtures"])]), ""]
-        lines += [table(["comparison", "Spearman ρ", "p"],
-                        [[x["what"], x["rho"], x["p"]] for x in v["rank"] + p["extra_rank"]
-                         + v["rank_by_domain"]]), ""]
+        lines += [
+            f"## {p['name']}",
+            "",
+            "alpha* = " + ", ".join(f"{n} {a:.3f}" for n, a in zip(r["datasets"], r["alpha"])),
+            "",
+        ]
+        lines += [
+            table(
+                [
+                    "mixture",
+                    *r["datasets"],
+                    "surrogate",
+                    "merged proxy",
+                    *[f"real ({s})" for s in v["real"]],
+                ],
+                [
+                    [
+                        m["label"],
+                        *[f"{a:.2f}" for a in m["alpha"]],
+                        m["surrogate"],
+                        m["proxy"],
+                        *[v["real"][s][i] for s in v["real"]],
+                    ]
+                    for i, m in enumerate(v["mixtures"])
+                ],
+            ),
+            "",
+        ]
+        lines += [
+            table(
+                ["comparison", "Spearman ρ", "p"],
+                [
+                    [x["what"], x["rho"], x["p"]]
+                    for x in v["rank"] + p["extra_rank"] + v["rank_by_domain"]
+                ],
+            ),
+            "",
+        ]
         labels = [m["label"] for m in v["mixtures"]]
         draws = [i for i, x in enumerate(labels) if x.startswith("d")]
         for s, ys in v["real"].items():
             order = sorted(range(len(ys)), key=lambda i: ys[i])
             rank = {labels[i]: k + 1 for k, i in enumerate(order)}
-            named = ["mergemix", "mergemix-gp", "mergemix-quadratic", "best-merge", "uniform",
-                     "proportional"]
-            text = ", ".join(f"{x} {ys[labels.index(x)]:.4f} (#{rank[x]})"
-                             for x in named if x in labels)
+            named = [
+                "mergemix",
+                "mergemix-gp",
+                "mergemix-quadratic",
+                "best-merge",
+                "uniform",
+                "proportional",
+            ]
+            text = ", ".join(
+                f"{x} {ys[labels.index(x)]:.4f} (#{rank[x]})" for x in named if x in labels
+            )
             if draws:
                 b = min(draws, key=lambda i: ys[i])
                 text += f", best random draw {labels[b]} {ys[b]:.4f} (#{rank[labels[b]]})"
-            lines.append(f"- real objective ({s}), lower is better, rank of {len(ys)}: {text}; "
-                         f"best of all: {labels[order[0]]}.")
+            lines.append(
+                f"- real objective ({s}), lower is better, rank of {len(ys)}: {text}; "
+                f"best of all: {labels[order[0]]}."
+            )
         base_secs = [s for sc, s in p["real_secs"] if sc == "base"]
         med = statistics.median(base_secs)
         search_s = c["expert_seconds"] + c["eval_seconds"]
-        lines += ["", f"- cost: {c['search_tokens']:,} expert tokens vs {c['grid_tokens']:,} "
-                  f"for the {c['grid_runs']}-run grid (shares in steps of 1/{c['grid_resolution']}"
-                  f"): **{c['token_ratio']:.1f}x** fewer tokens; {c['n_evals']} merged "
-                  f"evaluations. Seconds (measured here): experts {c['expert_seconds']:.0f} + "
-                  f"merged evals {c['eval_seconds']:.0f} = {search_s:.0f} s vs "
-                  f"{c['grid_runs']} x {med:.0f} s (median real run) = "
-                  f"{c['grid_runs'] * med:.0f} s: **{c['grid_runs'] * med / search_s:.1f}x**.",
-                  f"- surrogate LOO R² on the {len(r['table'])} merges (per target domain "
-                  f"{', '.join(TARGETS)}): " + "; ".join(
-                      f"{s} " + "/".join(f"{x:.2f}" for x in xs) for s, xs in p["loo"].items()),
-                  f"- wall: plan {p['plan_s']:.0f} s, validation runs {p['val_s']:.0f} s.", ""]
+        lines += [
+            "",
+            f"- cost: {c['search_tokens']:,} expert tokens vs {c['grid_tokens']:,} "
+            f"for the {c['grid_runs']}-run grid (shares in steps of 1/{c['grid_resolution']}"
+            f"): **{c['token_ratio']:.1f}x** fewer tokens; {c['n_evals']} merged "
+            f"evaluations. Seconds (measured here): experts {c['expert_seconds']:.0f} + "
+            f"merged evals {c['eval_seconds']:.0f} = {search_s:.0f} s vs "
+            f"{c['grid_runs']} x {med:.0f} s (median real run) = "
+            f"{c['grid_runs'] * med:.0f} s: **{c['grid_runs'] * med / search_s:.1f}x**.",
+            f"- surrogate LOO R² on the {len(r['table'])} merges (per target domain "
+            f"{', '.join(TARGETS)}): "
+            + "; ".join(f"{s} " + "/".join(f"{x:.2f}" for x in xs) for s, xs in p["loo"].items()),
+            f"- wall: plan {p['plan_s']:.0f} s, validation runs {p['val_s']:.0f} s.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -193,11 +306,17 @@ def main() -> None:
     ap.add_argument("--random-init", action="store_true")
     ap.add_argument("--no-cross-scale", action="store_true")
     ap.add_argument("--out", default="/tmp/mixtune-bench-mergemix")
-    ap.add_argument("--results", default=None,
-                    help="markdown output (default bench/results/mergemix.md; --quick: in --out)")
+    ap.add_argument(
+        "--results",
+        default=None,
+        help="markdown output (default bench/results/mergemix.md; --quick: in --out)",
+    )
     args = ap.parse_args()
-    args.results = args.results or (str(Path(args.out) / "mergemix.md") if args.quick else
-                                    str(Path(__file__).parent / "results" / "mergemix.md"))
+    args.results = args.results or (
+        str(Path(args.out) / "mergemix.md")
+        if args.quick
+        else str(Path(__file__).parent / "results" / "mergemix.md")
+    )
     args.steps = args.steps or (16 if args.quick else 200)
     args.mixtures = args.mixtures or (7 if args.quick else 10)
     args.batches = args.batches or (1 if args.quick else 8)
@@ -208,21 +327,41 @@ def main() -> None:
 
     have_base = (base_model_path() / "config.json").is_file()
     random_init = args.random_init or not have_base
-    model = ({"name_or_path": "builtin", "tokenizer": "builtin", "config": BASE_SHAPE}
-             if random_init else {"name_or_path": "builtin"})
-    base_kind = ("random init of the built-in shape (base model not built)" if random_init
-                 else "the built-in pretrained base (1.6M-parameter Llama)")
+    model = (
+        {"name_or_path": "builtin", "tokenizer": "builtin", "config": BASE_SHAPE}
+        if random_init
+        else {"name_or_path": "builtin"}
+    )
+    base_kind = (
+        "random init of the built-in shape (base model not built)"
+        if random_init
+        else "the built-in pretrained base (1.6M-parameter Llama)"
+    )
     out = Path(args.out)
-    parts = [run_part("Part A: proxy fidelity and quality on the built-in base",
-                      plan_dict(out / "A", model, args.steps, args.mixtures, args.batches,
-                                args.n_seeds))]
+    parts = [
+        run_part(
+            "Part A: proxy fidelity and quality on the built-in base",
+            plan_dict(out / "A", model, args.steps, args.mixtures, args.batches, args.n_seeds),
+        )
+    ]
     if not args.no_cross_scale:
         small = {"name_or_path": "builtin", "tokenizer": "builtin", "config": SMALL_SHAPE}
         big = [f"model.config.{k}={v}" for k, v in LARGE_SHAPE.items() if SMALL_SHAPE[k] != v]
-        parts.append(run_part(
-            "Part B: cross-scale (plan on hidden 64 x 2 layers; real runs also on 64 x 4 layers)",
-            plan_dict(out / "B", small, args.steps, args.mixtures, args.batches, args.n_seeds,
-                      scales={"large": big})))
+        parts.append(
+            run_part(
+                "Part B: cross-scale (plan on hidden 64 x 2 layers; "
+                "real runs also on 64 x 4 layers)",
+                plan_dict(
+                    out / "B",
+                    small,
+                    args.steps,
+                    args.mixtures,
+                    args.batches,
+                    args.n_seeds,
+                    scales={"large": big},
+                ),
+            )
+        )
     cmd = "python bench/mergemix.py " + " ".join(sys.argv[1:])
     text = report(parts, args, cmd.strip(), args.threads, base_kind)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)

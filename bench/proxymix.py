@@ -28,11 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from common import loadavg, pin_threads, table  # noqa: E402
 
-BASELINES = [("no replay", ["mixer.policy=fixed", "mixer.replay_ratio=0"]),
-             ("fixed 10%", ["mixer.policy=fixed", "mixer.replay_ratio=0.1"]),
-             ("fixed 20%", ["mixer.policy=fixed", "mixer.replay_ratio=0.2"]),
-             ("fixed 50%", ["mixer.policy=fixed", "mixer.replay_ratio=0.5"]),
-             ("loss-increase heuristic", ["mixer.policy=loss_increase"])]
+BASELINES = [
+    ("no replay", ["mixer.policy=fixed", "mixer.replay_ratio=0"]),
+    ("fixed 10%", ["mixer.policy=fixed", "mixer.replay_ratio=0.1"]),
+    ("fixed 20%", ["mixer.policy=fixed", "mixer.replay_ratio=0.2"]),
+    ("fixed 50%", ["mixer.policy=fixed", "mixer.replay_ratio=0.5"]),
+    ("loss-increase heuristic", ["mixer.policy=loss_increase"]),
+]
 ORDER = ["no replay", "fixed 20%", "fixed 50%", "fixed 10%", "loss-increase heuristic"]
 
 
@@ -45,11 +47,16 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/mixtune-bench-proxymix")
     ap.add_argument("--out", default=str(ROOT / "bench/results/proxymix.md"))
     ap.add_argument("--fresh", action="store_true", help="delete WORK first (else reuse runs)")
-    ap.add_argument("--methods", nargs="+", default=None,
-                    help="subset of: ProxyMix, 'no replay', 'fixed 10%%', 'fixed 20%%', "
-                    "'fixed 50%%', 'loss-increase heuristic'")
-    ap.add_argument("--target", default="builtin",
-                    help="target model directory (default: the built-in base)")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="subset of: ProxyMix, 'no replay', 'fixed 10%%', 'fixed 20%%', "
+        "'fixed 50%%', 'loss-increase heuristic'",
+    )
+    ap.add_argument(
+        "--target", default="builtin", help="target model directory (default: the built-in base)"
+    )
     args = ap.parse_args()
     pin_threads(args.threads)
     from mixtune.builtin import base_model_path
@@ -67,17 +74,26 @@ def main() -> None:
     seeds = args.seeds or ([0] if args.quick else [0, 1])
     common = [f"model.name_or_path={args.target}"]
     if args.quick:
-        common += ["steps_per_stage=6", "transfer.probe_steps=3", "eval_batches=1",
-                  "learn.proxy.warmup.steps=30", "mixer.decisions=2",
-                  "sequences=[[word_problems,arithmetic,trivia]]"]
+        common += [
+            "steps_per_stage=6",
+            "transfer.probe_steps=3",
+            "eval_batches=1",
+            "learn.proxy.warmup.steps=30",
+            "mixer.decisions=2",
+            "sequences=[[word_problems,arithmetic,trivia]]",
+        ]
     episodes = args.episodes or (2 if args.quick else raw["learn"]["episodes"])
     t0 = time.perf_counter()
-    learn_cc = cconf.load(data=raw, overrides=[*common, f"output_dir={work}/learn",
-                                               f"learn.episodes={episodes}"])
+    learn_cc = cconf.load(
+        data=raw, overrides=[*common, f"output_dir={work}/learn", f"learn.episodes={episodes}"]
+    )
     controller = learn(learn_cc)
     learn_wall = time.perf_counter() - t0
-    returns = [json.loads(ln) for ln in (work / "learn/learn/returns.jsonl").read_text()
-               .splitlines() if ln.strip()]
+    returns = [
+        json.loads(ln)
+        for ln in (work / "learn/learn/returns.jsonl").read_text().splitlines()
+        if ln.strip()
+    ]
 
     methods = [("ProxyMix", ["mixer.policy=controller", f"mixer.controller={controller}"])]
     methods += sorted(BASELINES, key=lambda m: ORDER.index(m[0]))
@@ -89,31 +105,53 @@ def main() -> None:
     for seed in seeds:  # seed-major: a partial run still compares every method
         for name, extra in methods:
             key = name.replace(" ", "_").replace("%", "").replace("-", "_")
-            cc = cconf.load(data=raw, overrides=[*common, *extra, f"seed={seed}",
-                                                 f"output_dir={work}/{key}-s{seed}"])
+            cc = cconf.load(
+                data=raw,
+                overrides=[*common, *extra, f"seed={seed}", f"output_dir={work}/{key}-s{seed}"],
+            )
             rep = run(cc)
             reports.setdefault(name, []).append(rep)
             rows.setdefault(name, []).extend(_sequences(cc, seed))
             if name == "ProxyMix" and rep["mixer"].get("policy") != "controller":
-                cc = cconf.load(data=raw, overrides=[*common, *extra, f"seed={seed}",
-                                                     "transfer.check=false",
-                                                     f"output_dir={work}/{key}_nocheck-s{seed}"])
+                cc = cconf.load(
+                    data=raw,
+                    overrides=[
+                        *common,
+                        *extra,
+                        f"seed={seed}",
+                        "transfer.check=false",
+                        f"output_dir={work}/{key}_nocheck-s{seed}",
+                    ],
+                )
                 run(cc)
-                rows.setdefault("ProxyMix (controller, check off)", []).extend(
-                    _sequences(cc, seed))
+                rows.setdefault("ProxyMix (controller, check off)", []).extend(_sequences(cc, seed))
     total = time.perf_counter() - t0
     pc = cconf.proxy_config(learn_cc)
     cost = (reports.get("ProxyMix") or [{}])[0].get("policy_cost", {})
-    setting = {"orders": learn_cc.orders(), "buffer_size": learn_cc.buffer_size,
-               "steps": learn_cc.steps_per_stage, "batch": learn_cc.train.batch_size,
-               "decisions": learn_cc.mixer.params.get("decisions"), "target": args.target,
-               "target_params": cost.get("target_params") or 0,
-               "proxy": {k: pc.model.config[k] for k in ("hidden_size", "num_hidden_layers")},
-               "proxy_params": cost.get("proxy_params") or 0, "warmup": pc.warmup.steps}
-    result = {"setting": setting, "rows": rows, "returns": returns, "learn_wall": learn_wall,
-              "total_wall": total,
-              "proxymix_reports": reports.get("ProxyMix", []), "seeds": seeds,
-              "episodes": episodes, "quick": args.quick, "load": loadavg()}
+    setting = {
+        "orders": learn_cc.orders(),
+        "buffer_size": learn_cc.buffer_size,
+        "steps": learn_cc.steps_per_stage,
+        "batch": learn_cc.train.batch_size,
+        "decisions": learn_cc.mixer.params.get("decisions"),
+        "target": args.target,
+        "target_params": cost.get("target_params") or 0,
+        "proxy": {k: pc.model.config[k] for k in ("hidden_size", "num_hidden_layers")},
+        "proxy_params": cost.get("proxy_params") or 0,
+        "warmup": pc.warmup.steps,
+    }
+    result = {
+        "setting": setting,
+        "rows": rows,
+        "returns": returns,
+        "learn_wall": learn_wall,
+        "total_wall": total,
+        "proxymix_reports": reports.get("ProxyMix", []),
+        "seeds": seeds,
+        "episodes": episodes,
+        "quick": args.quick,
+        "load": loadavg(),
+    }
     (work / "bench.json").write_text(json.dumps(result, indent=1, default=str))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report(result, args))
@@ -123,13 +161,24 @@ def main() -> None:
 def _sequences(cc, seed: int) -> list[dict]:
     out, orders = [], cc.orders()
     for k, order in enumerate(orders):
-        d = Path(cc.output_dir) if len(orders) == 1 else (
-            Path(cc.output_dir) / f"seq-{k + 1}-{'-'.join(order)}")
+        d = (
+            Path(cc.output_dir)
+            if len(orders) == 1
+            else (Path(cc.output_dir) / f"seq-{k + 1}-{'-'.join(order)}")
+        )
         r = json.loads((d / "results.json").read_text())
-        out.append({"seed": seed, "order": order, "AA": r["average_accuracy"],
-                    "F": r["forgetting"], "safety": (r.get("safety") or {}).get("final"),
-                    "loss_F": r["loss_forgetting"], "replay": r["replay_share"],
-                    "seconds": r["cost"]["seconds"]})
+        out.append(
+            {
+                "seed": seed,
+                "order": order,
+                "AA": r["average_accuracy"],
+                "F": r["forgetting"],
+                "safety": (r.get("safety") or {}).get("final"),
+                "loss_F": r["loss_forgetting"],
+                "replay": r["replay_share"],
+                "seconds": r["cost"]["seconds"],
+            }
+        )
     return out
 
 
@@ -138,8 +187,11 @@ def _stats(rows: list[dict], key: str) -> tuple[float, float, list[float]]:
     for r in rows:
         per_seed.setdefault(r["seed"], []).append(r[key] or 0.0)
     means = [float(np.mean(v)) for v in per_seed.values()]
-    return float(np.mean([r[key] or 0.0 for r in rows])), float(np.median(
-        [r[key] or 0.0 for r in rows])), means
+    return (
+        float(np.mean([r[key] or 0.0 for r in rows])),
+        float(np.median([r[key] or 0.0 for r in rows])),
+        means,
+    )
 
 
 def report(res: dict, args) -> str:
@@ -148,12 +200,21 @@ def report(res: dict, args) -> str:
     for name, rs in rows.items():
         aa, f, s = (_stats(rs, k) for k in ("AA", "F", "safety"))
         lf = _stats(rs, "loss_F")
-        replay = np.mean([np.mean([x for x in r["replay"][1:] if x is not None] or [0])
-                          for r in rs])
-        body.append([name, f"{100 * aa[0]:.1f}", f"{100 * f[0]:.1f}", f"{100 * s[0]:.1f}",
-                     f"{lf[0]:.3f}", f"{replay:.2f}",
-                     " / ".join(f"{100 * m:.1f}" for m in aa[2]),
-                     f"{np.median([r['seconds'] for r in rs]):.0f}"])
+        replay = np.mean(
+            [np.mean([x for x in r["replay"][1:] if x is not None] or [0]) for r in rs]
+        )
+        body.append(
+            [
+                name,
+                f"{100 * aa[0]:.1f}",
+                f"{100 * f[0]:.1f}",
+                f"{100 * s[0]:.1f}",
+                f"{lf[0]:.3f}",
+                f"{replay:.2f}",
+                " / ".join(f"{100 * m:.1f}" for m in aa[2]),
+                f"{np.median([r['seconds'] for r in rs]):.0f}",
+            ]
+        )
     base_names = [n for n, _ in BASELINES if n in rows]
     fixed = [n for n in base_names if n.startswith("fixed")]
     best_fixed = max(fixed, key=lambda n: _stats(rows[n], "AA")[0]) if fixed else None
@@ -161,15 +222,16 @@ def report(res: dict, args) -> str:
     pm = rows.get("ProxyMix", [])
 
     def delta(other):
-        return [100 * (_stats(pm, k)[0] - _stats(rows[other], k)[0])
-                for k in ("AA", "F", "safety")]
+        return [100 * (_stats(pm, k)[0] - _stats(rows[other], k)[0]) for k in ("AA", "F", "safety")]
 
     lines = [
-        "# ProxyMix benchmark", "",
+        "# ProxyMix benchmark",
+        "",
         f"Command: `python bench/proxymix.py{' --quick' if res['quick'] else ''}` "
         f"(threads {args.threads}). Machine: 2-core CPU, torch 2.13, shared with other jobs "
         f"(load at the end: {res['load']}). Total wall time {res['total_wall'] / 60:.1f} min, "
-        f"of which controller learning {res['learn_wall'] / 60:.1f} min.", "",
+        f"of which controller learning {res['learn_wall'] / 60:.1f} min.",
+        "",
         f"Setting: `configs/proxymix.yaml`{' with the --quick overrides' if res['quick'] else ''}"
         f" (sequences {[' > '.join(o) for o in res['setting']['orders']]}; safety eval + "
         f"safety buffer; buffers of {res['setting']['buffer_size']}; "
@@ -179,22 +241,38 @@ def report(res: dict, args) -> str:
         f"{res['setting']['proxy']} ({res['setting']['proxy_params'] / 1e6:.2f}M params) after"
         f" a {res['setting']['warmup']}-step warm-up. One controller learned (seed 0, "
         f"{res['episodes']} episodes), frozen; every method on the target with seeds "
-        f"{res['seeds']}.", "",
+        f"{res['seeds']}.",
+        "",
         "Accuracy = greedy exact match on 32 held-out examples per task; AA = mean final "
         "accuracy over the three tasks; F = mean (best - final) accuracy of the first two "
         "tasks; safety = final accuracy on 32 safety prompts (refuse harmful, help benign). "
-        "Mean over sequences x seeds; per-seed AA means shown.", "",
-        table(["method", "AA", "F (lower better)", "safety", "loss forgetting",
-               "replay share (stages 2-3)", "AA per seed", "s / sequence (median)"], body),
+        "Mean over sequences x seeds; per-seed AA means shown.",
+        "",
+        table(
+            [
+                "method",
+                "AA",
+                "F (lower better)",
+                "safety",
+                "loss forgetting",
+                "replay share (stages 2-3)",
+                "AA per seed",
+                "s / sequence (median)",
+            ],
+            body,
+        ),
         "",
     ]
     if pm and best_fixed:
         d, e = delta(best_fixed), delta(strongest)
-        lines += [f"ProxyMix - best fixed replay ({best_fixed}, chosen on these results): "
-                  f"AA {d[0]:+.1f}, F {d[1]:+.1f}, safety {d[2]:+.1f} points.",
-                  f"ProxyMix - strongest baseline by AA ({strongest}): AA {e[0]:+.1f}, "
-                  f"F {e[1]:+.1f}, safety {e[2]:+.1f} points. Paper (LLaMA-3-8B, abstract): "
-                  "+3.4 AA, -3.5 F, +5.8 safety vs the strongest non-oracle baseline.", ""]
+        lines += [
+            f"ProxyMix - best fixed replay ({best_fixed}, chosen on these results): "
+            f"AA {d[0]:+.1f}, F {d[1]:+.1f}, safety {d[2]:+.1f} points.",
+            f"ProxyMix - strongest baseline by AA ({strongest}): AA {e[0]:+.1f}, "
+            f"F {e[1]:+.1f}, safety {e[2]:+.1f} points. Paper (LLaMA-3-8B, abstract): "
+            "+3.4 AA, -3.5 F, +5.8 safety vs the strongest non-oracle baseline.",
+            "",
+        ]
     for rep in res["proxymix_reports"]:
         c, chk = rep.get("policy_cost", {}), rep.get("transfer_check", {})
         lines.append(
@@ -204,13 +282,17 @@ def report(res: dict, args) -> str:
             f"policy-learning cost ratio (RL on target / proxy): "
             f"{c.get('ratio_seconds', float('nan')):.1f}x by wall time, "
             f"{c.get('ratio_flops', float('nan')):.1f}x by training FLOPs "
-            f"(paper: ~50x vs Oracle Target RL).")
+            f"(paper: ~50x vs Oracle Target RL)."
+        )
     rets = [r["return"] for r in res["returns"]]
     if rets:
         k = max(1, len(rets) // 3)
-        lines += ["", f"Learning curve on the proxy: mean return of the first {k} episodes "
-                  f"{np.mean(rets[:k]):+.3f}, last {k} {np.mean(rets[-k:]):+.3f} "
-                  f"(returns per episode: {[round(x, 3) for x in rets]})."]
+        lines += [
+            "",
+            f"Learning curve on the proxy: mean return of the first {k} episodes "
+            f"{np.mean(rets[:k]):+.3f}, last {k} {np.mean(rets[-k:]):+.3f} "
+            f"(returns per episode: {[round(x, 3) for x in rets]}).",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -42,8 +42,13 @@ def load_baseline(ref: str):
     import types
 
     root = Path(__file__).resolve().parent.parent
-    src = subprocess.run(["git", "show", f"{ref}:src/mixtune/data/sampler.py"], cwd=root,
-                         check=True, capture_output=True, text=True).stdout
+    src = subprocess.run(
+        ["git", "show", f"{ref}:src/mixtune/data/sampler.py"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     mod = types.ModuleType(f"sampler_{ref}")
     exec(compile(src, f"{ref}:sampler.py", "exec"), mod.__dict__)
     return mod.MixtureSampler
@@ -88,9 +93,12 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--seconds", type=float, default=0.5, help="per repetition")
-    ap.add_argument("--baseline", metavar="GIT_REF",
-                    help="also time the sampler at this git revision (interleaved), after "
-                         "checking that it draws the same stream")
+    ap.add_argument(
+        "--baseline",
+        metavar="GIT_REF",
+        help="also time the sampler at this git revision (interleaved), after "
+        "checking that it draws the same stream",
+    )
     ap.add_argument("--json", help="write all measurements here")
     a = ap.parse_args(argv)
     if a.quick:
@@ -105,8 +113,11 @@ def main(argv=None) -> None:
         for kind, n, k in configs:
             check_same_stream(MixtureSampler, impls["baseline"], k, n, kind, a.size)
         print(f"exactness: same batches and state as {a.baseline} for every configuration")
-    samplers = {(i, c): make(cls, c[2], c[1], c[0], a.size, a.seconds)
-                for c in configs for i, cls in impls.items()}
+    samplers = {
+        (i, c): make(cls, c[2], c[1], c[0], a.size, a.seconds)
+        for c in configs
+        for i, cls in impls.items()
+    }
     wall: dict = {key: [] for key in samplers}
     cpu: dict = {key: [] for key in samplers}
     for _ in range(a.reps):  # interleaved, so that load changes hit every configuration alike
@@ -120,18 +131,42 @@ def main(argv=None) -> None:
         for kind, n, k in configs:
             c, base = (impl, (kind, n, k)), (impl, (kind, n, ks[0]))
             paired = median(x / y for x, y in zip(wall[c], wall[base]))
-            row = [kind, n, k, median(wall[c]), min(wall[c]), median(cpu[c]), paired,
-                   median(cpu[c]) / median(cpu[base]), "yes" if median(wall[c]) >= 1e6 else "NO"]
+            row = [
+                kind,
+                n,
+                k,
+                median(wall[c]),
+                min(wall[c]),
+                median(cpu[c]),
+                paired,
+                median(cpu[c]) / median(cpu[base]),
+                "yes" if median(wall[c]) >= 1e6 else "NO",
+            ]
             if impl == "current" and a.baseline:
                 b = ("baseline", (kind, n, k))
                 row.append(median(x / y for x, y in zip(wall[c], wall[b])))
             rows.append(row)
         print(f"\n{impl} sampler" + (f" ({a.baseline})" if impl == "baseline" else ""))
-        print(table(["weights", "n per call", "K", "median draws/s", "min draws/s",
-                     "CPU draws/s", f"vs K={ks[0]} (wall, paired)", f"vs K={ks[0]} (CPU)",
-                     ">= 1M/s"] + (["vs baseline (paired)"] if len(rows[0]) > 9 else []), rows))
-    res = {f"{i}/{'/'.join(map(str, c))}": {"wall": wall[i, c], "cpu": cpu[i, c]}
-           for i, c in samplers}
+        print(
+            table(
+                [
+                    "weights",
+                    "n per call",
+                    "K",
+                    "median draws/s",
+                    "min draws/s",
+                    "CPU draws/s",
+                    f"vs K={ks[0]} (wall, paired)",
+                    f"vs K={ks[0]} (CPU)",
+                    ">= 1M/s",
+                ]
+                + (["vs baseline (paired)"] if len(rows[0]) > 9 else []),
+                rows,
+            )
+        )
+    res = {
+        f"{i}/{'/'.join(map(str, c))}": {"wall": wall[i, c], "cpu": cpu[i, c]} for i, c in samplers
+    }
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "draws_per_s": res}, indent=1))
 

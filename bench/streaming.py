@@ -23,8 +23,15 @@ import time
 from pathlib import Path
 
 SHARD = 100_000
-TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256}
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+}
 
 
 def make_data(root: Path, n: int) -> Path:
@@ -63,20 +70,37 @@ def one(mode: str, data: str, steps: int, out: str) -> None:
     ds = {"name": "add", "path": data}
     if mode == "streaming":
         ds.update(streaming=True, shuffle_buffer=1024)
-    cfg = config.load(data={
-        "output_dir": out, "max_steps": steps, "progress": False, "seed": 0,
-        "model": {"tokenizer": "byte", "config": TINY}, "datasets": [ds], "evals": [],
-        "mixer": {"name": "uniform"},
-        "train": {"batch_size": 16, "max_length": 64, "eval_every": 0, "log_every": steps},
-    })
+    cfg = config.load(
+        data={
+            "output_dir": out,
+            "max_steps": steps,
+            "progress": False,
+            "seed": 0,
+            "model": {"tokenizer": "byte", "config": TINY},
+            "datasets": [ds],
+            "evals": [],
+            "mixer": {"name": "uniform"},
+            "train": {"batch_size": 16, "max_length": 64, "eval_every": 0, "log_every": steps},
+        }
+    )
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     built, t1 = rss_mb()[0], time.perf_counter()
     trainer.run()
     trained, peak = rss_mb()
-    print(json.dumps({"built_mb": built - base, "trained_mb": trained - base,
-                      "peak_mb": peak - base, "base_mb": base, "build_s": t1 - t0,
-                      "train_s": time.perf_counter() - t1, "size": trainer.train_sets[0].size}))
+    print(
+        json.dumps(
+            {
+                "built_mb": built - base,
+                "trained_mb": trained - base,
+                "peak_mb": peak - base,
+                "base_mb": base,
+                "build_s": t1 - t0,
+                "train_s": time.perf_counter() - t1,
+                "size": trainer.train_sets[0].size,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -99,14 +123,30 @@ def main() -> None:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 env = dict(os.environ, OMP_NUM_THREADS="1")
-                res = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
-                                      "--one", mode, str(data), tmp], env=env, check=True,
-                                     capture_output=True, text=True)
+                res = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--steps",
+                        str(args.steps),
+                        "--one",
+                        mode,
+                        str(data),
+                        tmp,
+                    ],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
             row = {"examples": n, "mode": mode, **json.loads(res.stdout.strip().splitlines()[-1])}
             rows.append(row)
-            print(f"{n:>9,} {mode:<10} build {row['built_mb']:7.1f} MB  after training "
-                  f"{row['trained_mb']:7.1f} MB  peak {row['peak_mb']:7.1f} MB  "
-                  f"build {row['build_s']:6.2f}s  train {row['train_s']:5.2f}s", flush=True)
+            print(
+                f"{n:>9,} {mode:<10} build {row['built_mb']:7.1f} MB  after training "
+                f"{row['trained_mb']:7.1f} MB  peak {row['peak_mb']:7.1f} MB  "
+                f"build {row['build_s']:6.2f}s  train {row['train_s']:5.2f}s",
+                flush=True,
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
 

@@ -41,18 +41,31 @@ def _cells(root: Path):
         if not (out / "summary.json").is_file() or not (out / "cell.yaml").is_file():
             continue
         scenario, method, seed = out.name.split("--")
-        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
-                if x.strip()]
+        recs = [
+            json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()
+        ]
         evals = {}
         for r in recs:
             if "eval" in r:
                 evals[r["step"]] = r["eval"]
-        domains = {e["name"]: {"role": e.get("role", "monitor"), "reference": e.get("reference"),
-                               "metric": e.get("metric", "loss"), "test_of": e.get("test_of")}
-                   for e in yaml.safe_load((out / "cell.yaml").read_text())["evals"]}
-        yield {"scenario": scenario, "method": method, "seed": seed, "recs": recs,
-               "evals": sorted(evals.items()), "domains": domains,
-               "weights": yaml.safe_load((out / "cell.yaml").read_text())["mixer"]}
+        domains = {
+            e["name"]: {
+                "role": e.get("role", "monitor"),
+                "reference": e.get("reference"),
+                "metric": e.get("metric", "loss"),
+                "test_of": e.get("test_of"),
+            }
+            for e in yaml.safe_load((out / "cell.yaml").read_text())["evals"]
+        }
+        yield {
+            "scenario": scenario,
+            "method": method,
+            "seed": seed,
+            "recs": recs,
+            "evals": sorted(evals.items()),
+            "domains": domains,
+            "weights": yaml.safe_load((out / "cell.yaml").read_text())["mixer"],
+        }
 
 
 def _med(xs):
@@ -77,8 +90,11 @@ def noise_table(cells) -> str:
             move.setdefault(d, []).append(abs(last[d]["loss"] - first[d]["loss"]))
             se.setdefault(d, []).append(last[d].get("change_se"))
             level.setdefault(d, []).append(first[d].get("loss_se"))
-    lines = ["| constraint | median abs change (sweep runs, w > 0) | median paired se of the "
-             "change | ratio | base level se (n) |", "|---|---|---|---|---|"]
+    lines = [
+        "| constraint | median abs change (sweep runs, w > 0) | median paired se of the "
+        "change | ratio | base level se (n) |",
+        "|---|---|---|---|---|",
+    ]
     for d in sorted(move):
         m, s = _med(move[d]), _med(se[d])
         lines.append(f"| {d} | {m:.3f} | {s:.3f} | {m / s:.1f}x | {_med(level[d]):.3f} |")
@@ -102,21 +118,33 @@ def prediction_table(cells) -> str:
                         rows.setdefault((c["scenario"], c["method"]), []).append((abs(err), moved))
             prev = m
     methods = sorted({k[1] for k in rows})
-    lines = ["| scenario | " + " | ".join(f"{m}: abs error median, p90 / abs predicted change "
-                                           "median" for m in methods) + " |",
-             "|---|" + "---|" * len(methods)]
+    lines = [
+        "| scenario | "
+        + " | ".join(f"{m}: abs error median, p90 / abs predicted change median" for m in methods)
+        + " |",
+        "|---|" + "---|" * len(methods),
+    ]
     for sc in sorted({k[0] for k in rows}):
         cells_ = []
         for m in methods:
             v = rows.get((sc, m), [])
-            cells_.append(f"{_med([e for e, _ in v]):.4f}, {_p90([e for e, _ in v]):.4f} / "
-                          f"{_med([p for _, p in v]):.4f}" if v else "-")
+            cells_.append(
+                f"{_med([e for e, _ in v]):.4f}, {_p90([e for e, _ in v]):.4f} / "
+                f"{_med([p for _, p in v]):.4f}"
+                if v
+                else "-"
+            )
         lines.append(f"| {sc} | " + " | ".join(cells_) + " |")
-    allm = ["| all | " + " | ".join(
-        f"{_med([e for k, v in rows.items() if k[1] == m for e, _ in v]):.4f}, "
-        f"{_p90([e for k, v in rows.items() if k[1] == m for e, _ in v]):.4f} / "
-        f"{_med([p for k, v in rows.items() if k[1] == m for _, p in v]):.4f}"
-        for m in methods) + " |"]
+    allm = [
+        "| all | "
+        + " | ".join(
+            f"{_med([e for k, v in rows.items() if k[1] == m for e, _ in v]):.4f}, "
+            f"{_p90([e for k, v in rows.items() if k[1] == m for e, _ in v]):.4f} / "
+            f"{_med([p for k, v in rows.items() if k[1] == m for _, p in v]):.4f}"
+            for m in methods
+        )
+        + " |"
+    ]
     return "\n".join(lines + allm)
 
 
@@ -127,11 +155,14 @@ def dynamix_table(cells, a="dynamixsft", b="proportional") -> str:
             continue
         _, last = c["evals"][-1]
         tests = [d for d, i in c["domains"].items() if i["role"] == "test"]
-        per.setdefault((c["method"], c["seed"]), {})[c["scenario"]] = (
-            statistics.mean(last[d]["loss"] for d in tests))
+        per.setdefault((c["method"], c["seed"]), {})[c["scenario"]] = statistics.mean(
+            last[d]["loss"] for d in tests
+        )
     seeds = sorted({s for _, s in per})
-    lines = ["| seed | " + f"{a} mean test loss | {b} mean test loss | relative gain of {a} |",
-             "|---|---|---|---|"]
+    lines = [
+        "| seed | " + f"{a} mean test loss | {b} mean test loss | relative gain of {a} |",
+        "|---|---|---|---|",
+    ]
     gains = []
     for s in seeds:
         x, y = per.get((a, s), {}), per.get((b, s), {})
@@ -141,19 +172,27 @@ def dynamix_table(cells, a="dynamixsft", b="proportional") -> str:
         mx, my = statistics.mean(x[k] for k in common), statistics.mean(y[k] for k in common)
         gains.append((my - mx) / my)
         lines.append(f"| {s} | {mx:.4f} | {my:.4f} | {100 * (my - mx) / my:+.2f}% |")
-    pairs = [(per[(b, s)][k] - per[(a, s)][k]) / per[(b, s)][k] for s in seeds
-             if (a, s) in per and (b, s) in per for k in set(per[(a, s)]) & set(per[(b, s)])]
+    pairs = [
+        (per[(b, s)][k] - per[(a, s)][k]) / per[(b, s)][k]
+        for s in seeds
+        if (a, s) in per and (b, s) in per
+        for k in set(per[(a, s)]) & set(per[(b, s)])
+    ]
     if len(pairs) > 1:
         mean, sd = statistics.mean(pairs), statistics.stdev(pairs)
-        lines.append(f"\nPer (scenario, seed) pairs: {sum(p > 0 for p in pairs)} of {len(pairs)} "
-                     f"favour {a}; mean {100 * mean:+.2f}% ± {100 * sd / len(pairs) ** 0.5:.2f}"
-                     " (standard error over pairs).")
+        lines.append(
+            f"\nPer (scenario, seed) pairs: {sum(p > 0 for p in pairs)} of {len(pairs)} "
+            f"favour {a}; mean {100 * mean:+.2f}% ± {100 * sd / len(pairs) ** 0.5:.2f}"
+            " (standard error over pairs)."
+        )
     if len(gains) > 1:
-        lines.append(f"\nMean gain {100 * statistics.mean(gains):+.2f}%, seed spread "
-                     f"{100 * (max(gains) - min(gains)):.2f} points (min {100 * min(gains):+.2f}%"
-                     f", max {100 * max(gains):+.2f}%): the difference "
-                     f"{'exceeds' if min(gains) > 0 or max(gains) < 0 else 'does not exceed'} "
-                     "the seed spread (all seeds on one side of zero or not).")
+        lines.append(
+            f"\nMean gain {100 * statistics.mean(gains):+.2f}%, seed spread "
+            f"{100 * (max(gains) - min(gains)):.2f} points (min {100 * min(gains):+.2f}%"
+            f", max {100 * max(gains):+.2f}%): the difference "
+            f"{'exceeds' if min(gains) > 0 or max(gains) < 0 else 'does not exceed'} "
+            "the seed spread (all seeds on one side of zero or not)."
+        )
     return "\n".join(lines)
 
 
@@ -166,8 +205,11 @@ def agreement_table(cells) -> str:
         rec = dict(c["evals"])[res["selected_step"]]
         base = c["evals"][0][1]
         twins = {i["test_of"]: d for d, i in c["domains"].items() if i["role"] == "test"}
-        held = all(rec[twins[d]]["loss"] <= base[twins[d]]["loss"]
-                   for d, i in c["domains"].items() if i["role"] == "constraint" and d in twins)
+        held = all(
+            rec[twins[d]]["loss"] <= base[twins[d]]["loss"]
+            for d, i in c["domains"].items()
+            if i["role"] == "constraint" and d in twins
+        )
         by_method.setdefault(c["method"], []).append(held)
     lines = ["| method | dev-feasible cells | also feasible on test |", "|---|---|---|"]
     for m, v in sorted(by_method.items()):
@@ -180,10 +222,16 @@ def main() -> None:
     cells = list(_cells(root))
     print(f"{len(cells)} finished cells in {root}\n")
     print("## Noise vs movement (constraints)\n\n" + noise_table(cells) + "\n")
-    print("## DynaMiCS slope model: prediction error at the next update (constraints)\n\n"
-          + prediction_table(cells) + "\n")
-    print("## DynamixSFT vs proportional (held-out test loss, all domains)\n\n"
-          + dynamix_table(cells) + "\n")
+    print(
+        "## DynaMiCS slope model: prediction error at the next update (constraints)\n\n"
+        + prediction_table(cells)
+        + "\n"
+    )
+    print(
+        "## DynamixSFT vs proportional (held-out test loss, all domains)\n\n"
+        + dynamix_table(cells)
+        + "\n"
+    )
     print("## Selected on dev, checked on test\n\n" + agreement_table(cells))
 
 

@@ -39,23 +39,56 @@ CANDIDATES = ("definitions", "arithmetic", "dialogue", "safety", "trivia")
 
 
 def evals(domains, split: str, batches: int) -> list[dict]:
-    return [{"name": d, "path": f"builtin:{d}", "split": split, "batches": batches,
-             "batch_size": 8, "accuracy": False, "role": "monitor"} for d in domains]
+    return [
+        {
+            "name": d,
+            "path": f"builtin:{d}",
+            "split": split,
+            "batches": batches,
+            "batch_size": 8,
+            "accuracy": False,
+            "role": "monitor",
+        }
+        for d in domains
+    ]
 
 
-def run(work: Path, name: str, datasets: list[dict], weights: dict, steps: int,
-        eval_every: int, batches: int, lr: float, seed: int) -> list[dict]:
+def run(
+    work: Path,
+    name: str,
+    datasets: list[dict],
+    weights: dict,
+    steps: int,
+    eval_every: int,
+    batches: int,
+    lr: float,
+    seed: int,
+) -> list[dict]:
     from mixtune import config
     from mixtune.engine.loop import Trainer
     from mixtune.engine.rundir import read_metrics
 
     out = work / name
-    raw = {"output_dir": str(out), "seed": seed, "max_steps": steps, "progress": False,
-           "resume": "never", "model": {"name_or_path": MODEL}, "datasets": datasets,
-           "evals": evals(sorted({*CANDIDATES, "code", "word_problems"}), "dev", batches),
-           "mixer": {"name": "fixed", "weights": weights},
-           "train": {"batch_size": 8, "lr": lr, "schedule": "constant", "max_length": 128,
-                     "eval_every": eval_every, "log_every": eval_every, "save_every": 0}}
+    raw = {
+        "output_dir": str(out),
+        "seed": seed,
+        "max_steps": steps,
+        "progress": False,
+        "resume": "never",
+        "model": {"name_or_path": MODEL},
+        "datasets": datasets,
+        "evals": evals(sorted({*CANDIDATES, "code", "word_problems"}), "dev", batches),
+        "mixer": {"name": "fixed", "weights": weights},
+        "train": {
+            "batch_size": 8,
+            "lr": lr,
+            "schedule": "constant",
+            "max_length": 128,
+            "eval_every": eval_every,
+            "log_every": eval_every,
+            "save_every": 0,
+        },
+    }
     if out.exists():
         import shutil
 
@@ -89,13 +122,22 @@ def main() -> None:
     from mixtune import config
     from mixtune.engine.loop import Trainer
 
-    raw = {"output_dir": str(work / "_base"), "seed": args.seed, "max_steps": 1,
-           "progress": False, "model": {"name_or_path": MODEL},
-           "datasets": [{"name": "x", "path": "builtin:code"}],
-           "evals": (evals(CANDIDATES, "dev", args.batches)
-                     + [{**e, "name": e["name"] + "_train"}
-                        for e in evals(CANDIDATES, SEEN[MODEL], args.batches)]),
-           "train": {"max_length": 128}}
+    raw = {
+        "output_dir": str(work / "_base"),
+        "seed": args.seed,
+        "max_steps": 1,
+        "progress": False,
+        "model": {"name_or_path": MODEL},
+        "datasets": [{"name": "x", "path": "builtin:code"}],
+        "evals": (
+            evals(CANDIDATES, "dev", args.batches)
+            + [
+                {**e, "name": e["name"] + "_train"}
+                for e in evals(CANDIDATES, SEEN[MODEL], args.batches)
+            ]
+        ),
+        "train": {"max_length": 128},
+    }
     base = Trainer(config.load(data=raw)).evaluate(accuracy=False, use_cache=False)
     result["base"] = base
     print("\n## Base model: held-out (dev) vs pre-training (train) examples\n")
@@ -104,21 +146,38 @@ def main() -> None:
     print("|---|---|---|---|")
     for d in CANDIDATES:
         dv, tr = base[d], base[d + "_train"]
-        print(f"| {d} | {dv['loss']:.3f} ± {dv['loss_se']:.3f} ({dv['n']}) | {tr['loss']:.3f} "
-              f"| {dv['loss'] / max(tr['loss'], 1e-9):.1f}x |")
+        print(
+            f"| {d} | {dv['loss']:.3f} ± {dv['loss_se']:.3f} ({dv['n']}) | {tr['loss']:.3f} "
+            f"| {dv['loss'] / max(tr['loss'], 1e-9):.1f}x |"
+        )
 
     # 2. erosion and protection
     for target in args.targets.split(","):
-        datasets = [{"name": target, "path": f"builtin:{target}"},
-                    {"name": "replay", "path": "builtin:replay"}]
-        for label, w in (("target-only", {target: 1.0}), ("t0.8", {target: 0.8, "replay": 0.2}),
-                         ("t0.5", {target: 0.5, "replay": 0.5}), ("replay-only", {"replay": 1.0})):
+        datasets = [
+            {"name": target, "path": f"builtin:{target}"},
+            {"name": "replay", "path": "builtin:replay"},
+        ]
+        for label, w in (
+            ("target-only", {target: 1.0}),
+            ("t0.8", {target: 0.8, "replay": 0.2}),
+            ("t0.5", {target: 0.5, "replay": 0.5}),
+            ("replay-only", {"replay": 1.0}),
+        ):
             if label == "replay-only" and target != args.targets.split(",")[0]:
                 continue  # the same run for every target
             name = f"{target}-{label}" if label != "replay-only" else "replay-only"
             t1 = time.perf_counter()
-            result["runs"][name] = run(work, name, datasets, w, args.steps, args.eval_every,
-                                       args.batches, args.lr, args.seed)
+            result["runs"][name] = run(
+                work,
+                name,
+                datasets,
+                w,
+                args.steps,
+                args.eval_every,
+                args.batches,
+                args.lr,
+                args.seed,
+            )
             print(f"{name}: {time.perf_counter() - t1:.0f} s", flush=True)
 
     print("\n## Change since step 0 at the end (± paired se), per run\n")
@@ -127,8 +186,10 @@ def main() -> None:
     print("|---|" + "---|" * len(doms))
     for name, traj in result["runs"].items():
         first, last = traj[0]["eval"], traj[-1]["eval"]
-        cells = [f"{last[d]['loss'] - first[d]['loss']:+.3f} ± {last[d].get('change_se', 0):.3f}"
-                 for d in doms]
+        cells = [
+            f"{last[d]['loss'] - first[d]['loss']:+.3f} ± {last[d].get('change_se', 0):.3f}"
+            for d in doms
+        ]
         print(f"| {name} | " + " | ".join(cells) + " |")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["loadavg_end"] = loadavg()

@@ -43,8 +43,14 @@ from common import loadavg, median, pin_threads, run_worker, table  # noqa: E402
 
 SYSTEMS = ("mixtune", "hf", "trl")
 DATASETS = (("arithmetic", 2000), ("code", None), ("dialogue", None))
-MODEL = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
-         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256}
+MODEL = {
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,11 +59,12 @@ def tokenise(tok, prompt: str, response: str, max_length: int) -> tuple[list, li
     """Prompt tokens (label -100) + response tokens, each part tokenised on its own."""
     user = [{"role": "user", "content": prompt}]
     prefix = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-    full = tok.apply_chat_template(user + [{"role": "assistant", "content": response}],
-                                   tokenize=False)
+    full = tok.apply_chat_template(
+        user + [{"role": "assistant", "content": response}], tokenize=False
+    )
     assert full.startswith(prefix)
     p = tok(prefix, add_special_tokens=False)["input_ids"]
-    c = tok(full[len(prefix):], add_special_tokens=False)["input_ids"]
+    c = tok(full[len(prefix) :], add_special_tokens=False)["input_ids"]
     return (p + c)[:max_length], ([-100] * len(p) + c)[:max_length]
 
 
@@ -71,8 +78,10 @@ def prepare(work: Path, steps: int, batch: int, lr: float, max_length: int, warm
     tok = AutoTokenizer.from_pretrained(str(base_model_path()))
     names, sizes, tokens, records = [], [], {}, {}
     for name, n in DATASETS:
-        recs = [{"prompt": r["prompt"], "response": r["response"]}
-                for r in load_domain(name, "train", n=n, seed=0)]
+        recs = [
+            {"prompt": r["prompt"], "response": r["response"]}
+            for r in load_domain(name, "train", n=n, seed=0)
+        ]
         with open(work / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs)
         # mixtune indexes a dataset's examples through a seeded permutation of the file: use
@@ -83,8 +92,13 @@ def prepare(work: Path, steps: int, batch: int, lr: float, max_length: int, warm
         sizes.append(len(recs))
         tokens[name] = [tokenise(tok, r["prompt"], r["response"], max_length) for r in recs]
         records[name] = recs
-    cfg = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **MODEL)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        **MODEL,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
@@ -92,9 +106,18 @@ def prepare(work: Path, steps: int, batch: int, lr: float, max_length: int, warm
     sampler = MixtureSampler(sizes, names, np.asarray(sizes) / sum(sizes), seed=0)
     order = [[(int(k), int(e)) for k, e in zip(*sampler.next_batch(batch))] for _ in range(steps)]
     step_tokens = [sum(len(tokens[names[k]][e][0]) for k, e in b) for b in order]
-    meta = {"names": names, "sizes": sizes, "steps": steps, "batch": batch, "lr": lr,
-            "max_length": max_length, "warmup": warmup, "order": order,
-            "step_tokens": step_tokens, "pad_id": tok.pad_token_id}
+    meta = {
+        "names": names,
+        "sizes": sizes,
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "max_length": max_length,
+        "warmup": warmup,
+        "order": order,
+        "step_tokens": step_tokens,
+        "pad_id": tok.pad_token_id,
+    }
     (work / "meta.json").write_text(json.dumps(meta))
     (work / "tokens.json").write_text(json.dumps(tokens))
     (work / "records.json").write_text(json.dumps(records))
@@ -135,22 +158,37 @@ def run_mixtune(work: Path, meta: dict, tokens: dict, marks: list, seen: list):
             self.bench_draws.append((ds, ex))
 
     out = Path(tempfile.mkdtemp(prefix="run-mixtune-", dir=work))
-    raw = {"output_dir": str(out), "seed": 0, "max_steps": meta["steps"], "resume": "never",
-           "progress": False,
-           "model": {"name_or_path": str(work / "model"), "dtype": "float32"},
-           "datasets": [{"name": n, "path": str(work / f"{n}.jsonl")} for n in meta["names"]],
-           "evals": [], "mixer": {"name": "proportional"}, "loss": {"name": "sft"},
-           "train": {"batch_size": meta["batch"], "micro_batch_size": meta["batch"],
-                     "lr": meta["lr"], "schedule": "constant", "max_grad_norm": 1.0,
-                     "max_length": meta["max_length"], "eval_every": 0,
-                     "log_every": meta["steps"], "save_every": 0}}
+    raw = {
+        "output_dir": str(out),
+        "seed": 0,
+        "max_steps": meta["steps"],
+        "resume": "never",
+        "progress": False,
+        "model": {"name_or_path": str(work / "model"), "dtype": "float32"},
+        "datasets": [{"name": n, "path": str(work / f"{n}.jsonl")} for n in meta["names"]],
+        "evals": [],
+        "mixer": {"name": "proportional"},
+        "loss": {"name": "sft"},
+        "train": {
+            "batch_size": meta["batch"],
+            "micro_batch_size": meta["batch"],
+            "lr": meta["lr"],
+            "schedule": "constant",
+            "max_grad_norm": 1.0,
+            "max_length": meta["max_length"],
+            "eval_every": 0,
+            "log_every": meta["steps"],
+            "save_every": 0,
+        },
+    }
     trainer = Timed(config.from_dict(raw))
     trainer.bench_draws = []
     for t in trainer.train_sets:
         want = tokens[t.name]
         assert len(want) == t.size and all(
             list(a) == w[0] and list(b) == w[1]
-            for a, b, w in zip(t.data.input_ids, t.data.labels, want)), "token mismatch"
+            for a, b, w in zip(t.data.input_ids, t.data.labels, want)
+        ), "token mismatch"
     trainer.run()
     got = [[(int(k), int(e)) for k, e in zip(ds, ex)] for ds, ex in trainer.bench_draws]
     assert got == [[tuple(x) for x in b] for b in meta["order"]], "batch order mismatch"
@@ -169,8 +207,12 @@ def shifted_label_token_losses(logits, labels):
     from mixtune.losses import IGNORE
 
     target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T)
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
-                          ignore_index=IGNORE, reduction="none").view(target.shape)
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)),
+        target.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
+    ).view(target.shape)
     return nll[:, :-1].contiguous(), target[:, :-1] != IGNORE
 
 
@@ -182,14 +224,33 @@ def run_mixtune_shift(work: Path, meta: dict, tokens: dict, marks: list, seen: l
 
 
 def _hf_args(cls, work: Path, meta: dict, **extra):
-    return cls(output_dir=str(work / "hf-out"), max_steps=meta["steps"],
-               per_device_train_batch_size=meta["batch"], gradient_accumulation_steps=1,
-               learning_rate=meta["lr"], weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-               adam_epsilon=1e-8, lr_scheduler_type="constant", warmup_steps=0,
-               max_grad_norm=1.0, optim="adamw_torch", logging_strategy="no",
-               save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
-               use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0,
-               train_sampling_strategy="sequential", seed=0, **extra)
+    return cls(
+        output_dir=str(work / "hf-out"),
+        max_steps=meta["steps"],
+        per_device_train_batch_size=meta["batch"],
+        gradient_accumulation_steps=1,
+        learning_rate=meta["lr"],
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+        seed=0,
+        **extra,
+    )
 
 
 def _callbacks(marks: list):
@@ -207,6 +268,7 @@ def _count_collator(collate, seen: list):
         batch = collate(features)
         seen.append(int(batch["attention_mask"].sum()))
         return batch
+
     return wrapped
 
 
@@ -224,13 +286,23 @@ def run_hf(work: Path, meta: dict, tokens: dict, marks: list, seen: list):
     tok = AutoTokenizer.from_pretrained(work / "model")
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
     rows = ordered(meta, tokens)
-    data = Dataset.from_dict({"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows],
-                              "attention_mask": [[1] * len(r[0]) for r in rows]})
-    collator = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100,
-                                      return_tensors="pt")
-    trainer = Trainer(model=model, args=_hf_args(TrainingArguments, work, meta),
-                      train_dataset=data, data_collator=_count_collator(collator, seen),
-                      callbacks=_callbacks(marks))
+    data = Dataset.from_dict(
+        {
+            "input_ids": [r[0] for r in rows],
+            "labels": [r[1] for r in rows],
+            "attention_mask": [[1] * len(r[0]) for r in rows],
+        }
+    )
+    collator = DataCollatorForSeq2Seq(
+        tok, padding="longest", label_pad_token_id=-100, return_tensors="pt"
+    )
+    trainer = Trainer(
+        model=model,
+        args=_hf_args(TrainingArguments, work, meta),
+        train_dataset=data,
+        data_collator=_count_collator(collator, seen),
+        callbacks=_callbacks(marks),
+    )
     trainer.train()
     return trainer.model
 
@@ -244,14 +316,34 @@ def run_trl(work: Path, meta: dict, tokens: dict, marks: list, seen: list):
     tok = AutoTokenizer.from_pretrained(work / "model")
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
     recs = ordered(meta, json.loads((work / "records.json").read_text()))
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                               "completion": [{"role": "assistant", "content": r["response"]}]}
-                              for r in recs])
-    args = _hf_args(SFTConfig, work, meta, max_length=meta["max_length"], packing=False,
-                    padding_free=False, completion_only_loss=True, gradient_checkpointing=False,
-                    shuffle_dataset=False, loss_type="nll")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                         callbacks=_callbacks(marks))
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["response"]}],
+            }
+            for r in recs
+        ]
+    )
+    args = _hf_args(
+        SFTConfig,
+        work,
+        meta,
+        max_length=meta["max_length"],
+        packing=False,
+        padding_free=False,
+        completion_only_loss=True,
+        gradient_checkpointing=False,
+        shuffle_dataset=False,
+        loss_type="nll",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=_callbacks(marks),
+    )
     want = ordered(meta, tokens)
     prepared = trainer.train_dataset
     assert prepared["input_ids"] == [w[0] for w in want], "TRL tokenised differently"
@@ -267,19 +359,29 @@ def worker(system: str, work: Path, threads: int) -> dict:
     tokens = json.loads((work / "tokens.json").read_text())
     marks: list[float] = []
     seen: list[int] = []
-    model = {"mixtune": run_mixtune, "hf": run_hf, "trl": run_trl,
-             "mixtune-shift": run_mixtune_shift}[system](
-        work, meta, tokens, marks, seen)
+    model = {
+        "mixtune": run_mixtune,
+        "hf": run_hf,
+        "trl": run_trl,
+        "mixtune-shift": run_mixtune_shift,
+    }[system](work, meta, tokens, marks, seen)
     n, w = meta["steps"], meta["warmup"]
     assert len(marks) == n, f"{system}: {len(marks)} step marks for {n} steps"
     assert seen == meta["step_tokens"], f"{system}: per-step non-pad tokens differ"
     tok = sum(meta["step_tokens"][w:])
-    wall, cpu = np.array(marks)[w - 1:].T
+    wall, cpu = np.array(marks)[w - 1 :].T
     secs, cpu_secs = wall[-1] - wall[0], cpu[-1] - cpu[0]
-    return {"system": system, "tokens": tok, "seconds": secs, "tokens_per_s": tok / secs,
-            "cpu_seconds": cpu_secs, "tokens_per_cpu_s": tok / cpu_secs,
-            "step_s_median": float(np.median(np.diff(wall))), "threads": threads,
-            "final_loss": final_loss(model, meta, tokens)}
+    return {
+        "system": system,
+        "tokens": tok,
+        "seconds": secs,
+        "tokens_per_s": tok / secs,
+        "cpu_seconds": cpu_secs,
+        "tokens_per_cpu_s": tok / cpu_secs,
+        "step_s_median": float(np.median(np.diff(wall))),
+        "threads": threads,
+        "final_loss": final_loss(model, meta, tokens),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,9 +395,12 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--systems", default=",".join(SYSTEMS),
-                    help="comma-separated; also mixtune-shift (mixtune with an experimental "
-                         "token_losses that shifts labels instead of slicing logits)")
+    ap.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="comma-separated; also mixtune-shift (mixtune with an experimental "
+        "token_losses that shifts labels instead of slicing logits)",
+    )
     ap.add_argument("--json", help="write all measurements here")
     ap.add_argument("--worker", choices=SYSTEMS + ("mixtune-shift",), help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -315,25 +420,52 @@ def main(argv=None) -> None:
             argv_ = [__file__, "--worker", s, "--work", str(work), "--threads", str(a.threads)]
             r = run_worker(argv_, a.threads, work / "workers.log")
             results[s].append(r)
-            print(f"rep {rep + 1}/{a.reps} {s:8s} {r['tokens_per_s']:10.0f} tok/s "
-                  f"({r['tokens']} tokens in {r['seconds']:.2f} s; final loss "
-                  f"{r['final_loss']:.5f}) load {loadavg()}", flush=True)
+            print(
+                f"rep {rep + 1}/{a.reps} {s:8s} {r['tokens_per_s']:10.0f} tok/s "
+                f"({r['tokens']} tokens in {r['seconds']:.2f} s; final loss "
+                f"{r['final_loss']:.5f}) load {loadavg()}",
+                flush=True,
+            )
     print(f"load after: {loadavg()}")
     med = {s: median(r["tokens_per_s"] for r in results[s]) for s in systems}
     cpu = {s: median(r["tokens_per_cpu_s"] for r in results[s]) for s in systems}
-    rows = [[s, med[s], min(r["tokens_per_s"] for r in results[s]),
-             max(r["tokens_per_s"] for r in results[s]), cpu[s],
-             median(r["step_s_median"] for r in results[s]) * 1000,
-             f"{median(r['final_loss'] for r in results[s]):.5f}"] for s in systems]
-    print(table(["system", "median tok/s (wall)", "min", "max", "median tok/s (CPU time)",
-                 "median step ms", "final loss"], rows))
+    rows = [
+        [
+            s,
+            med[s],
+            min(r["tokens_per_s"] for r in results[s]),
+            max(r["tokens_per_s"] for r in results[s]),
+            cpu[s],
+            median(r["step_s_median"] for r in results[s]) * 1000,
+            f"{median(r['final_loss'] for r in results[s]):.5f}",
+        ]
+        for s in systems
+    ]
+    print(
+        table(
+            [
+                "system",
+                "median tok/s (wall)",
+                "min",
+                "max",
+                "median tok/s (CPU time)",
+                "median step ms",
+                "final loss",
+            ],
+            rows,
+        )
+    )
     if "mixtune" in systems:
         for other in (s for s in systems if s != "mixtune"):
-            paired = median(m["tokens_per_s"] / o["tokens_per_s"]
-                            for m, o in zip(results["mixtune"], results[other]))
-            print(f"mixtune/{other}: wall: ratio of medians {med['mixtune'] / med[other]:.3f}, "
-                  f"median of paired ratios {paired:.3f}; CPU time: ratio of medians "
-                  f"{cpu['mixtune'] / cpu[other]:.3f}")
+            paired = median(
+                m["tokens_per_s"] / o["tokens_per_s"]
+                for m, o in zip(results["mixtune"], results[other])
+            )
+            print(
+                f"mixtune/{other}: wall: ratio of medians {med['mixtune'] / med[other]:.3f}, "
+                f"median of paired ratios {paired:.3f}; CPU time: ratio of medians "
+                f"{cpu['mixtune'] / cpu[other]:.3f}"
+            )
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
 

@@ -37,14 +37,20 @@ def corpus(seed: int) -> list[str]:
 
 def train(texts: list[str], vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2,
-                                  special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=byte_alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=byte_alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     return tok
 
@@ -77,8 +83,11 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=base_model_path())
-    ap.add_argument("--template-only", action="store_true",
-                    help="only rewrite chat_template in the saved tokenizer_config.json")
+    ap.add_argument(
+        "--template-only",
+        action="store_true",
+        help="only rewrite chat_template in the saved tokenizer_config.json",
+    )
     args = ap.parse_args()
     if args.template_only:
         finish_config(args.out)

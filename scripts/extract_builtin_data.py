@@ -38,13 +38,32 @@ WORDNET = Path("/usr/share/wordnet")
 WORDNET_COPYRIGHT = Path("/usr/share/doc/wordnet-base/copyright")
 
 # chatterbot categories whose question-like pairs with short, impersonal answers are trivia
-TRIVIA_FILES = ("trivia", "history", "science", "literature", "politics", "computers", "sports",
-                "movies")
+TRIVIA_FILES = (
+    "trivia",
+    "history",
+    "science",
+    "literature",
+    "politics",
+    "computers",
+    "sports",
+    "movies",
+)
 SKIP_FILES = ("coding",)  # long code answers in Markdown: neither dialogue nor trivia
 QUESTION = re.compile(r"^(who|when|where|which|in what|in which)\b", re.IGNORECASE)
 PERSONAL = re.compile(r"\b(i|i'm|im|my|me|you|your|we)\b", re.IGNORECASE)
-STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "ensurepip",
-               "turtledemo", "tkinter", "pydoc_data", "__pycache__", "distutils"}
+STDLIB_SKIP = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "ensurepip",
+    "turtledemo",
+    "tkinter",
+    "pydoc_data",
+    "__pycache__",
+    "distutils",
+}
 MAX_CODE_CHARS = 400
 MAX_DEFS = 12000
 
@@ -100,8 +119,9 @@ def extract_chatterbot() -> tuple[list[dict], list[dict]]:
             trivia.append({"prompt": prompt, "response": reply, "key": key, "source": cat})
         elif len(prompt) + len(reply) <= 400 and (prompt, reply) not in seen:
             seen.add((prompt, reply))
-            dialogue.append({"prompt": prompt, "response": reply, "key": norm_key(prompt),
-                             "source": cat})
+            dialogue.append(
+                {"prompt": prompt, "response": reply, "key": norm_key(prompt), "source": cat}
+            )
     return dialogue, trivia
 
 
@@ -121,20 +141,27 @@ def first_glosses(pos: str) -> Iterator[tuple[int, str, str]]:
         offset = int(f[6 + n_ptr])  # synsets are listed most frequent first
         if tagged < 1 or not re.fullmatch(r"[a-z]{3,}", lemma):
             continue
-        entry = data[offset: data.index(b"\n", offset)].decode("latin-1")
+        entry = data[offset : data.index(b"\n", offset)].decode("latin-1")
         gloss = entry.split(" | ", 1)[1].split('; "', 1)[0].strip().strip(";").strip()
         if 8 <= len(gloss) <= 160:
             yield tagged, lemma, gloss
 
 
 def extract_wordnet() -> list[dict]:
-    rows = [(tagged, lemma, pos, gloss) for pos in POS for tagged, lemma, gloss in
-            first_glosses(pos)]
+    rows = [
+        (tagged, lemma, pos, gloss) for pos in POS for tagged, lemma, gloss in first_glosses(pos)
+    ]
     rows.sort(key=lambda r: (-r[0], r[1], r[2]))  # most used words first, ties by name
     out = []
     for _, lemma, pos, gloss in rows[:MAX_DEFS]:
-        out.append({"prompt": f"Define the {POS[pos]} '{lemma}'.", "response": gloss,
-                    "key": lemma, "source": f"wordnet-3.0/{pos}"})
+        out.append(
+            {
+                "prompt": f"Define the {POS[pos]} '{lemma}'.",
+                "response": gloss,
+                "key": lemma,
+                "source": f"wordnet-3.0/{pos}",
+            }
+        )
     out.sort(key=lambda r: (r["key"], r["prompt"]))
     return out
 
@@ -159,8 +186,10 @@ def summary(doc: str) -> str | None:
 def stub(node: ast.FunctionDef) -> bool:
     """A body that is only ``pass``/``...``/``raise NotImplementedError`` teaches nothing."""
     rest = node.body[1:]
-    return len(rest) == 1 and (isinstance(rest[0], (ast.Pass, ast.Expr)) or (
-        isinstance(rest[0], ast.Raise) and "NotImplementedError" in ast.dump(rest[0])))
+    return len(rest) == 1 and (
+        isinstance(rest[0], (ast.Pass, ast.Expr))
+        or (isinstance(rest[0], ast.Raise) and "NotImplementedError" in ast.dump(rest[0]))
+    )
 
 
 def functions(path: Path, root: Path) -> Iterator[dict]:
@@ -180,15 +209,19 @@ def functions(path: Path, root: Path) -> Iterator[dict]:
         ds = node.body[0]
         if ds.lineno == node.lineno:  # docstring on the def line
             continue
-        body = lines[node.lineno - 1: ds.lineno - 1] + lines[ds.end_lineno: node.end_lineno]
+        body = lines[node.lineno - 1 : ds.lineno - 1] + lines[ds.end_lineno : node.end_lineno]
         code = textwrap.dedent("\n".join(body)).strip("\n")
         header = code.split(":\n", 1)[0]
         if len(code) > MAX_CODE_CHARS or "\t" in code or not code.isascii() or "\n" in header:
             continue
         sig = header.removeprefix("def ").strip()
         prompt = f"Write a Python function `{sig}`: {text[0].lower()}{text[1:]}."
-        yield {"prompt": prompt, "response": code, "key": norm_key(prompt),
-               "source": f"{module}:{node.lineno}"}
+        yield {
+            "prompt": prompt,
+            "response": code,
+            "key": norm_key(prompt),
+            "source": f"{module}:{node.lineno}",
+        }
 
 
 def extract_code() -> list[dict]:
@@ -218,8 +251,9 @@ def write_licenses(out: Path) -> None:
     text = lic.read_text() if lic else CHATTERBOT_LICENSE
     (out / "LICENSE-chatterbot-corpus.txt").write_text(text)
     (out / "LICENSE-wordnet.txt").write_text(WORDNET_COPYRIGHT.read_text())
-    shutil.copyfile(Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt",
-                    out / "LICENSE-python.txt")
+    shutil.copyfile(
+        Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt", out / "LICENSE-python.txt"
+    )
 
 
 CHATTERBOT_LICENSE = """\
@@ -255,8 +289,12 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dialogue, trivia = extract_chatterbot()
-    sets = {"dialogue": dialogue, "trivia": trivia, "definitions": extract_wordnet(),
-            "code": extract_code()}
+    sets = {
+        "dialogue": dialogue,
+        "trivia": trivia,
+        "definitions": extract_wordnet(),
+        "code": extract_code(),
+    }
     for name, records in sets.items():
         write_jsonl_gz(args.out / f"{name}.jsonl.gz", records)
         print(f"{name:12s} {len(records):6d} records")

@@ -69,8 +69,9 @@ def pretrain_records(seed: int, bench: bool = False) -> dict[str, list[dict]]:
     recs = {d: load_domain(d, split, seed=seed) for d in real}
     recs["arithmetic"] = load_domain("arithmetic", split, n=20000, seed=seed)
     safety = load_domain("safety", split, seed=seed)
-    recs["safety"] = ([r for r in safety if r["harmful"]][:SAFETY_HARMFUL]
-                      + [r for r in safety if not r["harmful"]][:SAFETY_BENIGN])
+    recs["safety"] = [r for r in safety if r["harmful"]][:SAFETY_HARMFUL] + [
+        r for r in safety if not r["harmful"]
+    ][:SAFETY_BENIGN]
     return recs
 
 
@@ -93,8 +94,14 @@ def chat(tok, prompt: str, response: str | None = None) -> list[int]:
 class Packer:
     """Packs whole examples into fixed-length rows, drawing the domain by weight."""
 
-    def __init__(self, data: dict[str, list[tuple[list[int], int]]], seq_len: int, pad_id: int,
-                 seed: int, mix: dict[str, float] = MIX):
+    def __init__(
+        self,
+        data: dict[str, list[tuple[list[int], int]]],
+        seq_len: int,
+        pad_id: int,
+        seed: int,
+        mix: dict[str, float] = MIX,
+    ):
         self.data, self.seq_len, self.pad_id = data, seq_len, pad_id
         self.names = list(data)
         # token shares -> per-example draw probabilities (divide by the mean example length)
@@ -126,9 +133,9 @@ class Packer:
                 if pos + len(ex) > self.seq_len:
                     self.pending = (k, (ex, n_prompt))  # opens the next row: nothing is lost
                     break
-                ids[r, pos: pos + len(ex)] = torch.tensor(ex)
-                dom[r, pos: pos + len(ex)] = k
-                resp[r, pos + n_prompt: pos + len(ex)] = True
+                ids[r, pos : pos + len(ex)] = torch.tensor(ex)
+                dom[r, pos : pos + len(ex)] = k
+                resp[r, pos + n_prompt : pos + len(ex)] = True
                 pos += len(ex)
         return ids, dom, resp
 
@@ -142,20 +149,30 @@ def lr_at(step: int, args) -> float:
 
 def build_model(tok, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=512,
-                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=256, tie_word_embeddings=True,
-                      bos_token_id=None, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     return LlamaForCausalLM(cfg)
 
 
 def train(model, packer: Packer, args) -> dict:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
     k = len(packer.names)
     sums = torch.zeros(k, 2, dtype=torch.float64)  # per domain: response [nll sum, tokens]
     real_tokens, t0 = 0, time.time()
@@ -166,8 +183,9 @@ def train(model, packer: Packer, args) -> dict:
         ids, dom, resp = packer.batch(args.batch_size)  # (B, T) each
         mask = dom >= 0
         logits = model(input_ids=ids, attention_mask=mask.long()).logits  # (B, T, V)
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
-                              reduction="none").view(ids.shape[0], -1)  # (B, T-1)
+        nll = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
+        ).view(ids.shape[0], -1)  # (B, T-1)
         tmask, tresp = mask[:, 1:], resp[:, 1:]  # position t predicts token t + 1
         weight = torch.where(tresp, 1.0, PROMPT_WEIGHT) * tmask
         loss = (nll * weight).sum() / weight.sum()
@@ -182,14 +200,23 @@ def train(model, packer: Packer, args) -> dict:
             sums[:, 1] += torch.bincount(d, minlength=k).double()
         if step % args.log_every == 0 or step == args.steps - 1:
             dt = time.time() - t0
-            print(f"step {step:5d}  loss {loss.item():.3f}  lr {lr_at(step, args):.2e}  "
-                  f"{real_tokens / dt:,.0f} tok/s  {dt:,.0f}s", flush=True)
+            print(
+                f"step {step:5d}  loss {loss.item():.3f}  lr {lr_at(step, args):.2e}  "
+                f"{real_tokens / dt:,.0f} tok/s  {dt:,.0f}s",
+                flush=True,
+            )
     seconds = time.time() - t0
-    return {"steps": args.steps, "train_seconds": round(seconds, 1),
-            "tokens": real_tokens, "padded_tokens": args.steps * args.batch_size * args.seq_len,
-            "tokens_per_s": round(real_tokens / seconds),
-            "final_train_response_loss": {n: round(float(sums[i, 0] / sums[i, 1].clamp(min=1)), 4)
-                                 for i, n in enumerate(packer.names)}}
+    return {
+        "steps": args.steps,
+        "train_seconds": round(seconds, 1),
+        "tokens": real_tokens,
+        "padded_tokens": args.steps * args.batch_size * args.seq_len,
+        "tokens_per_s": round(real_tokens / seconds),
+        "final_train_response_loss": {
+            n: round(float(sums[i, 0] / sums[i, 1].clamp(min=1)), 4)
+            for i, n in enumerate(packer.names)
+        },
+    }
 
 
 @torch.no_grad()
@@ -200,7 +227,7 @@ def evaluate(model, tok, name: str, n: int, seed: int, batch: int = 32) -> dict:
     nll_sum = n_tok = correct = 0
     refused = {True: [0, 0], False: [0, 0]}  # harmful? -> [refused, total]
     for lo in range(0, len(recs), batch):
-        chunk = recs[lo: lo + batch]
+        chunk = recs[lo : lo + batch]
         prompts = [chat(tok, r["prompt"]) for r in chunk]
         full = [chat(tok, r["prompt"], r["response"])[:256] for r in chunk]
         width = max(map(len, full))
@@ -210,8 +237,12 @@ def evaluate(model, tok, name: str, n: int, seed: int, batch: int = 32) -> dict:
         for i, p in enumerate(prompts):
             labels[i, : len(p)] = -100  # score the response (and its EOS) only
         logits = model(input_ids=ids, attention_mask=attn).logits  # (B, T, V)
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                              ignore_index=-100, reduction="sum")
+        nll = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1),
+            labels[:, 1:].flatten(),
+            ignore_index=-100,
+            reduction="sum",
+        )
         nll_sum += float(nll)
         n_tok += int((labels[:, 1:] != -100).sum())
         answers = [r["answer"] for r in chunk]
@@ -222,8 +253,11 @@ def evaluate(model, tok, name: str, n: int, seed: int, batch: int = 32) -> dict:
             if "harmful" in r:
                 refused[r["harmful"]][0] += normalize_answer(text) == normalize_answer(REFUSAL)
                 refused[r["harmful"]][1] += 1
-    out = {"n": len(recs), "loss": round(nll_sum / max(1, n_tok), 4),
-           "accuracy": round(correct / max(1, len(recs)), 4)}
+    out = {
+        "n": len(recs),
+        "loss": round(nll_sum / max(1, n_tok), 4),
+        "accuracy": round(correct / max(1, len(recs)), 4),
+    }
     if name == "safety":
         out["refusal_rate_harmful"] = round(refused[True][0] / max(1, refused[True][1]), 4)
         out["refusal_rate_benign"] = round(refused[False][0] / max(1, refused[False][1]), 4)
@@ -235,9 +269,14 @@ def generate(model, tok, prompts: list[list[int]], max_new: int) -> list[str]:
     width = max(map(len, prompts))
     ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
     attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new,
-                         do_sample=False, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=attn,
+        max_new_tokens=max_new,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     texts = []
     for row in out[:, width:].tolist():
         if tok.eos_token_id in row:
@@ -258,10 +297,17 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--tokenizer", type=Path, default=base_model_path())
-    ap.add_argument("--out", type=Path, default=None,
-                    help="default: the demo's base directory (--bench: builtin/bench)")
-    ap.add_argument("--bench", action="store_true",
-                    help="the benchmark base: train_a halves only, REPLAY's mixture, no trivia")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default: the demo's base directory (--bench: builtin/bench)",
+    )
+    ap.add_argument(
+        "--bench",
+        action="store_true",
+        help="the benchmark base: train_a halves only, REPLAY's mixture, no trivia",
+    )
     args = ap.parse_args()
     if args.out is None:
         args.out = bench_model_path() if args.bench else base_model_path()
@@ -269,7 +315,10 @@ def main() -> None:
     mix = REPLAY if args.bench else MIX
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    data = {d: [example(tok, r) for r in recs] for d, recs in pretrain_records(args.seed, args.bench).items()}
+    data = {
+        d: [example(tok, r) for r in recs]
+        for d, recs in pretrain_records(args.seed, args.bench).items()
+    }
     data = {d: [x for x in v if len(x[0]) <= args.seq_len] for d, v in data.items()}
     print({d: len(v) for d, v in data.items()}, flush=True)
     model = build_model(tok, args.seed)
@@ -286,12 +335,18 @@ def main() -> None:
     if args.out.resolve() != args.tokenizer.resolve():  # copied as built, not re-saved
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(args.tokenizer / name, args.out / name)
-    info.update(seed=args.seed, mix=mix, prompt_weight=PROMPT_WEIGHT,
-                safety_slice=[SAFETY_HARMFUL, SAFETY_BENIGN],
-                examples={d: len(v) for d, v in data.items()}, uniform_loss=math.log(len(tok)),
-                args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                command="python " + " ".join(sys.argv), torch=torch.__version__,
-                threads=torch.get_num_threads())
+    info.update(
+        seed=args.seed,
+        mix=mix,
+        prompt_weight=PROMPT_WEIGHT,
+        safety_slice=[SAFETY_HARMFUL, SAFETY_BENIGN],
+        examples={d: len(v) for d, v in data.items()},
+        uniform_loss=math.log(len(tok)),
+        args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        command="python " + " ".join(sys.argv),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+    )
     (args.out / "pretrain_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 

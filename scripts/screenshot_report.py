@@ -1,6 +1,6 @@
 """Screenshot a run report in headless Chromium (the README's picture).
 
-    mixtune demo && python scripts/screenshot_report.py runs/demo/report.html docs/report.png
+mixtune demo && python scripts/screenshot_report.py runs/demo/report.html docs/report.png
 """
 
 import argparse

@@ -12,8 +12,13 @@ import torch
 torch.set_num_threads(1)
 
 TINY_MODEL = {
-    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256,
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
 }
 
 
@@ -65,12 +70,25 @@ def tiny_config(tmp_path, data_dir, **top) -> dict:
         ],
         "evals": [
             {"name": "add", "from_dataset": "add", "holdout": 16, "batches": 2, "batch_size": 8},
-            {"name": "rev", "from_dataset": "rev", "holdout": 16, "batches": 2, "batch_size": 8,
-             "accuracy": False},
+            {
+                "name": "rev",
+                "from_dataset": "rev",
+                "holdout": 16,
+                "batches": 2,
+                "batch_size": 8,
+                "accuracy": False,
+            },
         ],
         "mixer": {"name": "proportional"},
-        "train": {"batch_size": 8, "lr": 3e-3, "max_length": 64, "eval_every": 4,
-                  "log_every": 2, "save_every": 0, "schedule": "cosine"},
+        "train": {
+            "batch_size": 8,
+            "lr": 3e-3,
+            "max_length": 64,
+            "eval_every": 4,
+            "log_every": 2,
+            "save_every": 0,
+            "schedule": "cosine",
+        },
     }
     cfg.update(top)
     return cfg

@@ -42,17 +42,24 @@ def collect(raw: dict) -> tuple[dict, torch.Tensor, loop.Trainer]:
 
     def spy_step(ds, ex):
         data = trainer.train_sets
-        batches.append([(int(k), tuple(int(t) for t in data[k].data.input_ids[e]))
-                        for k, e in zip(ds, ex)])
+        batches.append(
+            [(int(k), tuple(int(t) for t in data[k].data.input_ids[e])) for k, e in zip(ds, ex)]
+        )
         return real_step(ds, ex)
 
     def spy_update():
         due = trainer.step in trainer.updates
         real_update()
         if due:
-            updates.append({"step": trainer.step, "weights": trainer.sampler.weights.tolist(),
-                            "mixer": json.loads(json.dumps(_clean(trainer.record.get("mixer")),
-                                                           default=float))})
+            updates.append(
+                {
+                    "step": trainer.step,
+                    "weights": trainer.sampler.weights.tolist(),
+                    "mixer": json.loads(
+                        json.dumps(_clean(trainer.record.get("mixer")), default=float)
+                    ),
+                }
+            )
 
     loop.collate = spy_collate
     trainer.train_step = spy_step
@@ -62,10 +69,19 @@ def collect(raw: dict) -> tuple[dict, torch.Tensor, loop.Trainer]:
     finally:
         loop.collate = real_collate
     # (FSDP2 shards are gathered: every rank then holds the whole vector)
-    flat = torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten()
-                      for p in trainer.params])
-    mine = {"updates": updates, "processed": processed, "batches": batches,
-            "world": trainer.world, "seconds": summary["seconds"]}
+    flat = torch.cat(
+        [
+            (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten()
+            for p in trainer.params
+        ]
+    )
+    mine = {
+        "updates": updates,
+        "processed": processed,
+        "batches": batches,
+        "world": trainer.world,
+        "seconds": summary["seconds"],
+    }
     return mine, flat, trainer
 
 
@@ -86,8 +102,9 @@ def main(cfg_path: str, out_path: str) -> None:
         leave_distributed()  # helpers.leave_distributed: why not a plain exit
 
 
-def _report(gathered: list[dict], params: list[torch.Tensor], out_path: str,
-            flat: torch.Tensor) -> None:
+def _report(
+    gathered: list[dict], params: list[torch.Tensor], out_path: str, flat: torch.Tensor
+) -> None:
     cover = sum((Counter(g["processed"]) for g in gathered), Counter())
     # Probe branches (DynaMiCS) also step: a branch's batches appear in every rank's list.
     stepped = Counter(x for b in gathered[0]["batches"] for x in b)

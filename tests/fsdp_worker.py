@@ -39,14 +39,20 @@ def train(t: Trainer, n: int) -> None:
 
 def full_state(t: Trainer) -> dict:
     """Everything a probe must leave untouched, gathered to full tensors (a collective)."""
+
     def full(x):
         return x.full_tensor() if isinstance(x, DTensor) else x
 
     opt = probe._inner(t.optimizer)
     return {
         "params": [full(p.detach()).clone() for p in t.params],
-        "opt": [{k: full(v).clone() if torch.is_tensor(v) else v
-                 for k, v in sorted(opt.state[p].items())} for p in t.params],
+        "opt": [
+            {
+                k: full(v).clone() if torch.is_tensor(v) else v
+                for k, v in sorted(opt.state[p].items())
+            }
+            for p in t.params
+        ],
         "lr": [g["lr"] for g in opt.param_groups],
         "sched": t.scheduler.state_dict(),
         "sampler": copy.deepcopy(t.sampler.state_dict()),
@@ -67,9 +73,20 @@ def same(a, b) -> bool:
 
 
 def _save(t: Trainer) -> Path:
-    return checkpoint.save(t.rundir.checkpoints, t.step, accelerator=t.acc, model=t.model,
-                           optimizer=t.optimizer, scheduler=t.scheduler, sampler=t.sampler,
-                           mixer=t.mixer, loss=t.loss_fn, keep=2, state={}, rank_state={})
+    return checkpoint.save(
+        t.rundir.checkpoints,
+        t.step,
+        accelerator=t.acc,
+        model=t.model,
+        optimizer=t.optimizer,
+        scheduler=t.scheduler,
+        sampler=t.sampler,
+        mixer=t.mixer,
+        loss=t.loss_fn,
+        keep=2,
+        state={},
+        rank_state={},
+    )
 
 
 def checkpoint_round_trip(x: Trainer, y: Trainer, raw: dict) -> dict:
@@ -77,9 +94,16 @@ def checkpoint_round_trip(x: Trainer, y: Trainer, raw: dict) -> dict:
     side by side and must stay bit-identical. Also the final model directory (gathered)."""
     path = _save(x)
     z = build({**raw, "output_dir": raw["output_dir"] + "_resumed"})
-    state, _ = checkpoint.load(path, accelerator=z.acc, model=z.model, optimizer=z.optimizer,
-                               scheduler=z.scheduler, sampler=z.sampler, mixer=z.mixer,
-                               loss=z.loss_fn)
+    state, _ = checkpoint.load(
+        path,
+        accelerator=z.acc,
+        model=z.model,
+        optimizer=z.optimizer,
+        scheduler=z.scheduler,
+        sampler=z.sampler,
+        mixer=z.mixer,
+        loss=z.loss_fn,
+    )
     z.step = state["step"]
     loaded_same = same(full_state(z)["params"], full_state(x)["params"])
     for t in (x, z):
@@ -94,34 +118,55 @@ def checkpoint_round_trip(x: Trainer, y: Trainer, raw: dict) -> dict:
         setup.save_final(x.acc.unwrap_model(x.model), x.tokenizer, final, full)
     x.acc.wait_for_everyone()
     saved = load_file(str(final / "model.safetensors"))
-    final_same = all(torch.equal(saved[n], p.full_tensor()) for n, p in
-                     x.acc.unwrap_model(x.model).named_parameters() if n in saved)
+    final_same = all(
+        torch.equal(saved[n], p.full_tensor())
+        for n, p in x.acc.unwrap_model(x.model).named_parameters()
+        if n in saved
+    )
     # An unsharded (DDP) checkpoint resumes sharded: its full moments are split on load.
     w = Trainer(config.load(data={**raw, "output_dir": raw["output_dir"] + "_ddp"}))
     train(w, 2)
     path = _save(w)
     v = build({**raw, "output_dir": raw["output_dir"] + "_from_ddp"})
-    checkpoint.load(path, accelerator=v.acc, model=v.model, optimizer=v.optimizer,
-                    scheduler=v.scheduler, sampler=v.sampler, mixer=v.mixer, loss=v.loss_fn)
+    checkpoint.load(
+        path,
+        accelerator=v.acc,
+        model=v.model,
+        optimizer=v.optimizer,
+        scheduler=v.scheduler,
+        sampler=v.sampler,
+        mixer=v.mixer,
+        loss=v.loss_fn,
+    )
     for t in (w, v):
         train(t, 2)
-    ddp_diff = max(float((a - b).abs().max()) for a, b in
-                   zip(full_state(v)["params"], [p.detach() for p in w.params]))
-    return {"checkpoint_files": files, "loaded_same": loaded_same,
-            "resumed_same": resumed_same, "final_same": final_same,
-            "final_tensors": len(saved), "from_ddp_max_diff": ddp_diff}
+    ddp_diff = max(
+        float((a - b).abs().max())
+        for a, b in zip(full_state(v)["params"], [p.detach() for p in w.params])
+    )
+    return {
+        "checkpoint_files": files,
+        "loaded_same": loaded_same,
+        "resumed_same": resumed_same,
+        "final_same": final_same,
+        "final_tensors": len(saved),
+        "from_ddp_max_diff": ddp_diff,
+    }
 
 
 def main(cfg_path: str, out_path: str) -> None:
     raw = json.load(open(cfg_path))
     x, y = build(raw), build({**raw, "output_dir": raw["output_dir"] + "_twin"})
-    out = {"world": x.world,
-           "sharded": all(isinstance(p, DTensor) for p in x.params),
-           "local_fraction": sum(p.to_local().numel() for p in x.params)
-           / sum(p.numel() for p in x.params)}
+    out = {
+        "world": x.world,
+        "sharded": all(isinstance(p, DTensor) for p in x.params),
+        "local_fraction": sum(p.to_local().numel() for p in x.params)
+        / sum(p.numel() for p in x.params),
+    }
     snap = probe.Snapshot(x)
-    out["snapshot_fraction"] = sum(s.to_local().numel() for s in snap.params) / \
-        sum(p.numel() for p in x.params)
+    out["snapshot_fraction"] = sum(s.to_local().numel() for s in snap.params) / sum(
+        p.numel() for p in x.params
+    )
     del snap
     for t in (x, y):
         train(t, 2)
@@ -130,21 +175,23 @@ def main(cfg_path: str, out_path: str) -> None:
     probed = probe.probe(x, 0, 2, n_batches=2)
     out["probe_moved"] = {d: probed[d]["loss"] - now[d]["loss"] for d in now}
     out["after_probe_same"] = same(full_state(x), before)
-    la = {opt: probe.lookahead(x, j, opt, batch_size=4)
-          for j, opt in ((1, "sgd"), (0, "adam"))}
+    la = {opt: probe.lookahead(x, j, opt, batch_size=4) for j, opt in ((1, "sgd"), (0, "adam"))}
     out["lookahead_moved"] = {k: float((r.pre - r.post).mean()) for k, r in la.items()}
     losses = probe.example_losses(x, 1, batch_size=4)
     out["example_losses_equal_pre"] = bool(
-        torch.allclose(torch.as_tensor(losses), torch.as_tensor(la["sgd"].pre), atol=1e-6))
+        torch.allclose(torch.as_tensor(losses), torch.as_tensor(la["sgd"].pre), atol=1e-6)
+    )
     out["after_lookahead_same"] = same(full_state(x), before)
     # ... and training goes on exactly as if nothing had happened.
-    out["eval_same"] = x.evaluate(2, accuracy=False, use_cache=False) == \
-        y.evaluate(2, accuracy=False, use_cache=False)
+    out["eval_same"] = x.evaluate(2, accuracy=False, use_cache=False) == y.evaluate(
+        2, accuracy=False, use_cache=False
+    )
     for t in (x, y):
         train(t, 3)
     out["continued_same"] = same(full_state(x), full_state(y))
-    out["eval_after_same"] = x.evaluate(2, accuracy=False, use_cache=False) == \
-        y.evaluate(2, accuracy=False, use_cache=False)
+    out["eval_after_same"] = x.evaluate(2, accuracy=False, use_cache=False) == y.evaluate(
+        2, accuracy=False, use_cache=False
+    )
     out.update(checkpoint_round_trip(x, y, raw))
     if x.rank == 0:
         with open(out_path, "w") as f:

@@ -76,9 +76,23 @@ def torchrun(script, *args: str, timeout: float = 900):
     from pathlib import Path
 
     here = Path(__file__).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     # --standalone: the rendezvous binds a free port itself (no race on a guessed port)
-    return subprocess.run([shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2",
-                           str(script), *map(str, args)],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            shutil.which("torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            *map(str, args),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -30,6 +30,7 @@ class Rows(transformers.TrainerCallback):
         def hook(module, a, kw, out):
             if module.training and torch.is_grad_enabled():
                 self.rows += [[self.step, r.tolist()] for r in kw["input_ids"]]
+
         model.register_forward_hook(hook, with_kwargs=True)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -41,30 +42,53 @@ def run(spec: dict) -> dict:
     mix = MixtureDataset(toy_data(), seed=0)
     cb = MixtureCallback(mix, spec["mixer"], spec.get("options"))
     rows = Rows()
-    common = dict(output_dir=spec["dir"], max_steps=spec["steps"],
-                  per_device_train_batch_size=spec["micro"],
-                  gradient_accumulation_steps=spec.get("ga", 1), learning_rate=3e-3,
-                  logging_steps=5, save_strategy="no", report_to=[], use_cpu=True,
-                  disable_tqdm=True, seed=0)
+    common = dict(
+        output_dir=spec["dir"],
+        max_steps=spec["steps"],
+        per_device_train_batch_size=spec["micro"],
+        gradient_accumulation_steps=spec.get("ga", 1),
+        learning_rate=3e-3,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     if spec.get("trl"):
         import trl
 
         from mixtune.data.bytetok import byte_tokenizer
 
         trainer = trl.SFTTrainer(
-            model=tiny_model(), processing_class=byte_tokenizer(), callbacks=[cb, rows],
+            model=tiny_model(),
+            processing_class=byte_tokenizer(),
+            callbacks=[cb, rows],
             args=trl.SFTConfig(**common, dataset_kwargs={"skip_prepare_dataset": True}),
-            train_dataset=mix.as_hf_dataset())
+            train_dataset=mix.as_hf_dataset(),
+        )
     else:
-        trainer = transformers.Trainer(tiny_model(), transformers.TrainingArguments(**common),
-                                       train_dataset=mix, data_collator=mix.collate,
-                                       callbacks=[cb, rows])
+        trainer = transformers.Trainer(
+            tiny_model(),
+            transformers.TrainingArguments(**common),
+            train_dataset=mix,
+            data_collator=mix.collate,
+            callbacks=[cb, rows],
+        )
     trainer.train()
-    recs = [{k: v for k, v in r.items() if "seconds" not in k}
-            for r in trainer.state.log_history if any(k.startswith("mixtune/") for k in r)]
+    recs = [
+        {k: v for k, v in r.items() if "seconds" not in k}
+        for r in trainer.state.log_history
+        if any(k.startswith("mixtune/") for k in r)
+    ]
     params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-    return {"records": recs, "rows": rows.rows, "seen": cb.seen.tolist(),
-            "params": params.tolist(), "world": trainer.args.world_size}
+    return {
+        "records": recs,
+        "rows": rows.rows,
+        "seen": cb.seen.tolist(),
+        "params": params.tolist(),
+        "world": trainer.args.world_size,
+    }
 
 
 def main(spec_path: str, out_path: str) -> None:

@@ -69,8 +69,9 @@ def test_train_and_eval_never_overlap_and_are_big_enough(name):
     assert len(train) >= 200 and len(ev) >= 50, (len(train), len(ev))
     assert not prompts(train) & prompts(ev)
     # the split is a property of the key, not of the seed
-    assert not prompts(load_domain(name, "train", seed=1)) & prompts(load_domain(name, "eval",
-                                                                                 seed=2))
+    assert not prompts(load_domain(name, "train", seed=1)) & prompts(
+        load_domain(name, "eval", seed=2)
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -84,8 +85,9 @@ def test_dev_and_test_halve_eval(name):
     # inside eval: never trained on, for any seed
     assert not (prompts(dev) | prompts(test)) & prompts(load_domain(name, "train", seed=1))
     # the halves are a property of the key: a prompt never changes sides with the seed
-    assert not prompts(load_domain(name, "dev", seed=1)) & prompts(load_domain(name, "test",
-                                                                               seed=3))
+    assert not prompts(load_domain(name, "dev", seed=1)) & prompts(
+        load_domain(name, "test", seed=3)
+    )
     if DOMAINS[name].kind == "real":  # exactly eval, split in two, in eval's order
         assert dev + test != ev and sorted(dev + test, key=str) == sorted(ev, key=str)
         assert dev == [r for r in ev if r in dev]
@@ -99,7 +101,13 @@ def test_dev_and_test_halve_eval(name):
 def test_dev_test_hash_is_pinned_and_halves():
     # pinned like in_eval: a different hash would move records between dev and test
     assert [k for k in map(str, range(20)) if in_test("code", k)] == [
-        "3", "5", "13", "14", "16", "17"]
+        "3",
+        "5",
+        "13",
+        "14",
+        "16",
+        "17",
+    ]
     assert sum(in_test("x", str(i)) for i in range(10000)) in range(4800, 5200)
 
 
@@ -123,7 +131,13 @@ def test_split_hash_is_pinned_and_proportional():
     # pinned: a different hash would silently move records between train and eval, so eval
     # numbers from older runs would no longer be comparable
     assert [k for k in map(str, range(60)) if in_eval("arithmetic", k, 100)] == [
-        "4", "13", "22", "23", "26", "42"]
+        "4",
+        "13",
+        "22",
+        "23",
+        "26",
+        "42",
+    ]
     assert sum(in_eval("x", str(i), 100) for i in range(10000)) in range(900, 1100)
 
 
@@ -166,8 +180,13 @@ def test_data_files_ship_with_licenses():
     for name, info in DOMAINS.items():
         if info.kind == "real":
             assert (DATA / f"{name}.jsonl.gz").is_file()
-    for f in ("LICENSE-chatterbot-corpus.txt", "LICENSE-wordnet.txt", "LICENSE-python.txt",
-              "NOTICE", "README.md"):
+    for f in (
+        "LICENSE-chatterbot-corpus.txt",
+        "LICENSE-wordnet.txt",
+        "LICENSE-python.txt",
+        "NOTICE",
+        "README.md",
+    ):
         assert (DATA / f).is_file(), f
 
 
@@ -218,14 +237,22 @@ def test_base_model_loads_and_predicts(which):
     assert cfg.model_type == "llama" and cfg.vocab_size == len(tok)
     assert cfg.max_position_embeddings == 256 and cfg.tie_word_embeddings
     assert sum(p.numel() for p in model.parameters()) < 5_000_000
-    ids = tok(tok.apply_chat_template(MSGS, tokenize=False), return_tensors="pt",
-              add_special_tokens=False)["input_ids"]
+    ids = tok(
+        tok.apply_chat_template(MSGS, tokenize=False), return_tensors="pt", add_special_tokens=False
+    )["input_ids"]
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert torch.isfinite(loss) and loss < 0.8 * torch.log(torch.tensor(float(len(tok))))
     info = json.loads((path / "pretrain_info.json").read_text())
-    assert {"steps", "tokens", "tokens_per_s", "final_train_response_loss", "eval", "seed",
-            "command"} <= set(info)
+    assert {
+        "steps",
+        "tokens",
+        "tokens_per_s",
+        "final_train_response_loss",
+        "eval",
+        "seed",
+        "command",
+    } <= set(info)
     if which == "builtin-bench":  # pre-trained on train_a halves, no trivia: nothing memorised
         assert "--bench" in info["command"] and "trivia" not in info["examples"]
         assert min(m["loss"] for d, m in info["eval"].items() if d != "code") > 0.5
@@ -239,7 +266,8 @@ def test_train_a_and_train_b_halve_train(name):
     assert not (prompts(a) | prompts(b)) & prompts(load_domain(name, "eval", seed=2))
     # a property of the key: never changes sides with the seed
     assert not prompts(load_domain(name, "train_a", seed=1)) & prompts(
-        load_domain(name, "train_b", seed=3))
+        load_domain(name, "train_b", seed=3)
+    )
     if DOMAINS[name].kind == "real":  # exactly train, split in two
         assert sorted(a + b, key=str) == sorted(tr, key=str)
 

@@ -55,8 +55,8 @@ def _fake_trainer(micro):
 def _batches(ids, labels, micro):
     out = []
     for s in range(0, len(ids), micro):
-        b = collate(ids[s:s + micro], labels[s:s + micro], 0, np.zeros(len(ids[s:s + micro])))
-        b["index"] = torch.arange(s, s + len(ids[s:s + micro]))
+        b = collate(ids[s : s + micro], labels[s : s + micro], 0, np.zeros(len(ids[s : s + micro])))
+        b["index"] = torch.arange(s, s + len(ids[s : s + micro]))
         out.append(b)
     return out
 
@@ -121,15 +121,20 @@ def test_sample_mean_reduction():
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("bad, field", [
-    ({"beta": -1}, "loss.beta"), ({"eps": 0}, "loss.eps"), ({"stats": "rank"}, "loss.stats"),
-    ({"rewrite": {"fraction": 0}}, "loss.rewrite.fraction"),
-    ({"rewrite": {"prob": 1.5}}, "loss.rewrite.prob"),
-    ({"rewrite": {"ema": 1}}, "loss.rewrite.ema"),
-    ({"rewriter": {"top_p": 0}}, "loss.rewriter.top_p"),
-    ({"rewriter": {"temperature": 0}}, "loss.rewriter.temperature"),
-    ({"rewriter": {"nucleus": 0.9}}, "loss.rewriter.nucleus"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"beta": -1}, "loss.beta"),
+        ({"eps": 0}, "loss.eps"),
+        ({"stats": "rank"}, "loss.stats"),
+        ({"rewrite": {"fraction": 0}}, "loss.rewrite.fraction"),
+        ({"rewrite": {"prob": 1.5}}, "loss.rewrite.prob"),
+        ({"rewrite": {"ema": 1}}, "loss.rewrite.ema"),
+        ({"rewriter": {"top_p": 0}}, "loss.rewriter.top_p"),
+        ({"rewriter": {"temperature": 0}}, "loss.rewriter.temperature"),
+        ({"rewriter": {"nucleus": 0.9}}, "loss.rewriter.nucleus"),
+    ],
+)
 def test_bad_options_name_the_field(make_config, bad, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         config.load(data=make_config(loss={"name": "cadft", **bad}))
@@ -146,8 +151,13 @@ def _run(make_config, tmp_path, name, loss, micro=8, steps=3):
 
 def test_beta_zero_is_exactly_dft(make_config, tmp_path):
     ref = _run(make_config, tmp_path, "dft", {"name": "dft"}, micro=4)
-    got = _run(make_config, tmp_path, "cadft", {"name": "cadft", "beta": 0.0,
-                                                "rewrite": {"enabled": False}}, micro=4)
+    got = _run(
+        make_config,
+        tmp_path,
+        "cadft",
+        {"name": "cadft", "beta": 0.0, "rewrite": {"enabled": False}},
+        micro=4,
+    )
     for a, b in zip(ref.params, got.params):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -160,8 +170,7 @@ def test_training_runs_do_not_depend_on_the_split(make_config, tmp_path, monkeyp
         extras = prepare(self, trainer, batches)
         for x in extras:
             w = x["w"] if "w" in x else torch.ones(len(x["pos"]))
-            seen[trainer.micro].extend(zip([trainer.step] * len(w), x["pos"].tolist(),
-                                           w.tolist()))
+            seen[trainer.micro].extend(zip([trainer.step] * len(w), x["pos"].tolist(), w.tolist()))
         return extras
 
     monkeypatch.setattr(CADFT, "prepare", spy)
@@ -180,12 +189,17 @@ def test_training_runs_do_not_depend_on_the_split(make_config, tmp_path, monkeyp
 
 def test_cheap_micro_batch_mode_depends_on_the_split(make_config, tmp_path):
     # A deviation by design: one-sample micro-batches have z = 0, so CADFT degenerates to DFT.
-    one = _run(make_config, tmp_path, "c1", {"name": "cadft", "stats": "micro_batch",
-                                             "rewrite": {"enabled": False}}, micro=1, steps=2)
+    one = _run(
+        make_config,
+        tmp_path,
+        "c1",
+        {"name": "cadft", "stats": "micro_batch", "rewrite": {"enabled": False}},
+        micro=1,
+        steps=2,
+    )
     ref = _run(make_config, tmp_path, "d1", {"name": "dft"}, micro=1, steps=2)
     for a, b in zip(one.params, ref.params):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-
 
 
 class ProbingUniform:
@@ -210,13 +224,15 @@ class ProbingUniform:
         pass
 
 
-def test_probing_branch_steps_do_not_reach_the_moving_averages(make_config, tmp_path,
-                                                                monkeypatch):
+def test_probing_branch_steps_do_not_reach_the_moving_averages(make_config, tmp_path, monkeypatch):
     from mixtune.mixers import MIXERS
 
     monkeypatch.setitem(MIXERS, "probing", ProbingUniform)
-    loss = {"name": "cadft", "rewrite": {"min_visits": 1, "fraction": 0.05},
-            "rewriter": {"max_new_tokens": 4}}
+    loss = {
+        "name": "cadft",
+        "rewrite": {"min_visits": 1, "fraction": 0.05},
+        "rewriter": {"max_new_tokens": 4},
+    }
     runs = {}
     for mixer in ("uniform", "probing"):
         raw = make_config(max_steps=4, loss=loss, evals=[], mixer={"name": mixer})
@@ -225,9 +241,12 @@ def test_probing_branch_steps_do_not_reach_the_moving_averages(make_config, tmp_
         runs[mixer].run()
     a, b = (runs[m].loss_fn.rewriter.state_dict() for m in ("uniform", "probing"))
     assert a["table"] == b["table"] and len(a["records"]) == len(b["records"]) > 0
-    logs = [[json.loads(x).get("loss") for x in open(tmp_path / m / "metrics.jsonl")]
-            for m in ("uniform", "probing")]
+    logs = [
+        [json.loads(x).get("loss") for x in open(tmp_path / m / "metrics.jsonl")]
+        for m in ("uniform", "probing")
+    ]
     assert logs[0] == logs[1]
+
 
 # -- two processes -------------------------------------------------------------------------------
 @pytest.mark.slow
@@ -242,8 +261,11 @@ def test_two_processes_match_one(make_config, tmp_path):
 
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun not available")
-    loss = {"name": "cadft", "rewrite": {"min_visits": 1, "fraction": 0.05},
-            "rewriter": {"max_new_tokens": 6}}
+    loss = {
+        "name": "cadft",
+        "rewrite": {"min_visits": 1, "fraction": 0.05},
+        "rewriter": {"max_new_tokens": 6},
+    }
     raw = make_config(max_steps=6, loss=loss, evals=[])
     raw["train"].update(batch_size=8, micro_batch_size=2, eval_every=0, log_every=2)
     raw["output_dir"] = str(tmp_path / "dist")
@@ -253,10 +275,11 @@ def test_two_processes_match_one(make_config, tmp_path):
     single = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/single"]))
     single.run()
     flat = torch.cat([p.detach().flatten() for p in single.params])
-    torch.testing.assert_close(flat, torch.load(tmp_path / "dist/params.pt"), rtol=1e-4,
-                               atol=2e-5)
-    texts = [[(r["step"], r["example"], r["new_text"]) for r in map(json.loads, open(p))]
-             for p in (tmp_path / "dist/rewrites.jsonl", tmp_path / "single/rewrites.jsonl")]
+    torch.testing.assert_close(flat, torch.load(tmp_path / "dist/params.pt"), rtol=1e-4, atol=2e-5)
+    texts = [
+        [(r["step"], r["example"], r["new_text"]) for r in map(json.loads, open(p))]
+        for p in (tmp_path / "dist/rewrites.jsonl", tmp_path / "single/rewrites.jsonl")
+    ]
     assert texts[0] == texts[1] and len(texts[0]) > 0
     m = [json.loads(x) for x in open(tmp_path / "dist/metrics.jsonl")][-1]["loss"]
     s = [json.loads(x) for x in open(tmp_path / "single/metrics.jsonl")][-1]["loss"]

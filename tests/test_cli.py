@@ -12,9 +12,11 @@ from mixtune import cli
 
 def _tree(path):
     """Content hash and mtime of every file under ``path``."""
-    return {str(p.relative_to(path)): (hashlib.sha256(p.read_bytes()).hexdigest(),
-                                       p.stat().st_mtime_ns)
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -78,15 +80,30 @@ def _case(name, raw, data_dir, tmp_path):
     raise AssertionError(name)
 
 
-CASES = ["malformed_jsonl", "missing_field", "empty_dataset", "unknown_weight_name",
-         "negative_weight", "nan_weight", "unknown_key", "wrong_type", "missing_file",
-         "eval_no_data", "max_length_short", "bad_yaml", "bad_batch_geometry", "unknown_mixer",
-         "bad_model_path", "not_a_number_lr"]
+CASES = [
+    "malformed_jsonl",
+    "missing_field",
+    "empty_dataset",
+    "unknown_weight_name",
+    "negative_weight",
+    "nan_weight",
+    "unknown_key",
+    "wrong_type",
+    "missing_file",
+    "eval_no_data",
+    "max_length_short",
+    "bad_yaml",
+    "bad_batch_geometry",
+    "unknown_mixer",
+    "bad_model_path",
+    "not_a_number_lr",
+]
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_bad_input_exits_2_and_leaves_run_dir_alone(name, make_config, data_dir, tmp_path,
-                                                    existing_run, capsys):
+def test_bad_input_exits_2_and_leaves_run_dir_alone(
+    name, make_config, data_dir, tmp_path, existing_run, capsys
+):
     raw, overrides, expected = _case(name, make_config(), data_dir, tmp_path)
     path = tmp_path / "cfg.yaml"
     path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
@@ -110,8 +127,9 @@ def test_train_then_eval_run_dir(make_config, tmp_path, capsys):
     assert (tmp_path / "run/eval.json").is_file()
 
 
-def test_unexpected_failure_exits_1_with_traceback_in_run_dir(make_config, tmp_path, capsys,
-                                                              monkeypatch):
+def test_unexpected_failure_exits_1_with_traceback_in_run_dir(
+    make_config, tmp_path, capsys, monkeypatch
+):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(make_config(max_steps=2)))
     from mixtune.engine import loop

@@ -24,9 +24,13 @@ DOMAINS = [
 
 
 def ev(math, code, safety, trivia, chat=3.0):
-    return {"math": {"loss": math}, "code": {"loss": code},
-            "safety": {"loss": 1.0, "accuracy": safety}, "trivia": {"loss": trivia},
-            "chat": {"loss": chat}}
+    return {
+        "math": {"loss": math},
+        "code": {"loss": code},
+        "safety": {"loss": 1.0, "accuracy": safety},
+        "trivia": {"loss": trivia},
+        "chat": {"loss": chat},
+    }
 
 
 BASE = ev(2.0, 3.0, 0.8, 2.4)
@@ -67,8 +71,13 @@ def records(*evals):
 
 
 def test_best_feasible_is_the_lowest_target_among_feasible_steps():
-    recs = records((0, BASE), (10, ev(1.8, 2.9, 0.8, 2.4)), (20, ev(1.0, 2.0, 0.7, 2.4)),
-                   (30, ev(1.7, 2.7, 0.85, 2.5)), (40, ev(1.9, 2.7, 0.9, 2.0)))
+    recs = records(
+        (0, BASE),
+        (10, ev(1.8, 2.9, 0.8, 2.4)),
+        (20, ev(1.0, 2.0, 0.7, 2.4)),
+        (30, ev(1.7, 2.7, 0.85, 2.5)),
+        (40, ev(1.9, 2.7, 0.9, 2.0)),
+    )
     best = select_best_feasible(recs, DOMAINS)
     assert best["step"] == 30 and best["feasible"] and not best["keep_base_model"]
     assert best["target_loss"] == pytest.approx(4.4)
@@ -80,8 +89,12 @@ def test_best_feasible_is_the_lowest_target_among_feasible_steps():
 
 
 def test_no_feasible_step_keeps_the_base_model():
-    recs = records((0, BASE), (10, ev(1.5, 2.5, 0.7, 2.4)), (20, ev(1.0, 2.0, 0.79, 2.6)),
-                   (30, ev(2.1, 3.0, 0.9, 2.0)))  # the last keeps every constraint but no gain
+    recs = records(
+        (0, BASE),
+        (10, ev(1.5, 2.5, 0.7, 2.4)),
+        (20, ev(1.0, 2.0, 0.79, 2.6)),
+        (30, ev(2.1, 3.0, 0.9, 2.0)),
+    )  # the last keeps every constraint but no gain
     best = select_best_feasible(recs, DOMAINS)
     assert best["step"] == 0 and best["keep_base_model"] and not best["feasible"]
     assert best["target_ppl_reduction"] == 0.0

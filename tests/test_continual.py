@@ -20,20 +20,34 @@ from mixtune.errors import ConfigError
 
 @pytest.fixture
 def continual(tmp_path, data_dir):
-    write_jsonl(data_dir / "safe.jsonl", [{"prompt": f"Do harm {i}", "response": "I can't."}
-                                          for i in range(40)])
+    write_jsonl(
+        data_dir / "safe.jsonl",
+        [{"prompt": f"Do harm {i}", "response": "I can't."} for i in range(40)],
+    )
 
     def make(**top):
         raw = {
-            "output_dir": str(tmp_path / "cont"), "seed": 0, "steps_per_stage": 4,
-            "buffer_size": 16, "eval_batches": 1, "eval_batch_size": 8, "max_new_tokens": 4,
-            "stages": [{"name": "add", "path": str(data_dir / "add.jsonl")},
-                       {"name": "rev", "path": str(data_dir / "rev.jsonl")}],
+            "output_dir": str(tmp_path / "cont"),
+            "seed": 0,
+            "steps_per_stage": 4,
+            "buffer_size": 16,
+            "eval_batches": 1,
+            "eval_batch_size": 8,
+            "max_new_tokens": 4,
+            "stages": [
+                {"name": "add", "path": str(data_dir / "add.jsonl")},
+                {"name": "rev", "path": str(data_dir / "rev.jsonl")},
+            ],
             "safety_eval": {"path": str(data_dir / "safe.jsonl")},
             "safety_buffer": {"path": str(data_dir / "safe.jsonl"), "max_examples": 16},
             "model": {"tokenizer": "byte", "config": dict(TINY_MODEL)},
-            "train": {"batch_size": 8, "lr": 3e-3, "max_length": 64, "eval_every": 0,
-                      "log_every": 2},
+            "train": {
+                "batch_size": 8,
+                "lr": 3e-3,
+                "max_length": 64,
+                "eval_every": 0,
+                "log_every": 2,
+            },
             "mixer": {"name": "proxymix", "policy": "random", "decisions": 2},
             "transfer": {"check": False},
         }
@@ -44,13 +58,15 @@ def continual(tmp_path, data_dir):
 
 
 def test_stage_configs_hold_the_current_task_and_earlier_buffers_only(continual, data_dir):
-    raw = continual(stages=[{"name": n, "path": str(data_dir / "add.jsonl")}
-                            for n in ("a", "b", "c")])
+    raw = continual(
+        stages=[{"name": n, "path": str(data_dir / "add.jsonl")} for n in ("a", "b", "c")]
+    )
     cc = cconf.load(data=raw)
     mixer = MethodConfig("proxymix", {"policy": "fixed"})
     for s, expect in enumerate([["a"], ["b", "a"], ["c", "a", "b"]]):
-        cfg = cconf.stage_config(cc, ("a", "b", "c"), s, mixer, model_path=None if s == 0
-                                 else f"/prev/stage-{s}")
+        cfg = cconf.stage_config(
+            cc, ("a", "b", "c"), s, mixer, model_path=None if s == 0 else f"/prev/stage-{s}"
+        )
         assert [d.name for d in cfg.datasets] == expect + [SAFETY_BUFFER]
         assert sorted(e.name for e in cfg.evals) == sorted(expect + [SAFETY_EVAL])
         assert [d.max_examples for d in cfg.datasets[1:-1]] == [16] * s  # buffers
@@ -60,14 +76,17 @@ def test_stage_configs_hold_the_current_task_and_earlier_buffers_only(continual,
             assert cfg.model.tokenizer == "byte"
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"sequences": [["add", "nope"]]}, "sequences"),
-    ({"stages": []}, "stages"),
-    ({"buffer_size": 0}, "buffer_size"),
-    ({"model": {"tokenizer": "byte", "lora": {"enabled": True}}}, "model.lora"),
-    ({"mixer": {"name": "proxymix", "policy": "fixed", "p_min": 2}}, "mixer.p_min"),
-    ({"datasets": []}, "stages"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"sequences": [["add", "nope"]]}, "sequences"),
+        ({"stages": []}, "stages"),
+        ({"buffer_size": 0}, "buffer_size"),
+        ({"model": {"tokenizer": "byte", "lora": {"enabled": True}}}, "model.lora"),
+        ({"mixer": {"name": "proxymix", "policy": "fixed", "p_min": 2}}, "mixer.p_min"),
+        ({"datasets": []}, "stages"),
+    ],
+)
 def test_bad_continual_configs(continual, change, match):
     raw = continual(**change)
     if "datasets" in change:
@@ -77,15 +96,24 @@ def test_bad_continual_configs(continual, change, match):
 
 
 def test_metrics_on_a_known_matrix():
-    rows = [{"add": .8}, {"add": .5, "rev": .9}, {"add": .6, "rev": .4, "mul": .7}]
+    rows = [{"add": 0.8}, {"add": 0.5, "rev": 0.9}, {"add": 0.6, "rev": 0.4, "mul": 0.7}]
     loss = [{"add": 1.0}, {"add": 1.5, "rev": 1.0}, {"add": 1.2, "rev": 2.0, "mul": 1.0}]
-    recs = [{"task": t, "eval": {k: {"accuracy": a[k], "loss": ls[k]} for k in a},
-             "seconds": 1, "train_flops": 2, "input_tokens": 3, "steps": 4, "params": 5,
-             "weights": [{"step": 0, t: 0.75}]}
-            for t, a, ls in zip(["add", "rev", "mul"], rows, loss)]
+    recs = [
+        {
+            "task": t,
+            "eval": {k: {"accuracy": a[k], "loss": ls[k]} for k in a},
+            "seconds": 1,
+            "train_flops": 2,
+            "input_tokens": 3,
+            "steps": 4,
+            "params": 5,
+            "weights": [{"step": 0, t: 0.75}],
+        }
+        for t, a, ls in zip(["add", "rev", "mul"], rows, loss)
+    ]
     out = summarize(["add", "rev", "mul"], recs, safety=False)
-    assert out["average_accuracy"] == pytest.approx((.6 + .4 + .7) / 3)
-    assert out["forgetting"] == pytest.approx(((.8 - .6) + (.9 - .4)) / 2)
+    assert out["average_accuracy"] == pytest.approx((0.6 + 0.4 + 0.7) / 3)
+    assert out["forgetting"] == pytest.approx(((0.8 - 0.6) + (0.9 - 0.4)) / 2)
     assert out["vulnerability"] == pytest.approx({"add": 0.5, "rev": 1.0})
     assert out["replay_share"] == [0.25] * 3
 
@@ -123,8 +151,13 @@ def test_lm_episodes_are_deterministic_with_a_seed(continual, tmp_path):
 
 
 def test_cli_learn_then_run_with_the_frozen_controller(continual, tmp_path, capsys):
-    raw = continual(learn={"episodes": 1, "proxy": {"model": {"config": {
-        "hidden_size": 16, "intermediate_size": 32}}}}, transfer={"probe_steps": 2})
+    raw = continual(
+        learn={
+            "episodes": 1,
+            "proxy": {"model": {"config": {"hidden_size": 16, "intermediate_size": 32}}},
+        },
+        transfer={"probe_steps": 2},
+    )
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps(raw))
     assert main(["proxymix", "learn", str(path)]) == 0
@@ -133,8 +166,19 @@ def test_cli_learn_then_run_with_the_frozen_controller(continual, tmp_path, caps
     controller = tmp_path / "cont/learn/controller.pt"
     _, info = ctl.load(controller)
     assert info["meta"]["episodes"] == 1 and info["ranking"]
-    assert main(["proxymix", "run", str(path), "mixer.policy=controller",
-                 f"mixer.controller={controller}", f"output_dir={tmp_path}/target"]) == 0
+    assert (
+        main(
+            [
+                "proxymix",
+                "run",
+                str(path),
+                "mixer.policy=controller",
+                f"mixer.controller={controller}",
+                f"output_dir={tmp_path}/target",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "target/summary.json").read_text())
     assert "transfer_check" in summary and summary["policy_cost"]["episodes"] == 1
     assert summary["mixer"]["policy"] in ("controller", "fixed")  # fixed = the fallback
@@ -144,8 +188,9 @@ def test_cli_learn_then_run_with_the_frozen_controller(continual, tmp_path, caps
 def test_controller_transfers_to_a_larger_model_unchanged(continual, tmp_path):
     """The same frozen file drives runs of two model sizes (features are scale-free)."""
     path = ctl.save(tmp_path / "c.pt", ctl.new(0))
-    raw = continual(mixer={"name": "proxymix", "policy": "controller",
-                           "controller": str(path), "decisions": 2})
+    raw = continual(
+        mixer={"name": "proxymix", "policy": "controller", "controller": str(path), "decisions": 2}
+    )
     small = run_sequence(cconf.load(data=raw), ("add", "rev"), tmp_path / "s")
     raw["model"]["config"] = dict(TINY_MODEL, hidden_size=48, num_hidden_layers=3)
     big = run_sequence(cconf.load(data=raw), ("add", "rev"), tmp_path / "b")
@@ -164,12 +209,26 @@ def test_transfer_fallback_to_fixed_replay(continual, tmp_path, monkeypatch):
 
     def fake_check(cc, info, out, start):
         seen["proxy"] = info["vulnerability"]
-        return {"statistic": "spearman", "value": -1.0, "items": ["add", "rev", "safety"],
-                "threshold": 0.6, "passed": False, "conclusive": True}
+        return {
+            "statistic": "spearman",
+            "value": -1.0,
+            "items": ["add", "rev", "safety"],
+            "threshold": 0.6,
+            "passed": False,
+            "conclusive": True,
+        }
 
     monkeypatch.setattr(transfer, "check", fake_check)
-    raw = continual(mixer={"name": "proxymix", "policy": "controller", "controller": str(path),
-                           "decisions": 2, "replay_ratio": 0.5}, transfer={"check": True})
+    raw = continual(
+        mixer={
+            "name": "proxymix",
+            "policy": "controller",
+            "controller": str(path),
+            "decisions": 2,
+            "replay_ratio": 0.5,
+        },
+        transfer={"check": True},
+    )
     msgs = []
     report = run_mod.run(cconf.load(data=raw), echo=msgs.append)
     assert seen["proxy"] == {"add": 0.1, "rev": 0.2, "safety": 0.3}
@@ -182,8 +241,10 @@ def test_transfer_fallback_to_fixed_replay(continual, tmp_path, monkeypatch):
 def test_references_carry_over_exactly_between_stages(continual, tmp_path):
     """The just-learned task starts the next stage at ratio 1 and safety where it ended: the
     mixer's observations and references always use the same evaluation batches."""
-    raw = continual(eval_batches=2, mixer={"name": "proxymix", "policy": "random",
-                                           "decisions": 2, "eval_batches": 1})
+    raw = continual(
+        eval_batches=2,
+        mixer={"name": "proxymix", "policy": "random", "decisions": 2, "eval_batches": 1},
+    )
     res = run_sequence(cconf.load(data=raw), ("add", "rev"), tmp_path / "seq")
     first, second = (r["trajectory"] for r in res["records"])
     assert first[-1]["end"] and not second[0].get("end")
@@ -195,8 +256,13 @@ def test_references_carry_over_exactly_between_stages(continual, tmp_path):
 def test_warmup_runs_once_and_is_reused(continual, tmp_path, data_dir):
     from mixtune.continual.driver import warmup
 
-    raw = continual(warmup={"steps": 2, "train": {"lr": 1e-2},
-                            "datasets": [{"name": "pre", "path": str(data_dir / "add.jsonl")}]})
+    raw = continual(
+        warmup={
+            "steps": 2,
+            "train": {"lr": 1e-2},
+            "datasets": [{"name": "pre", "path": str(data_dir / "add.jsonl")}],
+        }
+    )
     cc = cconf.load(data=raw)
     path = warmup(cc, tmp_path / "wu")
     assert (tmp_path / "wu/final/config.json").is_file()

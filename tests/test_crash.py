@@ -39,17 +39,37 @@ def _raw(tmp: Path, max_steps: int, out: str) -> dict:
         write_jsonl(data / "add.jsonl", addition_records(120))
         write_jsonl(data / "rev.jsonl", reverse_records(80))
     return {
-        "output_dir": str(tmp / out), "seed": 3, "max_steps": max_steps, "progress": False,
+        "output_dir": str(tmp / out),
+        "seed": 3,
+        "max_steps": max_steps,
+        "progress": False,
         "model": {"tokenizer": "byte", "config": dict(TINY_MODEL)},
-        "datasets": [{"name": "add", "path": str(data / "add.jsonl")},
-                     {"name": "rev", "path": str(data / "rev.jsonl")}],
-        "evals": [{"name": "add", "from_dataset": "add", "holdout": 8, "batches": 1,
-                   "batch_size": 8, "accuracy": False}],
+        "datasets": [
+            {"name": "add", "path": str(data / "add.jsonl")},
+            {"name": "rev", "path": str(data / "rev.jsonl")},
+        ],
+        "evals": [
+            {
+                "name": "add",
+                "from_dataset": "add",
+                "holdout": 8,
+                "batches": 1,
+                "batch_size": 8,
+                "accuracy": False,
+            }
+        ],
         # EXP3 at every step: the weights depend on the whole loss history, so a resume that
         # loses or repeats anything shows up in the trajectory.
         "mixer": {"name": "exp3", "update_every": 1, "warmup_steps": 2},
-        "train": {"batch_size": 4, "lr": 3e-3, "max_length": 48, "eval_every": 4,
-                  "log_every": 1, "save_every": 2, "keep_checkpoints": 2},
+        "train": {
+            "batch_size": 4,
+            "lr": 3e-3,
+            "max_length": 48,
+            "eval_every": 4,
+            "log_every": 1,
+            "save_every": 2,
+            "keep_checkpoints": 2,
+        },
     }
 
 
@@ -62,8 +82,11 @@ class Child:
         argv = ["train", str(cfg_path)]
         if not fork:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mixtune.cli", *argv], env={**os.environ, **env},
-                stdout=open(log, "a"), stderr=subprocess.STDOUT)
+                [sys.executable, "-m", "mixtune.cli", *argv],
+                env={**os.environ, **env},
+                stdout=open(log, "a"),
+                stderr=subprocess.STDOUT,
+            )
             self.pid, self.code = self.proc.pid, None
             return
         self.proc, self.code = None, None
@@ -129,8 +152,10 @@ def _new_tmp_dir(run: Path, since_ns: int) -> bool:
     with the same inode.)"""
     root = run / "checkpoints"
     try:
-        return any(p.name.startswith(".tmp-step") and p.stat().st_ctime_ns > since_ns
-                   for p in root.iterdir())
+        return any(
+            p.name.startswith(".tmp-step") and p.stat().st_ctime_ns > since_ns
+            for p in root.iterdir()
+        )
     except FileNotFoundError:  # no checkpoints yet, or the directory vanished mid-listing
         return False
 
@@ -170,9 +195,16 @@ def _reference(workdir: Path, max_steps: int) -> tuple[Trainer, Path]:
 
 def _same_checkpoint(ckpt: Path, ref_run: Path, ref: Trainer) -> None:
     """``ckpt`` loads, and holds exactly the reference's state at its step."""
-    state, _ = checkpoint.load(ckpt, accelerator=ref.acc, model=ref.model,
-                               optimizer=ref.optimizer, scheduler=ref.scheduler,
-                               sampler=ref.sampler, mixer=ref.mixer, loss=ref.loss_fn)
+    state, _ = checkpoint.load(
+        ckpt,
+        accelerator=ref.acc,
+        model=ref.model,
+        optimizer=ref.optimizer,
+        scheduler=ref.scheduler,
+        sampler=ref.sampler,
+        mixer=ref.mixer,
+        loss=ref.loss_fn,
+    )
     twin = ref_run / "checkpoints" / ckpt.name
     assert state["step"] == int(ckpt.name.removeprefix("step-"))
     got, want = (load_file(str(p / "trainable.safetensors")) for p in (ckpt, twin))
@@ -181,8 +213,9 @@ def _same_checkpoint(ckpt: Path, ref_run: Path, ref: Trainer) -> None:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
     for name in ("sampler.json",):
         assert (ckpt / name).read_text() == (twin / name).read_text()
-    assert torch.load(ckpt / "mixer.pt", weights_only=False) == \
-        torch.load(twin / "mixer.pt", weights_only=False)
+    assert torch.load(ckpt / "mixer.pt", weights_only=False) == torch.load(
+        twin / "mixer.pt", weights_only=False
+    )
 
 
 def _crash_and_resume(workdir: Path, kills: int, max_steps: int, fork: bool, seed: int):
@@ -213,8 +246,7 @@ def _crash_and_resume(workdir: Path, kills: int, max_steps: int, fork: bool, see
             trigger = lambda: _new_tmp_dir(run, launched)  # noqa: E731
         else:  # a random moment before training starts (a fresh interpreter logs the start)
             delay, started = rng.uniform(0, startup), _starts(child)
-            trigger = lambda: (time.monotonic() - t0 >= delay  # noqa: E731
-                               or _starts(child) > started)
+            trigger = lambda: time.monotonic() - t0 >= delay or _starts(child) > started  # noqa: E731
         while not trigger():
             assert child.poll() is None, f"child exited early ({mode}):\n{child.output()}"
             assert time.monotonic() - t0 < 120, f"no trigger ({mode}):\n{child.output()}"
@@ -279,8 +311,10 @@ def test_sigterm_sigint_checkpoint_and_resume(workdir, sig, code):
     step = _latest_step(run)
     assert 3 <= step < max_steps
     name = signal.Signals(sig).name
-    assert last == (f"mixtune: stopped by {name} after step {step}; checkpoint saved in "
-                    f"{run / 'checkpoints'}; run the same command again to resume"), last
+    assert last == (
+        f"mixtune: stopped by {name} after step {step}; checkpoint saved in "
+        f"{run / 'checkpoints'}; run the same command again to resume"
+    ), last
     assert "Traceback" not in child.output()
     resumed = Child(cfg_path, workdir / f"sig{code}.log", fork=True)
     assert resumed.wait(120) == 0, resumed.output()
@@ -303,8 +337,15 @@ def test_checkpoint_is_fsynced_before_it_is_renamed_into_place(workdir, monkeypa
     Trainer(config.load(data=raw)).run()
     root = Path(raw["output_dir"]) / "checkpoints"
     tmp = root / ".tmp-step-000002"
-    files = {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "sampler.json", "mixer.pt",
-             "rank0.pt", "state.json"}
+    files = {
+        "trainable.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "sampler.json",
+        "mixer.pt",
+        "rank0.pt",
+        "state.json",
+    }
     assert files <= {p.name for p in synced if p.parent == tmp}
     order = [synced.index(tmp / "state.json"), synced.index(tmp), synced.index(root)]
     assert order == sorted(order)

@@ -14,11 +14,15 @@ from mixtune.errors import DataError
 from mixtune.losses import IGNORE
 
 RECORDS = {
-    "messages": {"messages": [{"role": "system", "content": "S"},
-                              {"role": "user", "content": "Q1"},
-                              {"role": "assistant", "content": "A1"},
-                              {"role": "user", "content": "Q2"},
-                              {"role": "assistant", "content": "A2"}]},
+    "messages": {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "A2"},
+        ]
+    },
     "prompt_response": {"prompt": "2+2=", "response": "4"},
     "instruction": {"instruction": "Reverse", "input": "abc", "output": "cba"},
     "text": {"text": "plain text"},
@@ -42,8 +46,12 @@ def test_every_format_is_detected_and_masked(tok, fmt):
     data = tokenize([ex], tok, 256, DEFAULT_CHAT_TEMPLATE, "t")
     ids, labels = data.input_ids[0], data.labels[0]
     trained = _decode_trained(tok, ids, labels)
-    expected = {"messages": "A1<|end|>\nA2<|end|>\n", "prompt_response": "4<|end|>\n",
-                "instruction": "cba<|end|>\n", "text": "plain text<|end|>"}[fmt]
+    expected = {
+        "messages": "A1<|end|>\nA2<|end|>\n",
+        "prompt_response": "4<|end|>\n",
+        "instruction": "cba<|end|>\n",
+        "text": "plain text<|end|>",
+    }[fmt]
     assert trained == expected
     if fmt != "text":  # the prompt is never trained
         prompt = tok.decode(ids[: data.prompt_len[0]])
@@ -59,8 +67,12 @@ def test_explicit_format_and_field_renames(tok):
 
 
 def test_truncation_is_counted_and_prompt_only_examples_dropped(tok):
-    exs = normalize([{"prompt": "p" * 10, "response": "r" * 50},
-                     {"prompt": "q" * 80, "response": "s"}], "auto", None, "t")
+    exs = normalize(
+        [{"prompt": "p" * 10, "response": "r" * 50}, {"prompt": "q" * 80, "response": "s"}],
+        "auto",
+        None,
+        "t",
+    )
     data = tokenize(exs, tok, 40, DEFAULT_CHAT_TEMPLATE, "t")
     assert data.n_truncated == 2 and data.n_dropped == 1 and len(data) == 1
     assert len(data.input_ids[0]) == 40
@@ -73,8 +85,9 @@ def test_sources_jsonl_json_parquet_csv(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     (tmp_path / "a.json").write_text(json.dumps(recs))
     pq.write_table(pa.Table.from_pylist(recs), tmp_path / "a.parquet")
-    (tmp_path / "a.csv").write_text("prompt,response\n" + "".join(
-        f"{r['prompt']},{r['response']}\n" for r in recs))
+    (tmp_path / "a.csv").write_text(
+        "prompt,response\n" + "".join(f"{r['prompt']},{r['response']}\n" for r in recs)
+    )
     for ext in ("jsonl", "json", "parquet", "csv"):
         assert read_records(str(tmp_path / f"a.{ext}")) == recs, ext
 
@@ -87,8 +100,7 @@ def test_malformed_jsonl_names_the_line(tmp_path):
 
 def test_missing_field_names_record_and_field():
     with pytest.raises(DataError, match="record 2: missing field 'response'"):
-        normalize([{"prompt": "a", "response": "b"}, {"prompt": "c"}], "prompt_response", None,
-                  "t")
+        normalize([{"prompt": "a", "response": "b"}, {"prompt": "c"}], "prompt_response", None, "t")
 
 
 def test_hub_dataset_saved_locally(tmp_path):

@@ -23,8 +23,7 @@ def _batch(seed=0, B=3, T=9, V=13):
 
 
 def _reduce(terms, n_tokens=None):
-    return reduce(terms.per_token, terms.mask, terms.token_weights, terms.sample_weights,
-                  n_tokens)
+    return reduce(terms.per_token, terms.mask, terms.token_weights, terms.sample_weights, n_tokens)
 
 
 def test_dft_equals_naive_per_token_loop():
@@ -69,14 +68,25 @@ def test_dft_equals_trl_dft_loss():
     attn[2, 9:] = 0
     n = int((labels[:, 1:] != IGNORE).sum())  # TRL's num_items_in_batch = mixtune's step count
     stub = types.SimpleNamespace(
-        model=model, aux_loss_enabled=False, compute_loss_func=None, label_smoother=None,
+        model=model,
+        aux_loss_enabled=False,
+        compute_loss_func=None,
+        label_smoother=None,
         args=types.SimpleNamespace(loss_type="dft", average_tokens_across_devices=False),
-        accelerator=types.SimpleNamespace(parallelism_config=None, num_processes=1,
-                                          gather_for_metrics=lambda x: x),
-        _metrics={"train": collections.defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
-        get_tp_size=lambda: 1)
-    trl_loss = SFTTrainer.compute_loss(stub, model, {"input_ids": ids, "attention_mask": attn,
-                                                     "labels": labels}, num_items_in_batch=n)
+        accelerator=types.SimpleNamespace(
+            parallelism_config=None, num_processes=1, gather_for_metrics=lambda x: x
+        ),
+        _metrics={"train": collections.defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+        get_tp_size=lambda: 1,
+    )
+    trl_loss = SFTTrainer.compute_loss(
+        stub,
+        model,
+        {"input_ids": ids, "attention_mask": attn, "labels": labels},
+        num_items_in_batch=n,
+    )
     trl_grads = torch.autograd.grad(trl_loss, list(model.parameters()))
 
     terms = DFT()(model(input_ids=ids, attention_mask=attn).logits, labels)
@@ -113,8 +123,12 @@ def test_dft_run_accumulation_exact_and_logged(make_config, tmp_path):
     raw["train"].update(eval_every=0, log_every=1)
     runs = {}
     for micro in (1, 8):
-        trainer = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/m{micro}",
-                                                           f"train.micro_batch_size={micro}"]))
+        trainer = Trainer(
+            config.load(
+                data=raw,
+                overrides=[f"output_dir={tmp_path}/m{micro}", f"train.micro_batch_size={micro}"],
+            )
+        )
         trainer.run()
         runs[micro] = trainer
     for a, b in zip(runs[1].params, runs[8].params):

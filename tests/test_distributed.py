@@ -27,36 +27,65 @@ slow = pytest.mark.slow
 ROLES = {"add": "target", "rev": "constraint"}
 CASES = {
     "dynamixsft": ({"name": "dynamixsft", "update_every": 2, "batch_size": 4}, None, None),
-    "dynamics": ({"name": "dynamics", "schedule": "fixed", "interval": 3, "c_max": 2,
-                  "probe_batches": 2}, None, ROLES),
+    "dynamics": (
+        {"name": "dynamics", "schedule": "fixed", "interval": 3, "c_max": 2, "probe_batches": 2},
+        None,
+        ROLES,
+    ),
     "uniform": ({"name": "uniform"}, None, None),
     "proportional": ({"name": "proportional", "by": "tokens"}, None, None),
     "temperature": ({"name": "temperature", "tau": 3.0}, None, None),
     "fixed": ({"name": "fixed", "weights": {"add": 3, "rev": 1}}, None, None),
     "exp3": ({"name": "exp3", "update_every": 2, "warmup_steps": 0}, None, None),
-    "dynamixsft_adam": ({"name": "dynamixsft", "update_every": 2, "batch_size": 4,
-                         "optimizer": "adam"}, None, None),
-    "dynamixsft_progress": ({"name": "dynamixsft", "update_every": 2, "batch_size": 4,
-                             "reward": "progress"}, None, None),
-    "dynamics_grad_alignment": ({"name": "dynamics", "slopes": "gradient_alignment",
-                                 "schedule": "fixed", "interval": 3, "probe_batches": 2,
-                                 "ga_batch_size": 4},
-                                None, ROLES),
-    "proxymix": ({"name": "proxymix", "policy": "random", "explore_sigma": 0.5,
-                  "update_every": 2}, None, None),
+    "dynamixsft_adam": (
+        {"name": "dynamixsft", "update_every": 2, "batch_size": 4, "optimizer": "adam"},
+        None,
+        None,
+    ),
+    "dynamixsft_progress": (
+        {"name": "dynamixsft", "update_every": 2, "batch_size": 4, "reward": "progress"},
+        None,
+        None,
+    ),
+    "dynamics_grad_alignment": (
+        {
+            "name": "dynamics",
+            "slopes": "gradient_alignment",
+            "schedule": "fixed",
+            "interval": 3,
+            "probe_batches": 2,
+            "ga_batch_size": 4,
+        },
+        None,
+        ROLES,
+    ),
+    "proxymix": (
+        {"name": "proxymix", "policy": "random", "explore_sigma": 0.5, "update_every": 2},
+        None,
+        None,
+    ),
     "chase": ({"name": "chase"}, None, None),
     # CADFT: global z-scores all-reduced over ranks, and rewriting (rank 0 generates) at steps
     # 2-5 (the scaled schedule); with a moving mixer.
-    "cadft_exp3": ({"name": "exp3", "update_every": 2, "warmup_steps": 0},
-                   {"name": "cadft", "rewrite": {"fraction": 0.02, "prob": 1.0,
-                                                 "min_visits": 1}}, None),
+    "cadft_exp3": (
+        {"name": "exp3", "update_every": 2, "warmup_steps": 0},
+        {"name": "cadft", "rewrite": {"fraction": 0.02, "prob": 1.0, "min_visits": 1}},
+        None,
+    ),
 }
 # The same under mixtune's FSDP2 (train.fsdp): sharded vs one process (CADFT without rewriting,
 # which FSDP refuses). The CLI-level FSDP test runs in CI (tests/test_fsdp.py).
-FSDP = {"dynamics_fsdp": "dynamics", "dynamixsft_adam_fsdp": "dynamixsft_adam",
-        "exp3_fsdp": "exp3", "proxymix_fsdp": "proxymix"}
-CASES["cadft_fsdp"] = ({"name": "exp3", "update_every": 2, "warmup_steps": 0},
-                       {"name": "cadft", "rewrite": {"enabled": False}}, None)
+FSDP = {
+    "dynamics_fsdp": "dynamics",
+    "dynamixsft_adam_fsdp": "dynamixsft_adam",
+    "exp3_fsdp": "exp3",
+    "proxymix_fsdp": "proxymix",
+}
+CASES["cadft_fsdp"] = (
+    {"name": "exp3", "update_every": 2, "warmup_steps": 0},
+    {"name": "cadft", "rewrite": {"enabled": False}},
+    None,
+)
 FSDP["cadft_fsdp"] = "cadft_fsdp"
 for _name, _base in list(FSDP.items()):
     CASES.setdefault(_name, CASES[_base])
@@ -89,8 +118,9 @@ def run_two_processes(raw: dict, tmp_path: Path) -> tuple[dict, torch.Tensor]:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name", [n if n in DEFAULT else pytest.param(n, marks=slow)
-                                  for n in CASES])
+@pytest.mark.parametrize(
+    "name", [n if n in DEFAULT else pytest.param(n, marks=slow) for n in CASES]
+)
 def test_two_processes_match_one(name, make_config, tmp_path, monkeypatch):
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun not available")
@@ -117,18 +147,25 @@ def test_two_processes_match_one(name, make_config, tmp_path, monkeypatch):
         # ... and the numbers behind them (rewards, slopes, losses), not only the weights
         x, y = _leaves(a["mixer"]), _leaves(b["mixer"])
         assert x.keys() == y.keys()
-        numeric = {k for k, v in y.items() if isinstance(v, (int, float))
-                   and not isinstance(v, bool)}
+        numeric = {
+            k for k, v in y.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         assert {k: x[k] for k in numeric} == pytest.approx(
-            {k: y[k] for k in numeric}, rel=1e-3, abs=1e-5), a["step"]
-        assert {k: x[k] for k in x if k not in numeric} == \
-            {k: y[k] for k in y if k not in numeric}, a["step"]
+            {k: y[k] for k in numeric}, rel=1e-3, abs=1e-5
+        ), a["step"]
+        assert {k: x[k] for k in x if k not in numeric} == {
+            k: y[k] for k in y if k not in numeric
+        }, a["step"]
     torch.testing.assert_close(params1, params2, rtol=1e-4, atol=1e-5)
     if name == "cadft_exp3":  # rank 0 rewrote the same targets as the single process
+
         def rewrites(run):
             lines = (tmp_path / run / "rewrites.jsonl").read_text().splitlines()
-            return [(r["step"], r["dataset"], r["example"], r["new_text"])
-                    for r in map(json.loads, lines)]
+            return [
+                (r["step"], r["dataset"], r["example"], r["new_text"])
+                for r in map(json.loads, lines)
+            ]
+
         assert rewrites("dist") and rewrites("dist") == rewrites("single")
     if name in ("dynamixsft", "dynamics", "exp3", "chase", "proxymix", "cadft_exp3", *FSDP):
         assert any(u["weights"] != [0.5, 0.5] for u in rank0), "the mixer never moved"
@@ -137,9 +174,11 @@ def test_two_processes_match_one(name, make_config, tmp_path, monkeypatch):
 def _leaves(tree, prefix="") -> dict:
     """Numeric leaves of a diagnostics tree, by path (booleans and strings kept as they are)."""
     if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}/{key}")
-                .items()}
+        return {
+            k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}/{key}").items()
+        }
     if isinstance(tree, list):
-        return {k: v for i, sub in enumerate(tree) for k, v in _leaves(sub, f"{prefix}/{i}")
-                .items()}
+        return {
+            k: v for i, sub in enumerate(tree) for k, v in _leaves(sub, f"{prefix}/{i}").items()
+        }
     return {prefix: tree}

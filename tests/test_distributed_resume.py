@@ -42,27 +42,63 @@ def _raw(tmp: Path, out: str) -> dict:
         write_jsonl(data / "add_eval.jsonl", addition_records(16, seed=9))
         write_jsonl(data / "rev.jsonl", reverse_records(80))
     return {
-        "output_dir": str(tmp / out), "seed": 2, "max_steps": MAX_STEPS, "progress": False,
+        "output_dir": str(tmp / out),
+        "seed": 2,
+        "max_steps": MAX_STEPS,
+        "progress": False,
         "model": {"tokenizer": "byte", "config": dict(TINY_MODEL)},
-        "datasets": [{"name": "add", "path": str(data / "shards"), "streaming": True,
-                      "shuffle_buffer": 16},
-                     {"name": "rev", "path": str(data / "rev.jsonl")}],
-        "evals": [{"name": "add", "path": str(data / "add_eval.jsonl"), "batches": 2,
-                   "batch_size": 4, "accuracy": False},
-                  {"name": "rev", "from_dataset": "rev", "holdout": 8, "batches": 2,
-                   "batch_size": 4, "accuracy": False}],
+        "datasets": [
+            {"name": "add", "path": str(data / "shards"), "streaming": True, "shuffle_buffer": 16},
+            {"name": "rev", "path": str(data / "rev.jsonl")},
+        ],
+        "evals": [
+            {
+                "name": "add",
+                "path": str(data / "add_eval.jsonl"),
+                "batches": 2,
+                "batch_size": 4,
+                "accuracy": False,
+            },
+            {
+                "name": "rev",
+                "from_dataset": "rev",
+                "holdout": 8,
+                "batches": 2,
+                "batch_size": 4,
+                "accuracy": False,
+            },
+        ],
         "mixer": {"name": "dynamixsft", "update_every": 2, "batch_size": 4},
-        "train": {"batch_size": 8, "micro_batch_size": 2, "lr": 3e-3, "max_length": 48,
-                  "eval_every": 4, "log_every": 1, "save_every": 0},
+        "train": {
+            "batch_size": 8,
+            "micro_batch_size": 2,
+            "lr": 3e-3,
+            "max_length": 48,
+            "eval_every": 4,
+            "log_every": 1,
+            "save_every": 0,
+        },
     }
 
 
 def _launch(cfg_path: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "mixtune.cli",
-         "train", str(cfg_path)],
-        env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            shutil.which("torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "mixtune.cli",
+            "train",
+            str(cfg_path),
+        ],
+        env=env,
+        stdout=open(log, "a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _finish(cfg_path: Path, log: Path) -> None:
@@ -140,11 +176,14 @@ def test_streaming_sigterm_resume_two_processes(tmp_path):
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
-    sampler = [json.loads((r / "checkpoints" / f"step-{MAX_STEPS:06d}" / "sampler.json")
-                          .read_text()) for r in (run, ref_run)]
+    sampler = [
+        json.loads((r / "checkpoints" / f"step-{MAX_STEPS:06d}" / "sampler.json").read_text())
+        for r in (run, ref_run)
+    ]
     assert sampler[0] == sampler[1]
-    assert any(r["weights"] != {"add": 0.5, "rev": 0.5} for r in _metrics(run)
-               if "weights" in r), "the mixer never moved"
+    assert any(r["weights"] != {"add": 0.5, "rev": 0.5} for r in _metrics(run) if "weights" in r), (
+        "the mixer never moved"
+    )
 
     # One process on the same global batches: the same trajectory to fp tolerance.
     single = _raw(tmp_path, "single")

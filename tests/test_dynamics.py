@@ -33,9 +33,12 @@ def test_schedules_are_the_papers_at_2048_steps_and_scale():
 
 def test_bad_options_and_roles_are_config_errors():
     base = {"datasets": [{"name": "a", "path": "x.jsonl"}], "mixer": {"name": "dynamics"}}
-    for bad, field in [({"c_max": 0}, "mixer.c_max"), ({"schedule": "weekly"}, "mixer.schedule"),
-                       ({"lambda_min": 0}, "mixer.lambda_min"), ({"epsilons": [-1]},
-                                                                 "mixer.epsilons")]:
+    for bad, field in [
+        ({"c_max": 0}, "mixer.c_max"),
+        ({"schedule": "weekly"}, "mixer.schedule"),
+        ({"lambda_min": 0}, "mixer.lambda_min"),
+        ({"epsilons": [-1]}, "mixer.epsilons"),
+    ]:
         with pytest.raises(ConfigError, match=field):
             config.load(data={**base, "mixer": {"name": "dynamics", **bad}})
     ds = [DatasetInfo("a", 10, 100)]
@@ -57,23 +60,54 @@ def test_bad_options_and_roles_are_config_errors():
 def _records(n: int, upper: bool, seed: int) -> list[dict]:
     rng = random.Random(seed)
     letters = "QRSTUVWXYZ" if upper else "qrstuvwxyz"
-    return [{"prompt": "code " + "".join(rng.choice("abcdefgh") for _ in range(5)),
-             "response": "".join(rng.choice(letters) for _ in range(8))} for _ in range(n)]
+    return [
+        {
+            "prompt": "code " + "".join(rng.choice("abcdefgh") for _ in range(5)),
+            "response": "".join(rng.choice(letters) for _ in range(8)),
+        }
+        for _ in range(n)
+    ]
 
 
 def toy_config(root: Path, name: str, mixer: dict, steps: int = 24, **train) -> dict:
     return {
-        "output_dir": str(root / name), "seed": 0, "max_steps": steps, "progress": False,
+        "output_dir": str(root / name),
+        "seed": 0,
+        "max_steps": steps,
+        "progress": False,
         "model": {"tokenizer": "byte", "config": dict(TINY_MODEL)},
-        "datasets": [{"name": "tgt", "path": str(root / "tgt.jsonl")},
-                     {"name": "reg", "path": str(root / "reg.jsonl")}],
-        "evals": [{"name": "tgt", "from_dataset": "tgt", "holdout": 16, "batches": 2,
-                   "batch_size": 8, "role": "target"},
-                  {"name": "reg", "from_dataset": "reg", "holdout": 16, "batches": 2,
-                   "batch_size": 8, "role": "constraint"}],
+        "datasets": [
+            {"name": "tgt", "path": str(root / "tgt.jsonl")},
+            {"name": "reg", "path": str(root / "reg.jsonl")},
+        ],
+        "evals": [
+            {
+                "name": "tgt",
+                "from_dataset": "tgt",
+                "holdout": 16,
+                "batches": 2,
+                "batch_size": 8,
+                "role": "target",
+            },
+            {
+                "name": "reg",
+                "from_dataset": "reg",
+                "holdout": 16,
+                "batches": 2,
+                "batch_size": 8,
+                "role": "constraint",
+            },
+        ],
         "mixer": mixer,
-        "train": {"batch_size": 8, "lr": 3e-3, "max_length": 48, "eval_every": 4,
-                  "log_every": 4, "schedule": "constant", **train},
+        "train": {
+            "batch_size": 8,
+            "lr": 3e-3,
+            "max_length": 48,
+            "eval_every": 4,
+            "log_every": 4,
+            "schedule": "constant",
+            **train,
+        },
     }
 
 
@@ -87,10 +121,18 @@ def toy_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def toy_runs(toy_root):
-    only = Trainer(config.load(data=toy_config(toy_root, "target_only",
-                                               {"name": "fixed", "weights": {"tgt": 1}}))).run()
-    dyn = Trainer(config.load(data=toy_config(
-        toy_root, "dynamics", {"name": "dynamics", "schedule": "fixed", "interval": 4}))).run()
+    only = Trainer(
+        config.load(
+            data=toy_config(toy_root, "target_only", {"name": "fixed", "weights": {"tgt": 1}})
+        )
+    ).run()
+    dyn = Trainer(
+        config.load(
+            data=toy_config(
+                toy_root, "dynamics", {"name": "dynamics", "schedule": "fixed", "interval": 4}
+            )
+        )
+    ).run()
     return only, dyn
 
 
@@ -128,8 +170,19 @@ def test_dynamics_logs_slopes_predictions_and_choices(toy_runs, toy_root, tmp_pa
     assert S["tgt"]["tgt"] < 0 < S["reg"]["tgt"] - S["reg"]["reg"]  # target data hurts reg more
     for r in recs:
         m = r["mixer"]
-        assert {"S", "anchor", "predicted", "predicted_step", "horizon", "probe_steps", "lambda",
-                "epsilon", "feasible", "max_violation", "probe_seconds"} <= set(m)
+        assert {
+            "S",
+            "anchor",
+            "predicted",
+            "predicted_step",
+            "horizon",
+            "probe_steps",
+            "lambda",
+            "epsilon",
+            "feasible",
+            "max_violation",
+            "probe_seconds",
+        } <= set(m)
         assert m["horizon"] == 4 and m["probe_steps"] == 4 and m["probe_seconds"] > 0
     for prev, r in zip(recs, recs[1:]):
         m = r["mixer"]
@@ -161,16 +214,23 @@ def test_gradient_alignment_matches_a_one_step_probe_at_small_lr(toy_root):
 def test_ga_batch_size_pins_the_alignment_batch_whatever_the_micro_batch(toy_root):
     """mixer.ga_batch_size reaches ctx.grad_alignment: the slopes then no longer follow
     train.micro_batch_size (the default alignment batch is micro_batch_size x processes)."""
+
     def slopes(micro: int, ga_batch_size) -> np.ndarray:
-        mixer = {"name": "dynamics", "slopes": "gradient_alignment", "schedule": "fixed",
-                 "interval": 100, "probe_batches": 2, "ga_batch_size": ga_batch_size}
-        raw = toy_config(toy_root, f"ga_bs_{micro}_{ga_batch_size}", mixer, steps=1,
-                         micro_batch_size=micro)
+        mixer = {
+            "name": "dynamics",
+            "slopes": "gradient_alignment",
+            "schedule": "fixed",
+            "interval": 100,
+            "probe_batches": 2,
+            "ga_batch_size": ga_batch_size,
+        }
+        raw = toy_config(
+            toy_root, f"ga_bs_{micro}_{ga_batch_size}", mixer, steps=1, micro_batch_size=micro
+        )
         t = Trainer(config.load(data=raw))
         t.run()
         rec = next(r for r in read_metrics(toy_root / raw["output_dir"]) if "mixer" in r)
-        return np.array([[rec["mixer"]["S"][d][k] for k in ("tgt", "reg")]
-                         for d in ("tgt", "reg")])
+        return np.array([[rec["mixer"]["S"][d][k] for k in ("tgt", "reg")] for d in ("tgt", "reg")])
 
     pinned = [slopes(m, 8) for m in (2, 4)]
     np.testing.assert_allclose(pinned[0], pinned[1], rtol=1e-5, atol=1e-9)
@@ -217,7 +277,8 @@ def test_resume_equals_uninterrupted(toy_root):
         return out
 
     assert strip(read_metrics(toy_root / "resume_full")) == strip(
-        read_metrics(toy_root / "resume_split"))
+        read_metrics(toy_root / "resume_split")
+    )
 
 
 WORKER = """
@@ -258,6 +319,7 @@ def test_two_processes_compute_the_same_weights(toy_root, tmp_path):
     # and the same as one process on the same global batches (up to summation order)
     raw["output_dir"] = str(toy_root / "one_proc")
     Trainer(config.load(data=raw)).run()
-    single = [list(r["weights"].values()) for r in read_metrics(toy_root / "one_proc")
-              if "mixer" in r]
+    single = [
+        list(r["weights"].values()) for r in read_metrics(toy_root / "one_proc") if "mixer" in r
+    ]
     assert np.allclose(single, rank0, atol=1e-3), (single, rank0)

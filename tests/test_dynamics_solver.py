@@ -12,8 +12,7 @@ RES = {2: 4000, 3: 200, 4: 40}  # grid resolution per K (1/RES steps)
 
 def simplex_grid(K: int) -> np.ndarray:
     n = RES[K]
-    pts = [c + (n - sum(c),) for c in itertools.product(range(n + 1), repeat=K - 1)
-           if sum(c) <= n]
+    pts = [c + (n - sum(c),) for c in itertools.product(range(n + 1), repeat=K - 1) if sum(c) <= n]
     return np.array(pts, np.float64) / n
 
 
@@ -110,8 +109,9 @@ def test_known_answer_feasible_mixture_with_best_target():
 
 def test_infeasible_problem_returns_the_least_violating_mixture():
     # Every mixture breaks the constraint; dataset 2 breaks it least. The target prefers 0.
-    p = ds.Problem(c=np.array([-2e-3, 0.0, 1e-3]), A=64 * np.array([[1e-3, 2e-3, -5e-4]]),
-                   b=np.array([0.1]))
+    p = ds.Problem(
+        c=np.array([-2e-3, 0.0, 1e-3]), A=64 * np.array([[1e-3, 2e-3, -5e-4]]), b=np.array([0.1])
+    )
     choice = ds.choose(p)
     assert not choice.feasible and choice.n_feasible == 0
     G = simplex_grid(3)
@@ -157,8 +157,9 @@ def test_lambda_grid_is_the_papers():
 
 def test_problem_build_uses_horizon_only_in_the_penalty():
     S = np.array([[-1e-3, 2e-3], [3e-3, -1e-3], [5e-3, 5e-3]])  # target, constraint, monitor
-    p = ds.Problem.build(S, anchors=[2.0, 1.5, 9.0], refs=[0.0, 1.4, 0.0], targets=[0],
-                         constraints=[1], horizon=32)
+    p = ds.Problem.build(
+        S, anchors=[2.0, 1.5, 9.0], refs=[0.0, 1.4, 0.0], targets=[0], constraints=[1], horizon=32
+    )
     assert np.allclose(p.c, S[0]) and np.allclose(p.A, 32 * S[1:2]) and np.allclose(p.b, [0.1])
 
 
@@ -184,8 +185,9 @@ def degenerate_problem(rng) -> tuple[ds.Problem, float, float]:
     if C and rng.random() < 0.2:
         A[rng.integers(C)] = 0.0
     eps = float(rng.choice(ds.EPSILONS))
-    b = [-(A @ np.full(K, 1.0 / K)) - eps, np.full(C, -eps), np.zeros(C),
-         rng.normal(0.0, 0.03, C)][rng.integers(4)]
+    b = [-(A @ np.full(K, 1.0 / K)) - eps, np.full(C, -eps), np.zeros(C), rng.normal(0.0, 0.03, C)][
+        rng.integers(4)
+    ]
     lam = float(rng.choice([1e-12, 1e-6, 1.0, 11.4, 5000.0, 1e6, 1e12]))
     return ds.Problem(c, A, b), lam, eps
 
@@ -196,8 +198,15 @@ def test_duplicate_dataset_at_step0_gives_finite_weights():
     # flat face {2, 3} the active set took a 3e-15 direction with g·d = -5e-30 but a slope at 0
     # of +2e-33 as _line_min rounds it; _line_min returned -inf, the NaN weights won np.argmin
     # in solve, and max_violation(NaN) = 0 made choose return them as feasible.
-    S = 1e-4 * np.array([[-6, 3, -8, -8], [-2, -12, -20, -20], [13, 1, 13, 13],
-                         [-15, 8, -20, -20], [16, 12, -13, -13]])
+    S = 1e-4 * np.array(
+        [
+            [-6, 3, -8, -8],
+            [-2, -12, -20, -20],
+            [13, 1, 13, 13],
+            [-15, 8, -20, -20],
+            [16, 12, -13, -13],
+        ]
+    )
     p = ds.Problem.build(S, np.full(5, 2.0), np.full(5, 2.0), [0, 1], [2, 3, 4], 1000)
     lam = ds.lambda_grid()[4]
     for w in (ds._active_set(p, lam, 0.1), ds.solve(p, lam, 0.1)):
@@ -215,8 +224,9 @@ def test_zero_and_duplicate_columns_give_finite_weights():
     # No targets; datasets 0 and 2 do nothing, 3 and 4 are the same data. The face {3, 4} is
     # flat, but its curvature computed as ~1e-42 (rounding) gave a ~1e20 "Newton" step with a
     # slope of rounding's sign: NaN again.
-    p = ds.Problem(c=np.zeros(5), A=np.array([[0.0, -5e-6, 0.0, -1.01e-5, -1.01e-5]]),
-                   b=np.array([5e-6]))
+    p = ds.Problem(
+        c=np.zeros(5), A=np.array([[0.0, -5e-6, 0.0, -1.01e-5, -1.01e-5]]), b=np.array([5e-6])
+    )
     for lam, eps in [(1.0, 0.1), (11.4, 0.05), (100.0, 0.05)]:
         w = ds.solve(p, lam, eps)
         assert np.all(np.isfinite(w)) and abs(w.sum() - 1) < 1e-12
@@ -253,8 +263,12 @@ def test_max_violation_of_a_nan_point_is_infinite():
     p = ds.Problem(c=np.zeros(2), A=np.array([[1.0, -1.0]]), b=np.zeros(1))
     assert ds.max_violation(p, np.array([np.nan, np.nan])) == np.inf
     assert ds.max_violation(p, np.array([np.inf, 0.0])) == np.inf
-    assert ds.max_violation(ds.Problem(np.zeros(2), np.zeros((0, 2)), np.zeros(0)),
-                            np.array([np.nan, 0.5])) == np.inf
+    assert (
+        ds.max_violation(
+            ds.Problem(np.zeros(2), np.zeros((0, 2)), np.zeros(0)), np.array([np.nan, 0.5])
+        )
+        == np.inf
+    )
     assert ds.max_violation(p, np.array([0.5, 0.5])) == 0.0
 
 

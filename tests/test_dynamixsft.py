@@ -37,9 +37,19 @@ def _mixer(**options) -> DynamixSFT:
 
 
 def _ctx(step, lookahead, logged, losses=None) -> MixContext:
-    return MixContext(step=step, max_steps=100, datasets=list(DATASETS), domains=[],
-                      weights=np.full(3, 1 / 3), train_losses={}, evaluate=None, probe=None,
-                      lookahead=lookahead, log=logged.__setitem__, losses=losses)
+    return MixContext(
+        step=step,
+        max_steps=100,
+        datasets=list(DATASETS),
+        domains=[],
+        weights=np.full(3, 1 / 3),
+        train_losses={},
+        evaluate=None,
+        probe=None,
+        lookahead=lookahead,
+        log=logged.__setitem__,
+        losses=losses,
+    )
 
 
 def test_policy_matches_the_papers_formula_by_hand():
@@ -89,11 +99,15 @@ def test_one_update_follows_the_rule():
 
 
 def test_options_are_validated():
-    for bad, field in [({"gamma": 1.5}, "mixer.gamma"), ({"alpha": 1.0}, "mixer.alpha"),
-                       ({"beta": -1}, "mixer.beta"), ({"update_every": 0}, "mixer.update_every"),
-                       ({"optimizer": "lion"}, "mixer.optimizer"),
-                       ({"reward": "entropy"}, "mixer.reward"),
-                       ({"prior": {"zzz": 1}}, "mixer.prior")]:
+    for bad, field in [
+        ({"gamma": 1.5}, "mixer.gamma"),
+        ({"alpha": 1.0}, "mixer.alpha"),
+        ({"beta": -1}, "mixer.beta"),
+        ({"update_every": 0}, "mixer.update_every"),
+        ({"optimizer": "lion"}, "mixer.optimizer"),
+        ({"reward": "entropy"}, "mixer.reward"),
+        ({"prior": {"zzz": 1}}, "mixer.prior"),
+    ]:
         with pytest.raises(ConfigError, match=field):
             _mixer(**bad)
     assert _mixer(prior="tokens").p0 == pytest.approx([0.1, 0.1, 0.8])
@@ -104,12 +118,17 @@ def test_options_are_validated():
 # ----------------------------------------------------------------------------------------------
 # Real runs on a tiny model: addition (learnable) against random byte strings (pure noise).
 
+
 def _noise_records(n: int, seed: int = 3) -> list[dict]:
     rng = random.Random(seed)
     chars = [chr(c) for c in range(33, 127)]
-    return [{"prompt": "noise:", "response": "".join(rng.choice(chars)
-                                                     for _ in range(rng.randint(4, 8)))}
-            for _ in range(n)]
+    return [
+        {
+            "prompt": "noise:",
+            "response": "".join(rng.choice(chars) for _ in range(rng.randint(4, 8))),
+        }
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture
@@ -118,8 +137,10 @@ def noisy_config(make_config, data_dir):
 
     def make(**mixer):
         raw = make_config(max_steps=24, mixer={"name": "dynamixsft", "update_every": 3, **mixer})
-        raw["datasets"] = [{"name": "add", "path": str(data_dir / "add.jsonl")},
-                           {"name": "noise", "path": str(data_dir / "noise.jsonl")}]
+        raw["datasets"] = [
+            {"name": "add", "path": str(data_dir / "add.jsonl")},
+            {"name": "noise", "path": str(data_dir / "noise.jsonl")},
+        ]
         raw["evals"] = []
         raw["train"].update(eval_every=0, log_every=3, schedule="constant")
         return raw
@@ -147,16 +168,25 @@ def test_moves_toward_the_learnable_dataset_and_keeps_the_floor(noisy_config, mi
 
 def _state(t):
     opt = probe._inner(t.optimizer)
-    return {"params": [p.detach().clone() for p in t.params],
-            "opt": [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
-                    for p in t.params if p in opt.state],
-            "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
-            "sched": copy.deepcopy(t.scheduler.state_dict()), "rng": rng_state(),
-            "sampler": copy.deepcopy(t.sampler.state_dict())}
+    return {
+        "params": [p.detach().clone() for p in t.params],
+        "opt": [
+            {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
+            for p in t.params
+            if p in opt.state
+        ],
+        "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+        "sched": copy.deepcopy(t.scheduler.state_dict()),
+        "rng": rng_state(),
+        "sampler": copy.deepcopy(t.sampler.state_dict()),
+    }
 
 
-@pytest.mark.parametrize("mixer", [{"optimizer": "sgd"}, {"optimizer": "adam"},
-                                   {"reward": "progress"}], ids=["sgd", "adam", "progress"])
+@pytest.mark.parametrize(
+    "mixer",
+    [{"optimizer": "sgd"}, {"optimizer": "adam"}, {"reward": "progress"}],
+    ids=["sgd", "adam", "progress"],
+)
 def test_propose_leaves_the_run_bit_identical(make_config, mixer):
     raw = make_config(max_steps=10, mixer={"name": "dynamixsft", "update_every": 2, **mixer})
     raw["train"].update(eval_every=0)
@@ -168,10 +198,19 @@ def test_propose_leaves_the_run_bit_identical(make_config, mixer):
         t.step = step
         before = _state(t)
         logged: dict = {}
-        ctx = MixContext(step=step, max_steps=10, datasets=t.infos, domains=t.dom_infos,
-                         weights=t.sampler.weights.copy(), train_losses={}, evaluate=t.evaluate,
-                         probe=partial(probe.probe, t), lookahead=partial(probe.lookahead, t),
-                         log=logged.__setitem__, losses=partial(probe.example_losses, t))
+        ctx = MixContext(
+            step=step,
+            max_steps=10,
+            datasets=t.infos,
+            domains=t.dom_infos,
+            weights=t.sampler.weights.copy(),
+            train_losses={},
+            evaluate=t.evaluate,
+            probe=partial(probe.probe, t),
+            lookahead=partial(probe.lookahead, t),
+            log=logged.__setitem__,
+            losses=partial(probe.example_losses, t),
+        )
         t.mixer.propose(ctx)
         after = _state(t)
         assert logged["loss_pre"]
@@ -185,8 +224,9 @@ def test_propose_leaves_the_run_bit_identical(make_config, mixer):
         assert before["sampler"] == after["sampler"]
         assert torch.equal(before["rng"]["torch"], after["rng"]["torch"])
         assert before["rng"]["python"] == after["rng"]["python"]
-        assert all(np.array_equal(x, y) for x, y in zip(before["rng"]["numpy"],
-                                                         after["rng"]["numpy"]))
+        assert all(
+            np.array_equal(x, y) for x, y in zip(before["rng"]["numpy"], after["rng"]["numpy"])
+        )
 
 
 def test_forward_only_losses_score_the_lookahead_batch(make_config):
@@ -195,14 +235,16 @@ def test_forward_only_losses_score_the_lookahead_batch(make_config):
     t.train_step(*t.sampler.next_batch(8))
     for j in (0, 1):
         ahead = probe.lookahead(t, j, key=7, batch_size=6)
-        np.testing.assert_allclose(probe.example_losses(t, j, key=7, batch_size=6), ahead.pre,
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            probe.example_losses(t, j, key=7, batch_size=6), ahead.pre, rtol=1e-5
+        )
     assert not np.allclose(probe.example_losses(t, 0, key=7), probe.example_losses(t, 0, key=8))
 
 
 def test_resume_repeats_the_uninterrupted_run(make_config, tmp_path):
-    raw = make_config(max_steps=9, mixer={"name": "dynamixsft", "update_every": 2,
-                                          "reward": "progress"})
+    raw = make_config(
+        max_steps=9, mixer={"name": "dynamixsft", "update_every": 2, "reward": "progress"}
+    )
     raw["train"].update(eval_every=0, log_every=1)
     full = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/full"]))
     full.run()

@@ -49,11 +49,16 @@ def test_resume_equals_uninterrupted(make_config, tmp_path, chase_mixer):
 def test_gradient_accumulation_is_exact(make_config, tmp_path, micro):
     raw = make_config(max_steps=3)
     raw["train"].update(batch_size=8, eval_every=0)
-    ref = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/ref",
-                                                    "train.micro_batch_size=8"]))
+    ref = Trainer(
+        config.load(data=raw, overrides=[f"output_dir={tmp_path}/ref", "train.micro_batch_size=8"])
+    )
     ref.run()
-    acc = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/acc{micro}",
-                                                    f"train.micro_batch_size={micro}"]))
+    acc = Trainer(
+        config.load(
+            data=raw,
+            overrides=[f"output_dir={tmp_path}/acc{micro}", f"train.micro_batch_size={micro}"],
+        )
+    )
     acc.run()
     for a, b in zip(_params(ref), _params(acc)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -86,17 +91,22 @@ def test_lora_trains_only_the_adapter(make_config, tmp_path):
     raw = make_config(max_steps=3)
     raw["model"]["lora"] = {"enabled": True, "r": 4, "alpha": 8}
     trainer = Trainer(config.load(data=raw))
-    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
-              if not p.requires_grad}
-    adapters = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
-                if p.requires_grad}
+    frozen = {
+        n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad
+    }
+    adapters = {
+        n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad
+    }
     assert adapters and all("lora" in n for n in adapters)
     trainer.run()
     for n, p in trainer.model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n])
-    assert any(not torch.equal(p, adapters[n]) for n, p in trainer.model.named_parameters()
-               if n in adapters and "lora_B" in n)
+    assert any(
+        not torch.equal(p, adapters[n])
+        for n, p in trainer.model.named_parameters()
+        if n in adapters and "lora_B" in n
+    )
     assert (tmp_path / "run/final/adapter_config.json").is_file()
 
 

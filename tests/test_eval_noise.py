@@ -28,8 +28,17 @@ def _cfg(data_root, tmp_path, name: str, mixer: dict, steps: int = 24) -> dict:
 
 
 def _with_test_split(raw: dict) -> dict:
-    raw["evals"].append({"name": "reg-test", "from_dataset": "reg", "holdout": 16, "batches": 2,
-                         "batch_size": 8, "role": "test", "test_of": "reg"})
+    raw["evals"].append(
+        {
+            "name": "reg-test",
+            "from_dataset": "reg",
+            "holdout": 16,
+            "batches": 2,
+            "batch_size": 8,
+            "role": "test",
+            "test_of": "reg",
+        }
+    )
     return raw
 
 
@@ -46,8 +55,9 @@ def test_loss_se_is_the_ratio_estimators_standard_error():
     want = np.sqrt(400 / 399 * ((nll - L * tokens) ** 2).sum()) / tokens.sum()
     assert loss_se(nll, tokens) == pytest.approx(want, rel=1e-12)
     # ... which is what the spread of the loss over resampled example sets shows
-    boot = [(nll[i].sum() / tokens[i].sum()) for i in
-            (rng.integers(0, 400, 400) for _ in range(2000))]
+    boot = [
+        (nll[i].sum() / tokens[i].sum()) for i in (rng.integers(0, 400, 400) for _ in range(2000))
+    ]
     assert loss_se(nll, tokens) == pytest.approx(np.std(boot), rel=0.1)
     assert loss_se(3.0 * tokens, tokens) == pytest.approx(0.0, abs=1e-12)  # no spread
     assert np.isnan(loss_se(np.ones(1), np.ones(1)))  # one example: unknown
@@ -91,8 +101,7 @@ def test_test_domains_are_logged_but_no_mixer_or_probe_sees_them(data_root, tmp_
     assert set(summary["final_eval"]) == {"tgt", "reg", "reg-test"}
     assert "reg-test" not in summary.get("best_feasible", {}).get("values", {})
     assert set(trainer.evaluate(use_cache=False)) == {"tgt", "reg"}
-    assert set(trainer.evaluate(use_cache=False, include_test=True)) == {"tgt", "reg",
-                                                                         "reg-test"}
+    assert set(trainer.evaluate(use_cache=False, include_test=True)) == {"tgt", "reg", "reg-test"}
     # the report shows the noise: values ± se, changes ± paired se, DynaMiCS's predictions
     from mixtune.report.html import write_report
 
@@ -102,13 +111,16 @@ def test_test_domains_are_logged_but_no_mixer_or_probe_sees_them(data_root, tmp_
     assert f"{first['eval']['reg']['loss']:.4f} ± {first['eval']['reg']['loss_se']:.4f}" in page
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"role": "monitor"}, "role 'test' and test_of go together"),
-    ({"test_of": None}, "role 'test' and test_of go together"),
-    ({"test_of": "nope"}, "evals.reg-test.test_of: 'nope' is not"),
-    ({"test_of": "reg-test"}, "evals.reg-test.test_of"),
-    ({"reference": 1.0}, "evals.reg-test.reference: a test domain has no reference"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"role": "monitor"}, "role 'test' and test_of go together"),
+        ({"test_of": None}, "role 'test' and test_of go together"),
+        ({"test_of": "nope"}, "evals.reg-test.test_of: 'nope' is not"),
+        ({"test_of": "reg-test"}, "evals.reg-test.test_of"),
+        ({"reference": 1.0}, "evals.reg-test.reference: a test domain has no reference"),
+    ],
+)
 def test_test_domain_config_errors(data_root, tmp_path, change, match):
     raw = _with_test_split(_cfg(data_root, tmp_path, "bad", {"name": "uniform"}))
     raw["evals"][-1].update(change)
@@ -137,8 +149,13 @@ def test_recycled_evaluation_gives_exactly_the_probe_budgets_numbers(data_root, 
 
 
 def test_dynamics_anchor_and_probes_use_the_same_examples(data_root, tmp_path):
-    raw = _cfg(data_root, tmp_path, "anch", {"name": "dynamics", "schedule": "fixed", "interval": 4,
-                                        "probe_batches": 2}, steps=4)
+    raw = _cfg(
+        data_root,
+        tmp_path,
+        "anch",
+        {"name": "dynamics", "schedule": "fixed", "interval": 4, "probe_batches": 2},
+        steps=4,
+    )
     for e in raw["evals"]:
         e.update(holdout=32, batches=4)
     base = Trainer(config.load(data={**raw, "output_dir": str(tmp_path / "fresh")}))  # step 0
@@ -166,28 +183,47 @@ def _fake_ctx(log: dict) -> MixContext:
     tok = np.ones(N)
     noise = np.where(np.arange(N) % 2, 0.05, -0.05)
     before = {"t": np.full(N, 2.0), "c": np.full(N, 1.0)}
-    after = [{"t": before["t"] - 0.05 * C_STEPS, "c": before["c"] + 0.001 * C_STEPS + noise},
-             {"t": before["t"].copy(), "c": before["c"] - 0.002 * C_STEPS}]
+    after = [
+        {"t": before["t"] - 0.05 * C_STEPS, "c": before["c"] + 0.001 * C_STEPS + noise},
+        {"t": before["t"].copy(), "c": before["c"] - 0.002 * C_STEPS},
+    ]
 
     def result(nll):
-        return {k: {"loss": float(v.mean()), "loss_se": loss_se(v, tok), "n": N,
-                    "scores": Scores(v, tok)} for k, v in nll.items()}
+        return {
+            k: {
+                "loss": float(v.mean()),
+                "loss_se": loss_se(v, tok),
+                "n": N,
+                "scores": Scores(v, tok),
+            }
+            for k, v in nll.items()
+        }
 
     return MixContext(
-        step=0, max_steps=C_STEPS, datasets=[DatasetInfo("A", 100, 1000),
-                                             DatasetInfo("B", 100, 1000)],
-        domains=[DomainInfo("t", "target", "loss", None),
-                 DomainInfo("c", "constraint", "loss", None)],
-        weights=np.array([0.5, 0.5]), train_losses={},
+        step=0,
+        max_steps=C_STEPS,
+        datasets=[DatasetInfo("A", 100, 1000), DatasetInfo("B", 100, 1000)],
+        domains=[
+            DomainInfo("t", "target", "loss", None),
+            DomainInfo("c", "constraint", "loss", None),
+        ],
+        weights=np.array([0.5, 0.5]),
+        train_losses={},
         evaluate=lambda n_batches=None, **kw: result(before),
         probe=lambda j, steps, n_batches=None, **kw: result(after[j]),
-        lookahead=None, log=log.__setitem__)
+        lookahead=None,
+        log=log.__setitem__,
+    )
 
 
 def _mixer(**opts) -> DynaMiCS:
     ctx = _fake_ctx({})
-    return DynaMiCS(DynaMiCSConfig(schedule="fixed", interval=C_STEPS, c_max=C_STEPS, **opts),
-                    ctx.datasets, ctx.domains, 0)
+    return DynaMiCS(
+        DynaMiCSConfig(schedule="fixed", interval=C_STEPS, c_max=C_STEPS, **opts),
+        ctx.datasets,
+        ctx.domains,
+        0,
+    )
 
 
 def test_slope_standard_errors_are_paired_over_the_probe_examples():
@@ -212,8 +248,9 @@ def test_noise_margin_keeps_the_constraint_with_standard_errors_to_spare():
     assert 0 < w2[0] <= bound + 1e-9
     assert w2[0] < w0[0] - 0.2
     # the logged prediction stays the central one
-    assert cautious["predicted"]["c"] == pytest.approx(1.0 + C_STEPS * (0.001 * w2[0]
-                                                                        - 0.002 * w2[1]))
+    assert cautious["predicted"]["c"] == pytest.approx(
+        1.0 + C_STEPS * (0.001 * w2[0] - 0.002 * w2[1])
+    )
 
 
 def test_noise_warning_names_the_constraint_once(caplog):
@@ -239,6 +276,5 @@ def test_noise_warning_names_the_constraint_once(caplog):
     # a clear, resolvable constraint: no warning
     log.clear()
     m = _mixer()
-    m._warn_noise(ctx, now, L, np.array([0.0, 0.001]), S * [[1], [-1]], np.zeros((2, 2)),
-                  refs, 4)
+    m._warn_noise(ctx, now, L, np.array([0.0, 0.001]), S * [[1], [-1]], np.zeros((2, 2)), refs, 4)
     assert "noise_warnings" not in log

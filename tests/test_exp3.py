@@ -28,9 +28,18 @@ def _mixer(**options) -> EXP3:
 
 def _ctx(step, weights, losses, logged=None, max_steps=1000) -> MixContext:
     logged = {} if logged is None else logged
-    return MixContext(step=step, max_steps=max_steps, datasets=list(DATASETS), domains=[],
-                      weights=np.asarray(weights, float), train_losses=losses, evaluate=None,
-                      probe=None, lookahead=None, log=logged.__setitem__)
+    return MixContext(
+        step=step,
+        max_steps=max_steps,
+        datasets=list(DATASETS),
+        domains=[],
+        weights=np.asarray(weights, float),
+        train_losses=losses,
+        evaluate=None,
+        probe=None,
+        lookahead=None,
+        log=logged.__setitem__,
+    )
 
 
 def test_exploration_rate():
@@ -44,8 +53,11 @@ def test_updates_follow_the_rule_by_hand():
     w0 = m.propose(_ctx(0, [1 / 3] * 3, {}))
     assert w0 == pytest.approx([1 / 3] * 3)  # eps_0 = 1/K: (1 - K/K) * ... + 1/K
     r, prev, w = [0.0, 0.0, 0.0], 1 / 3, list(w0)
-    history = [(10, {"a": 2.0, "b": 3.0, "c": 1.0}), (20, {"a": 1.5, "b": 2.5}),
-               (30, {"a": 1.0, "b": 2.0, "c": 0.8})]
+    history = [
+        (10, {"a": 2.0, "b": 3.0, "c": 1.0}),
+        (20, {"a": 1.5, "b": 2.5}),
+        (30, {"a": 1.0, "b": 2.0, "c": 0.8}),
+    ]
     for step, losses in history:
         logged: dict = {}
         got = m.propose(_ctx(step, w, losses, logged))
@@ -87,9 +99,12 @@ def test_an_arm_not_drawn_keeps_its_estimate_and_importance_weighting_is_optiona
 
 
 def test_options_are_validated():
-    for bad, field in [({"update_every": 0}, "mixer.update_every"), ({"alpha": 1}, "mixer.alpha"),
-                       ({"warmup_steps": -1}, "mixer.warmup_steps"),
-                       ({"prior": "size"}, "mixer.prior")]:
+    for bad, field in [
+        ({"update_every": 0}, "mixer.update_every"),
+        ({"alpha": 1}, "mixer.alpha"),
+        ({"warmup_steps": -1}, "mixer.warmup_steps"),
+        ({"prior": "size"}, "mixer.prior"),
+    ]:
         with pytest.raises(ConfigError, match=field):
             _mixer(**bad)
     assert _mixer(prior="tokens").prior == pytest.approx([2 / 3, 2 / 9, 1 / 9])
@@ -99,12 +114,18 @@ def test_options_are_validated():
 def test_real_run_moves_toward_the_higher_loss_dataset(make_config, data_dir):
     rng = random.Random(3)
     chars = [chr(c) for c in range(33, 127)]
-    write_jsonl(data_dir / "noise.jsonl", [
-        {"prompt": "noise:", "response": "".join(rng.choice(chars) for _ in range(6))}
-        for _ in range(200)])
+    write_jsonl(
+        data_dir / "noise.jsonl",
+        [
+            {"prompt": "noise:", "response": "".join(rng.choice(chars) for _ in range(6))}
+            for _ in range(200)
+        ],
+    )
     raw = make_config(max_steps=24, mixer={"name": "exp3", "update_every": 2, "alpha": 0.5})
-    raw["datasets"] = [{"name": "add", "path": str(data_dir / "add.jsonl")},
-                       {"name": "noise", "path": str(data_dir / "noise.jsonl")}]
+    raw["datasets"] = [
+        {"name": "add", "path": str(data_dir / "add.jsonl")},
+        {"name": "noise", "path": str(data_dir / "noise.jsonl")},
+    ]
     raw["evals"] = []
     raw["train"].update(eval_every=0, log_every=2, schedule="constant")
     Trainer(config.load(data=raw)).run()

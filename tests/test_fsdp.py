@@ -41,8 +41,14 @@ def test_probe_and_lookahead_restore_fsdp2_shards_exactly(make_config, tmp_path)
     assert out["eval_same"] and out["continued_same"] and out["eval_after_same"]
     # Checkpoints of sharded state: full trainable tensors (gathered) plus one optimizer shard
     # per rank; a fresh sharded trainer loads it and trains on bit for bit like the original.
-    assert {"trainable.safetensors", "optimizer-rank0.pt", "optimizer-rank1.pt", "rank0.pt",
-            "rank1.pt", "state.json"} <= set(out["checkpoint_files"])
+    assert {
+        "trainable.safetensors",
+        "optimizer-rank0.pt",
+        "optimizer-rank1.pt",
+        "rank0.pt",
+        "rank1.pt",
+        "state.json",
+    } <= set(out["checkpoint_files"])
     assert "optimizer.pt" not in out["checkpoint_files"]
     assert out["loaded_same"] and out["resumed_same"]
     # The final model directory holds the gathered full tensors.
@@ -55,14 +61,18 @@ def test_probe_and_lookahead_restore_fsdp2_shards_exactly(make_config, tmp_path)
 
 
 def _fsdp_raw(tmp_path: Path, make_config, out: str, fsdp: bool = True) -> dict:
-    raw = make_config(max_steps=8, output_dir=str(tmp_path / out),
-                      mixer={"name": "dynamixsft", "update_every": 2, "batch_size": 4})
+    raw = make_config(
+        max_steps=8,
+        output_dir=str(tmp_path / out),
+        mixer={"name": "dynamixsft", "update_every": 2, "batch_size": 4},
+    )
     # 3 eval batches: ranks hold 2 and 1, so the sharded evaluation must pad with a forward;
     # greedy accuracy on "add" runs generate() with synced ranks.
     raw["evals"][0].update(batches=3, batch_size=4, max_new_tokens=4)
     raw["evals"][1].update(batches=3, batch_size=4)
-    raw["train"].update(batch_size=8, micro_batch_size=2, eval_every=4, log_every=1,
-                        save_every=0, fsdp=fsdp)
+    raw["train"].update(
+        batch_size=8, micro_batch_size=2, eval_every=4, log_every=1, save_every=0, fsdp=fsdp
+    )
     return raw
 
 
@@ -143,8 +153,7 @@ def test_fsdp_refuses_features_that_need_whole_parameters(make_config):
     with pytest.raises(ConfigError, match="train.fsdp: CADFT rewriting"):
         check_fsdp(config.load(data=raw))
     # CADFT's weights alone are fine
-    check_fsdp(config.load(data=make_config(loss={"name": "cadft",
-                                                  "rewrite": {"enabled": False}})))
+    check_fsdp(config.load(data=make_config(loss={"name": "cadft", "rewrite": {"enabled": False}})))
 
 
 def test_fsdp_on_one_process_trains_as_usual(make_config, caplog):

@@ -41,12 +41,25 @@ class Case:
 def _base(root: Path) -> dict:
     d = root / "data"
     return {
-        "output_dir": str(root / "existing"), "seed": 0, "max_steps": 1, "progress": False,
+        "output_dir": str(root / "existing"),
+        "seed": 0,
+        "max_steps": 1,
+        "progress": False,
         "model": {"tokenizer": "byte", "config": dict(TINY_MODEL)},
-        "datasets": [{"name": "add", "path": str(d / "add.jsonl")},
-                     {"name": "rev", "path": str(d / "rev.jsonl")}],
-        "evals": [{"name": "add", "from_dataset": "add", "holdout": 4, "batches": 1,
-                   "batch_size": 4, "accuracy": False}],
+        "datasets": [
+            {"name": "add", "path": str(d / "add.jsonl")},
+            {"name": "rev", "path": str(d / "rev.jsonl")},
+        ],
+        "evals": [
+            {
+                "name": "add",
+                "from_dataset": "add",
+                "holdout": 4,
+                "batches": 1,
+                "batch_size": 4,
+                "accuracy": False,
+            }
+        ],
         "train": {"batch_size": 4, "max_length": 48, "eval_every": 0, "log_every": 1},
     }
 
@@ -60,6 +73,7 @@ def _data(root: Path, name: str, content: str | bytes) -> str:
 def _set_path(path: str, i: int = 0):
     def edit(raw):
         raw["datasets"][i]["path"] = path
+
     return edit
 
 
@@ -84,14 +98,28 @@ def _cases(root: Path) -> list[Case]:  # noqa: C901  (one flat list is the clear
         Case("yaml_nul_char", "not valid YAML", text=base_yaml[:40] + "\0" + base_yaml[40:]),
         Case("yaml_binary", "not UTF-8", text=b"\xff" + rng.randbytes(63)),
         Case("yaml_bom", OK, text=lambda raw: b"\xef\xbb\xbf" + yaml.safe_dump(raw).encode()),
-        Case("yaml_alias_bomb", "more than 100,000 values once YAML aliases",
-             text=lambda raw: "".join(
-                 f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}" if i else "lol"] * 9) + "]\n"
-                 for i in range(10)) + yaml.safe_dump(raw) + "mixer: {name: uniform, x: *a9}\n"),
-        Case("yaml_alias_in_itself", "nested more than 64 levels deep",
-             text=lambda raw: yaml.safe_dump(raw) + "mixer: &m {name: uniform, x: *m}\n"),
-        Case("override_alias_bomb", "more than 100,000 values",
-             overrides=["mixer.name=uniform", "mixer.x=" + _nested_aliases(6)]),
+        Case(
+            "yaml_alias_bomb",
+            "more than 100,000 values once YAML aliases",
+            text=lambda raw: (
+                "".join(
+                    f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}" if i else "lol"] * 9) + "]\n"
+                    for i in range(10)
+                )
+                + yaml.safe_dump(raw)
+                + "mixer: {name: uniform, x: *a9}\n"
+            ),
+        ),
+        Case(
+            "yaml_alias_in_itself",
+            "nested more than 64 levels deep",
+            text=lambda raw: yaml.safe_dump(raw) + "mixer: &m {name: uniform, x: *m}\n",
+        ),
+        Case(
+            "override_alias_bomb",
+            "more than 100,000 values",
+            overrides=["mixer.name=uniform", "mixer.x=" + _nested_aliases(6)],
+        ),
         Case("yaml_is_dir", "is a directory", config_path=str(root / "data")),
         Case("yaml_missing", "config file not found", config_path=str(root / "nope.yaml")),
         Case("override_no_equals", "expected key=value", overrides=["train.lr"]),
@@ -126,52 +154,122 @@ def _cases(root: Path) -> list[Case]:  # noqa: C901  (one flat list is the clear
         cases.append(Case(f"type:{override}", message, overrides=[override]))
     # --- huge values ----------------------------------------------------------------------
     cases += [
-        Case("huge_max_steps_until_exhausted", OK,
-             overrides=["max_steps=1000000000000", "datasets.add.repeat=false",
-                        "datasets.rev.repeat=false", "datasets.add.max_examples=6",
-                        "datasets.rev.max_examples=6"]),
-        Case("huge_batch", "train.batch_size: must be <= 1048576",
-             overrides=["train.batch_size=1000000000"]),
-        Case("huge_micro_batch", "must be a multiple of micro_batch_size",
-             overrides=["train.micro_batch_size=1000000000000"]),
-        Case("huge_lr_one_step", "parameters became non-finite by step 1",
-             overrides=["train.lr=1e308"], trains=True),
-        Case("huge_lr_two_steps", "non-finite loss/gradient at step 2",
-             overrides=["train.lr=1e308", "max_steps=2"], trains=True),
-        Case("huge_lr_skip", "2 consecutive non-finite steps",
-             overrides=["train.lr=1e308", "max_steps=5", "train.nonfinite=skip",
-                        "train.max_nonfinite=2"], trains=True),
-        Case("huge_weight_decay", "parameters became non-finite",
-             overrides=["train.weight_decay=1e308"], trains=True),
+        Case(
+            "huge_max_steps_until_exhausted",
+            OK,
+            overrides=[
+                "max_steps=1000000000000",
+                "datasets.add.repeat=false",
+                "datasets.rev.repeat=false",
+                "datasets.add.max_examples=6",
+                "datasets.rev.max_examples=6",
+            ],
+        ),
+        Case(
+            "huge_batch",
+            "train.batch_size: must be <= 1048576",
+            overrides=["train.batch_size=1000000000"],
+        ),
+        Case(
+            "huge_micro_batch",
+            "must be a multiple of micro_batch_size",
+            overrides=["train.micro_batch_size=1000000000000"],
+        ),
+        Case(
+            "huge_lr_one_step",
+            "parameters became non-finite by step 1",
+            overrides=["train.lr=1e308"],
+            trains=True,
+        ),
+        Case(
+            "huge_lr_two_steps",
+            "non-finite loss/gradient at step 2",
+            overrides=["train.lr=1e308", "max_steps=2"],
+            trains=True,
+        ),
+        Case(
+            "huge_lr_skip",
+            "2 consecutive non-finite steps",
+            overrides=[
+                "train.lr=1e308",
+                "max_steps=5",
+                "train.nonfinite=skip",
+                "train.max_nonfinite=2",
+            ],
+            trains=True,
+        ),
+        Case(
+            "huge_weight_decay",
+            "parameters became non-finite",
+            overrides=["train.weight_decay=1e308"],
+            trains=True,
+        ),
         Case("inf_lr", "train.lr: must be > 0 and finite", overrides=["train.lr=1e400"]),
-        Case("zero_adam_eps", "train.adam_eps: must be finite and > 0",
-             overrides=["train.adam_eps=0"]),
+        Case(
+            "zero_adam_eps",
+            "train.adam_eps: must be finite and > 0",
+            overrides=["train.adam_eps=0"],
+        ),
         Case("huge_seed", "seed: must be in [0, 2**63)", overrides=[f"seed={2**70}"]),
         Case("negative_seed", "seed: must be in [0, 2**63)", overrides=["seed=-1"]),
-        Case("huge_holdout", "leaves nothing to train on",
-             overrides=["evals.add.holdout=1000000000000"]),
-        Case("huge_layers", "model.config.num_hidden_layers: 10000000 is above",
-             overrides=["model.config.num_hidden_layers=10000000"]),
-        Case("model_beyond_memory", "more than the",
-             overrides=["model.config.hidden_size=65536", "model.config.num_hidden_layers=512",
-                        "model.config.intermediate_size=262144"]),
-        Case("huge_lora_rank", "model.lora.r: must be in [1, 65536]",
-             overrides=["model.lora.enabled=true", "model.lora.r=1000000000"]),
-        Case("lora_rank_above_hidden", "above the model's hidden size",
-             overrides=["model.lora.enabled=true", "model.lora.r=4096"]),
-        Case("huge_max_new_tokens", "evals.add.max_new_tokens: must be in [1, 4096]",
-             overrides=["evals.add.max_new_tokens=1000000000"]),
-        Case("huge_but_valid", OK,
-             overrides=["train.max_length=1000000000000", "train.warmup_steps=1000000000000",
-                        "train.keep_checkpoints=1000000000000", "train.log_every=1000000000000",
-                        "datasets.add.max_examples=1000000000000",
-                        "evals.add.batches=1000000000000", "train.max_grad_norm=1e308"]),
+        Case(
+            "huge_holdout",
+            "leaves nothing to train on",
+            overrides=["evals.add.holdout=1000000000000"],
+        ),
+        Case(
+            "huge_layers",
+            "model.config.num_hidden_layers: 10000000 is above",
+            overrides=["model.config.num_hidden_layers=10000000"],
+        ),
+        Case(
+            "model_beyond_memory",
+            "more than the",
+            overrides=[
+                "model.config.hidden_size=65536",
+                "model.config.num_hidden_layers=512",
+                "model.config.intermediate_size=262144",
+            ],
+        ),
+        Case(
+            "huge_lora_rank",
+            "model.lora.r: must be in [1, 65536]",
+            overrides=["model.lora.enabled=true", "model.lora.r=1000000000"],
+        ),
+        Case(
+            "lora_rank_above_hidden",
+            "above the model's hidden size",
+            overrides=["model.lora.enabled=true", "model.lora.r=4096"],
+        ),
+        Case(
+            "huge_max_new_tokens",
+            "evals.add.max_new_tokens: must be in [1, 4096]",
+            overrides=["evals.add.max_new_tokens=1000000000"],
+        ),
+        Case(
+            "huge_but_valid",
+            OK,
+            overrides=[
+                "train.max_length=1000000000000",
+                "train.warmup_steps=1000000000000",
+                "train.keep_checkpoints=1000000000000",
+                "train.log_every=1000000000000",
+                "datasets.add.max_examples=1000000000000",
+                "evals.add.batches=1000000000000",
+                "train.max_grad_norm=1e308",
+            ],
+        ),
     ]
     # --- odd unicode ----------------------------------------------------------------------
     bad_names = ["📚data", "a\u200fb", "a\0b", "a b", "", "zwj\u200d", "e\u0301"]
     for bad in rng.sample(bad_names, 5):
-        cases.append(Case(f"name:{bad!r}", "must be non-empty letters, digits",
-                          overrides=[f"datasets.0.name={json.dumps(bad, ensure_ascii=False)}"]))
+        cases.append(
+            Case(
+                f"name:{bad!r}",
+                "must be non-empty letters, digits",
+                overrides=[f"datasets.0.name={json.dumps(bad, ensure_ascii=False)}"],
+            )
+        )
     cases.append(Case("eval_name_emoji", "evals[].name", overrides=['evals.0.name="🎯"']))
     uni = ["נתונים", "بيانات", "数据", "данные"]
     a, b = rng.sample(uni, 2)
@@ -180,24 +278,53 @@ def _cases(root: Path) -> list[Case]:  # noqa: C901  (one flat list is the clear
         raw["datasets"][0]["name"], raw["datasets"][1]["name"] = a, b
         raw["evals"][0].update(name=b, from_dataset=a)
         raw["output_dir"] = str(root / "out" / "رن📚")
+
     cases.append(Case("unicode_names_rtl_cjk", OK, edit=unicode_names))
-    odd_text = [{"prompt": "שלום 👋 \u200f" + "\u0301" * 3, "response": "مرحبا 🌍"},
-                {"prompt": "nul \0 inside", "response": "tab\tand\u2028sep"}] * 8
-    cases.append(Case("unicode_content", OK, edit=_set_path(
-        write_jsonl(root / "data" / "données📚.jsonl", odd_text))))
-    cases.append(Case("lone_surrogate", "field 'response' is not valid Unicode",
-                      edit=_set_path(_data(root, "sur.jsonl",
-                                           '{"prompt": "a", "response": "b\\ud800"}\n'))))
-    cases.append(Case("nul_in_path", "contains a NUL character",
-                      overrides=["datasets.add.path=a\0b"]))
-    cases.append(Case("nul_in_output_dir", "output_dir: must be a non-empty path without NUL",
-                      overrides=['output_dir="run\\0x"']))
-    cases.append(Case("empty_output_dir", "output_dir: must be a non-empty path",
-                      overrides=['output_dir=""']))
+    odd_text = [
+        {"prompt": "שלום 👋 \u200f" + "\u0301" * 3, "response": "مرحبا 🌍"},
+        {"prompt": "nul \0 inside", "response": "tab\tand\u2028sep"},
+    ] * 8
+    cases.append(
+        Case(
+            "unicode_content",
+            OK,
+            edit=_set_path(write_jsonl(root / "data" / "données📚.jsonl", odd_text)),
+        )
+    )
+    cases.append(
+        Case(
+            "lone_surrogate",
+            "field 'response' is not valid Unicode",
+            edit=_set_path(_data(root, "sur.jsonl", '{"prompt": "a", "response": "b\\ud800"}\n')),
+        )
+    )
+    cases.append(
+        Case("nul_in_path", "contains a NUL character", overrides=["datasets.add.path=a\0b"])
+    )
+    cases.append(
+        Case(
+            "nul_in_output_dir",
+            "output_dir: must be a non-empty path without NUL",
+            overrides=['output_dir="run\\0x"'],
+        )
+    )
+    cases.append(
+        Case(
+            "empty_output_dir", "output_dir: must be a non-empty path", overrides=['output_dir=""']
+        )
+    )
     # --- malformed JSONL (seeded corruptions of a valid file) -----------------------------
     lines = [json.dumps(r) for r in addition_records(10, seed=5)]
-    kinds = ["truncate", "array", "utf8", "control", "null", "int_field", "drop_field",
-             "garbage_tail"]
+    kinds = [
+        "truncate",
+        "array",
+        "utf8",
+        "control",
+        "null",
+        "int_field",
+        "drop_field",
+        "garbage_tail",
+    ]
     for n, kind in enumerate(kinds):
         i = rng.randrange(len(lines))
         body = [ln.encode() for ln in lines]
@@ -221,8 +348,11 @@ def _cases(root: Path) -> list[Case]:  # noqa: C901  (one flat list is the clear
         elif kind == "drop_field":
             del rec["response"]
             body[i] = json.dumps(rec).encode()
-            expect = ("cannot detect the record format" if i == 0
-                      else f"record {i + 1}: missing field 'response'")
+            expect = (
+                "cannot detect the record format"
+                if i == 0
+                else f"record {i + 1}: missing field 'response'"
+            )
         else:
             body[i] += b" trailing"
         path = _data(root, f"bad{n}.jsonl", b"\n".join(body) + b"\n")
@@ -239,55 +369,106 @@ def _cases(root: Path) -> list[Case]:  # noqa: C901  (one flat list is the clear
         ("blank.jsonl", "\n  \n\t\n", "has no records"),
         ("bom.jsonl", b"\xef\xbb\xbf" + "\n".join(lines).encode(), OK),
         ("bom.csv", b"\xef\xbb\xbfprompt,response\n" + b"1+1=,2\n" * 12, OK),
-        ("messages.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n',
-         "role must be one of"),
-        ("mixed.jsonl", '{"text": "a"}\n{"prompt": "b", "response": "c"}\n',
-         "record 2: missing field 'text'"),
-        ("prompt_only.jsonl", '{"prompt": "' + "x" * 200 + '", "response": "y"}\n',
-         "raise train.max_length"),
+        (
+            "messages.jsonl",
+            '{"messages": [{"role": "robot", "content": "x"}]}\n',
+            "role must be one of",
+        ),
+        (
+            "mixed.jsonl",
+            '{"text": "a"}\n{"prompt": "b", "response": "c"}\n',
+            "record 2: missing field 'text'",
+        ),
+        (
+            "prompt_only.jsonl",
+            '{"prompt": "' + "x" * 200 + '", "response": "y"}\n',
+            "raise train.max_length",
+        ),
     ]:
         cases.append(Case(f"file:{name}", expect, edit=_set_path(_data(root, name, content), 1)))
-    cases.append(Case("eval_empty_file", "evals.ghost",
-                      edit=lambda raw: raw["evals"].append(
-                          {"name": "ghost", "path": _data(root, "ghost.jsonl", "")})))
-    cases.append(Case("no_datasets", "datasets: at least one training dataset",
-                      overrides=["datasets=[]"]))
+    cases.append(
+        Case(
+            "eval_empty_file",
+            "evals.ghost",
+            edit=lambda raw: raw["evals"].append(
+                {"name": "ghost", "path": _data(root, "ghost.jsonl", "")}
+            ),
+        )
+    )
+    cases.append(
+        Case("no_datasets", "datasets: at least one training dataset", overrides=["datasets=[]"])
+    )
     cases.append(Case("no_evals", OK, overrides=["evals=[]"]))
-    cases.append(Case("max_examples_zero", "must be >= 1",
-                      overrides=["datasets.add.max_examples=0"]))
+    cases.append(
+        Case("max_examples_zero", "must be >= 1", overrides=["datasets.add.max_examples=0"])
+    )
     # --- duplicates and missing fields ----------------------------------------------------
     cases += [
-        Case("dup_dataset", "datasets: name 'add' is used twice",
-             edit=lambda raw: raw["datasets"].append(dict(raw["datasets"][0]))),
-        Case("dup_eval", "evals: name 'add' is used twice",
-             edit=lambda raw: raw["evals"].append(dict(raw["evals"][0]))),
+        Case(
+            "dup_dataset",
+            "datasets: name 'add' is used twice",
+            edit=lambda raw: raw["datasets"].append(dict(raw["datasets"][0])),
+        ),
+        Case(
+            "dup_eval",
+            "evals: name 'add' is used twice",
+            edit=lambda raw: raw["evals"].append(dict(raw["evals"][0])),
+        ),
         Case("case_distinct_names", OK, overrides=["datasets.rev.name=Add"]),
-        Case("missing_path", "datasets[add].path: required key is missing",
-             edit=lambda raw: raw["datasets"][0].pop("path")),
-        Case("missing_name", "datasets[0].name: required key is missing",
-             edit=lambda raw: raw["datasets"][0].pop("name")),
-        Case("eval_no_source", "give exactly one of 'path' or 'from_dataset'",
-             edit=lambda raw: raw["evals"][0].pop("from_dataset")),
-        Case("eval_unknown_dataset", "unknown dataset 'nope'",
-             overrides=["evals.add.from_dataset=nope"]),
+        Case(
+            "missing_path",
+            "datasets[add].path: required key is missing",
+            edit=lambda raw: raw["datasets"][0].pop("path"),
+        ),
+        Case(
+            "missing_name",
+            "datasets[0].name: required key is missing",
+            edit=lambda raw: raw["datasets"][0].pop("name"),
+        ),
+        Case(
+            "eval_no_source",
+            "give exactly one of 'path' or 'from_dataset'",
+            edit=lambda raw: raw["evals"][0].pop("from_dataset"),
+        ),
+        Case(
+            "eval_unknown_dataset",
+            "unknown dataset 'nope'",
+            overrides=["evals.add.from_dataset=nope"],
+        ),
     ]
     # --- directories where files belong, and the existing run -----------------------------
     (root / "emptydir").mkdir(exist_ok=True)
     (root / "dir.jsonl").mkdir(exist_ok=True)
     cases += [
-        Case("dataset_is_empty_dir", "is an empty directory",
-             edit=_set_path(str(root / "emptydir"))),
-        Case("dataset_dir_named_jsonl", "is an empty directory",
-             edit=_set_path(str(root / "dir.jsonl"))),
-        Case("output_dir_is_file", "is a file, not a directory",
-             overrides=[f"output_dir={root / 'data' / 'add.jsonl'}"]),
-        Case("output_dir_under_file", "is a file, not a directory",
-             overrides=[f"output_dir={root / 'data' / 'add.jsonl' / 'run'}"]),
-        Case("existing_other_datasets", "holds a run over datasets",
-             overrides=["datasets.rev.name=other"]),
+        Case(
+            "dataset_is_empty_dir", "is an empty directory", edit=_set_path(str(root / "emptydir"))
+        ),
+        Case(
+            "dataset_dir_named_jsonl",
+            "is an empty directory",
+            edit=_set_path(str(root / "dir.jsonl")),
+        ),
+        Case(
+            "output_dir_is_file",
+            "is a file, not a directory",
+            overrides=[f"output_dir={root / 'data' / 'add.jsonl'}"],
+        ),
+        Case(
+            "output_dir_under_file",
+            "is a file, not a directory",
+            overrides=[f"output_dir={root / 'data' / 'add.jsonl' / 'run'}"],
+        ),
+        Case(
+            "existing_other_datasets",
+            "holds a run over datasets",
+            overrides=["datasets.rev.name=other"],
+        ),
         Case("existing_resume_never", "resume=never but", overrides=["resume=never"]),
-        Case("resume_bad_path", "is not a complete checkpoint directory",
-             overrides=[f"resume={root / 'emptydir'}"]),
+        Case(
+            "resume_bad_path",
+            "is not a complete checkpoint directory",
+            overrides=[f"resume={root / 'emptydir'}"],
+        ),
     ]
     return cases
 
@@ -296,8 +477,11 @@ def _tree(path: Path) -> dict:
     out = {}
     for p in sorted(path.rglob("*")):
         rel = str(p.relative_to(path))
-        out[rel] = ((hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-                    if p.is_file() else "dir")
+        out[rel] = (
+            (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            if p.is_file()
+            else "dir"
+        )
     return out
 
 
@@ -311,8 +495,11 @@ def fuzz_root(tmp_path_factory):
     cases = _cases(root)
     # A real finished run (2 steps, a checkpoint each) that failing cases point at.
     path = root / "existing.yaml"
-    path.write_text(yaml.safe_dump({**_base(root), "max_steps": 2,
-                                    "train": {**_base(root)["train"], "save_every": 1}}))
+    path.write_text(
+        yaml.safe_dump(
+            {**_base(root), "max_steps": 2, "train": {**_base(root)["train"], "save_every": 1}}
+        )
+    )
     assert cli.main(["train", str(path)]) == 0
     return root, {c.name: c for c in cases}
 
@@ -373,8 +560,12 @@ def test_fuzz_case(fuzz_root, name, capsys):
     skip = own.relative_to(root) if own.is_relative_to(root) else None
 
     def outside(tree):
-        return {k: v for k, v in tree.items()
-                if skip is None or not (k == str(skip) or k.startswith(f"{skip}/"))}
+        return {
+            k: v
+            for k, v in tree.items()
+            if skip is None or not (k == str(skip) or k.startswith(f"{skip}/"))
+        }
+
     assert outside(after) == outside(before)
     if case.trains and code == 2:
         assert not (own / "final").exists()  # no corrupted final model

@@ -16,6 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_golden_runs_are_bit_identical():
-    out = subprocess.run([sys.executable, str(ROOT / "bench/golden.py"), "check"],
-                         capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench/golden.py"), "check"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -36,31 +36,55 @@ def _fresh_accelerate_state():
 
 def toy_data(n: int = 64, length: int = 16, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    learn = [{"input_ids": ((np.arange(length) + rng.integers(31)) % 31 + 1).tolist()}
-             for _ in range(n)]
+    learn = [
+        {"input_ids": ((np.arange(length) + rng.integers(31)) % 31 + 1).tolist()} for _ in range(n)
+    ]
     noise = [{"input_ids": rng.integers(32, 63, length).tolist()} for _ in range(n)]
     return {"learn": learn, "noise": noise}
 
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-        pad_token_id=0))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
+    )
 
 
-def make_trainer(tmp_path, mixer, options=None, steps=20, micro=8, ga=1, model=None, mix=None,
-                 callbacks=(), **kw):
+def make_trainer(
+    tmp_path, mixer, options=None, steps=20, micro=8, ga=1, model=None, mix=None, callbacks=(), **kw
+):
     mix = mix or MixtureDataset(toy_data(), seed=0)
     cb = MixtureCallback(mix, mixer, options, metrics_path=str(tmp_path / "metrics.jsonl"))
     args = TrainingArguments(
-        str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=micro,
-        gradient_accumulation_steps=ga, learning_rate=3e-3, logging_steps=5,
-        save_strategy=kw.pop("save_strategy", "no"), report_to=[], use_cpu=True,
-        disable_tqdm=True, seed=0, **kw)
-    trainer = Trainer(model or tiny_model(), args, train_dataset=mix,
-                      data_collator=mix.collate, callbacks=[cb, *callbacks])
+        str(tmp_path / "out"),
+        max_steps=steps,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=ga,
+        learning_rate=3e-3,
+        logging_steps=5,
+        save_strategy=kw.pop("save_strategy", "no"),
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        **kw,
+    )
+    trainer = Trainer(
+        model or tiny_model(),
+        args,
+        train_dataset=mix,
+        data_collator=mix.collate,
+        callbacks=[cb, *callbacks],
+    )
     return trainer, mix, cb
 
 
@@ -79,13 +103,21 @@ class RowChecker(transformers.TrainerCallback):
             if module.training and torch.is_grad_enabled():
                 ids = kw["input_ids"]
                 self.counts += [int((ids[:, 0] < 32).sum()), int((ids[:, 0] >= 32).sum())]
+
         self.handle = model.register_forward_hook(hook, with_kwargs=True)
 
 
 def test_static_mixture_samples_given_proportions_and_logs(tmp_path):
     rows = RowChecker()
-    trainer, mix, cb = make_trainer(tmp_path, "fixed", {"weights": {"learn": 3, "noise": 1}},
-                                    steps=40, micro=4, ga=2, callbacks=[rows])
+    trainer, mix, cb = make_trainer(
+        tmp_path,
+        "fixed",
+        {"weights": {"learn": 3, "noise": 1}},
+        steps=40,
+        micro=4,
+        ga=2,
+        callbacks=[rows],
+    )
     trainer.train()
     # 320 examples at p = 0.75: sd 0.024, the bound is 4 sd
     assert abs(rows.counts[0] / rows.counts.sum() - 0.75) < 0.1
@@ -113,8 +145,9 @@ def test_dynamixsft_moves_weight_to_the_learnable_dataset(tmp_path):
 
 def test_exp3_upweights_the_dataset_with_higher_training_loss(tmp_path):
     # EXP3/ODM rewards high training loss: the noise dataset (loss stays near ln 31) wins.
-    trainer, mix, cb = make_trainer(tmp_path, "exp3", {"update_every": 2, "warmup_steps": 0},
-                                    steps=30)
+    trainer, mix, cb = make_trainer(
+        tmp_path, "exp3", {"update_every": 2, "warmup_steps": 0}, steps=30
+    )
     trainer.train()
     recs = mix_records(trainer)
     last = recs[-1]
@@ -171,11 +204,19 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
             control.should_training_stop = state.global_step == 3
 
     # step 3 lies between updates (2, 4): the pending loss sums must survive the checkpoint
-    first, _, _ = make_trainer(tmp_path / "cut", "exp3", opts, steps=8, callbacks=[StopAt3()],
-                               save_strategy="steps", save_steps=3)
+    first, _, _ = make_trainer(
+        tmp_path / "cut",
+        "exp3",
+        opts,
+        steps=8,
+        callbacks=[StopAt3()],
+        save_strategy="steps",
+        save_steps=3,
+    )
     first.train()
-    again, _, _ = make_trainer(tmp_path / "cut", "exp3", opts, steps=8,
-                               save_strategy="steps", save_steps=3)
+    again, _, _ = make_trainer(
+        tmp_path / "cut", "exp3", opts, steps=8, save_strategy="steps", save_steps=3
+    )
     again.train(resume_from_checkpoint=str(tmp_path / "cut" / "out" / "checkpoint-3"))
 
     def weights(tr):
@@ -210,12 +251,26 @@ def test_trl_sft_trainer_runs_dynamixsft_with_loss_tracking(tmp_path):
     mix = MixtureDataset(toy_data(), seed=0)
     cb = MixtureCallback(mix, "dynamixsft", {"update_every": 3}, track_losses=True)
     args = trl.SFTConfig(
-        str(tmp_path / "trl"), max_steps=9, per_device_train_batch_size=4,
-        gradient_accumulation_steps=2, learning_rate=3e-3, logging_steps=3, save_strategy="no",
-        report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-        dataset_kwargs={"skip_prepare_dataset": True})
-    trainer = trl.SFTTrainer(model=tiny_model(), args=args, processing_class=byte_tokenizer(),
-                             train_dataset=mix.as_hf_dataset(), callbacks=[cb])
+        str(tmp_path / "trl"),
+        max_steps=9,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-3,
+        logging_steps=3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    trainer = trl.SFTTrainer(
+        model=tiny_model(),
+        args=args,
+        processing_class=byte_tokenizer(),
+        train_dataset=mix.as_hf_dataset(),
+        callbacks=[cb],
+    )
     trainer.train()
     recs = mix_records(trainer)
     assert [r["step"] for r in recs] == [0, 3, 6]
@@ -227,18 +282,28 @@ def test_trl_sft_trainer_runs_dynamixsft_with_loss_tracking(tmp_path):
 # --- 2 processes (torchrun, gloo): hf_dist_worker.py ------------------------------------------
 HF_DIST = {
     # EXP3's per-dataset losses come from the row ledger: GA x ranks interleave rows
-    "exp3_ga2": {"mixer": "exp3", "options": {"update_every": 2, "warmup_steps": 0},
-                 "micro": 2, "ga": 2},
+    "exp3_ga2": {
+        "mixer": "exp3",
+        "options": {"update_every": 2, "warmup_steps": 0},
+        "micro": 2,
+        "ga": 2,
+    },
     # DynamixSFT's look-ahead on the DDP-wrapped model, gradient averaged over ranks
     "dynamixsft": {"mixer": "dynamixsft", "options": {"update_every": 2}, "micro": 4},
-    "trl_exp3": {"mixer": "exp3", "options": {"update_every": 2, "warmup_steps": 0},
-                 "micro": 2, "ga": 2, "trl": True},
+    "trl_exp3": {
+        "mixer": "exp3",
+        "options": {"update_every": 2, "warmup_steps": 0},
+        "micro": 2,
+        "ga": 2,
+        "trl": True,
+    },
 }
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("case", [c if c != "trl_exp3" else pytest.param(c, marks=pytest.mark.slow)
-                                  for c in HF_DIST])
+@pytest.mark.parametrize(
+    "case", [c if c != "trl_exp3" else pytest.param(c, marks=pytest.mark.slow) for c in HF_DIST]
+)
 def test_two_processes_match_one(case, tmp_path):
     import shutil
     from collections import Counter
@@ -254,8 +319,9 @@ def test_two_processes_match_one(case, tmp_path):
         pytest.importorskip("trl")
     spec.update(steps=8, dir=str(tmp_path / "two"))
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    proc = torchrun(Path(__file__).parent / "hf_dist_worker.py", tmp_path / "spec.json",
-                    tmp_path / "out.json")
+    proc = torchrun(
+        Path(__file__).parent / "hf_dist_worker.py", tmp_path / "spec.json", tmp_path / "out.json"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "out.json").read_text())
     assert [g["world"] for g in two] == [2, 2]
@@ -270,8 +336,9 @@ def test_two_processes_match_one(case, tmp_path):
     assert [r["step"] for r in one["records"]] == [r["step"] for r in two[0]["records"]]
     assert one["seen"] == two[0]["seen"]
     # The two ranks' rows of each step are that step's global batch of the 1-process run.
-    assert Counter((s, tuple(r)) for g in two for s, r in g["rows"]) == \
-        Counter((s, tuple(r)) for s, r in one["rows"])
+    assert Counter((s, tuple(r)) for g in two for s, r in g["rows"]) == Counter(
+        (s, tuple(r)) for s, r in one["rows"]
+    )
     if not spec.get("trl"):  # TRL normalises its own loss per rank: its θ differs (docs)
         np.testing.assert_allclose(one["params"], two[0]["params"], rtol=1e-4, atol=1e-5)
     assert two[0]["records"][-1]["mixtune/weight/noise"] != 0.5, "the mixer never moved"

@@ -16,8 +16,9 @@ def _batch(seed=0, B=3, T=7, V=11):
 def test_token_mean_matches_cross_entropy():
     logits, labels = _batch()
     nll, mask = token_losses(logits, labels)
-    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1),
-                          ignore_index=IGNORE)
+    ref = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=IGNORE
+    )
     torch.testing.assert_close(reduce(nll, mask), ref)
 
 
@@ -35,7 +36,7 @@ def test_split_batches_with_global_count_equal_full_batch():
     nll, mask = token_losses(logits, labels)
     full = reduce(nll, mask)
     n = mask.sum()
-    parts = sum(reduce(nll[i:i + 1], mask[i:i + 1], n_tokens=n) for i in range(4))
+    parts = sum(reduce(nll[i : i + 1], mask[i : i + 1], n_tokens=n) for i in range(4))
     torch.testing.assert_close(parts, full)
 
 

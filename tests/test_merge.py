@@ -9,9 +9,11 @@ from mixtune.errors import MixtuneError
 
 def _sd(seed: int, dtype=torch.float32) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"a.weight": torch.randn(4, 3, generator=g).to(dtype),
-            "a.bias": torch.randn(4, generator=g).to(dtype),
-            "steps": torch.tensor([7], dtype=torch.long)}
+    return {
+        "a.weight": torch.randn(4, 3, generator=g).to(dtype),
+        "a.bias": torch.randn(4, generator=g).to(dtype),
+        "steps": torch.tensor([7], dtype=torch.long),
+    }
 
 
 def test_merging_identical_experts_gives_that_expert():
@@ -81,14 +83,25 @@ def _tiny_peft(tmp_path, seed: int, **lora_kw):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf = AutoConfig.for_model("llama", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                              num_attention_heads=2, num_key_value_heads=2, vocab_size=40)
+    hf = AutoConfig.for_model(
+        "llama",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=40,
+    )
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(hf)
     base_sd = {k: v.clone() for k, v in base.state_dict().items()}
     torch.manual_seed(seed)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                            task_type="CAUSAL_LM", **lora_kw))
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM", **lora_kw
+        ),
+    )
     with torch.no_grad():  # B starts at 0: give the adapter a real update
         for n, p in model.named_parameters():
             if "lora_B" in n:

@@ -22,12 +22,23 @@ def _bowl(alpha, source=""):
     return {"d": {"loss": float(3 * ((np.asarray(alpha) - A0) ** 2).sum() + 1.0)}}
 
 
-@pytest.mark.parametrize("name,rounds,tol,gap", [("quadratic", 0, 0.01, 1e-3),
-                                                 ("gp", 1, 0.08, 0.01)])
+@pytest.mark.parametrize(
+    "name,rounds,tol,gap", [("quadratic", 0, 0.01, 1e-3), ("gp", 1, 0.08, 0.01)]
+)
 def test_surrogate_and_search_recover_a_known_optimum(name, rounds, tol, gap):
-    res = search.run(_bowl, 3, objective=search.Objective({"d": 1.0}), bounds=[],
-                     surrogate=name, n_seeds=20, n_candidates=20_000, refit_rounds=rounds,
-                     top_k=4, seed=0, loo=False)
+    res = search.run(
+        _bowl,
+        3,
+        objective=search.Objective({"d": 1.0}),
+        bounds=[],
+        surrogate=name,
+        n_seeds=20,
+        n_candidates=20_000,
+        refit_rounds=rounds,
+        top_k=4,
+        seed=0,
+        loo=False,
+    )
     assert np.isclose(res.alpha.sum(), 1) and np.all(res.alpha >= 0)
     assert np.abs(res.alpha - A0).sum() < tol, res.alpha
     # the value reached is near the minimum 1.0 (the surface spans 1 .. ~3.4 on the simplex)
@@ -39,9 +50,19 @@ def test_gbt_search_lands_near_a_known_optimum():
     """Trees are piecewise constant: coarser than smooth surrogates at N = 24, but close."""
     gaps = []
     for seed in range(4):
-        res = search.run(_bowl, 3, objective=search.Objective({"d": 1.0}), bounds=[],
-                         surrogate="gbt", n_seeds=20, n_candidates=20_000, refit_rounds=1,
-                         top_k=4, seed=seed, loo=False)
+        res = search.run(
+            _bowl,
+            3,
+            objective=search.Objective({"d": 1.0}),
+            bounds=[],
+            surrogate="gbt",
+            n_seeds=20,
+            n_candidates=20_000,
+            refit_rounds=1,
+            top_k=4,
+            seed=seed,
+            loo=False,
+        )
         gaps.append(_bowl(res.alpha)["d"]["loss"] - 1.0)
     # a uniformly random alpha averages a gap of ~0.64; the vertices 0.9 to 2.4
     assert np.mean(gaps) < 0.08 and max(gaps) < 0.25, gaps
@@ -50,15 +71,33 @@ def test_gbt_search_lands_near_a_known_optimum():
 def test_bounds_move_the_optimum_onto_the_feasible_side():
     def two(alpha, source=""):
         a = np.asarray(alpha)
-        return {"t": {"loss": float(((a - A0) ** 2).sum())},
-                "c": {"loss": float(a[0])}}  # constraint: weight on dataset 0 costs it
+        return {
+            "t": {"loss": float(((a - A0) ** 2).sum())},
+            "c": {"loss": float(a[0])},
+        }  # constraint: weight on dataset 0 costs it
 
     obj = search.Objective({"t": 1.0})
-    free = search.run(two, 3, objective=obj, bounds=[], surrogate="quadratic", n_seeds=15,
-                      n_candidates=20_000, loo=False)
+    free = search.run(
+        two,
+        3,
+        objective=obj,
+        bounds=[],
+        surrogate="quadratic",
+        n_seeds=15,
+        n_candidates=20_000,
+        loo=False,
+    )
     bound = search.Bound("c", "loss", 0.25, upper=True)
-    tied = search.run(two, 3, objective=obj, bounds=[bound], surrogate="quadratic",
-                      n_seeds=15, n_candidates=20_000, loo=False)
+    tied = search.run(
+        two,
+        3,
+        objective=obj,
+        bounds=[bound],
+        surrogate="quadratic",
+        n_seeds=15,
+        n_candidates=20_000,
+        loo=False,
+    )
     assert free.alpha[0] > 0.45 and tied.feasible
     assert 0.2 < tied.alpha[0] <= 0.25 + 1e-6
 
@@ -74,8 +113,9 @@ def test_gbt_single_stump_matches_brute_force():
         for t in np.unique(X[:, f]):
             left = X[:, f] <= t
             if 3 <= left.sum() <= len(y) - 3:
-                sse = ((y[left] - y[left].mean()) ** 2).sum() + ((y[~left] - y[~left].mean()) ** 2
-                                                                  ).sum()
+                sse = ((y[left] - y[left].mean()) ** 2).sum() + (
+                    (y[~left] - y[~left].mean()) ** 2
+                ).sum()
                 best = min(best, sse)
     assert np.isclose(((y - pred) ** 2).sum(), best)
 
@@ -104,9 +144,11 @@ def test_ratio_rules_and_their_inverse():
     infos = [Info(100, 1000), Info(100, 4000)]  # 10 vs 40 tokens per example
     summaries = [{"tokens": 500}, {"tokens": 1500}]
     alpha = np.array([0.5, 0.5])
-    for rule, units, want in [("identity", "examples", [0.5, 0.5]),
-                              ("token_weighted", "examples", [0.25, 0.75]),
-                              ("identity", "tokens", [0.8, 0.2])]:
+    for rule, units, want in [
+        ("identity", "examples", [0.5, 0.5]),
+        ("token_weighted", "examples", [0.25, 0.75]),
+        ("identity", "tokens", [0.8, 0.2]),
+    ]:
         pc = mergemix.PlanConfig(run={}, ratio_rule=rule, ratio_units=units)
         c = mergemix.ratio_scale(pc, infos, summaries)
         w = mergemix.to_ratios(alpha, c)
@@ -118,16 +160,25 @@ def test_bounds_from_constraint_roles_references_and_explicit_limits(make_config
     run = make_config()
     run["evals"][0].update(role="constraint")  # add: loss <= the base model's value
     run["evals"][1].update(role="constraint", reference=2.0)  # rev: loss <= 2.0
-    pc, rc = mergemix.load(None, data={"run": run, "constraint_slack": 0.1,
-                                       "constraints": {"add": {"metric": "accuracy",
-                                                               "min": 0.5}}})
+    pc, rc = mergemix.load(
+        None,
+        data={
+            "run": run,
+            "constraint_slack": 0.1,
+            "constraints": {"add": {"metric": "accuracy", "min": 0.5}},
+        },
+    )
     base = {"add": {"loss": 3.0, "accuracy": 0.2}, "rev": {"loss": 4.0}}
     got = {(b.domain, b.metric, b.upper): b.limit for b in mergemix.bounds_of(pc, rc, base)}
-    assert got == {("add", "accuracy", False): pytest.approx(0.45),
-                   ("rev", "loss", True): pytest.approx(2.2)}
+    assert got == {
+        ("add", "accuracy", False): pytest.approx(0.45),
+        ("rev", "loss", True): pytest.approx(2.2),
+    }
     pc2, _ = mergemix.load(None, data={"run": run, "constraints": {"add": "reference"}})
     assert [(b.domain, b.limit) for b in mergemix.bounds_of(pc2, rc, base)] == [
-        ("add", 3.0), ("rev", 2.0)]
+        ("add", 3.0),
+        ("rev", 2.0),
+    ]
     pc3, _ = mergemix.load(None, data={"run": run, "constraint_roles": False})
     assert mergemix.bounds_of(pc3, rc, base) == []
 
@@ -139,15 +190,18 @@ def test_bounds_from_constraint_roles_references_and_explicit_limits(make_config
 def _plan(make_config, tmp_path, **plan):
     run = make_config(max_steps=12)
     run["evals"][0]["role"] = "target"  # objective: the 'add' domain only
-    raw = {"run": run, "output_dir": str(tmp_path / "plan"), "progress": False,
-           "experts": {"steps": 6},
-           "search": {"n_seeds": 6, "n_candidates": 2000, "surrogate": "quadratic"}}
+    raw = {
+        "run": run,
+        "output_dir": str(tmp_path / "plan"),
+        "progress": False,
+        "experts": {"steps": 6},
+        "search": {"n_seeds": 6, "n_candidates": 2000, "surrogate": "quadratic"},
+    }
     raw.update(plan)
     return mergemix.load(None, data=raw)
 
 
-def test_plan_moves_the_mixture_toward_the_target_and_writes_a_train_config(make_config,
-                                                                          tmp_path):
+def test_plan_moves_the_mixture_toward_the_target_and_writes_a_train_config(make_config, tmp_path):
     pc, run = _plan(make_config, tmp_path)
     r = mergemix.plan(pc, run)
     out = tmp_path / "plan"
@@ -157,28 +211,35 @@ def test_plan_moves_the_mixture_toward_the_target_and_writes_a_train_config(make
     # merging at a vertex reproduces that expert's own final evaluation
     vertex = next(t for t in r["table"] if t["alpha"] == [1.0, 0.0])
     expert = json.loads((out / "experts/add/summary.json").read_text())
-    assert np.isclose(vertex["scores"]["add"]["loss"], expert["final_eval"]["add"]["loss"],
-                      rtol=1e-5)
+    assert np.isclose(
+        vertex["scores"]["add"]["loss"], expert["final_eval"]["add"]["loss"], rtol=1e-5
+    )
     cfg = config.load(out / "mixture.yaml")
     assert cfg.mixer.name == "fixed"
     assert np.isclose(cfg.mixer.params["weights"]["add"], r["weights"]["add"], atol=1e-6)
     assert (out / "report.md").is_file() and (out / "report.png").stat().st_size > 0
     c = r["cost"]
-    merges = {tuple(np.round(t["alpha"], 6)) for t in r["table"]} | {tuple(np.round(r["alpha"],
-                                                                                     6))}
+    merges = {tuple(np.round(t["alpha"], 6)) for t in r["table"]} | {tuple(np.round(r["alpha"], 6))}
     assert c["n_evals"] == len(merges) + 1  # + the base model
     assert c["search_tokens"] > 0 and c["token_ratio"] > 1
     assert set(r["fits"]["add"]["loss"]) >= {"r2", "rmse"}
     # same experts, another objective: accuracy (generation), alpha* = best measured merge
-    r2 = mergemix.plan(*_plan(make_config, tmp_path, objective={"metric": "accuracy"},
-                              search={"n_seeds": 6, "n_candidates": 500, "select": "measured"}))
+    r2 = mergemix.plan(
+        *_plan(
+            make_config,
+            tmp_path,
+            objective={"metric": "accuracy"},
+            search={"n_seeds": 6, "n_candidates": 500, "select": "measured"},
+        )
+    )
     accs = [t["scores"]["add"]["accuracy"] for t in r2["table"]]
     assert r2["measured"]["add"]["accuracy"] >= max(accs)
     assert r2["experts"] == r["experts"]  # reused, not retrained
 
 
-def test_interrupted_plan_resumes_without_retraining_finished_experts(make_config, tmp_path,
-                                                                     monkeypatch):
+def test_interrupted_plan_resumes_without_retraining_finished_experts(
+    make_config, tmp_path, monkeypatch
+):
     from mixtune.engine.loop import Trainer
 
     pc, run = _plan(make_config, tmp_path, experts={"steps": 6, "save_every": 2})
@@ -221,13 +282,16 @@ def test_changed_expert_settings_in_the_same_output_dir_are_refused(make_config,
         mergemix.Planner(*_plan(make_config, tmp_path, experts={"steps": 7}))
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"objective": {"weights": {"nope": 1}}}, "objective.weights.nope: unknown domain"),
-    ({"search": {"surrogate": "xgb"}}, "search.surrogate"),
-    ({"experts": {"steps": 5, "tokens": 100}}, "steps or tokens"),
-    ({"constraints": {"add": {"below": 1}}}, "constraints.add"),
-    ({"ratio_rule": "sqrt"}, "ratio_rule"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"objective": {"weights": {"nope": 1}}}, "objective.weights.nope: unknown domain"),
+        ({"search": {"surrogate": "xgb"}}, "search.surrogate"),
+        ({"experts": {"steps": 5, "tokens": 100}}, "steps or tokens"),
+        ({"constraints": {"add": {"below": 1}}}, "constraints.add"),
+        ({"ratio_rule": "sqrt"}, "ratio_rule"),
+    ],
+)
 def test_bad_plan_options_are_config_errors(make_config, tmp_path, change, match):
     with pytest.raises(ConfigError, match=match):
         pc, run = _plan(make_config, tmp_path, **change)
@@ -252,11 +316,21 @@ def test_lora_plan_validates_against_real_runs_and_another_scale(make_config, tm
     run["model"]["lora"] = {"enabled": True, "r": 4, "alpha": 8}
     run["train"]["lr"] = 1e-2
     path = tmp_path / "plan.yaml"
-    path.write_text(yaml.safe_dump({
-        "run": run, "output_dir": str(tmp_path / "plan"), "progress": False,
-        "experts": {"steps": 4}, "search": {"n_seeds": 5, "n_candidates": 500,
-                                             "surrogate": "gp"},
-        "validate": {"n_mixtures": 3, "scales": {"deep": ["model.config.num_hidden_layers=3"]}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "run": run,
+                "output_dir": str(tmp_path / "plan"),
+                "progress": False,
+                "experts": {"steps": 4},
+                "search": {"n_seeds": 5, "n_candidates": 500, "surrogate": "gp"},
+                "validate": {
+                    "n_mixtures": 3,
+                    "scales": {"deep": ["model.config.num_hidden_layers=3"]},
+                },
+            }
+        )
+    )
     r = run_plan("mergemix", path, validate=True)
     # LoRA experts: the vertex merge (base + dense adapter delta) is the expert itself
     expert = json.loads((tmp_path / "plan/experts/rev/summary.json").read_text())

@@ -42,14 +42,19 @@ TEST_OPTIONS: dict[str, dict] = {
 }
 
 DATASETS = [DatasetInfo("a", 300, 9000), DatasetInfo("b", 100, 1000), DatasetInfo("c", 50, 4000)]
-DOMAINS = [DomainInfo("a", "target", "loss", None), DomainInfo("b", "constraint", "loss", 2.0),
-           DomainInfo("c", "monitor", "accuracy", None)]
+DOMAINS = [
+    DomainInfo("a", "target", "loss", None),
+    DomainInfo("b", "constraint", "loss", 2.0),
+    DomainInfo("c", "monitor", "accuracy", None),
+]
 
 
 def _options(name: str) -> dict:
     if name not in TEST_OPTIONS:
-        pytest.fail(f"mixer '{name}' has no entry in TEST_OPTIONS of tests/test_mixer_contract.py;"
-                    " add one (its small test options, or {} if it takes none)")
+        pytest.fail(
+            f"mixer '{name}' has no entry in TEST_OPTIONS of tests/test_mixer_contract.py;"
+            " add one (its small test options, or {} if it takes none)"
+        )
     return TEST_OPTIONS[name]
 
 
@@ -65,14 +70,23 @@ def _fake_ctx(step: int, weights: np.ndarray, logged: dict) -> MixContext:
     w = np.asarray(weights, np.float64)
 
     def evaluate(n_batches=None, accuracy=True, per_example=False, use_cache=True):
-        return {d.name: {"loss": 2.0 + 0.3 * i - 0.2 * w[i % K] + 0.05 * phase,
-                         "accuracy": 0.2 + 0.1 * i + 0.1 * w[i % K]}
-                for i, d in enumerate(DOMAINS)}
+        return {
+            d.name: {
+                "loss": 2.0 + 0.3 * i - 0.2 * w[i % K] + 0.05 * phase,
+                "accuracy": 0.2 + 0.1 * i + 0.1 * w[i % K],
+            }
+            for i, d in enumerate(DOMAINS)
+        }
 
     def probe(j, steps, n_batches=None, accuracy=False, per_example=False):
         base = evaluate()
-        return {d: {"loss": m["loss"] - 0.01 * steps * (1 + j + i) * (1 if i == j else -0.3),
-                    "accuracy": m["accuracy"]} for i, (d, m) in enumerate(base.items())}
+        return {
+            d: {
+                "loss": m["loss"] - 0.01 * steps * (1 + j + i) * (1 if i == j else -0.3),
+                "accuracy": m["accuracy"],
+            }
+            for i, (d, m) in enumerate(base.items())
+        }
 
     def losses(j, batch_size=None, key=None):
         n = batch_size or 4
@@ -85,11 +99,18 @@ def _fake_ctx(step: int, weights: np.ndarray, logged: dict) -> MixContext:
         return LookaheadResult(pre, pre - drop, seconds=0.0)
 
     return MixContext(
-        step=step, max_steps=MAX_STEPS, datasets=list(DATASETS), domains=list(DOMAINS),
+        step=step,
+        max_steps=MAX_STEPS,
+        datasets=list(DATASETS),
+        domains=list(DOMAINS),
         weights=w.copy(),
-        train_losses={d.name: 1.0 + 0.4 * i + 0.1 * phase - 0.3 * w[i]
-                      for i, d in enumerate(DATASETS)},
-        evaluate=evaluate, probe=probe, lookahead=lookahead, log=logged.__setitem__,
+        train_losses={
+            d.name: 1.0 + 0.4 * i + 0.1 * phase - 0.3 * w[i] for i, d in enumerate(DATASETS)
+        },
+        evaluate=evaluate,
+        probe=probe,
+        lookahead=lookahead,
+        log=logged.__setitem__,
         losses=losses,
     )
 
@@ -163,8 +184,10 @@ def test_every_mixer_has_an_example_config(name):
     module = MIXERS[name].__module__.rsplit(".", 1)[-1]
     own, shared = CONFIGS / f"{name}.yaml", CONFIGS / f"{module}.yaml"
     path = own if own.is_file() else shared
-    assert path.is_file(), (f"mixer '{name}' needs an example config: configs/{name}.yaml "
-                            f"(or configs/{module}.yaml shared with its module)")
+    assert path.is_file(), (
+        f"mixer '{name}' needs an example config: configs/{name}.yaml "
+        f"(or configs/{module}.yaml shared with its module)"
+    )
     if "stages:" in path.read_text():  # a continual config (ProxyMix) has its own schema
         from mixtune.continual.config import load as load_continual
 

@@ -28,12 +28,17 @@ DOMAINS = [DomainInfo("a", "target", "loss", None), DomainInfo("b", "constraint"
 
 # (mixer, options, expected interval or None for an explicit set)
 CASES = [
-    ("uniform", {}, None), ("proportional", {}, None), ("temperature", {"tau": 2.0}, None),
+    ("uniform", {}, None),
+    ("proportional", {}, None),
+    ("temperature", {"tau": 2.0}, None),
     ("fixed", {"weights": {"a": 2, "b": 1}}, None),
-    ("exp3", {}, 10), ("exp3", {"update_every": 7}, 7),
-    ("dynamixsft", {}, 50), ("dynamixsft", {"update_every": 3}, 3),
+    ("exp3", {}, 10),
+    ("exp3", {"update_every": 7}, 7),
+    ("dynamixsft", {}, 50),
+    ("dynamixsft", {"update_every": 3}, 3),
     ("dynamics", {"schedule": "fixed", "interval": 128}, 128),
-    ("dynamics", {"schedule": "no_warmup"}, None), ("dynamics", {"schedule": "light_warmup"}, None),
+    ("dynamics", {"schedule": "no_warmup"}, None),
+    ("dynamics", {"schedule": "light_warmup"}, None),
     ("dynamics", {"schedule": "dense_warmup"}, None),
     ("proxymix", {"policy": "loss_increase"}, None),
     ("proxymix", {"policy": "loss_increase", "update_every": 1000}, 1000),
@@ -63,8 +68,9 @@ def test_every_mixer_is_covered():
     assert {name for name, _, _ in CASES} == set(MIXERS)
 
 
-@pytest.mark.parametrize("name,options,interval", CASES,
-                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "name,options,interval", CASES, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(CASES)]
+)
 def test_huge_max_steps_is_lazy(name, options, interval):
     mixer = _build(name, options)
     tracemalloc.start()
@@ -93,8 +99,9 @@ def test_huge_max_steps_is_lazy(name, options, interval):
         assert all(s in steps and s + 1 not in steps for s in want)
 
 
-@pytest.mark.parametrize("name,options,interval", CASES,
-                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "name,options,interval", CASES, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(CASES)]
+)
 @pytest.mark.parametrize("max_steps", [1, 7, 100, 2048])
 def test_membership_matches_iteration_on_small_runs(name, options, interval, max_steps):
     steps = _build(name, options).update_steps(max_steps)
@@ -128,6 +135,7 @@ def test_trainer_starts_with_huge_max_steps(make_config, tmp_path):
         out = trainer.run(stop_after=1)
     assert out["stopped"] and out["steps"] == 1
     assert trainer.scheduler.get_last_lr()[0] > 0
-    records = [json.loads(line) for line in
-               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in records][:2] == [0, 1] and "mixer" in records[1]

@@ -74,9 +74,11 @@ def test_skip_stops_after_max_consecutive_with_weights_intact(make_config, tmp_p
     raw = _raw(make_config, nonfinite="skip", max_nonfinite=3, save_every=2)
     trainer = Trainer(config.load(data=raw))
     _poison(trainer, {3, 4, 5, 6, 7, 8})
-    with pytest.raises(TrainingError,
-                       match=r"3 consecutive non-finite steps up to step 5 "
-                             r"\(train.max_nonfinite=3\)"):
+    with pytest.raises(
+        TrainingError,
+        match=r"3 consecutive non-finite steps up to step 5 "
+        r"\(train.max_nonfinite=3\)",
+    ):
         trainer.run()
     saved = load_file(str(tmp_path / "run/checkpoints/step-000002/trainable.safetensors"))
     live = dict((n, p) for n, p in trainer.model.named_parameters())
@@ -102,10 +104,13 @@ def test_stop_is_the_default_and_names_the_option(make_config, tmp_path):
     assert trainer.counters["skipped_nonfinite"] == 0
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.nonfinite=ignore", "train.nonfinite: got 'ignore'; allowed values are"),
-    ("train.max_nonfinite=0", "train.max_nonfinite: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.nonfinite=ignore", "train.nonfinite: got 'ignore'; allowed values are"),
+        ("train.max_nonfinite=0", "train.max_nonfinite: must be >= 1"),
+    ],
+)
 def test_bad_options(make_config, override, message):
     with pytest.raises(ConfigError, match=message):
         config.load(data=make_config(), overrides=[override])

@@ -21,8 +21,11 @@ def _everything(t):
     opt = probe._inner(t.optimizer)
     return {
         "params": [p.detach().clone() for p in t.params],
-        "opt": {i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
-                for i, p in enumerate(t.params) if p in opt.state},
+        "opt": {
+            i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
+            for i, p in enumerate(t.params)
+            if p in opt.state
+        },
         "lr": [g["lr"] for g in opt.param_groups],
         "sched": copy.deepcopy(t.scheduler.state_dict()),
         "rng": rng_state(),
@@ -47,8 +50,12 @@ def _raw(make_config, model: str | None = None) -> dict:
     raw = make_config(max_steps=6)
     raw["train"].update(eval_every=0)
     if model in ("lora", "lora_dropout"):
-        raw["model"]["lora"] = {"enabled": True, "r": 4, "alpha": 8,
-                                "dropout": 0.5 if model == "lora_dropout" else 0.0}
+        raw["model"]["lora"] = {
+            "enabled": True,
+            "r": 4,
+            "alpha": 8,
+            "dropout": 0.5 if model == "lora_dropout" else 0.0,
+        }
     elif model == "attention_dropout":
         raw["model"]["config"]["attention_dropout"] = 0.5
     return raw
@@ -82,8 +89,9 @@ def _by_hand(t, kind: str, pre: str | None, grad: str, post: str):
 
     def forward(mode):
         t.model.train(mode == "train")
-        logits = t.model(input_ids=batch["input_ids"],
-                         attention_mask=batch["attention_mask"]).logits
+        logits = t.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
         return token_losses(logits, batch["labels"])
 
     try:

@@ -16,10 +16,15 @@ from mixtune.continual.toy import ToyEnv
 from mixtune.errors import ConfigError
 from mixtune.mixers import MIXERS, DatasetInfo, DomainInfo, LookaheadResult, MixContext
 
-DATASETS = [DatasetInfo("cur", 200, 4000), DatasetInfo("old", 50, 1000),
-            DatasetInfo("older", 150, 3000), DatasetInfo("future", 100, 2000)]
+DATASETS = [
+    DatasetInfo("cur", 200, 4000),
+    DatasetInfo("old", 50, 1000),
+    DatasetInfo("older", 150, 3000),
+    DatasetInfo("future", 100, 2000),
+]
 DOMAINS = [DomainInfo(d.name, "target", "loss", None) for d in DATASETS] + [
-    DomainInfo("safety", "constraint", "accuracy", None)]
+    DomainInfo("safety", "constraint", "accuracy", None)
+]
 
 
 def _mixer(seed=0, **params):
@@ -30,16 +35,27 @@ def _mixer(seed=0, **params):
 def _ctx(step, losses, weights=None):
     w = np.full(len(DATASETS), 0.25) if weights is None else weights
     return MixContext(
-        step=step, max_steps=40, datasets=list(DATASETS), domains=list(DOMAINS), weights=w,
-        train_losses={}, evaluate=lambda n_batches=None, accuracy=True: {
-            k: {"loss": v} for k, v in losses.items()},
-        probe=None, lookahead=lambda *a, **k: LookaheadResult(np.zeros(1), np.zeros(1), 0.0),
-        log=lambda k, v: None)
+        step=step,
+        max_steps=40,
+        datasets=list(DATASETS),
+        domains=list(DOMAINS),
+        weights=w,
+        train_losses={},
+        evaluate=lambda n_batches=None, accuracy=True: {k: {"loss": v} for k, v in losses.items()},
+        probe=None,
+        lookahead=lambda *a, **k: LookaheadResult(np.zeros(1), np.zeros(1), 0.0),
+        log=lambda k, v: None,
+    )
 
 
 def _losses(step, rng=None):
-    base = {"cur": 2.0 - 0.02 * step, "old": 1.5 + 0.03 * step, "older": 1.2,
-            "future": 3.0, "safety": 1.0 + 0.01 * step}
+    base = {
+        "cur": 2.0 - 0.02 * step,
+        "old": 1.5 + 0.03 * step,
+        "older": 1.2,
+        "future": 3.0,
+        "safety": 1.0 + 0.01 * step,
+    }
     if rng is not None:
         base = {k: v * float(rng.uniform(0.2, 5.0)) for k, v in base.items()}
     return base
@@ -74,8 +90,16 @@ def test_masked_policy_gives_exactly_zero_to_masked_slots_and_keeps_the_floor():
 @pytest.mark.parametrize("policy", ["controller", "random", "fixed", "loss_increase", "loss"])
 def test_mixer_never_weights_a_future_task(policy, controller_file):
     extra = {"controller": controller_file} if policy == "controller" else {}
-    mixer = _mixer(policy=policy, accessible=["cur", "old", "older"], explore_sigma=2.0,
-                   current="cur", stage=2, n_stages=4, ages={"old": 0, "older": 1}, **extra)
+    mixer = _mixer(
+        policy=policy,
+        accessible=["cur", "old", "older"],
+        explore_sigma=2.0,
+        current="cur",
+        stage=2,
+        n_stages=4,
+        ages={"old": 0, "older": 1},
+        **extra,
+    )
     rng = np.random.default_rng(0)
     for step in mixer.update_steps(40):
         w = mixer.propose(_ctx(step, _losses(step, rng)))
@@ -89,8 +113,9 @@ def test_mixer_never_weights_a_future_task(policy, controller_file):
 
 def test_controller_save_load_round_trip(tmp_path):
     net = ctl.new(3, hidden=16, layers=3)
-    path = ctl.save(tmp_path / "sub" / "ctl.pt", net, {"a": 0.1, "b": 0.5, "safety": 0.2},
-                    {"episodes": 7})
+    path = ctl.save(
+        tmp_path / "sub" / "ctl.pt", net, {"a": 0.1, "b": 0.5, "safety": 0.2}, {"episodes": 7}
+    )
     loaded, info = ctl.load(path)
     assert info["features"] == list(FEATURES) and info["globals"] == list(GLOBALS)
     assert info["ranking"] == ["b", "safety", "a"] and info["meta"] == {"episodes": 7}
@@ -116,14 +141,17 @@ def test_controller_file_errors(tmp_path):
         ctl.load(tmp_path / "old.pt")
 
 
-@pytest.mark.parametrize("params, match", [
-    ({"policy": "controller"}, "mixer.controller: required"),
-    ({"policy": "fixed", "p_min": 1.0}, "mixer.p_min"),
-    ({"policy": "fixed", "replay_ratio": 1.5}, "mixer.replay_ratio"),
-    ({"policy": "fixed", "temperature": 0}, "mixer.temperature"),
-    ({"policy": "oracle"}, "mixer.policy"),
-    ({"policy": "fixed", "stage": 3, "n_stages": 3}, "mixer.stage"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"policy": "controller"}, "mixer.controller: required"),
+        ({"policy": "fixed", "p_min": 1.0}, "mixer.p_min"),
+        ({"policy": "fixed", "replay_ratio": 1.5}, "mixer.replay_ratio"),
+        ({"policy": "fixed", "temperature": 0}, "mixer.temperature"),
+        ({"policy": "oracle"}, "mixer.policy"),
+        ({"policy": "fixed", "stage": 3, "n_stages": 3}, "mixer.stage"),
+    ],
+)
 def test_bad_options_are_config_errors(params, match):
     with pytest.raises(ConfigError, match=match):
         _mixer(**params)
@@ -141,11 +169,13 @@ def test_bad_current_or_missing_controller_file(tmp_path):
 
 
 def test_fixed_replay_spreads_uniformly_or_by_size():
-    w = _mixer(policy="fixed", replay_ratio=0.2, accessible=["cur", "old", "older"]
-               ).propose(_ctx(0, _losses(0)))
+    w = _mixer(policy="fixed", replay_ratio=0.2, accessible=["cur", "old", "older"]).propose(
+        _ctx(0, _losses(0))
+    )
     np.testing.assert_allclose(w, [0.8, 0.1, 0.1, 0.0])
-    w = _mixer(policy="fixed", replay_ratio=0.2, spread="proportional",
-               accessible=["cur", "old", "older"]).propose(_ctx(0, _losses(0)))
+    w = _mixer(
+        policy="fixed", replay_ratio=0.2, spread="proportional", accessible=["cur", "old", "older"]
+    ).propose(_ctx(0, _losses(0)))
     np.testing.assert_allclose(w, [0.8, 0.05, 0.15, 0.0])
 
 
@@ -174,9 +204,11 @@ def test_toy_environment_optimum_is_what_it_claims():
     env = ToyEnv()
     best = env.value(env.oracle_act)
     for pc in np.linspace(0.3, 1.0, 15):  # no constant current share does better
+
         def constant(obs, rng, pc=pc):
             n = len(obs["slots"]) - 1
             return (np.array([pc] + [(1 - pc) / n] * n) if n else np.ones(1)), None
+
         assert env.value(constant) <= best + 1e-9
 
 

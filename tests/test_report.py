@@ -37,8 +37,10 @@ def test_report_renders_with_plots(make_config, tmp_path, capsys):
 
 
 def test_numeric_series_flattens_dicts():
-    recs = [{"step": 1, "mixer": {"Q": {"a": 1.0, "b": 2.0}, "flag": True, "text": "x"}},
-            {"step": 2, "mixer": {"Q": {"a": 1.5, "b": 2.5}}}]
+    recs = [
+        {"step": 1, "mixer": {"Q": {"a": 1.0, "b": 2.0}, "flag": True, "text": "x"}},
+        {"step": 2, "mixer": {"Q": {"a": 1.5, "b": 2.5}}},
+    ]
     got = plots.numeric_series(recs, "mixer")
     assert got["Q"] == {"a": [(1, 1.0), (2, 1.5)], "b": [(1, 2.0), (2, 2.5)]}
     assert got["flag"] == {"flag": [(1, 1.0)]} and "text" not in got

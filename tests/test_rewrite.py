@@ -31,8 +31,9 @@ def test_retarget_tokenises_like_the_data_pipeline():
     recs = [{"prompt": "What is 2+3?", "response": "five, i.e. 5"}]
     data = tokenize(normalize(recs, "auto", None, "t"), tok, 64, template, "t")
     pl = data.prompt_len[0]
-    ids, labels = retarget(tok, template, data.input_ids[0][:pl], data.labels[0][:pl],
-                           "five, i.e. 5", 64)
+    ids, labels = retarget(
+        tok, template, data.input_ids[0][:pl], data.labels[0][:pl], "five, i.e. 5", 64
+    )
     np.testing.assert_array_equal(ids, data.input_ids[0])
     np.testing.assert_array_equal(labels, data.labels[0])
     short, _ = retarget(tok, template, data.input_ids[0][:pl], data.labels[0][:pl], "x" * 99, 40)
@@ -61,8 +62,11 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone():
 
 
 # -- in the training loop ------------------------------------------------------------------------
-LOSS = {"name": "cadft", "rewrite": {"min_visits": 1, "fraction": 0.05},
-        "rewriter": {"max_new_tokens": 6}}
+LOSS = {
+    "name": "cadft",
+    "rewrite": {"min_visits": 1, "fraction": 0.05},
+    "rewriter": {"max_new_tokens": 6},
+}
 
 
 def _raw(make_config, loss=LOSS, steps=6):
@@ -84,8 +88,9 @@ def test_rewriting_is_deterministic_and_resumes(make_config, tmp_path, monkeypat
     for d in raw["datasets"]:
         d["max_examples"] = 12
     scales, restore = [], Rewriter.restore
-    monkeypatch.setattr(Rewriter, "restore", lambda self, tr, b: scales.append(
-        restore(self, tr, b)) or scales[-1])
+    monkeypatch.setattr(
+        Rewriter, "restore", lambda self, tr, b: scales.append(restore(self, tr, b)) or scales[-1]
+    )
     full = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/full"]))
     full.run()
     first = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/split"]))
@@ -98,8 +103,9 @@ def test_rewriting_is_deterministic_and_resumes(make_config, tmp_path, monkeypat
 
     a, b = _rewrites(tmp_path / "full"), _rewrites(tmp_path / "split")
     assert 0 < n_before < len(a), "rewrites must happen before and after the interruption"
-    assert [(r["step"], r["dataset"], r["example"], r["old_text"], r["new_text"]) for r in a] \
-        == [(r["step"], r["dataset"], r["example"], r["old_text"], r["new_text"]) for r in b]
+    assert [(r["step"], r["dataset"], r["example"], r["old_text"], r["new_text"]) for r in a] == [
+        (r["step"], r["dataset"], r["example"], r["old_text"], r["new_text"]) for r in b
+    ]
     np.testing.assert_allclose([r["new_c"] for r in a], [r["new_c"] for r in b], rtol=1e-4)
     for k in range(2):  # the training data carries the same targets
         for x, y in zip(full.train_sets[k].data.labels, second.train_sets[k].data.labels):
@@ -110,8 +116,10 @@ def test_rewriting_is_deterministic_and_resumes(make_config, tmp_path, monkeypat
     assert any(x != 1.0 for x in scales)
     for p, q in zip(full.params, second.params):  # equal up to the rounding of that fix
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
-    logs = [[json.loads(x).get("loss") for x in open(tmp_path / d / "metrics.jsonl")]
-            for d in ("full", "split")]
+    logs = [
+        [json.loads(x).get("loss") for x in open(tmp_path / d / "metrics.jsonl")]
+        for d in ("full", "split")
+    ]
     assert logs[0][-1]["rewrites"] == len(a) and logs[0][-1]["rewrite_events"] == 4
     assert len(logs[0]) == len(logs[1])
     for x, y in zip(logs[0], logs[1]):  # diagnostics accumulated across the checkpoint too
@@ -127,22 +135,29 @@ def test_another_model_rewrites_and_verify_rejects(make_config, tmp_path):
     model.save_pretrained(tmp_path / "rewriter")
     byte_tokenizer().save_pretrained(tmp_path / "rewriter")
     loss = {**LOSS, "rewriter": {"model": str(tmp_path / "rewriter"), "max_new_tokens": 4}}
-    ext = Trainer(config.load(data=_raw(make_config, loss, steps=4),
-                              overrides=[f"output_dir={tmp_path}/ext"]))
+    ext = Trainer(
+        config.load(data=_raw(make_config, loss, steps=4), overrides=[f"output_dir={tmp_path}/ext"])
+    )
     ext.run()
     assert len(_rewrites(tmp_path / "ext")) > 0
     # A random model never reproduces the reference answer: verification rejects everything.
     loss = {**LOSS, "rewrite": {**LOSS["rewrite"], "verify": True}}
-    ver = Trainer(config.load(data=_raw(make_config, loss, steps=4),
-                              overrides=[f"output_dir={tmp_path}/ver"]))
+    ver = Trainer(
+        config.load(data=_raw(make_config, loss, steps=4), overrides=[f"output_dir={tmp_path}/ver"])
+    )
     ver.run()
     last = [json.loads(x) for x in open(tmp_path / "ver/metrics.jsonl")][-1]["loss"]
     assert last["rewrites"] == 0 and last["rewrites_rejected"] > 0
 
 
-@pytest.mark.parametrize("bad, field", [({"every": 0}, "loss.rewrite.every"),
-                                        ({"min_visits": 0}, "loss.rewrite.min_visits"),
-                                        ({"schedule": "linear"}, "loss.rewrite.schedule")])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"every": 0}, "loss.rewrite.every"),
+        ({"min_visits": 0}, "loss.rewrite.min_visits"),
+        ({"schedule": "linear"}, "loss.rewrite.schedule"),
+    ],
+)
 def test_bad_rewrite_options(make_config, bad, field):
     from mixtune.errors import ConfigError
 

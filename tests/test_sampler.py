@@ -90,8 +90,9 @@ def test_guide_table_lookup_equals_binary_search():
     K = 1024
     w = np.random.default_rng(0).dirichlet(np.full(K, 0.05))
     s = MixtureSampler([10] * K, [str(i) for i in range(K)], w, seed=0)
-    u = np.concatenate([np.random.default_rng(1).random(5000), s._cdf[:-1],
-                        np.nextafter(s._cdf[:-1], 0)])
+    u = np.concatenate(
+        [np.random.default_rng(1).random(5000), s._cdf[:-1], np.nextafter(s._cdf[:-1], 0)]
+    )
     u = u[(u >= 0) & (u < 1)]
     want = np.minimum(np.searchsorted(s._cdf, u, side="right"), K - 1)
     assert np.array_equal(s._lookup(u), want)

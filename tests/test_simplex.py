@@ -36,13 +36,16 @@ def test_validate_accepts_mapping_and_orders_by_name():
     np.testing.assert_allclose(w, [0.75, 0.25])
 
 
-@pytest.mark.parametrize("bad,msg", [
-    ([0.5, float("nan")], "finite"),
-    ([1.5, -0.5], "non-negative"),
-    ([0.5, 0.2], "sum to 1"),
-    ({"zz": 1.0}, "unknown dataset"),
-    ([1.0], "1 weights for 2 datasets"),
-])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        ([0.5, float("nan")], "finite"),
+        ([1.5, -0.5], "non-negative"),
+        ([0.5, 0.2], "sum to 1"),
+        ({"zz": 1.0}, "unknown dataset"),
+        ([1.0], "1 weights for 2 datasets"),
+    ],
+)
 def test_validate_rejects(bad, msg):
     with pytest.raises(MixtuneError, match=msg):
         simplex.validate(bad, ["a", "b"])

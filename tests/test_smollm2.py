@@ -38,14 +38,16 @@ def test_gguf_missing_package_or_file_is_a_config_error(tmp_path, monkeypatch):
     (tmp_path / "other.gguf").write_bytes(b"")
     cfg = ModelConfig(name_or_path=str(tmp_path), gguf_file=GGUF)
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gguf" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a)
+    )
     with pytest.raises(ConfigError, match="pip install gguf"):
         setup.load_model(cfg, None, 0, torch.float32)
     with pytest.raises(ConfigError, match="pip install gguf"):
         setup.load_tokenizer(cfg)
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "gguf" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "gguf" else real(name, *a)
+    )
     with pytest.raises(ConfigError, match=r"not found in .*GGUF files there: \['other.gguf'\]"):
         setup.load_model(cfg, None, 0, torch.float32)
     file_cfg = ModelConfig(name_or_path=str(tmp_path / "other.gguf"), gguf_file="other.gguf")
@@ -86,11 +88,18 @@ def test_smollm2_lora_dynamixsft_from_gguf(tmp_path):
     from mixtune.engine.loop import Trainer
 
     run = tmp_path / "run"
-    cfg = config.load(ROOT / "configs/smollm2_lora.yaml", [
-        f"output_dir={run}", "max_steps=6", "mixer.update_every=2", "train.eval_every=3",
-        "train.max_length=64", "progress=false",
-        *[f"evals.{d}.batches=1" for d in ("arithmetic", "word_problems", "trivia")],
-    ])
+    cfg = config.load(
+        ROOT / "configs/smollm2_lora.yaml",
+        [
+            f"output_dir={run}",
+            "max_steps=6",
+            "mixer.update_every=2",
+            "train.eval_every=3",
+            "train.max_length=64",
+            "progress=false",
+            *[f"evals.{d}.batches=1" for d in ("arithmetic", "word_problems", "trivia")],
+        ],
+    )
     trainer = Trainer(cfg)
     base = trainer.acc.unwrap_model(trainer.model)
     assert 134e6 < sum(p.numel() for p in base.parameters() if not p.requires_grad) < 135e6
@@ -100,8 +109,14 @@ def test_smollm2_lora_dynamixsft_from_gguf(tmp_path):
     tok = trainer.tokenizer
     template = resolve_template(tok, cfg.model.chat_template)
     assert "<|im_start|>" in template
-    ex = Example(messages=[{"role": "user", "content": "Compute 2 + 3."},
-                           {"role": "assistant", "content": "5"}], text=None, answer="5")
+    ex = Example(
+        messages=[
+            {"role": "user", "content": "Compute 2 + 3."},
+            {"role": "assistant", "content": "5"},
+        ],
+        text=None,
+        answer="5",
+    )
     one = tokenize([ex], tok, 128, template, "check")
     ids, labels = one.input_ids[0], one.labels[0]
     assert tok.decode(ids[: one.prompt_len[0]]).endswith("<|im_start|>assistant\n")
@@ -111,8 +126,9 @@ def test_smollm2_lora_dynamixsft_from_gguf(tmp_path):
     records = _records(run)
     losses = [r["train"]["loss"] for r in records if "train" in r]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
-    weights = [tuple(r["weights"][d] for d in ("arithmetic", "word_problems", "trivia"))
-               for r in records]
+    weights = [
+        tuple(r["weights"][d] for d in ("arithmetic", "word_problems", "trivia")) for r in records
+    ]
     assert len(set(weights)) >= 2, "DynamixSFT never moved the mixture"
     assert any(r.get("mixer") for r in records), "no mixer diagnostics logged"
     evals = [r["eval"] for r in records if "eval" in r]

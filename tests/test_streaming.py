@@ -41,16 +41,36 @@ def shards(tmp_path):
 
 def _config(tmp_path, name, add, **extra):
     raw = {
-        "output_dir": str(tmp_path / name), "seed": 0, "max_steps": 10, "progress": False,
-        "model": {"tokenizer": "byte", "config": {
-            "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-            "max_position_embeddings": 256}},
-        "datasets": [add, {"name": "rev", "path": write_jsonl(tmp_path / "rev.jsonl",
-                                                               reverse_records(30))}],
-        "evals": [], "mixer": {"name": "uniform"},
-        "train": {"batch_size": 8, "lr": 3e-3, "max_length": 64, "eval_every": 0,
-                  "log_every": 1, "save_every": 0},
+        "output_dir": str(tmp_path / name),
+        "seed": 0,
+        "max_steps": 10,
+        "progress": False,
+        "model": {
+            "tokenizer": "byte",
+            "config": {
+                "model_type": "llama",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+                "max_position_embeddings": 256,
+            },
+        },
+        "datasets": [
+            add,
+            {"name": "rev", "path": write_jsonl(tmp_path / "rev.jsonl", reverse_records(30))},
+        ],
+        "evals": [],
+        "mixer": {"name": "uniform"},
+        "train": {
+            "batch_size": 8,
+            "lr": 3e-3,
+            "max_length": 64,
+            "eval_every": 0,
+            "log_every": 1,
+            "save_every": 0,
+        },
     }
     raw.update(extra)
     return raw
@@ -58,9 +78,14 @@ def _config(tmp_path, name, add, **extra):
 
 def _sampler(cfg):
     train, _ = streaming.build(cfg, byte_tokenizer())
-    return train, MixtureSampler([t.size for t in train], [t.name for t in train],
-                                 [1 / len(train)] * len(train), cfg.seed,
-                                 [t.repeat for t in train], streaming.streams_of(train))
+    return train, MixtureSampler(
+        [t.size for t in train],
+        [t.name for t in train],
+        [1 / len(train)] * len(train),
+        cfg.seed,
+        [t.repeat for t in train],
+        streaming.streams_of(train),
+    )
 
 
 def _strip(record):
@@ -78,8 +103,9 @@ def _record_batches(monkeypatch):
     inner = Trainer.train_step
 
     def train_step(self, ds, ex):
-        seen.append([(int(k), int(e), bytes(self.train_sets[k].data.input_ids[e]))
-                     for k, e in zip(ds, ex)])
+        seen.append(
+            [(int(k), int(e), bytes(self.train_sets[k].data.input_ids[e])) for k, e in zip(ds, ex)]
+        )
         return inner(self, ds, ex)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
@@ -89,15 +115,22 @@ def _record_batches(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 def test_stream_with_a_whole_dataset_block_equals_in_memory_run(tmp_path, chase_mixer):
     recs = addition_records(40)
-    mem = _config(tmp_path, "mem", {"name": "add", "path": write_jsonl(tmp_path / "add.jsonl",
-                                                                       recs)},
-                  mixer={"name": "chase"})
+    mem = _config(
+        tmp_path,
+        "mem",
+        {"name": "add", "path": write_jsonl(tmp_path / "add.jsonl", recs)},
+        mixer={"name": "chase"},
+    )
     # the stream's file holds the examples in the in-memory path's order (its load shuffle),
     # and one block covers the dataset: its permutation is the in-memory sampler's pass
     ordered = [recs[i] for i in _perm(0, "add", len(recs))]
     path = write_jsonl(tmp_path / "ordered.jsonl", ordered)
-    stream = _config(tmp_path, "stream", {"name": "add", "path": path, "streaming": True,
-                                          "shuffle_buffer": 64}, mixer={"name": "chase"})
+    stream = _config(
+        tmp_path,
+        "stream",
+        {"name": "add", "path": path, "streaming": True, "shuffle_buffer": 64},
+        mixer={"name": "chase"},
+    )
     a, b = Trainer(config.load(data=mem)), Trainer(config.load(data=stream))
     assert isinstance(b.train_sets[0], streaming.StreamSet)
     a.run(), b.run()
@@ -109,9 +142,14 @@ def test_stream_with_a_whole_dataset_block_equals_in_memory_run(tmp_path, chase_
 
 def test_sharded_stream_each_epoch_is_the_dataset_and_seeded(tmp_path, shards):
     def draws(seed, path):
-        cfg = config.load(data=_config(tmp_path, "x", {"name": "add", "path": path,
-                                                       "streaming": True, "shuffle_buffer": 8},
-                                       seed=seed))
+        cfg = config.load(
+            data=_config(
+                tmp_path,
+                "x",
+                {"name": "add", "path": path, "streaming": True, "shuffle_buffer": 8},
+                seed=seed,
+            )
+        )
         train, s = _sampler(cfg)
         s.set_weights([1.0, 0.0])
         out = []
@@ -133,14 +171,15 @@ def _in_memory_ids(recs):
     from mixtune.data.template import DEFAULT_CHAT_TEMPLATE
     from mixtune.data.tokenize import tokenize
 
-    return tokenize(normalize(recs, "auto", None, "t"), byte_tokenizer(), 64,
-                    DEFAULT_CHAT_TEMPLATE, "t").input_ids
+    return tokenize(
+        normalize(recs, "auto", None, "t"), byte_tokenizer(), 64, DEFAULT_CHAT_TEMPLATE, "t"
+    ).input_ids
 
 
-@pytest.mark.parametrize("mixer", [{"name": "chase"},
-                                   {"name": "dynamixsft", "update_every": 2, "batch_size": 4}])
-def test_streaming_resume_equals_uninterrupted(tmp_path, shards, chase_mixer, monkeypatch,
-                                               mixer):
+@pytest.mark.parametrize(
+    "mixer", [{"name": "chase"}, {"name": "dynamixsft", "update_every": 2, "batch_size": 4}]
+)
+def test_streaming_resume_equals_uninterrupted(tmp_path, shards, chase_mixer, monkeypatch, mixer):
     seen = _record_batches(monkeypatch)
     add = {"name": "add", "path": str(shards), "streaming": True, "shuffle_buffer": 8}
     raw = _config(tmp_path, "full", add, mixer=mixer)
@@ -164,14 +203,21 @@ def test_streaming_resume_equals_uninterrupted(tmp_path, shards, chase_mixer, mo
 
 def test_non_repeating_stream_is_exhausted_like_in_memory(tmp_path):
     small = write_jsonl(tmp_path / "small.jsonl", addition_records(5))
-    cfg = config.load(data=_config(tmp_path, "x", {"name": "add", "path": small,
-                                                   "streaming": True, "repeat": False}))
+    cfg = config.load(
+        data=_config(
+            tmp_path, "x", {"name": "add", "path": small, "streaming": True, "repeat": False}
+        )
+    )
     train, s = _sampler(cfg)
     s.set_weights([0.9, 0.1])
     drawn = np.concatenate([s.next_batch(10)[0] for _ in range(5)])
     assert (drawn == 0).sum() == 5 and s.exhausted[0]
-    only = config.load(data={"datasets": [{"name": "add", "path": small, "streaming": True,
-                                           "repeat": False}], "model": {"tokenizer": "byte"}})
+    only = config.load(
+        data={
+            "datasets": [{"name": "add", "path": small, "streaming": True, "repeat": False}],
+            "model": {"tokenizer": "byte"},
+        }
+    )
     _, s2 = _sampler(only)
     s2.next_batch(4)
     with pytest.raises(SamplerExhausted, match="repeat: true"):
@@ -192,8 +238,8 @@ def test_hub_stream_from_local_file_resumes_exactly(tmp_path):
         from mixtune.data.tokenize import tokenize
 
         def tokenise(recs):
-            return tokenize(normalize(recs, "auto", None, "t"), tok, 64, DEFAULT_CHAT_TEMPLATE,
-                            "t")
+            return tokenize(normalize(recs, "auto", None, "t"), tok, 64, DEFAULT_CHAT_TEMPLATE, "t")
+
         return streaming.Stream(src, 0, 0, 8, True, tokenise)
 
     a = stream()
@@ -204,8 +250,9 @@ def test_hub_stream_from_local_file_resumes_exactly(tmp_path):
     b = stream()
     b.load_state_dict(state)
     assert [bytes(b.cache[e][0]) for e in b.take(30, True)] == rest
-    assert sorted(first + rest[:17]) == sorted(bytes(x) for x in _in_memory_ids(
-        addition_records(30)))
+    assert sorted(first + rest[:17]) == sorted(
+        bytes(x) for x in _in_memory_ids(addition_records(30))
+    )
 
 
 def src_count(factory):
@@ -215,16 +262,23 @@ def src_count(factory):
 def test_hub_streaming_config_trains(tmp_path, chase_mixer):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list(addition_records(20)).to_parquet(str(tmp_path / "a.parquet"))
-    raw = _config(tmp_path, "hub", {"name": "add", "path": str(tmp_path / "a.parquet"),
-                                    "streaming": True}, max_steps=3)
+    raw = _config(
+        tmp_path,
+        "hub",
+        {"name": "add", "path": str(tmp_path / "a.parquet"), "streaming": True},
+        max_steps=3,
+    )
     trainer = Trainer(config.load(data=raw))
     assert isinstance(trainer.train_sets[0].stream.source, streaming.HubSource)
     assert trainer.run()["steps"] == 3 and trainer.counters["drawn"][0] > 0
 
 
 def test_features_needing_random_access_are_refused(tmp_path):
-    add = {"name": "add", "path": write_jsonl(tmp_path / "a.jsonl", addition_records(10)),
-           "streaming": True}
+    add = {
+        "name": "add",
+        "path": write_jsonl(tmp_path / "a.jsonl", addition_records(10)),
+        "streaming": True,
+    }
     cases = {
         "loss.rewrite.enabled": {"loss": {"name": "cadft"}},
         "mixer.reward": {"mixer": {"name": "dynamixsft", "reward": "progress"}},
@@ -232,11 +286,13 @@ def test_features_needing_random_access_are_refused(tmp_path):
     }
     for field, extra in cases.items():
         with pytest.raises(ConfigError, match=field):
-            streaming.build(config.load(data=_config(tmp_path, "x", add, **extra)),
-                            byte_tokenizer())
+            streaming.build(
+                config.load(data=_config(tmp_path, "x", add, **extra)), byte_tokenizer()
+            )
     ok = {"loss": {"name": "cadft", "rewrite": {"enabled": False}}}  # batch-level weights only
-    train, _ = streaming.build(config.load(data=_config(tmp_path, "x", add, **ok)),
-                               byte_tokenizer())
+    train, _ = streaming.build(
+        config.load(data=_config(tmp_path, "x", add, **ok)), byte_tokenizer()
+    )
     with pytest.raises(ConfigError, match="shuffle_buffer"):
         config.load(data=_config(tmp_path, "x", dict(add, streaming=False, shuffle_buffer=4)))
 
@@ -254,14 +310,20 @@ def test_probe_on_a_stream_restores_its_position(tmp_path, shards, chase_mixer):
     assert a.sampler.state_dict() == before and len(la.pre) == 4
     (da, ea), (dc, ec) = a.sampler.next_batch(8), c.sampler.next_batch(8)
     assert np.array_equal(da, dc) and np.array_equal(ea, ec)
-    assert all(np.array_equal(a.train_sets[k].data.input_ids[e], c.train_sets[k].data.input_ids[e])
-               for k, e in zip(da, ea))
+    assert all(
+        np.array_equal(a.train_sets[k].data.input_ids[e], c.train_sets[k].data.input_ids[e])
+        for k, e in zip(da, ea)
+    )
 
 
 def test_memory_holds_one_block_and_one_step(tmp_path):
     path = write_jsonl(tmp_path / "big.jsonl", addition_records(3000))
-    cfg = config.load(data={"datasets": [{"name": "big", "path": path, "streaming": True,
-                                          "shuffle_buffer": 32}], "model": {"tokenizer": "byte"}})
+    cfg = config.load(
+        data={
+            "datasets": [{"name": "big", "path": path, "streaming": True, "shuffle_buffer": 32}],
+            "model": {"tokenizer": "byte"},
+        }
+    )
     train, s = _sampler(cfg)
     peak = 0
     for _ in range(400):  # 4000 draws: more than one epoch

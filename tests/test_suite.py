@@ -17,26 +17,41 @@ def _suite(tmp_path, make_config, methods, **top):
     base = make_config(max_steps=3)
     suite = {
         "output_dir": str(tmp_path / "bench"),
-        "parallel": 2, "threads": 1, "seeds": [0],
+        "parallel": 2,
+        "threads": 1,
+        "seeds": [0],
         "base": {k: base[k] for k in ("max_steps", "model", "train")},
-        "scenarios": [{"name": "toy", "datasets": base["datasets"], "evals": [
-            {**base["evals"][0], "role": "target"},
-            {**base["evals"][1], "role": "constraint"}]}],
-        "methods": methods, **top,
+        "scenarios": [
+            {
+                "name": "toy",
+                "datasets": base["datasets"],
+                "evals": [
+                    {**base["evals"][0], "role": "target"},
+                    {**base["evals"][1], "role": "constraint"},
+                ],
+            }
+        ],
+        "methods": methods,
+        **top,
     }
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))
     return path
 
 
-def test_broken_cell_is_recorded_resume_skips_finished_and_losses_are_rows(tmp_path, make_config,
-                                                                          capsys):
-    path = _suite(tmp_path, make_config, [
-        {"name": "proportional", "mixer": {"name": "proportional"}},
-        {"name": "prop-dft", "mixer": {"name": "proportional"}, "loss": {"name": "dft"}},
-        {"name": "prop-cadft", "mixer": {"name": "proportional"}, "loss": {"name": "cadft"}},
-        {"name": "broken", "mixer": {"name": "fixed", "weights": {"nope": 1}}},
-    ])
+def test_broken_cell_is_recorded_resume_skips_finished_and_losses_are_rows(
+    tmp_path, make_config, capsys
+):
+    path = _suite(
+        tmp_path,
+        make_config,
+        [
+            {"name": "proportional", "mixer": {"name": "proportional"}},
+            {"name": "prop-dft", "mixer": {"name": "proportional"}, "loss": {"name": "dft"}},
+            {"name": "prop-cadft", "mixer": {"name": "proportional"}, "loss": {"name": "cadft"}},
+            {"name": "broken", "mixer": {"name": "fixed", "weights": {"nope": 1}}},
+        ],
+    )
     assert cli.main(["bench", str(path)]) == 0
     root, cells_dir = tmp_path / "bench", tmp_path / "bench/cells"
     for name in ("proportional", "prop-dft", "prop-cadft"):
@@ -77,10 +92,16 @@ def test_builtin_suites_load_and_every_cell_validates():
     assert cli.main(["bench", "standard", "--check"]) == 0
     std, ext = load_suite("standard"), load_suite("extended")
     assert std.parallel == 2 and std.threads == 1
-    assert {m.name for m in std.methods} == {"fixed-sweep", "proportional", "dynamixsft",
-                                            "dynamics", "dynamics-noise"}
+    assert {m.name for m in std.methods} == {
+        "fixed-sweep",
+        "proportional",
+        "dynamixsft",
+        "dynamics",
+        "dynamics-noise",
+    }
     assert {"temperature", "exp3", "mergemix", "prop-dft", "prop-cadft"} <= {
-        m.name for m in ext.methods}
+        m.name for m in ext.methods
+    }
     assert std.base["model"]["name_or_path"] == "builtin-bench"
     assert ext.scenarios == std.scenarios and ext.base == std.base
     # the paper's sweep: 5 runs per scenario whose targets have equal budgets, up to 9 else
@@ -104,13 +125,15 @@ def test_builtin_suites_load_and_every_cell_validates():
     assert check_suite(real) == 7
 
 
-def test_mergemix_planned_method_counts_planning_and_reuses_the_plan(tmp_path, make_config,
-                                                                    capsys):
-    planner = {"name": "mergemix", "experts": {"steps": 2},
-               "search": {"n_seeds": 3, "n_candidates": 200, "surrogate": "quadratic",
-                          "eval_batches": 1}}
-    path = _suite(tmp_path, make_config, [{"name": "mergemix", "planner": planner}],
-                  reference_slack=0.25)
+def test_mergemix_planned_method_counts_planning_and_reuses_the_plan(tmp_path, make_config, capsys):
+    planner = {
+        "name": "mergemix",
+        "experts": {"steps": 2},
+        "search": {"n_seeds": 3, "n_candidates": 200, "surrogate": "quadratic", "eval_batches": 1},
+    }
+    path = _suite(
+        tmp_path, make_config, [{"name": "mergemix", "planner": planner}], reference_slack=0.25
+    )
     assert cli.main(["bench", str(path)]) == 0
     root = tmp_path / "bench"
     plan_dir, cell = root / "plans/toy--mergemix--s0", root / "cells/toy--mergemix--s0"
@@ -125,7 +148,8 @@ def test_mergemix_planned_method_counts_planning_and_reuses_the_plan(tmp_path, m
     # ... while the planner scores merges on 1 batch: it bounds the constraint by its own base
     # measurement on that batch + 0.25, so the base model keeps its own bound
     assert [b["limit"] for b in plan["bounds"]] == [
-        pytest.approx(plan["base"]["rev"]["loss"] + 0.25)]
+        pytest.approx(plan["base"]["rev"]["loss"] + 0.25)
+    ]
     for b in plan["bounds"]:
         assert b["upper"] and plan["base"][b["domain"]][b["metric"]] <= b["limit"]
     plan_s = float((plan_dir / "seconds.txt").read_text())
@@ -153,9 +177,14 @@ def test_suite_options_are_validated(tmp_path, make_config):
     path = _suite(tmp_path, make_config, [{"name": "a b"}])
     with pytest.raises(ConfigError, match="methods"):
         load_suite(str(path))
-    path = _suite(tmp_path, make_config, [
-        {"name": "t", "mixer": {"name": "fixed", "weights": "targets"}},
-        {"name": "bad", "mixer": {"name": "fixed", "weights": {"nope": 1}}}])
+    path = _suite(
+        tmp_path,
+        make_config,
+        [
+            {"name": "t", "mixer": {"name": "fixed", "weights": "targets"}},
+            {"name": "bad", "mixer": {"name": "fixed", "weights": {"nope": 1}}},
+        ],
+    )
     with pytest.raises(ConfigError, match="cell toy--bad--s0: mixer.weights.nope"):
         check_suite(load_suite(str(path)))
 
@@ -197,8 +226,10 @@ def _check_quick(out, max_steps=None):
     assert set(rows) == {m.name for m in load_suite("quick").methods}
     assert all(r["failed"] == 0 and r["target_delta"] is not None for r in rows.values()), rows
     # the paper protocol: dev for selection, test twins logged beside, reported on test
-    assert all(r["reported_on"] == "test" and r["test_ppl_delta"] is not None
-               and r["feasible"] is not None for r in rows.values()), rows
+    assert all(
+        r["reported_on"] == "test" and r["test_ppl_delta"] is not None and r["feasible"] is not None
+        for r in rows.values()
+    ), rows
     cell = out / "cells/code-vs-general--proportional--s0"
     ran = {e["name"]: e for e in yaml.safe_load((cell / "cell.yaml").read_text())["evals"]}
     assert ran["code"]["split"] == "dev" and ran["code-test"]["split"] == "test"

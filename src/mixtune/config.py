@@ -50,8 +50,7 @@ class LoraConfig:
     """Module names to adapt, or ``all-linear``."""
 
     def __post_init__(self):
-        _check(1 <= self.r <= 2**16, "model.lora.r", "must be in [1, 65536] (usually 4-64)",
-               self.r)
+        _check(1 <= self.r <= 2**16, "model.lora.r", "must be in [1, 65536] (usually 4-64)", self.r)
         _check(0 <= self.dropout < 1, "model.lora.dropout", "must be in [0, 1)", self.dropout)
 
 
@@ -77,11 +76,17 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.gguf_file is not None:
-            _check(bool(self.gguf_file.strip()), "model.gguf_file", "must be a file name",
-                   self.gguf_file)
+            _check(
+                bool(self.gguf_file.strip()),
+                "model.gguf_file",
+                "must be a file name",
+                self.gguf_file,
+            )
             if self.config is not None or self.name_or_path in ("builtin", "builtin-bench"):
-                raise ConfigError("model.gguf_file: needs model.name_or_path set to the directory "
-                                  "(or hub repo) holding the file, and no model.config")
+                raise ConfigError(
+                    "model.gguf_file: needs model.name_or_path set to the directory "
+                    "(or hub repo) holding the file, and no model.config"
+                )
 
 
 FORMATS = ("auto", "messages", "prompt_response", "instruction", "text")
@@ -115,11 +120,16 @@ class DatasetConfig:
 
     def __post_init__(self):
         _check_name(self.name, "datasets[].name")
-        _check(self.shuffle_buffer >= 0, f"datasets.{self.name}.shuffle_buffer", "must be >= 0",
-               self.shuffle_buffer)
+        _check(
+            self.shuffle_buffer >= 0,
+            f"datasets.{self.name}.shuffle_buffer",
+            "must be >= 0",
+            self.shuffle_buffer,
+        )
         if self.shuffle_buffer and not self.streaming:
-            raise ConfigError(f"datasets.{self.name}.shuffle_buffer: applies only with "
-                              "streaming: true")
+            raise ConfigError(
+                f"datasets.{self.name}.shuffle_buffer: applies only with streaming: true"
+            )
         _check(
             self.max_examples is None or self.max_examples >= 1,
             f"datasets.{self.name}.max_examples",
@@ -171,22 +181,35 @@ class EvalConfig:
         where = f"evals.{self.name}"
         if (self.path is None) == (self.from_dataset is None):
             raise ConfigError(f"{where}: give exactly one of 'path' or 'from_dataset'")
-        _check(0 < self.holdout < math.inf, f"{where}.holdout", "must be finite and > 0",
-               self.holdout)
-        _check(self.reference is None or math.isfinite(self.reference), f"{where}.reference",
-               "must be finite (or null)", self.reference)
+        _check(
+            0 < self.holdout < math.inf, f"{where}.holdout", "must be finite and > 0", self.holdout
+        )
+        _check(
+            self.reference is None or math.isfinite(self.reference),
+            f"{where}.reference",
+            "must be finite (or null)",
+            self.reference,
+        )
         _check(self.batches >= 1, f"{where}.batches", "must be >= 1", self.batches)
         _check(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1", self.batch_size)
-        _check(1 <= self.max_new_tokens <= MAX_NEW_TOKENS, f"{where}.max_new_tokens",
-               f"must be in [1, {MAX_NEW_TOKENS}]", self.max_new_tokens)
+        _check(
+            1 <= self.max_new_tokens <= MAX_NEW_TOKENS,
+            f"{where}.max_new_tokens",
+            f"must be in [1, {MAX_NEW_TOKENS}]",
+            self.max_new_tokens,
+        )
         if self.metric == "accuracy" and self.accuracy is False:
             raise ConfigError(f"{where}: metric 'accuracy' needs accuracy: true (or null)")
         if (self.role == "test") != (self.test_of is not None):
-            raise ConfigError(f"{where}: role 'test' and test_of go together (test_of names "
-                              "the evaluation domain this is the test split of)")
+            raise ConfigError(
+                f"{where}: role 'test' and test_of go together (test_of names "
+                "the evaluation domain this is the test split of)"
+            )
         if self.role == "test" and self.reference is not None:
-            raise ConfigError(f"{where}.reference: a test domain has no reference (it is "
-                              f"judged by the reference of '{self.test_of}')")
+            raise ConfigError(
+                f"{where}.reference: a test domain has no reference (it is "
+                f"judged by the reference of '{self.test_of}')"
+            )
 
 
 MAX_BATCH = 2**20  # examples per step: beyond this a typo, not a batch (the sampler allocates it)
@@ -233,32 +256,52 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
-        _check(self.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1",
-               self.max_nonfinite)
+        _check(self.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1", self.max_nonfinite)
         _check(
             self.micro_batch_size is None or self.micro_batch_size >= 1,
-            "train.micro_batch_size", "must be >= 1", self.micro_batch_size,
+            "train.micro_batch_size",
+            "must be >= 1",
+            self.micro_batch_size,
         )
-        _check(self.batch_size <= MAX_BATCH, "train.batch_size", f"must be <= {MAX_BATCH}",
-               self.batch_size)
-        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", "must be > 0 and finite",
-               self.lr)
-        _check(0 <= self.weight_decay < math.inf, "train.weight_decay", "must be finite and >= 0",
-               self.weight_decay)
-        _check(0 < self.adam_eps < math.inf, "train.adam_eps", "must be finite and > 0",
-               self.adam_eps)
+        _check(
+            self.batch_size <= MAX_BATCH,
+            "train.batch_size",
+            f"must be <= {MAX_BATCH}",
+            self.batch_size,
+        )
+        _check(
+            self.lr > 0 and math.isfinite(self.lr), "train.lr", "must be > 0 and finite", self.lr
+        )
+        _check(
+            0 <= self.weight_decay < math.inf,
+            "train.weight_decay",
+            "must be finite and >= 0",
+            self.weight_decay,
+        )
+        _check(
+            0 < self.adam_eps < math.inf, "train.adam_eps", "must be finite and > 0", self.adam_eps
+        )
         _check(all(0 <= b < 1 for b in self.betas), "train.betas", "must be in [0, 1)", self.betas)
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", self.warmup_steps)
-        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)",
-               self.warmup_ratio)
-        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm",
-               "must be > 0 or null", self.max_grad_norm)
+        _check(
+            0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", self.warmup_ratio
+        )
+        _check(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            "train.max_grad_norm",
+            "must be > 0 or null",
+            self.max_grad_norm,
+        )
         _check(self.max_length >= 2, "train.max_length", "must be >= 2", self.max_length)
         for key in ("eval_every", "save_every"):
             _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0", getattr(self, key))
         _check(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1",
-               self.keep_checkpoints)
+        _check(
+            self.keep_checkpoints >= 1,
+            "train.keep_checkpoints",
+            "must be >= 1",
+            self.keep_checkpoints,
+        )
 
 
 @dataclass(frozen=True)
@@ -287,8 +330,12 @@ class RunConfig:
     def __post_init__(self):
         _check(self.max_steps >= 1, "max_steps", "must be >= 1", self.max_steps)
         _check(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)", self.seed)
-        _check(bool(self.output_dir.strip()) and "\0" not in self.output_dir, "output_dir",
-               "must be a non-empty path without NUL characters", self.output_dir)
+        _check(
+            bool(self.output_dir.strip()) and "\0" not in self.output_dir,
+            "output_dir",
+            "must be a non-empty path without NUL characters",
+            self.output_dir,
+        )
         if not self.datasets:
             raise ConfigError("datasets: at least one training dataset is required")
         _unique([d.name for d in self.datasets], "datasets")
@@ -308,16 +355,23 @@ class RunConfig:
                     f"domain; domains are {[n for n, r in roles.items() if r != 'test']}"
                 )
         for t in self.report_to:
-            _check(t in ("tensorboard", "wandb"), "report_to", "entries must be tensorboard or "
-                   "wandb", t)
+            _check(
+                t in ("tensorboard", "wandb"),
+                "report_to",
+                "entries must be tensorboard or wandb",
+                t,
+            )
 
 
 # --------------------------------------------------------------------------------------------
 # Loading and overrides
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-         data: dict | None = None) -> RunConfig:
+def load(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    data: dict | None = None,
+) -> RunConfig:
     """Read a YAML file (or ``data``), apply ``key=value`` overrides, validate."""
     if data is None:
         data = read_yaml(path) if path is not None else {}
@@ -366,5 +420,3 @@ def method_options(cfgm: MethodConfig, registry: dict, section: str):
     """The validated options dataclass of a mixer/loss config (None if it takes none)."""
     options_cls = getattr(registry[cfgm.name], "Config", None)
     return None if options_cls is None else _build(options_cls, cfgm.params, section)
-
-

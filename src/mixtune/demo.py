@@ -71,20 +71,40 @@ def scenario(out_dir: Path, mixer: dict, budget: Budget, seed: int) -> dict:
         "resume": "never",
         "model": {"name_or_path": "builtin"},
         "datasets": [{"name": d, "path": f"builtin:{d}"} for d in (*TARGETS, *GENERAL)],
-        "evals": [{"name": d, "path": f"builtin:{d}", "split": "eval", "role": role,
-                   "metric": metric, "batches": budget.eval_batches, "batch_size": 16,
-                   "accuracy": d in ("word_problems", "trivia", "safety", "arithmetic"),
-                   "max_new_tokens": 12}
-                  for d, role, metric in EVALS],
+        "evals": [
+            {
+                "name": d,
+                "path": f"builtin:{d}",
+                "split": "eval",
+                "role": role,
+                "metric": metric,
+                "batches": budget.eval_batches,
+                "batch_size": 16,
+                "accuracy": d in ("word_problems", "trivia", "safety", "arithmetic"),
+                "max_new_tokens": 12,
+            }
+            for d, role, metric in EVALS
+        ],
         "mixer": mixer,
-        "train": {"batch_size": budget.batch_size, "lr": budget.lr, "schedule": "cosine",
-                  "warmup_steps": 5, "max_length": budget.max_length,
-                  "eval_every": budget.eval_every, "log_every": 10, "save_every": 0},
+        "train": {
+            "batch_size": budget.batch_size,
+            "lr": budget.lr,
+            "schedule": "cosine",
+            "warmup_steps": 5,
+            "max_length": budget.max_length,
+            "eval_every": budget.eval_every,
+            "log_every": 10,
+            "save_every": 0,
+        },
     }
 
 
-def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
-             only: list[str] | None = None) -> dict:
+def run_demo(
+    output_dir: str | Path = "runs/demo",
+    quick: bool = False,
+    seed: int = 0,
+    only: list[str] | None = None,
+) -> dict:
     """Train every mixture, print the comparison, write ``<output_dir>/report.html``."""
     budget = QUICK if quick else FULL
     root = Path(output_dir)
@@ -103,8 +123,12 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False, seed: in
         write_report(run_dir)
         records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         evals = [r for r in records if "eval" in r]
-        results[name] = {"before": evals[0]["eval"], "after": evals[-1]["eval"],
-                         "seconds": summary["seconds"], "weights": summary["weights"]}
+        results[name] = {
+            "before": evals[0]["eval"],
+            "after": evals[-1]["eval"],
+            "seconds": summary["seconds"],
+            "weights": summary["weights"],
+        }
     table = comparison_table(results)
     print(table)
     (root / "results.json").write_text(json.dumps(results, indent=1))
@@ -130,11 +154,14 @@ def comparison_table(results: dict[str, dict]) -> str:
                 mark = " ✓ kept" if a["loss"] <= b["loss"] + TOLERANCE else " ✗ broken"
             cells.append(f"{_m(a)}{mark}")
         rows.append(f"| {dom} | {role} | {_m(b)} | " + " | ".join(cells) + " |")
-    rows.append("| wall time | | | " + " | ".join(f"{results[n]['seconds']:.0f} s"
-                                                    for n in names) + " |")
-    return "\n".join(rows) + (f"\n\nLoss / exact-match accuracy on held-out examples. A constraint "
-                              f"is kept when its loss ends at most {TOLERANCE} nats above the "
-                              "base model's.")
+    rows.append(
+        "| wall time | | | " + " | ".join(f"{results[n]['seconds']:.0f} s" for n in names) + " |"
+    )
+    return "\n".join(rows) + (
+        f"\n\nLoss / exact-match accuracy on held-out examples. A constraint "
+        f"is kept when its loss ends at most {TOLERANCE} nats above the "
+        "base model's."
+    )
 
 
 def _m(m: dict) -> str:
@@ -152,19 +179,32 @@ def _write_html(root: Path, results: dict, table: str) -> Path:
         tag = "th" if not rows else "td"
         cells = [c.strip() for c in line.strip("|").split("|")]
         rows.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
-    links = "".join(f"<li><a href='{n}/report/index.html'>{html.escape(n)}</a>: final weights "
-                    + ", ".join(f"{k} {v:.2f}" for k, v in r["weights"].items()) + "</li>"
-                    for n, r in results.items())
-    imgs = "".join(f"<h3>{html.escape(n)}</h3><img src='{n}/report/weights.png'>"
-                   f"<img src='{n}/report/eval_loss.png'>" for n in results)
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>mixtune demo</title>"
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
-            "img{max-width:49%}</style></head><body><h1>mixtune demo</h1>"
-            "<p>Targets: code, word_problems. Constraints: trivia, safety, dialogue (kept = loss "
-            f"at most {TOLERANCE} nats above the base model's). Loss / exact-match accuracy on "
-            "held-out examples.</p><table>" + "".join(rows) + "</table><ul>" + links + "</ul>"
-            + imgs + "</body></html>")
+    links = "".join(
+        f"<li><a href='{n}/report/index.html'>{html.escape(n)}</a>: final weights "
+        + ", ".join(f"{k} {v:.2f}" for k, v in r["weights"].items())
+        + "</li>"
+        for n, r in results.items()
+    )
+    imgs = "".join(
+        f"<h3>{html.escape(n)}</h3><img src='{n}/report/weights.png'>"
+        f"<img src='{n}/report/eval_loss.png'>"
+        for n in results
+    )
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>mixtune demo</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+        "img{max-width:49%}</style></head><body><h1>mixtune demo</h1>"
+        "<p>Targets: code, word_problems. Constraints: trivia, safety, dialogue (kept = loss "
+        f"at most {TOLERANCE} nats above the base model's). Loss / exact-match accuracy on "
+        "held-out examples.</p><table>"
+        + "".join(rows)
+        + "</table><ul>"
+        + links
+        + "</ul>"
+        + imgs
+        + "</body></html>"
+    )
     path = root / "report.html"
     path.write_text(page)
     return path

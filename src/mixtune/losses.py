@@ -59,8 +59,10 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     # the (B, T, V) logits is not contiguous, and reshaping it would copy it and its gradient.
     target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T): position t predicts t+1
     nll = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
-        ignore_index=IGNORE, reduction="none",
+        logits.float().reshape(-1, logits.size(-1)),
+        target.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
     ).view(target.shape)
     return nll[:, :-1].contiguous(), target[:, :-1] != IGNORE
 
@@ -148,8 +150,11 @@ class TokenProbStats:
 
     def commit(self) -> None:
         if self.pending is not None:
-            self.sums = (self.pending if self.sums is None
-                         else self.sums.to(self.pending.device) + self.pending)
+            self.sums = (
+                self.pending
+                if self.sums is None
+                else self.sums.to(self.pending.device) + self.pending
+            )
         self.pending = None
 
     def state_dict(self, world: int) -> dict:
@@ -160,8 +165,11 @@ class TokenProbStats:
         self.sums = state.get("sums")
 
     def take(self, trainer) -> dict[str, float]:
-        s = self.sums if self.sums is not None else torch.zeros(4, dtype=torch.float64,
-                                                                device=trainer.acc.device)
+        s = (
+            self.sums
+            if self.sums is not None
+            else torch.zeros(4, dtype=torch.float64, device=trainer.acc.device)
+        )
         if trainer.world > 1:
             s = trainer.acc.reduce(s.to(trainer.acc.device), reduction="sum")
         s = s.cpu().tolist()  # host sync: log steps only
@@ -199,8 +207,9 @@ class DFT:
         terms = dft(logits, labels)
         self.probs.add(terms.token_weights, terms.mask)
         if extra is not None:
-            terms.sample_weights = torch.full((labels.shape[0],), extra["scale"],
-                                              device=labels.device)
+            terms.sample_weights = torch.full(
+                (labels.shape[0],), extra["scale"], device=labels.device
+            )
         return terms
 
     def after_step(self, trainer) -> None:

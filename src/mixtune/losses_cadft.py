@@ -93,8 +93,12 @@ class RewriterConfig:
     def __post_init__(self):
         _check(0 < self.top_p <= 1, "rewriter.top_p", "must be in (0, 1]", self.top_p)
         _check(self.temperature > 0, "rewriter.temperature", "must be > 0", self.temperature)
-        _check(self.max_new_tokens is None or self.max_new_tokens >= 1,
-               "rewriter.max_new_tokens", "must be >= 1 or null", self.max_new_tokens)
+        _check(
+            self.max_new_tokens is None or self.max_new_tokens >= 1,
+            "rewriter.max_new_tokens",
+            "must be >= 1 or null",
+            self.max_new_tokens,
+        )
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,9 @@ class CADFTConfig:
         _check(self.eps > 0, "eps", "must be > 0", self.eps)
 
 
-def zscore_weights(c: torch.Tensor, s1: float, s2: float, n: float, beta: float,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def zscore_weights(
+    c: torch.Tensor, s1: float, s2: float, n: float, beta: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z, w)`` for compatibilities ``c`` given batch sums (sum c, sum c^2, count)."""
     c = c.double()
     if n <= 1:
@@ -164,9 +169,13 @@ class CADFT:
         if o.stats == "global":
             for b, x in zip(batches, extras):
                 x["c"] = _compatibility(trainer, b)  # (B,) no-grad forward
-                sums[:3] += torch.stack([x["c"].sum(), (x["c"] ** 2).sum(),
-                                         torch.tensor(float(len(x["c"])), dtype=torch.float64,
-                                                      device=device)])
+                sums[:3] += torch.stack(
+                    [
+                        x["c"].sum(),
+                        (x["c"] ** 2).sum(),
+                        torch.tensor(float(len(x["c"])), dtype=torch.float64, device=device),
+                    ]
+                )
         for b in batches:
             sums[3] += (b["labels"][:, 1:] != IGNORE).sum()
             sums[4] += b["labels"].shape[0]
@@ -196,8 +205,18 @@ class CADFT:
             c, z, w = extra["c"], extra["z"], extra["w"]
         self._add_weights(w)
         if extra is not None and self.rewriter is not None:
-            self.rows.append(torch.stack([extra["pos"].double(), extra["domain"].double(),
-                                          extra["index"].double(), c.double(), z], 1))
+            self.rows.append(
+                torch.stack(
+                    [
+                        extra["pos"].double(),
+                        extra["domain"].double(),
+                        extra["index"].double(),
+                        c.double(),
+                        z,
+                    ],
+                    1,
+                )
+            )
         sw = w
         if o.reduction == "sample_mean" and extra is not None:
             sw = w * extra["per_sample"] / terms.mask.sum(-1).clamp(min=1).double()
@@ -237,10 +256,17 @@ class CADFT:
         self.stats = None
         n, k = max(s[0], 1.0), max(s[6], 1.0)
         mean = s[1] / n
-        out.update({"w_mean": mean, "w_min": s[7] if s[0] else 1.0,
-                    "w_std": math.sqrt(max(s[2] / n - mean * mean, 0.0)),
-                    "down_frac": s[3] / n, "ess": s[1] ** 2 / (n * max(s[2], 1e-300)),
-                    "c_mean": s[4] / k, "c_std": s[5] / k})
+        out.update(
+            {
+                "w_mean": mean,
+                "w_min": s[7] if s[0] else 1.0,
+                "w_std": math.sqrt(max(s[2] / n - mean * mean, 0.0)),
+                "down_frac": s[3] / n,
+                "ess": s[1] ** 2 / (n * max(s[2], 1e-300)),
+                "c_mean": s[4] / k,
+                "c_std": s[5] / k,
+            }
+        )
         if self.rewriter is not None:
             out.update(self.rewriter.diagnostics())
         return out
@@ -261,8 +287,14 @@ class CADFT:
 
     def _add_weights(self, w: torch.Tensor) -> None:
         w = w.detach().double()
-        row = torch.stack([torch.tensor(float(len(w)), dtype=torch.float64, device=w.device),
-                           w.sum(), (w * w).sum(), (w < 1).sum().double()])
+        row = torch.stack(
+            [
+                torch.tensor(float(len(w)), dtype=torch.float64, device=w.device),
+                w.sum(),
+                (w * w).sum(),
+                (w < 1).sum().double(),
+            ]
+        )
         self._ensure(w.device)
         self.pending[:4] += row
         self.pending[7] = torch.minimum(self.pending[7], w.min())
@@ -290,8 +322,9 @@ def _compatibility(trainer, batch: dict) -> torch.Tensor:
     was_training = model.training
     model.eval()
     with torch.no_grad(), trainer.acc.autocast():
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits  # (B, T, V)
         nll, mask = token_losses(logits, batch["labels"])
     if was_training:
         model.train()

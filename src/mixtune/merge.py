@@ -42,12 +42,14 @@ def _check_keys(ref: StateDict, other: StateDict, what: str) -> None:
         raise MixtuneError(f"{what}: keys differ (missing {missing}, unexpected {extra})")
 
 
-def linear(state_dicts: Sequence[StateDict], weights: Sequence[float],
-           dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def linear(
+    state_dicts: Sequence[StateDict], weights: Sequence[float], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """θ = Σ_k w_k θ_k for every floating-point tensor (fp32 accumulation)."""
     if len(state_dicts) != len(weights) or not state_dicts:
-        raise MixtuneError(f"linear merge: {len(state_dicts)} state dicts for "
-                           f"{len(weights)} weights")
+        raise MixtuneError(
+            f"linear merge: {len(state_dicts)} state dicts for {len(weights)} weights"
+        )
     first = state_dicts[0]
     for i, sd in enumerate(state_dicts[1:], 1):
         _check_keys(first, sd, f"linear merge: state dict {i}")
@@ -69,21 +71,31 @@ def linear(state_dicts: Sequence[StateDict], weights: Sequence[float],
 def task_vector(base: StateDict, expert: StateDict) -> dict[str, torch.Tensor]:
     """τ = expert − base (float32) for every floating-point tensor of ``base``."""
     _check_keys(base, expert, "task vector")
-    return {n: expert[n].detach().to("cpu", torch.float32) - t.detach().to("cpu", torch.float32)
-            for n, t in base.items() if _is_float(t)}
+    return {
+        n: expert[n].detach().to("cpu", torch.float32) - t.detach().to("cpu", torch.float32)
+        for n, t in base.items()
+        if _is_float(t)
+    }
 
 
-def task_arithmetic(base: StateDict, task_vectors: Sequence[StateDict], alphas: Sequence[float],
-                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def task_arithmetic(
+    base: StateDict,
+    task_vectors: Sequence[StateDict],
+    alphas: Sequence[float],
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
     """θ = base + Σ_k α_k τ_k; a key absent from a task vector counts as a zero update."""
     if len(task_vectors) != len(alphas):
-        raise MixtuneError(f"task arithmetic: {len(task_vectors)} task vectors for "
-                           f"{len(alphas)} coefficients")
+        raise MixtuneError(
+            f"task arithmetic: {len(task_vectors)} task vectors for {len(alphas)} coefficients"
+        )
     for i, tv in enumerate(task_vectors):
         unknown = [k for k in tv if k not in base]
         if unknown:
-            raise MixtuneError(f"task arithmetic: task vector {i} has keys not in the base "
-                               f"model, e.g. {unknown[:3]}")
+            raise MixtuneError(
+                f"task arithmetic: task vector {i} has keys not in the base "
+                f"model, e.g. {unknown[:3]}"
+            )
     out = {}
     for name, t in base.items():
         if not _is_float(t):
@@ -100,8 +112,10 @@ def task_arithmetic(base: StateDict, task_vectors: Sequence[StateDict], alphas: 
 # ---------------------------------------------------------------------------------------------
 # peft LoRA adapters
 
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])"
-                       r"(?:\.(?P<adapter>[^.]+))?\.weight$")
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])"
+    r"(?:\.(?P<adapter>[^.]+))?\.weight$"
+)
 
 
 def _pattern_value(module: str, pattern: Mapping, default):
@@ -112,10 +126,16 @@ def _pattern_value(module: str, pattern: Mapping, default):
     return default
 
 
-def lora_delta(adapter: StateDict, *, alpha: float, rank_pattern: Mapping | None = None,
-               alpha_pattern: Mapping | None = None, use_rslora: bool = False,
-               fan_in_fan_out: bool = False, adapter_name: str | None = None,
-               ) -> dict[str, torch.Tensor]:
+def lora_delta(
+    adapter: StateDict,
+    *,
+    alpha: float,
+    rank_pattern: Mapping | None = None,
+    alpha_pattern: Mapping | None = None,
+    use_rslora: bool = False,
+    fan_in_fan_out: bool = False,
+    adapter_name: str | None = None,
+) -> dict[str, torch.Tensor]:
     """Dense ``{base_param_name: s·B·A}`` (float32) of a LoRA adapter state dict.
 
     Accepts the keys of a saved adapter (``base_model.model.<module>.lora_A.weight``) or of a
@@ -127,8 +147,10 @@ def lora_delta(adapter: StateDict, *, alpha: float, rank_pattern: Mapping | None
         m = _LORA_KEY.match(key)
         if m is None:
             if "lora_" in key:
-                raise MixtuneError(f"adapter key '{key}': only plain LoRA (A, B) adapters can be "
-                                   "merged here (DoRA, LoRA biases and other variants cannot)")
+                raise MixtuneError(
+                    f"adapter key '{key}': only plain LoRA (A, B) adapters can be "
+                    "merged here (DoRA, LoRA biases and other variants cannot)"
+                )
             continue
         if adapter_name is not None and m["adapter"] not in (None, adapter_name):
             continue
@@ -140,7 +162,7 @@ def lora_delta(adapter: StateDict, *, alpha: float, rank_pattern: Mapping | None
         a, b = ab["A"].to("cpu", torch.float32), ab["B"].to("cpu", torch.float32)
         r = _pattern_value(module, rank_pattern or {}, a.shape[0])
         lora_alpha = _pattern_value(module, alpha_pattern or {}, alpha)
-        scale = lora_alpha / (r ** 0.5 if use_rslora else r)
+        scale = lora_alpha / (r**0.5 if use_rslora else r)
         delta = (b @ a) * scale  # (out, in)
         out[f"{module}.weight"] = delta.T.contiguous() if fan_in_fan_out else delta
     return out
@@ -156,16 +178,22 @@ def adapter_task_vector(adapter_dir: str | Path, base: StateDict) -> dict[str, t
     d = Path(adapter_dir)
     cfg_path, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
     if not cfg_path.is_file() or not weights.is_file():
-        raise MixtuneError(f"{d}: not a peft adapter directory (adapter_config.json and "
-                           "adapter_model.safetensors expected)")
+        raise MixtuneError(
+            f"{d}: not a peft adapter directory (adapter_config.json and "
+            "adapter_model.safetensors expected)"
+        )
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
         raise MixtuneError(f"{d}: only plain LoRA adapters can be merged as task vectors")
     sd = load_file(str(weights))
-    out = lora_delta(sd, alpha=cfg["lora_alpha"], rank_pattern=cfg.get("rank_pattern"),
-                     alpha_pattern=cfg.get("alpha_pattern"),
-                     use_rslora=bool(cfg.get("use_rslora")),
-                     fan_in_fan_out=bool(cfg.get("fan_in_fan_out")))
+    out = lora_delta(
+        sd,
+        alpha=cfg["lora_alpha"],
+        rank_pattern=cfg.get("rank_pattern"),
+        alpha_pattern=cfg.get("alpha_pattern"),
+        use_rslora=bool(cfg.get("use_rslora")),
+        fan_in_fan_out=bool(cfg.get("fan_in_fan_out")),
+    )
     for key, t in sd.items():
         if "lora_" in key:
             continue
@@ -178,13 +206,19 @@ def adapter_task_vector(adapter_dir: str | Path, base: StateDict) -> dict[str, t
         raise MixtuneError(f"{d}: adapter targets modules the base model lacks, e.g. {unknown[:3]}")
     for name, delta in out.items():
         if delta.shape != base[name].shape:
-            raise MixtuneError(f"{d}: update for '{name}' has shape {tuple(delta.shape)}, the "
-                               f"base tensor {tuple(base[name].shape)}")
+            raise MixtuneError(
+                f"{d}: update for '{name}' has shape {tuple(delta.shape)}, the "
+                f"base tensor {tuple(base[name].shape)}"
+            )
     return out
 
 
-def merge_adapters(base: StateDict, adapter_dirs: Sequence[str | Path], alphas: Sequence[float],
-                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def merge_adapters(
+    base: StateDict,
+    adapter_dirs: Sequence[str | Path],
+    alphas: Sequence[float],
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
     """Task arithmetic over saved LoRA adapters: base + Σ α_k ΔW_k."""
     tvs = [adapter_task_vector(d, base) for d in adapter_dirs]
     return task_arithmetic(base, tvs, alphas, dtype)
@@ -230,7 +264,11 @@ class _SafetensorsTensors(Mapping):
         return len(self._keys)
 
 
-def task_arithmetic_files(base: StateDict, paths: Sequence[str | Path], alphas: Sequence[float],
-                          dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def task_arithmetic_files(
+    base: StateDict,
+    paths: Sequence[str | Path],
+    alphas: Sequence[float],
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
     """:func:`task_arithmetic` reading each cached task vector one tensor at a time."""
     return task_arithmetic(base, [_SafetensorsTensors(p) for p in paths], alphas, dtype)

@@ -93,9 +93,12 @@ class Rewriter:
         warm, _ = schedule(self.opts, trainer.cfg.max_steps)
         if not self._warned and warm >= trainer.cfg.max_steps:
             self._warned = True
-            log.warning("cadft: rewrite warm-up (%d steps) >= max_steps (%d): no target will be "
-                        "rewritten; use loss.rewrite.schedule=scaled or fewer steps", warm,
-                        trainer.cfg.max_steps)
+            log.warning(
+                "cadft: rewrite warm-up (%d steps) >= max_steps (%d): no target will be "
+                "rewritten; use loss.rewrite.schedule=scaled or fewer steps",
+                warm,
+                trainer.cfg.max_steps,
+            )
 
     def due(self, step: int, max_steps: int) -> bool:
         warm, every = schedule(self.opts, max_steps)
@@ -106,8 +109,10 @@ class Rewriter:
         n_total = sum(t.size for t in trainer.train_sets)
         k_sel = math.ceil(self.opts.fraction * n_total)
         cands = sorted(
-            (-ema, k, e) for (k, e), (ema, visits) in self.table.items()
-            if visits >= self.opts.min_visits and (self.opts.score == "raw" or ema > 0)
+            (-ema, k, e)
+            for (k, e), (ema, visits) in self.table.items()
+            if visits >= self.opts.min_visits
+            and (self.opts.score == "raw" or ema > 0)
             and trainer.train_sets[k].data.prompt_len[e] > 0
         )
         return [(k, e, -neg) for neg, k, e in cands[:k_sel]]
@@ -138,8 +143,9 @@ class Rewriter:
                 for rec in new:
                     f.write(json.dumps(_public(rec)) + "\n")
         if chosen:
-            log.info("cadft: step %d rewrote %d of %d selected targets", step, len(new),
-                     len(chosen))
+            log.info(
+                "cadft: step %d rewrote %d of %d selected targets", step, len(new), len(chosen)
+            )
 
     # -- generation -----------------------------------------------------------------------------
     def _rewrite(self, trainer, chosen, g: torch.Generator, step: int) -> tuple[list, int]:
@@ -153,30 +159,48 @@ class Rewriter:
             pl = data.prompt_len[e]
             prompt = data.input_ids[e][:pl]
             if gen_tok is not tok:  # another model: hand it the rendered prompt as text
-                prompt = np.asarray(gen_tok(tok.decode(prompt), add_special_tokens=False)
-                                    ["input_ids"], np.int64)
+                prompt = np.asarray(
+                    gen_tok(tok.decode(prompt), add_special_tokens=False)["input_ids"], np.int64
+                )
             budget = self.gen.max_new_tokens or max_len - pl
-            ids = sample(model, prompt, min(budget, max_len - pl), self.gen.top_p,
-                         self.gen.temperature, g, gen_tok.eos_token_id)
+            ids = sample(
+                model,
+                prompt,
+                min(budget, max_len - pl),
+                self.gen.top_p,
+                self.gen.temperature,
+                g,
+                gen_tok.eos_token_id,
+            )
             text = gen_tok.decode(ids, skip_special_tokens=True)
             if self.opts.verify and normalize_answer(text) != normalize_answer(
-                    data.answers[e] or ""):
+                data.answers[e] or ""
+            ):
                 rejected += 1
                 continue
-            new_ids, new_labels = retarget(tok, template, data.input_ids[e][:pl],
-                                           data.labels[e][:pl], text, max_len)
+            new_ids, new_labels = retarget(
+                tok, template, data.input_ids[e][:pl], data.labels[e][:pl], text, max_len
+            )
             if not (new_labels[1:] != IGNORE).any():
                 rejected += 1
                 continue
             old_ids, old_labels = data.input_ids[e], data.labels[e]
-            out.append({
-                "step": step, "dataset": trainer.names[k], "dataset_index": k, "example": e,
-                "score": score, "old_c": mean_nll(trainer, policy, old_ids, old_labels),
-                "new_c": mean_nll(trainer, policy, new_ids, new_labels),
-                "prompt": tok.decode(old_ids[:pl], skip_special_tokens=True),
-                "old_text": tok.decode(old_ids[pl:], skip_special_tokens=True),
-                "new_text": text, "input_ids": new_ids, "labels": new_labels,
-            })
+            out.append(
+                {
+                    "step": step,
+                    "dataset": trainer.names[k],
+                    "dataset_index": k,
+                    "example": e,
+                    "score": score,
+                    "old_c": mean_nll(trainer, policy, old_ids, old_labels),
+                    "new_c": mean_nll(trainer, policy, new_ids, new_labels),
+                    "prompt": tok.decode(old_ids[:pl], skip_special_tokens=True),
+                    "old_text": tok.decode(old_ids[pl:], skip_special_tokens=True),
+                    "new_text": text,
+                    "input_ids": new_ids,
+                    "labels": new_labels,
+                }
+            )
         return out, rejected
 
     def _generator(self, trainer):
@@ -187,8 +211,13 @@ class Rewriter:
 
             from mixtune.engine import setup
 
-            mcfg = replace(trainer.cfg.model, name_or_path=self.gen.model, tokenizer=None,
-                           config=None, lora=type(trainer.cfg.model.lora)())
+            mcfg = replace(
+                trainer.cfg.model,
+                name_or_path=self.gen.model,
+                tokenizer=None,
+                config=None,
+                lora=type(trainer.cfg.model.lora)(),
+            )
             gtok = setup.load_tokenizer(mcfg)
             model = setup.load_model(mcfg, gtok, trainer.cfg.seed, setup.pick_dtype("auto"))
             self._external = (model.to(trainer.acc.device).eval(), gtok)
@@ -218,9 +247,12 @@ class Rewriter:
         for b in batches:
             d, e = b["domain"].tolist(), b["index"].tolist()
             sets = trainer.train_sets
-            fresh = collate([sets[k].data.input_ids[j] for k, j in zip(d, e)],
-                            [sets[k].data.labels[j] for k, j in zip(d, e)],
-                            trainer.tokenizer.pad_token_id, np.asarray(d))
+            fresh = collate(
+                [sets[k].data.input_ids[j] for k, j in zip(d, e)],
+                [sets[k].data.labels[j] for k, j in zip(d, e)],
+                trainer.tokenizer.pad_token_id,
+                np.asarray(d),
+            )
             for key, value in fresh.items():
                 b[key] = value.to(b["labels"].device)
             new += int((b["labels"][:, 1:] != IGNORE).sum())
@@ -230,16 +262,25 @@ class Rewriter:
         return float(counts[0] / counts[1])
 
     def diagnostics(self) -> dict[str, float]:
-        return {"rewrites": len(self.records), "rewrite_events": self.events,
-                "rewrites_rejected": self.rejected, "tracked": len(self.table)}
+        return {
+            "rewrites": len(self.records),
+            "rewrite_events": self.events,
+            "rewrites_rejected": self.rejected,
+            "tracked": len(self.table),
+        }
 
     def state_dict(self) -> dict:
-        return {"table": {f"{k} {e}": v for (k, e), v in self.table.items()},
-                "records": self.records, "events": self.events, "rejected": self.rejected}
+        return {
+            "table": {f"{k} {e}": v for (k, e), v in self.table.items()},
+            "records": self.records,
+            "events": self.events,
+            "rejected": self.rejected,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.table = {tuple(int(x) for x in key.split()): list(v)
-                      for key, v in state["table"].items()}
+        self.table = {
+            tuple(int(x) for x in key.split()): list(v) for key, v in state["table"].items()
+        }
         self.records = list(state["records"])
         self.events, self.rejected = state["events"], state["rejected"]
         self.pending = bool(self.records)
@@ -247,8 +288,7 @@ class Rewriter:
 
 # ----------------------------------------------------------------------------------------------
 def _apply(trainer, rec: dict) -> None:
-    trainer.replace_example(rec["dataset_index"], rec["example"], rec["input_ids"],
-                            rec["labels"])
+    trainer.replace_example(rec["dataset_index"], rec["example"], rec["input_ids"], rec["labels"])
 
 
 def _public(rec: dict) -> dict:
@@ -256,8 +296,15 @@ def _public(rec: dict) -> dict:
 
 
 @torch.no_grad()
-def sample(model, prompt: np.ndarray, max_new: int, top_p: float, temperature: float,
-           g: torch.Generator, eos_id: int) -> list[int]:
+def sample(
+    model,
+    prompt: np.ndarray,
+    max_new: int,
+    top_p: float,
+    temperature: float,
+    g: torch.Generator,
+    eos_id: int,
+) -> list[int]:
     """Nucleus sampling of one continuation with a KV cache; randomness only from ``g``."""
     was_training = model.training
     model.eval()
@@ -281,19 +328,26 @@ def sample(model, prompt: np.ndarray, max_new: int, top_p: float, temperature: f
     return out
 
 
-def retarget(tok, template: str, prompt_ids: np.ndarray, prompt_labels: np.ndarray, text: str,
-             max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def retarget(
+    tok, template: str, prompt_ids: np.ndarray, prompt_labels: np.ndarray, text: str, max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Prompt tokens + ``text`` rendered and tokenised as the final assistant turn."""
     msgs = [{"role": "user", "content": "x"}]
-    prefix = tok.apply_chat_template(msgs, chat_template=template, tokenize=False,
-                                     add_generation_prompt=True)
-    full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": text}],
-                                   chat_template=template, tokenize=False,
-                                   add_generation_prompt=False)
+    prefix = tok.apply_chat_template(
+        msgs, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+    full = tok.apply_chat_template(
+        msgs + [{"role": "assistant", "content": text}],
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=False,
+    )
     if not full.startswith(prefix):
-        raise DataError("cadft rewriting: the chat template does not render conversations "
-                        "prefix by prefix; set model.chat_template to one that does")
-    seg = tok(full[len(prefix):], add_special_tokens=False)["input_ids"]
+        raise DataError(
+            "cadft rewriting: the chat template does not render conversations "
+            "prefix by prefix; set model.chat_template to one that does"
+        )
+    seg = tok(full[len(prefix) :], add_special_tokens=False)["input_ids"]
     ids = np.concatenate([prompt_ids, np.asarray(seg, np.int64)])[:max_len]
     labels = np.concatenate([prompt_labels, np.asarray(seg, np.int64)])[:max_len]
     return ids.astype(np.int64), labels.astype(np.int64)

@@ -69,11 +69,15 @@ def check_expanded_size(data: Any, where: str) -> None:
         node, depth = stack.pop()
         seen += 1
         if seen > MAX_YAML_VALUES:
-            raise ConfigError(f"{where}: more than {MAX_YAML_VALUES:,} values once YAML aliases "
-                              "(&name / *name) are expanded; write the config out without them")
+            raise ConfigError(
+                f"{where}: more than {MAX_YAML_VALUES:,} values once YAML aliases "
+                "(&name / *name) are expanded; write the config out without them"
+            )
         if depth > MAX_YAML_DEPTH:
-            raise ConfigError(f"{where}: nested more than {MAX_YAML_DEPTH} levels deep (a YAML "
-                              "alias inside the value it names?)")
+            raise ConfigError(
+                f"{where}: nested more than {MAX_YAML_DEPTH} levels deep (a YAML "
+                "alias inside the value it names?)"
+            )
         if isinstance(node, dict):
             stack.extend((v, depth + 1) for v in node.values())
         elif isinstance(node, (list, tuple)):

@@ -51,9 +51,24 @@ from mixtune.errors import ConfigError
 from mixtune.suite_sweep import Sweep, SweepPoint, sweep_weights
 from mixtune.suite_table import aggregate, cell_result, markdown_table, write_tables
 
-__all__ = ["Method", "Scenario", "Suite", "Sweep", "SweepPoint", "Cell", "load_suite",
-           "methods_of", "cells", "sweep_weights", "run_suite", "check_suite", "aggregate",
-           "cell_result", "markdown_table", "write_tables"]
+__all__ = [
+    "Method",
+    "Scenario",
+    "Suite",
+    "Sweep",
+    "SweepPoint",
+    "Cell",
+    "load_suite",
+    "methods_of",
+    "cells",
+    "sweep_weights",
+    "run_suite",
+    "check_suite",
+    "aggregate",
+    "cell_result",
+    "markdown_table",
+    "write_tables",
+]
 
 SUITES_DIR = Path(__file__).parent / "suites"
 PLANNERS = ("mergemix",)
@@ -78,13 +93,16 @@ class Method:
         if self.point is None:  # members are named by their mass, e.g. fixed-uniform-w0.5
             schema._check_name(self.name, "methods[].name")
         if self.planner is not None and self.planner.get("name") not in PLANNERS:
-            raise ConfigError(f"methods.{self.name}.planner.name: allowed values are "
-                              f"{list(PLANNERS)}, got {self.planner.get('name')!r}")
+            raise ConfigError(
+                f"methods.{self.name}.planner.name: allowed values are "
+                f"{list(PLANNERS)}, got {self.planner.get('name')!r}"
+            )
         if self.sweep is not None and self.planner is not None:
             raise ConfigError(f"methods.{self.name}: a sweep and a planner exclude each other")
         if isinstance(self.sweep, dict):
-            object.__setattr__(self, "sweep", schema.build(Sweep, self.sweep,
-                                                           f"methods.{self.name}.sweep"))
+            object.__setattr__(
+                self, "sweep", schema.build(Sweep, self.sweep, f"methods.{self.name}.sweep")
+            )
 
 
 @dataclass(frozen=True)
@@ -139,9 +157,16 @@ def methods_of(suite: Suite) -> list[Method]:
             out.append(m)
             continue
         prefix = m.name.removesuffix("-sweep")
-        out += [Method(f"{prefix}-{scheme}-w{mass:g}", {"name": "fixed"}, m.loss,
-                       point=SweepPoint(m.name, scheme, mass))
-                for scheme in m.sweep.schemes for mass in m.sweep.masses]
+        out += [
+            Method(
+                f"{prefix}-{scheme}-w{mass:g}",
+                {"name": "fixed"},
+                m.loss,
+                point=SweepPoint(m.name, scheme, mass),
+            )
+            for scheme in m.sweep.schemes
+            for mass in m.sweep.masses
+        ]
     return out
 
 
@@ -190,8 +215,13 @@ class Cell:
 def cells(suite: Suite) -> list[Cell]:
     """Every cell of the suite, sweeps expanded; coinciding sweep members are aliased."""
     losses = suite.losses or (None,)
-    out = [Cell(sc, m, loss, seed) for sc in suite.scenarios for m in methods_of(suite)
-           for loss in losses for seed in suite.seeds]
+    out = [
+        Cell(sc, m, loss, seed)
+        for sc in suite.scenarios
+        for m in methods_of(suite)
+        for loss in losses
+        for seed in suite.seeds
+    ]
     first: dict[tuple, str] = {}
     for c in out:
         if c.method.point is None:
@@ -216,8 +246,11 @@ def run_suite(suite: Suite, progress: bool = True) -> list[dict]:
     runs = [c for c in cells(suite) if c.alias_of is None]
     todo = [c for c in runs if not (root / "cells" / c.key / "summary.json").is_file()]
     total = len(runs)
-    print(f"suite: {total} cells, {total - len(todo)} already done, running {len(todo)} "
-          f"({suite.parallel} at a time, {suite.threads} threads each)", flush=True)
+    print(
+        f"suite: {total} cells, {total - len(todo)} already done, running {len(todo)} "
+        f"({suite.parallel} at a time, {suite.threads} threads each)",
+        flush=True,
+    )
     refs = suite_cell.references(suite, {(c.scenario.name, c.seed): c for c in todo}.values())
     from tqdm.auto import tqdm
 
@@ -247,13 +280,22 @@ def check_suite(suite: Suite) -> int:
     from mixtune.planners import mergemix
 
     runs = [c for c in cells(suite) if c.alias_of is None]
-    fake = {s.name: {seed: {e["name"]: 0.0 for e in suite_cell.scenario_evals(suite, s)}
-                     for seed in suite.seeds} for s in suite.scenarios}
+    fake = {
+        s.name: {
+            seed: {e["name"]: 0.0 for e in suite_cell.scenario_evals(suite, s)}
+            for seed in suite.seeds
+        }
+        for s in suite.scenarios
+    }
     for c in runs:
         where = f"cell {c.key}"
         try:
-            raw = suite_cell.cell_raw(suite, c, Path(suite.output_dir) / "cells" / c.key,
-                                      fake if suite.reference_slack is not None else None)
+            raw = suite_cell.cell_raw(
+                suite,
+                c,
+                Path(suite.output_dir) / "cells" / c.key,
+                fake if suite.reference_slack is not None else None,
+            )
             run = config_mod.load(data=raw, overrides=c.scenario.overrides)
             if c.method.planner is not None:
                 mergemix.load(None, data=suite_cell.plan_raw(suite, c, raw, Path("plan")))
@@ -261,8 +303,9 @@ def check_suite(suite: Suite) -> int:
             raise ConfigError(f"{where}: {e}") from None
         weights = run.mixer.params.get("weights") if run.mixer.name == "fixed" else None
         names = [d.name for d in run.datasets]
-        for k in (weights or {}):
+        for k in weights or {}:
             if k not in names:
-                raise ConfigError(f"{where}: mixer.weights.{k}: unknown dataset name; "
-                                  f"datasets are {names}")
+                raise ConfigError(
+                    f"{where}: mixer.weights.{k}: unknown dataset name; datasets are {names}"
+                )
     return len(runs)

@@ -48,16 +48,25 @@ def scenario_evals(suite, sc) -> list[dict]:
         evals.append(e)
         if suite.protocol != "paper":
             continue
-        builtin = (str(e.get("path", "")).startswith("builtin:")
-                   and e.get("from_dataset") is None
-                   and e.get("role") in ("target", "constraint"))
+        builtin = (
+            str(e.get("path", "")).startswith("builtin:")
+            and e.get("from_dataset") is None
+            and e.get("role") in ("target", "constraint")
+        )
         if builtin and e.get("split", "train") == "eval":
             e["split"] = "dev"  # test is the other half of eval: keep them apart
             test_split = test_split or "test"
         if test_split is not None:
             twin = {k: v for k, v in e.items() if k != "reference"}
-            twins.append({**twin, "name": f"{e['name']}-test", "split": test_split,
-                          "role": "test", "test_of": e["name"]})
+            twins.append(
+                {
+                    **twin,
+                    "name": f"{e['name']}-test",
+                    "split": test_split,
+                    "role": "test",
+                    "test_of": e["name"],
+                }
+            )
     return evals + twins
 
 
@@ -70,8 +79,11 @@ def cell_raw(suite, cell, out: Path, refs: dict | None) -> dict:
     evals = scenario_evals(suite, sc)
     if refs is not None:
         for e in evals:
-            if (e.get("role") == "constraint" and e.get("reference") is None
-                    and e.get("metric", "loss") == "loss"):
+            if (
+                e.get("role") == "constraint"
+                and e.get("reference") is None
+                and e.get("metric", "loss") == "loss"
+            ):
                 base = refs[sc.name][cell.seed][e["name"]]
                 e["reference"] = round(base + suite.reference_slack, 6)
     mixer = _copy(m.mixer)
@@ -81,14 +93,22 @@ def cell_raw(suite, cell, out: Path, refs: dict | None) -> dict:
         targets = {e["name"] for e in sc.evals if e.get("role") == "target"}
         names = [d["name"] for d in sc.datasets if d["name"] in targets]
         if not names:
-            raise ConfigError(f"methods.{m.name}.mixer.weights: 'targets' needs a training "
-                              f"dataset named like a target domain in scenario {sc.name}")
+            raise ConfigError(
+                f"methods.{m.name}.mixer.weights: 'targets' needs a training "
+                f"dataset named like a target domain in scenario {sc.name}"
+            )
         mixer["weights"] = {n: 1.0 for n in names}
     if m.planner is not None:
         mixer = {"name": "uniform"}  # replaced by the plan's fixed weights in run_cell
-    raw.update(output_dir=str(out), seed=cell.seed, progress=False,
-               datasets=_copy(list(sc.datasets)), evals=evals, mixer=mixer,
-               loss={"name": cell.loss} if cell.loss else _copy(m.loss))
+    raw.update(
+        output_dir=str(out),
+        seed=cell.seed,
+        progress=False,
+        datasets=_copy(list(sc.datasets)),
+        evals=evals,
+        mixer=mixer,
+        loss={"name": cell.loss} if cell.loss else _copy(m.loss),
+    )
     return raw
 
 
@@ -104,8 +124,10 @@ def plan_raw(suite, cell, run_raw: dict, plan_dir: Path) -> dict:
     opts.pop("name")
     if suite.reference_slack is not None:
         opts.setdefault("reference_slack", suite.reference_slack)
-    run = {**_copy(run_raw), "evals": [e for e in scenario_evals(suite, cell.scenario)
-                                       if e.get("role") != "test"]}
+    run = {
+        **_copy(run_raw),
+        "evals": [e for e in scenario_evals(suite, cell.scenario) if e.get("role") != "test"],
+    }
     return {**opts, "run": run, "output_dir": str(plan_dir), "progress": False}
 
 
@@ -115,10 +137,15 @@ REFERENCES_FORMAT = 2  # {scenario: {seed: {fingerprint, loss: {domain: v}}}}; 1
 def _reference_raw(suite, sc, seed: int) -> dict:
     """The run config whose step-0 evaluation is the base model on ``sc``'s cells of ``seed``."""
     raw = _copy(suite.base)
-    raw.update(output_dir=str(Path(suite.output_dir) / "_references" / f"{sc.name}-s{seed}"),
-               resume="never", progress=False, seed=seed, datasets=_copy(list(sc.datasets)),
-               evals=[e for e in scenario_evals(suite, sc) if e.get("role") != "test"],
-               mixer={"name": "proportional"})
+    raw.update(
+        output_dir=str(Path(suite.output_dir) / "_references" / f"{sc.name}-s{seed}"),
+        resume="never",
+        progress=False,
+        seed=seed,
+        datasets=_copy(list(sc.datasets)),
+        evals=[e for e in scenario_evals(suite, sc) if e.get("role") != "test"],
+        mixer={"name": "proportional"},
+    )
     return raw
 
 
@@ -159,29 +186,38 @@ def references(suite, todo) -> dict | None:
         torch.set_num_threads(suite.threads)
         try:
             for sc, seed, fp in missing:
-                cfg = config_mod.load(data=_reference_raw(suite, sc, seed),
-                                      overrides=sc.overrides)
+                cfg = config_mod.load(data=_reference_raw(suite, sc, seed), overrides=sc.overrides)
                 metrics = Trainer(cfg).evaluate(accuracy=False, use_cache=False)
                 cache.setdefault(sc.name, {})[str(seed)] = {
-                    "fingerprint": fp, "loss": {d: float(v["loss"]) for d, v in metrics.items()}}
+                    "fingerprint": fp,
+                    "loss": {d: float(v["loss"]) for d, v in metrics.items()},
+                }
         finally:
             torch.set_num_threads(threads)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cache, indent=1))
-    return {name: {int(seed): entry["loss"] for seed, entry in by_seed.items()}
-            for name, by_seed in cache.items() if name != "format"}
+    return {
+        name: {int(seed): entry["loss"] for seed, entry in by_seed.items()}
+        for name, by_seed in cache.items()
+        if name != "format"
+    }
 
 
 def _env(suite) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(suite.threads),
-            "MKL_NUM_THREADS": str(suite.threads), "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(suite.threads),
+        "MKL_NUM_THREADS": str(suite.threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def _run(args: list[str], suite, out: Path, tag: str) -> tuple[bool, float]:
     """Run ``python -m mixtune ARGS``; logs to out/<tag>.{stdout,stderr}.txt, error.txt."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mixtune", *args], env=_env(suite),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mixtune", *args], env=_env(suite), capture_output=True, text=True
+    )
     (out / f"{tag}stdout.txt").write_text(proc.stdout)
     (out / f"{tag}stderr.txt").write_text(proc.stderr)
     if proc.returncode != 0:
@@ -199,10 +235,20 @@ def _plan(suite, cell, raw: dict, out: Path) -> tuple[dict, float] | None:
         plan_dir.mkdir(parents=True, exist_ok=True)
         spent = float(seconds.read_text()) if seconds.is_file() else 0.0
         (plan_dir / "suite_plan.yaml").write_text(
-            yaml.safe_dump(plan_raw(suite, cell, raw, plan_dir), sort_keys=False))
+            yaml.safe_dump(plan_raw(suite, cell, raw, plan_dir), sort_keys=False)
+        )
         result.unlink(missing_ok=True)
-        ok, wall = _run(["plan", cell.method.planner["name"], str(plan_dir / "suite_plan.yaml"),
-                         *[f"run.{o}" for o in cell.scenario.overrides]], suite, out, "plan_")
+        ok, wall = _run(
+            [
+                "plan",
+                cell.method.planner["name"],
+                str(plan_dir / "suite_plan.yaml"),
+                *[f"run.{o}" for o in cell.scenario.overrides],
+            ],
+            suite,
+            out,
+            "plan_",
+        )
         # Time of every attempt counts (an interrupted plan resumes, its work is not redone).
         seconds.write_text(f"{spent + wall:.3f}\n")
         if not ok:

@@ -54,8 +54,10 @@ def sweep_weights(sc: Scenario, point: SweepPoint) -> dict[str, float]:
     tds = [d for d in sc.datasets if d["name"] in targets]
     others = [d["name"] for d in sc.datasets if d["name"] not in targets]
     if not tds:
-        raise ConfigError(f"methods.{point.family}.sweep: needs a training dataset named like a "
-                          f"target domain in scenario {sc.name}")
+        raise ConfigError(
+            f"methods.{point.family}.sweep: needs a training dataset named like a "
+            f"target domain in scenario {sc.name}"
+        )
     mass = point.mass if others else 1.0
     counts = [_train_size(d, sc) if point.scheme == "proportional" else 1 for d in tds]
     w = {d["name"]: mass * c / sum(counts) for d, c in zip(tds, counts)}
@@ -70,8 +72,10 @@ def _train_size(d: dict, sc: Scenario) -> int:
     try:
         n = _n_records(d["path"], d.get("split", "train"), d.get("subset"))
     except MixtuneError as e:
-        raise ConfigError(f"sweep (proportional scheme): cannot count the examples of dataset "
-                          f"'{d['name']}' ({e}); give it max_examples") from None
+        raise ConfigError(
+            f"sweep (proportional scheme): cannot count the examples of dataset "
+            f"'{d['name']}' ({e}); give it max_examples"
+        ) from None
     for e in sc.evals:
         if e.get("from_dataset") == d["name"]:
             h = e.get("holdout", 0.1)

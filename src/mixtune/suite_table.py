@@ -79,23 +79,33 @@ def select(evals: list[tuple[int, dict]], domains: dict[str, dict]) -> dict:
     targets = [d for d, i in domains.items() if i["role"] == "target"]
     twins = {i["test_of"]: d for d, i in domains.items() if i["role"] == "test"}
     on_test = bool(targets) and all(t in twins for t in targets)
-    out = {"selected_step": None, "feasible": False, "test_ppl_delta": None,
-           "test_loss_delta": None, "reported_on": "test" if on_test else "eval"}
+    out = {
+        "selected_step": None,
+        "feasible": False,
+        "test_ppl_delta": None,
+        "test_loss_delta": None,
+        "reported_on": "test" if on_test else "eval",
+    }
     if not targets:
         return out
     # The run's own rule (eval.constraints.select_best_feasible, as summary.json's
     # best_feasible), on the selection domains; test twins never take part.
-    seen = [DomainInfo(d, i["role"], i["metric"], i["reference"]) for d, i in domains.items()
-            if i["role"] in ("target", "constraint")]
+    seen = [
+        DomainInfo(d, i["role"], i["metric"], i["reference"])
+        for d, i in domains.items()
+        if i["role"] in ("target", "constraint")
+    ]
     best = select_best_feasible([{"step": s, "eval": rec} for s, rec in evals], seen)
     out.update(feasible=best["feasible"], test_ppl_delta=0.0, test_loss_delta=0.0)
     if best["feasible"]:
         rec = dict(evals)[best["step"]]
         report = [twins[t] if on_test else t for t in targets]
         diffs = [rec[d]["loss"] - base[d]["loss"] for d in report]
-        out.update(selected_step=best["step"],
-                   test_ppl_delta=1 - math.exp(statistics.mean(diffs)),
-                   test_loss_delta=-sum(diffs) / sum(base[d]["loss"] for d in report))
+        out.update(
+            selected_step=best["step"],
+            test_ppl_delta=1 - math.exp(statistics.mean(diffs)),
+            test_loss_delta=-sum(diffs) / sum(base[d]["loss"] for d in report),
+        )
     return out
 
 
@@ -114,9 +124,15 @@ def _domains(cell, out: Path) -> dict[str, dict]:
     """The cell's evaluation domains as it ran them (references filled in cell.yaml)."""
     ran = out / "cell.yaml"
     evals = yaml.safe_load(ran.read_text())["evals"] if ran.is_file() else cell.scenario.evals
-    return {e["name"]: {"role": e.get("role", "monitor"), "reference": e.get("reference"),
-                        "metric": e.get("metric", "loss"), "test_of": e.get("test_of")}
-            for e in evals}
+    return {
+        e["name"]: {
+            "role": e.get("role", "monitor"),
+            "reference": e.get("reference"),
+            "metric": e.get("metric", "loss"),
+            "test_of": e.get("test_of"),
+        }
+        for e in evals
+    }
 
 
 def cell_result(suite, cell) -> dict:
@@ -133,17 +149,26 @@ def cell_result(suite, cell) -> dict:
     targets = [d for d, role in roles.items() if role == "target"]
     t0 = statistics.mean(before[d]["loss"] for d in targets) if targets else None
     t1 = statistics.mean(after[d]["loss"] for d in targets) if targets else None
-    feasible_end = all(_within(after, before, d, domains[d])
-                       for d, role in roles.items() if role == "constraint")
+    feasible_end = all(
+        _within(after, before, d, domains[d]) for d, role in roles.items() if role == "constraint"
+    )
     accs = [m["accuracy"] for d, m in after.items() if "accuracy" in m and roles.get(d) != "test"]
     kept = [d for d, role in roles.items() if role in ("constraint", "monitor")]
-    forgetting = (statistics.mean(max(0.0, after[d]["loss"] - before[d]["loss"]) for d in kept)
-                  if kept else None)
+    forgetting = (
+        statistics.mean(max(0.0, after[d]["loss"] - before[d]["loss"]) for d in kept)
+        if kept
+        else None
+    )
     wall = _float(out / "wall.txt")
-    return {**result, "target_delta": None if t0 is None else (t0 - t1) / t0,
-            "feasible_end": feasible_end, "accuracy": statistics.mean(accs) if accs else None,
-            "forgetting": forgetting, "seconds": wall if wall is not None else summary["seconds"],
-            "plan_seconds": _float(out / "plan_seconds.txt")}
+    return {
+        **result,
+        "target_delta": None if t0 is None else (t0 - t1) / t0,
+        "feasible_end": feasible_end,
+        "accuracy": statistics.mean(accs) if accs else None,
+        "forgetting": forgetting,
+        "seconds": wall if wall is not None else summary["seconds"],
+        "plan_seconds": _float(out / "plan_seconds.txt"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,27 +216,35 @@ def _row(label: str, entries: list, base_time: float | None) -> dict:
     on = {r["reported_on"] for _, r in ok}
     row["reported_on"] = on.pop() if len(on) == 1 else ("mixed" if on else None)
     row["errors"] = sorted({r["error"] for _, r in entries if "error" in r})
-    row["per_cell"] = [{"key": c.key, "scenario": c.scenario.name, "seed": c.seed,
-                        "run": c.run_key, **r} for c, r in entries]
+    row["per_cell"] = [
+        {"key": c.key, "scenario": c.scenario.name, "seed": c.seed, "run": c.run_key, **r}
+        for c, r in entries
+    ]
     return row
 
 
-def _sweep_rows(family: str, members: list[str], rows: dict, by_label: dict,
-                base_time: float | None) -> list[dict]:
+def _sweep_rows(
+    family: str, members: list[str], rows: dict, by_label: dict, base_time: float | None
+) -> list[dict]:
     """The sweep's best single member and its per-scenario oracle."""
     scored = [rows[m] for m in members if rows[m]["test_ppl_delta"] is not None]
     if not scored:
         return []
     best = max(scored, key=lambda r: r["test_ppl_delta"])  # first of the sweep order on a tie
-    out = [{**best, "method": f"{family}: best single", "derived": "best single",
-            "config": best["method"]}]
+    out = [
+        {
+            **best,
+            "method": f"{family}: best single",
+            "derived": "best single",
+            "config": best["method"],
+        }
+    ]
     chosen: dict[str, str] = {}
     for m in members:
         for sc, v in rows[m]["by_scenario"].items():
             if sc not in chosen or v > rows[chosen[sc]]["by_scenario"][sc]:
                 chosen[sc] = m
-    entries = [(c, r) for m in members for c, r in by_label[m]
-               if chosen.get(c.scenario.name) == m]
+    entries = [(c, r) for m in members for c, r in by_label[m] if chosen.get(c.scenario.name) == m]
     oracle = _row(f"{family}: oracle", entries, base_time)
     # what finding the oracle costs: every distinct run of the sweep, per scenario and seed
     spent: dict[tuple, float] = {}
@@ -249,19 +282,62 @@ def aggregate(suite, all_cells) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 
-COLUMNS = [("method", "method"), ("test PPL Δ%", "test_ppl_delta"), ("seed range", "seed_range"),
-           ("test loss Δ%", "test_loss_delta"), ("feasible", "feasible"),
-           ("step", "selected_step"), ("target Δ% (end)", "target_delta"),
-           ("feasible (end)", "feasible_end"), ("accuracy", "accuracy"),
-           ("forgetting", "forgetting"), ("time (s)", "seconds"), ("plan (s)", "plan_seconds"),
-           ("cost ×", "cost"), ("cells", "cells"), ("failed", "failed")]
-CSV_KEYS = ["method", "test_ppl_delta", "ppl_seed_min", "ppl_seed_max", "test_loss_delta",
-            "feasible", "selected_step", "target_delta", "feasible_end", "accuracy",
-            "forgetting", "seconds", "plan_seconds", "cost", "cells", "failed", "reported_on",
-            "config"]
-CELL_KEYS = ["key", "method", "scenario", "seed", "run", "selected_step", "feasible",
-             "test_ppl_delta", "test_loss_delta", "reported_on", "target_delta", "feasible_end",
-             "accuracy", "forgetting", "seconds", "plan_seconds", "error"]
+COLUMNS = [
+    ("method", "method"),
+    ("test PPL Δ%", "test_ppl_delta"),
+    ("seed range", "seed_range"),
+    ("test loss Δ%", "test_loss_delta"),
+    ("feasible", "feasible"),
+    ("step", "selected_step"),
+    ("target Δ% (end)", "target_delta"),
+    ("feasible (end)", "feasible_end"),
+    ("accuracy", "accuracy"),
+    ("forgetting", "forgetting"),
+    ("time (s)", "seconds"),
+    ("plan (s)", "plan_seconds"),
+    ("cost ×", "cost"),
+    ("cells", "cells"),
+    ("failed", "failed"),
+]
+CSV_KEYS = [
+    "method",
+    "test_ppl_delta",
+    "ppl_seed_min",
+    "ppl_seed_max",
+    "test_loss_delta",
+    "feasible",
+    "selected_step",
+    "target_delta",
+    "feasible_end",
+    "accuracy",
+    "forgetting",
+    "seconds",
+    "plan_seconds",
+    "cost",
+    "cells",
+    "failed",
+    "reported_on",
+    "config",
+]
+CELL_KEYS = [
+    "key",
+    "method",
+    "scenario",
+    "seed",
+    "run",
+    "selected_step",
+    "feasible",
+    "test_ppl_delta",
+    "test_loss_delta",
+    "reported_on",
+    "target_delta",
+    "feasible_end",
+    "accuracy",
+    "forgetting",
+    "seconds",
+    "plan_seconds",
+    "error",
+]
 PERCENT = ("test_ppl_delta", "test_loss_delta", "target_delta", "feasible", "feasible_end")
 
 
@@ -291,8 +367,9 @@ def _note(rows: list[dict]) -> str:
     eval_rows = [r["method"] for r in rows if r["reported_on"] in ("eval", "mixed")]
     if not eval_rows:
         return ""
-    return ("\n\nReported on the selection split (a target without a test split): "
-            + ", ".join(eval_rows))
+    return "\n\nReported on the selection split (a target without a test split): " + ", ".join(
+        eval_rows
+    )
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -306,15 +383,18 @@ def write_tables(suite, rows: list[dict]) -> None:
     root = Path(suite.output_dir)
     md = markdown_table(rows) + _note(rows)
     errors = [f"- {r['method']}: {e}" for r in rows if "derived" not in r for e in r["errors"]]
-    (root / "results.md").write_text(md + ("\n\nErrors:\n" + "\n".join(errors) if errors else "")
-                                     + "\n")
+    (root / "results.md").write_text(
+        md + ("\n\nErrors:\n" + "\n".join(errors) if errors else "") + "\n"
+    )
     with open(root / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_KEYS)
         for r in rows:
             config = r.get("config")
-            w.writerow([r.get(k) for k in CSV_KEYS[:-1]]
-                        + [json.dumps(config) if isinstance(config, dict) else config])
+            w.writerow(
+                [r.get(k) for k in CSV_KEYS[:-1]]
+                + [json.dumps(config) if isinstance(config, dict) else config]
+            )
     with open(root / "cells.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CELL_KEYS)
@@ -344,18 +424,24 @@ def _write_html(root: Path, rows: list[dict], note: str) -> None:
             ax.errorbar(x, y, yerr=err, fmt="none", ecolor="#999", capsize=3)
             ax.scatter(x, y, s=40 + 160 * (r["feasible"] or 0))
             ax.annotate(r["method"], (x, y), fontsize=8)
-        ax.set(xlabel="cost (× baseline run)", ylabel="constrained test PPL reduction (%)",
-               title="quality vs cost (marker size: feasibility; bars: seed range)")
+        ax.set(
+            xlabel="cost (× baseline run)",
+            ylabel="constrained test PPL reduction (%)",
+            title="quality vs cost (marker size: feasibility; bars: seed range)",
+        )
         fig.tight_layout()
         fig.savefig(root / "quality_vs_cost.png", dpi=110)
         plt.close(fig)
     head = "".join(f"<th>{html.escape(h)}</th>" for h, _ in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_text(r, k))}</td>" for _, k in COLUMNS)
-                   + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_text(r, k))}</td>" for _, k in COLUMNS) + "</tr>"
+        for r in rows
+    )
     img = "<img src='quality_vs_cost.png'>" if ok else ""
     foot = f"<p>{html.escape(note.strip())}</p>" if note else ""
     (root / "results.html").write_text(
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>mixtune bench</title>"
         "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-"
         "collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}</style></head><body>"
-        f"<h1>mixtune bench</h1><table><tr>{head}</tr>{body}</table>{foot}{img}</body></html>")
+        f"<h1>mixtune bench</h1><table><tr>{head}</tr>{body}</table>{foot}{img}</body></html>"
+    )

@@ -79,9 +79,18 @@ from mixtune.builtin.domains import DOMAINS, DomainInfo, load_domain, write_doma
 from mixtune.builtin.safety import REFUSAL
 from mixtune.builtin.tokenizer import PAD_TOKEN, SPECIAL_TOKENS, byte_tokenizer
 
-__all__ = ["DOMAINS", "PAD_TOKEN", "REFUSAL", "SPECIAL_TOKENS", "DomainInfo", "base_model_path",
-           "bench_model_path",
-           "byte_tokenizer", "load_domain", "write_domain_jsonl"]
+__all__ = [
+    "DOMAINS",
+    "PAD_TOKEN",
+    "REFUSAL",
+    "SPECIAL_TOKENS",
+    "DomainInfo",
+    "base_model_path",
+    "bench_model_path",
+    "byte_tokenizer",
+    "load_domain",
+    "write_domain_jsonl",
+]
 
 
 def base_model_path() -> Path:

@@ -50,40 +50,111 @@ class DomainInfo:
     default_n: tuple[int, int] = (0, 0)  # (train, eval) sizes when n is None; generated only
 
 
-DOMAINS: dict[str, DomainInfo] = {d.name: d for d in (
-    DomainInfo("dialogue", "Small-talk pairs from chatterbot-corpus (English)", "real",
-               "BSD-3-Clause (chatterbot-corpus)", "monitor", "loss", 150),
-    DomainInfo("trivia", "General-knowledge questions with short answers (chatterbot-corpus); "
-               "eval re-asks known facts in held-out phrasings", "real",
-               "BSD-3-Clause (chatterbot-corpus)", "constraint", "accuracy", 400),
-    DomainInfo("definitions", "Define a common English word (WordNet 3.0 first-sense gloss)",
-               "real", "WordNet 3.0 licence (Princeton)", "monitor", "loss", 50),
-    DomainInfo("code", "Write a Python function from its signature and summary (stdlib)",
-               "real", "PSF-2.0 (CPython standard library)", "target", "loss", 100),
-    DomainInfo("arithmetic", "What is a + b / a - b (below 100) or a * b (up to 12)?",
-               "generated", "Apache-2.0 (mixtune)", "target", "accuracy", 100, (5000, 200)),
-    DomainInfo("word_problems", "Two- or three-step story problems with a numeric answer",
-               "generated", "Apache-2.0 (mixtune)", "target", "accuracy", 100, (2000, 200)),
-    DomainInfo("safety", "Refuse harmful requests, help with benign look-alikes "
-               "(flag 'harmful')", "generated", "Apache-2.0 (mixtune)", "constraint",
-               "accuracy", 200, (2000, 200)),
-    DomainInfo("replay", "The base model's pre-training mixture (dialogue, trivia, "
-               "definitions, arithmetic, safety): a regulariser (builtin/replay.py)", "mixture",
-               "as its sources", "monitor", "loss", 0, DEFAULT_N),
-)}
+DOMAINS: dict[str, DomainInfo] = {
+    d.name: d
+    for d in (
+        DomainInfo(
+            "dialogue",
+            "Small-talk pairs from chatterbot-corpus (English)",
+            "real",
+            "BSD-3-Clause (chatterbot-corpus)",
+            "monitor",
+            "loss",
+            150,
+        ),
+        DomainInfo(
+            "trivia",
+            "General-knowledge questions with short answers (chatterbot-corpus); "
+            "eval re-asks known facts in held-out phrasings",
+            "real",
+            "BSD-3-Clause (chatterbot-corpus)",
+            "constraint",
+            "accuracy",
+            400,
+        ),
+        DomainInfo(
+            "definitions",
+            "Define a common English word (WordNet 3.0 first-sense gloss)",
+            "real",
+            "WordNet 3.0 licence (Princeton)",
+            "monitor",
+            "loss",
+            50,
+        ),
+        DomainInfo(
+            "code",
+            "Write a Python function from its signature and summary (stdlib)",
+            "real",
+            "PSF-2.0 (CPython standard library)",
+            "target",
+            "loss",
+            100,
+        ),
+        DomainInfo(
+            "arithmetic",
+            "What is a + b / a - b (below 100) or a * b (up to 12)?",
+            "generated",
+            "Apache-2.0 (mixtune)",
+            "target",
+            "accuracy",
+            100,
+            (5000, 200),
+        ),
+        DomainInfo(
+            "word_problems",
+            "Two- or three-step story problems with a numeric answer",
+            "generated",
+            "Apache-2.0 (mixtune)",
+            "target",
+            "accuracy",
+            100,
+            (2000, 200),
+        ),
+        DomainInfo(
+            "safety",
+            "Refuse harmful requests, help with benign look-alikes (flag 'harmful')",
+            "generated",
+            "Apache-2.0 (mixtune)",
+            "constraint",
+            "accuracy",
+            200,
+            (2000, 200),
+        ),
+        DomainInfo(
+            "replay",
+            "The base model's pre-training mixture (dialogue, trivia, "
+            "definitions, arithmetic, safety): a regulariser (builtin/replay.py)",
+            "mixture",
+            "as its sources",
+            "monitor",
+            "loss",
+            0,
+            DEFAULT_N,
+        ),
+    )
+}
 
-MAKERS: dict[str, Maker] = {"arithmetic": arithmetic, "word_problems": word_problems,
-                            "safety": safety}
+MAKERS: dict[str, Maker] = {
+    "arithmetic": arithmetic,
+    "word_problems": word_problems,
+    "safety": safety,
+}
 
 # trivia's eval asks the training facts again behind openers never used in training: a model
 # this small cannot answer unseen trivia, but it can be tested on keeping what it knew
-TRIVIA_TRAIN_OPENERS = ("Trivia question: ", "Quiz: ", "Here is one for you. ",
-                        "Can you answer this? ", "Question: ")
+TRIVIA_TRAIN_OPENERS = (
+    "Trivia question: ",
+    "Quiz: ",
+    "Here is one for you. ",
+    "Can you answer this? ",
+    "Question: ",
+)
 TRIVIA_EVAL_OPENERS = ("Do you know this? ", "Trivia time! ", "Test your knowledge: ")
 
 
-def load_domain(name: str, split: str = "train", n: int | None = None,
-                seed: int = 0) -> list[Record]:
+def load_domain(
+    name: str, split: str = "train", n: int | None = None, seed: int = 0
+) -> list[Record]:
     """Records ``{"prompt", "response", "answer", ...}`` of one built-in domain.
 
     Args:
@@ -110,10 +181,12 @@ def load_domain(name: str, split: str = "train", n: int | None = None,
     if info.kind == "generated":
         # dev and test: EVAL_HALF_N each (more than eval's default: a benchmark's constraints
         # need small standard errors, and generated domains cost nothing to draw)
-        size = (EVAL_HALF_N if split in HALVES
-                else info.default_n[stream == "eval"] // (1 if split == stream else 2))
-        return draw(name, split, size if n is None else n, seed, MAKERS[name],
-                    info.eval_permille)
+        size = (
+            EVAL_HALF_N
+            if split in HALVES
+            else info.default_n[stream == "eval"] // (1 if split == stream else 2)
+        )
+        return draw(name, split, size if n is None else n, seed, MAKERS[name], info.eval_permille)
     # a half (dev/test of eval, train_a/train_b of train) is its whole split drawn and
     # shuffled as usual, then halved: the same records, openers and order, so the two halves
     # together are exactly the whole
@@ -124,14 +197,16 @@ def load_domain(name: str, split: str = "train", n: int | None = None,
     return records if n is None else records[:n]
 
 
-def write_domain_jsonl(name: str, path: str | Path, split: str = "train", n: int | None = None,
-                       seed: int = 0) -> Path:
+def write_domain_jsonl(
+    name: str, path: str | Path, split: str = "train", n: int | None = None, seed: int = 0
+) -> Path:
     """Write ``load_domain(name, split, n, seed)`` to ``path`` as JSON Lines; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(rec, ensure_ascii=False) + "\n"
-                     for rec in load_domain(name, split, n, seed))
+        f.writelines(
+            json.dumps(rec, ensure_ascii=False) + "\n" for rec in load_domain(name, split, n, seed)
+        )
     return path
 
 
@@ -143,15 +218,22 @@ def _read(name: str) -> tuple[dict, ...]:
 
 
 def _record(src: dict, prompt: str | None = None) -> Record:
-    return {"prompt": prompt or src["prompt"], "response": src["response"],
-            "answer": src["response"], "source": src["source"]}
+    return {
+        "prompt": prompt or src["prompt"],
+        "response": src["response"],
+        "answer": src["response"],
+        "source": src["source"],
+    }
 
 
 def _real(info: DomainInfo, split: str) -> list[tuple[str, Record]]:
     """(split key, record) of every record in ``split`` (train or eval)."""
     want_eval = split == "eval"
-    return [(r["key"], _record(r)) for r in _read(info.name)
-            if in_eval(info.name, r["key"], info.eval_permille) == want_eval]
+    return [
+        (r["key"], _record(r))
+        for r in _read(info.name)
+        if in_eval(info.name, r["key"], info.eval_permille) == want_eval
+    ]
 
 
 def _trivia(split: str, rng: random.Random) -> list[tuple[str, Record]]:

@@ -47,9 +47,14 @@ def wrap(tok: Tokenizer, max_length: int | None = None) -> PreTrainedTokenizerFa
     from transformers import PreTrainedTokenizerFast
 
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-                                 additional_special_tokens=list(ROLE_TOKENS),
-                                 padding_side="right", clean_up_tokenization_spaces=False)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=list(ROLE_TOKENS),
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
     if max_length is not None:
         hf.model_max_length = max_length
     hf.chat_template = DEFAULT_CHAT_TEMPLATE

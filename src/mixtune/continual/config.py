@@ -53,8 +53,12 @@ class TaskConfig:
 
     def __post_init__(self):
         C._check_name(self.name, "stages[].name")
-        C._check(self.steps is None or self.steps >= 1, f"stages.{self.name}.steps",
-                 "must be >= 1 or null", self.steps)
+        C._check(
+            self.steps is None or self.steps >= 1,
+            f"stages.{self.name}.steps",
+            "must be >= 1 or null",
+            self.steps,
+        )
 
 
 @dataclass(frozen=True)
@@ -109,10 +113,18 @@ class LearnConfig:
         C._check(self.lr > 0, "learn.lr", "must be > 0", self.lr)
         C._check(self.sigma > 0, "learn.sigma", "must be > 0", self.sigma)
         C._check(0 <= self.gamma <= 1, "learn.gamma", "must be in [0, 1]", self.gamma)
-        C._check(0 <= self.baseline_momentum < 1, "learn.baseline_momentum", "must be in [0, 1)",
-                 self.baseline_momentum)
-        C._check(self.hidden >= 1 and self.layers >= 1, "learn.hidden/layers", "must be >= 1",
-                 (self.hidden, self.layers))
+        C._check(
+            0 <= self.baseline_momentum < 1,
+            "learn.baseline_momentum",
+            "must be in [0, 1)",
+            self.baseline_momentum,
+        )
+        C._check(
+            self.hidden >= 1 and self.layers >= 1,
+            "learn.hidden/layers",
+            "must be >= 1",
+            (self.hidden, self.layers),
+        )
 
 
 @dataclass(frozen=True)
@@ -127,8 +139,9 @@ class TransferConfig:
 
     def __post_init__(self):
         C._check(self.probe_steps >= 1, "transfer.probe_steps", "must be >= 1", self.probe_steps)
-        C._check(-1 <= self.threshold <= 1, "transfer.threshold", "must be in [-1, 1]",
-                 self.threshold)
+        C._check(
+            -1 <= self.threshold <= 1, "transfer.threshold", "must be in [-1, 1]", self.threshold
+        )
 
 
 @dataclass(frozen=True)
@@ -156,8 +169,9 @@ class ContinualConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: MethodConfig = field(default_factory=lambda: MethodConfig("sft"))
-    mixer: MethodConfig = field(default_factory=lambda: MethodConfig("proxymix",
-                                                                     {"policy": "fixed"}))
+    mixer: MethodConfig = field(
+        default_factory=lambda: MethodConfig("proxymix", {"policy": "fixed"})
+    )
     """The per-stage mixer over [current task, buffers]; ``proxymix`` gets stage context."""
     warmup: WarmupConfig | None = None
     learn: LearnConfig = field(default_factory=LearnConfig)
@@ -176,15 +190,17 @@ class ContinualConfig:
                 raise ConfigError(f"stages: '{reserved}' is reserved; rename that task")
         for i, seq in enumerate(self.sequences):
             if sorted(seq) != sorted(set(seq)) or not set(seq) <= set(names) or not seq:
-                raise ConfigError(f"sequences[{i}]: must list distinct task names from {names}, "
-                                  f"got {list(seq)}")
-        C._check(self.steps_per_stage >= 1, "steps_per_stage", "must be >= 1",
-                 self.steps_per_stage)
+                raise ConfigError(
+                    f"sequences[{i}]: must list distinct task names from {names}, got {list(seq)}"
+                )
+        C._check(self.steps_per_stage >= 1, "steps_per_stage", "must be >= 1", self.steps_per_stage)
         C._check(self.buffer_size >= 1, "buffer_size", "must be >= 1", self.buffer_size)
         C._check(self.eval_batches >= 1, "eval_batches", "must be >= 1", self.eval_batches)
         if self.model.lora.enabled:
-            raise ConfigError("model.lora: continual runs chain full models between stages; "
-                              "LoRA is not supported here (set model.lora.enabled: false)")
+            raise ConfigError(
+                "model.lora: continual runs chain full models between stages; "
+                "LoRA is not supported here (set model.lora.enabled: false)"
+            )
 
     def orders(self) -> list[tuple[str, ...]]:
         return list(self.sequences) or [tuple(t.name for t in self.stages)]
@@ -196,8 +212,7 @@ class ContinualConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def load(path: str | Path | None = None, overrides=(), data: dict | None = None
-         ) -> ContinualConfig:
+def load(path: str | Path | None = None, overrides=(), data: dict | None = None) -> ContinualConfig:
     """Read a continual YAML (or ``data``), apply ``key=value`` overrides, validate."""
     raw = C._deepcopy(data if data is not None else C.read_yaml(path))
     for item in overrides:
@@ -207,8 +222,9 @@ def load(path: str | Path | None = None, overrides=(), data: dict | None = None
 
 def from_dict(raw: dict) -> ContinualConfig:
     if "datasets" in raw and "stages" not in raw:
-        raise ConfigError("stages: a continual config lists its tasks under 'stages:', "
-                          "not 'datasets:'")
+        raise ConfigError(
+            "stages: a continual config lists its tasks under 'stages:', not 'datasets:'"
+        )
     cc = C.build(ContinualConfig, raw, "")
     stage_config(cc, cc.orders()[0], 0, MethodConfig(cc.mixer.name, dict(cc.mixer.params)))
     return cc
@@ -230,9 +246,16 @@ def proxy_config(cc: ContinualConfig) -> ContinualConfig:
         raise ConfigError(f"learn.proxy: {e}") from None
 
 
-def stage_config(cc: ContinualConfig, order, s: int, mixer: MethodConfig,
-                 model_path: str | None = None, output_dir: str | None = None,
-                 max_steps: int | None = None, seed: int | None = None) -> RunConfig:
+def stage_config(
+    cc: ContinualConfig,
+    order,
+    s: int,
+    mixer: MethodConfig,
+    model_path: str | None = None,
+    output_dir: str | None = None,
+    max_steps: int | None = None,
+    seed: int | None = None,
+) -> RunConfig:
     """The ordinary run config of stage ``s`` (0-based) of the sequence ``order``."""
     tasks = [cc.task(n) for n in order]
     cur = tasks[s]
@@ -240,22 +263,39 @@ def stage_config(cc: ContinualConfig, order, s: int, mixer: MethodConfig,
     datasets += [_dataset(t, cc.buffer_size) for t in tasks[:s]]
     evals = [_eval(cc, t) for t in tasks[: s + 1]]
     if cc.safety_buffer is not None:
-        datasets.append(C.build(DatasetConfig, {"name": SAFETY_BUFFER, **cc.safety_buffer},
-                                "safety_buffer"))
+        datasets.append(
+            C.build(DatasetConfig, {"name": SAFETY_BUFFER, **cc.safety_buffer}, "safety_buffer")
+        )
     if cc.safety_eval is not None:
-        spec = {"batches": cc.eval_batches, "batch_size": cc.eval_batch_size,
-                "max_new_tokens": cc.max_new_tokens, "role": "constraint",
-                **cc.safety_eval, "name": SAFETY_EVAL}
+        spec = {
+            "batches": cc.eval_batches,
+            "batch_size": cc.eval_batch_size,
+            "max_new_tokens": cc.max_new_tokens,
+            "role": "constraint",
+            **cc.safety_eval,
+            "name": SAFETY_EVAL,
+        }
         evals.append(C.build(EvalConfig, spec, "safety_eval"))
     model = cc.model
     if model_path is not None:  # later stages start from the previous stage's final model
-        model = dataclasses.replace(model, name_or_path=model_path, config=None,
-                                    tokenizer=model.tokenizer or cc.model.name_or_path)
+        model = dataclasses.replace(
+            model,
+            name_or_path=model_path,
+            config=None,
+            tokenizer=model.tokenizer or cc.model.name_or_path,
+        )
     out = output_dir or str(Path(cc.output_dir) / f"stage-{s + 1:02d}-{cur.name}")
     cfg = RunConfig(
-        output_dir=out, seed=cc.seed if seed is None else seed,
-        max_steps=max_steps or cur.steps or cc.steps_per_stage, resume="auto", model=model,
-        datasets=tuple(datasets), evals=tuple(evals), mixer=mixer, loss=cc.loss, train=cc.train,
+        output_dir=out,
+        seed=cc.seed if seed is None else seed,
+        max_steps=max_steps or cur.steps or cc.steps_per_stage,
+        resume="auto",
+        model=model,
+        datasets=tuple(datasets),
+        evals=tuple(evals),
+        mixer=mixer,
+        loss=cc.loss,
+        train=cc.train,
         progress=cc.progress,
     )
     C._validate_methods(cfg)
@@ -263,8 +303,15 @@ def stage_config(cc: ContinualConfig, order, s: int, mixer: MethodConfig,
 
 
 def _dataset(t: TaskConfig, limit: int | None) -> DatasetConfig:
-    return DatasetConfig(name=t.name, path=t.path, split=t.split, subset=t.subset,
-                         format=t.format, fields=t.fields, max_examples=limit)
+    return DatasetConfig(
+        name=t.name,
+        path=t.path,
+        split=t.split,
+        subset=t.subset,
+        format=t.format,
+        fields=t.fields,
+        max_examples=limit,
+    )
 
 
 def _eval(cc: ContinualConfig, t: TaskConfig) -> EvalConfig:
@@ -274,8 +321,14 @@ def _eval(cc: ContinualConfig, t: TaskConfig) -> EvalConfig:
         spec = {"path": t.path, "split": "eval"}
     else:
         spec = {"from_dataset": t.name, "holdout": 0.1}
-    spec = {"batches": cc.eval_batches, "batch_size": cc.eval_batch_size,
-            "max_new_tokens": cc.max_new_tokens, "role": "target", **spec, "name": t.name}
+    spec = {
+        "batches": cc.eval_batches,
+        "batch_size": cc.eval_batch_size,
+        "max_new_tokens": cc.max_new_tokens,
+        "role": "target",
+        **spec,
+        "name": t.name,
+    }
     return C.build(EvalConfig, spec, f"stages.{t.name}.eval")
 
 

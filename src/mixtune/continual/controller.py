@@ -56,15 +56,19 @@ def new(seed: int, hidden: int = 64, layers: int = 2) -> Controller:
         return Controller(hidden, layers)
 
 
-def save(path: str | Path, net: Controller, vulnerability: dict | None = None,
-         meta: dict | None = None) -> Path:
+def save(
+    path: str | Path, net: Controller, vulnerability: dict | None = None, meta: dict | None = None
+) -> Path:
     """Write the frozen controller file atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     vul = {k: float(v) for k, v in (vulnerability or {}).items()}
     blob = {
-        "format": FORMAT, "feature_version": FEATURE_VERSION, "features": list(FEATURES),
-        "globals": list(GLOBALS), "arch": dict(net.arch),
+        "format": FORMAT,
+        "feature_version": FEATURE_VERSION,
+        "features": list(FEATURES),
+        "globals": list(GLOBALS),
+        "arch": dict(net.arch),
         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
         "vulnerability": vul,
         "ranking": sorted(vul, key=lambda k: -vul[k]),  # most vulnerable first
@@ -80,19 +84,26 @@ def load(path: str | Path, where: str = "mixer.controller") -> tuple[Controller,
     """-> (controller in eval mode, the file's other contents). Checks the feature spec."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{where}: controller file not found: {p} (learn one with "
-                          "`mixtune proxymix learn CONFIG`)")
+        raise ConfigError(
+            f"{where}: controller file not found: {p} (learn one with "
+            "`mixtune proxymix learn CONFIG`)"
+        )
     try:
         blob = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ConfigError(f"{where}: cannot read {p} ({type(e).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ConfigError(f"{where}: {p} is not a ProxyMix controller file")
-    if (tuple(blob["features"]) != FEATURES or tuple(blob["globals"]) != GLOBALS
-            or blob["feature_version"] != FEATURE_VERSION):
-        raise ConfigError(f"{where}: {p} was learned with features {blob['features']} "
-                          f"(version {blob['feature_version']}); this mixtune uses "
-                          f"{list(FEATURES)} (version {FEATURE_VERSION}); learn it again")
+    if (
+        tuple(blob["features"]) != FEATURES
+        or tuple(blob["globals"]) != GLOBALS
+        or blob["feature_version"] != FEATURE_VERSION
+    ):
+        raise ConfigError(
+            f"{where}: {p} was learned with features {blob['features']} "
+            f"(version {blob['feature_version']}); this mixtune uses "
+            f"{list(FEATURES)} (version {FEATURE_VERSION}); learn it again"
+        )
     net = Controller(**blob["arch"])
     net.load_state_dict(blob["state_dict"])
     net.eval()

@@ -39,20 +39,33 @@ def warmup(cc: ContinualConfig, default_dir: str | Path) -> str | None:
 
     wdir = Path(w.output_dir or default_dir)
     if not (wdir / "summary.json").is_file():
-        train = C.build(TrainConfig, {**C.to_dict(cc.train), **(w.train or {})},
-                        "warmup.train")
-        cfg = RunConfig(output_dir=str(wdir), seed=cc.seed, max_steps=w.steps, model=cc.model,
-                        datasets=w.datasets, mixer=MethodConfig("proportional"), loss=cc.loss,
-                        train=dataclasses.replace(train, eval_every=0), progress=cc.progress)
+        train = C.build(TrainConfig, {**C.to_dict(cc.train), **(w.train or {})}, "warmup.train")
+        cfg = RunConfig(
+            output_dir=str(wdir),
+            seed=cc.seed,
+            max_steps=w.steps,
+            model=cc.model,
+            datasets=w.datasets,
+            mixer=MethodConfig("proportional"),
+            loss=cc.loss,
+            train=dataclasses.replace(train, eval_every=0),
+            progress=cc.progress,
+        )
         log.info("warm-up: %d steps on %s", w.steps, [d.name for d in w.datasets])
         Trainer(cfg).run()
         shutil.rmtree(wdir / "checkpoints", ignore_errors=True)
     return str(wdir / "final")
 
 
-def run_sequence(cc: ContinualConfig, order: Sequence[str], out_dir: str | Path,
-                 mixer: MethodConfig | None = None, seed: int | None = None,
-                 steps: int | None = None, start_model: str | None = None) -> dict:
+def run_sequence(
+    cc: ContinualConfig,
+    order: Sequence[str],
+    out_dir: str | Path,
+    mixer: MethodConfig | None = None,
+    seed: int | None = None,
+    steps: int | None = None,
+    start_model: str | None = None,
+) -> dict:
     """Train the tasks of ``order`` one after another; returns (and writes) the results.
 
     The returned dict also holds ``records``: each stage's ``stage.json`` (mixer trajectory,
@@ -81,23 +94,47 @@ def run_sequence(cc: ContinualConfig, order: Sequence[str], out_dir: str | Path,
     return {**result, "records": records}  # the stage records (trajectories) are not written
 
 
-def _run_stage(cc: ContinualConfig, order: list[str], s: int, sdir: Path, mixer: MethodConfig,
-               carry: dict, model: str | None, seed: int | None, steps: int | None) -> dict:
+def _run_stage(
+    cc: ContinualConfig,
+    order: list[str],
+    s: int,
+    sdir: Path,
+    mixer: MethodConfig,
+    carry: dict,
+    model: str | None,
+    seed: int | None,
+    steps: int | None,
+) -> dict:
     from mixtune.engine.loop import Trainer
 
     t0 = time.perf_counter()
     task = order[s]
     params = dict(mixer.params)
     if mixer.name == "proxymix":  # the stage context the mixer needs
-        params.update(current=task, safety_slot=SAFETY_BUFFER if cc.safety_buffer else None,
-                      safety_domain=SAFETY_EVAL, carry=carry, stage=s, n_stages=len(order),
-                      ages={order[i]: i for i in range(s)})
-    cfg = stage_config(cc, order, s, MethodConfig(mixer.name, params), model_path=model,
-                       output_dir=str(sdir), max_steps=steps, seed=seed)
+        params.update(
+            current=task,
+            safety_slot=SAFETY_BUFFER if cc.safety_buffer else None,
+            safety_domain=SAFETY_EVAL,
+            carry=carry,
+            stage=s,
+            n_stages=len(order),
+            ages={order[i]: i for i in range(s)},
+        )
+    cfg = stage_config(
+        cc,
+        order,
+        s,
+        MethodConfig(mixer.name, params),
+        model_path=model,
+        output_dir=str(sdir),
+        max_steps=steps,
+        seed=seed,
+    )
     # Losses only while training (the mixer's probes); accuracy once, at the end of the stage.
     want = {e.name: e.accuracy if cc.accuracy else False for e in cfg.evals}
-    cfg = dataclasses.replace(cfg, evals=tuple(dataclasses.replace(e, accuracy=False)
-                                               for e in cfg.evals))
+    cfg = dataclasses.replace(
+        cfg, evals=tuple(dataclasses.replace(e, accuracy=False) for e in cfg.evals)
+    )
     trainer = Trainer(cfg)
     start = _evaluate(trainer, want) if s == 0 else None  # the model before any training
     summary = trainer.run()
@@ -107,26 +144,46 @@ def _run_stage(cc: ContinualConfig, order: list[str], s: int, sdir: Path, mixer:
     if hasattr(mx, "observe_end"):
         n = getattr(getattr(mx, "o", None), "eval_batches", None)
         if n is not None:  # the mixer's references must come from the batches it evaluates
-            losses = {k: m["loss"] for k, m in trainer.evaluate(
-                n_batches=n, accuracy=False, use_cache=False).items()}
+            losses = {
+                k: m["loss"]
+                for k, m in trainer.evaluate(n_batches=n, accuracy=False, use_cache=False).items()
+            }
         mx.observe_end(losses, cfg.max_steps)
     new_carry = dict(mx.carry()) if hasattr(mx, "carry") else {}
-    new_carry[task] = {"ref": max(losses[task], 1e-8), "last": 1.0, "trend": 0.0,
-                       "peak": 1.0}  # the task just learned becomes a buffer
+    new_carry[task] = {
+        "ref": max(losses[task], 1e-8),
+        "last": 1.0,
+        "trend": 0.0,
+        "peak": 1.0,
+    }  # the task just learned becomes a buffer
     if start is not None and SAFETY_EVAL in start:
-        new_carry.setdefault(SAFETY_EVAL, {"ref": start[SAFETY_EVAL]["loss"], "last": None,
-                                           "trend": 0.0, "peak": 1.0})
+        new_carry.setdefault(
+            SAFETY_EVAL,
+            {"ref": start[SAFETY_EVAL]["loss"], "last": None, "trend": 0.0, "peak": 1.0},
+        )
     from mixtune.engine.rundir import read_metrics
 
-    weights = [{"step": r["step"], **r["weights"]} for r in read_metrics(sdir)
-               if "mixer" in r or r["step"] == 0]
+    weights = [
+        {"step": r["step"], **r["weights"]}
+        for r in read_metrics(sdir)
+        if "mixer" in r or r["step"] == 0
+    ]
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    return {"stage": s, "task": task, "eval": ev, "start_eval": start, "weights": weights,
-            "trajectory": getattr(mx, "trajectory", []), "carry": new_carry,
-            "steps": summary["steps"], "seconds": round(time.perf_counter() - t0, 3),
-            "train_seconds": summary["seconds"],
-            "input_tokens": summary["input_tokens"], "params": n_params,
-            "train_flops": 6.0 * n_params * summary["input_tokens"]}
+    return {
+        "stage": s,
+        "task": task,
+        "eval": ev,
+        "start_eval": start,
+        "weights": weights,
+        "trajectory": getattr(mx, "trajectory", []),
+        "carry": new_carry,
+        "steps": summary["steps"],
+        "seconds": round(time.perf_counter() - t0, 3),
+        "train_seconds": summary["seconds"],
+        "input_tokens": summary["input_tokens"],
+        "params": n_params,
+        "train_flops": 6.0 * n_params * summary["input_tokens"],
+    }
 
 
 def _evaluate(trainer, want: dict) -> dict:

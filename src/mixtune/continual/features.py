@@ -30,8 +30,18 @@ import math
 import numpy as np
 import torch
 
-FEATURES = ("log_ratio", "rank", "delta", "trend", "peak", "is_current", "is_safety", "age",
-            "progress", "stage")
+FEATURES = (
+    "log_ratio",
+    "rank",
+    "delta",
+    "trend",
+    "peak",
+    "is_current",
+    "is_safety",
+    "age",
+    "progress",
+    "stage",
+)
 GLOBALS = ("safety_log_ratio", "safety_delta")
 FEATURE_VERSION = 2
 
@@ -45,8 +55,9 @@ class Tracker:
 
     def observe(self, name: str, loss: float) -> tuple[float, float, float, float]:
         """-> (ratio, log-ratio delta, its EMA trend, log peak ratio) after seeing ``loss``."""
-        st = self.slots.setdefault(name, {"ref": max(float(loss), 1e-8), "last": None,
-                                          "trend": 0.0, "peak": 1.0})
+        st = self.slots.setdefault(
+            name, {"ref": max(float(loss), 1e-8), "last": None, "trend": 0.0, "peak": 1.0}
+        )
         ratio = max(float(loss), 1e-8) / st["ref"]
         delta = 0.0 if st["last"] is None else math.log(ratio / st["last"])
         st["trend"] = self.beta * st["trend"] + (1 - self.beta) * delta
@@ -56,15 +67,19 @@ class Tracker:
 
     def rebase(self, name: str, loss: float) -> None:
         """Make ``loss`` the new reference of ``name`` (a task just learned becomes a buffer)."""
-        self.slots[name] = {"ref": max(float(loss), 1e-8), "last": 1.0, "trend": 0.0,
-                            "peak": 1.0}
+        self.slots[name] = {"ref": max(float(loss), 1e-8), "last": 1.0, "trend": 0.0, "peak": 1.0}
 
     def state(self) -> dict:
         return {k: dict(v) for k, v in self.slots.items()}
 
 
-def slot_features(obs: list[tuple[float, float, float, float]], kinds: list[str],
-                  ages: list[float], progress: float, stage: float) -> np.ndarray:
+def slot_features(
+    obs: list[tuple[float, float, float, float]],
+    kinds: list[str],
+    ages: list[float],
+    progress: float,
+    stage: float,
+) -> np.ndarray:
     """(n, len(FEATURES)) for n slots; ``kinds`` are current | buffer | safety."""
     n = len(obs)
     x = np.zeros((n, len(FEATURES)), np.float32)
@@ -96,8 +111,9 @@ def global_features(safety: tuple[float, float, float, float] | None) -> np.ndar
     return np.array([math.log(safety[0]), safety[1]], np.float32)
 
 
-def masked_policy(logits: torch.Tensor, mask: torch.Tensor, current: int, p_min: float,
-                  temperature: float = 1.0) -> torch.Tensor:
+def masked_policy(
+    logits: torch.Tensor, mask: torch.Tensor, current: int, p_min: float, temperature: float = 1.0
+) -> torch.Tensor:
     """pi = p_min e_c + (1 - p_min) softmax(z / T) over ``mask``; masked slots get exactly 0."""
     if not bool(mask[current]):
         raise ValueError("the current task's slot must be accessible")
@@ -118,8 +134,11 @@ def reward(prev: dict, now: dict, lambda_forget: float, lambda_safety: float) ->
     """
     c = now["current"]
     gain = prev["ratios"][c] - now["ratios"][c]
-    forget = sum(max(0.0, now["ratios"][b] - prev["ratios"][b]) for b in now["buffers"]
-                 if b in prev["ratios"])
+    forget = sum(
+        max(0.0, now["ratios"][b] - prev["ratios"][b])
+        for b in now["buffers"]
+        if b in prev["ratios"]
+    )
     unsafe = 0.0
     if now.get("safety") is not None and prev.get("safety") is not None:
         unsafe = max(0.0, now["safety"] - prev["safety"])

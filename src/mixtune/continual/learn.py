@@ -61,11 +61,15 @@ def decisions(trajectories: list[list[dict]], lc: LearnConfig) -> list[Decision]
         for prev, now in zip(traj, traj[1:]):
             if prev.get("action") is None or sum(prev["mask"]) < 2:
                 continue
-            out.append(Decision(np.asarray(prev["x"], np.float32),
-                                np.asarray(prev["g"], np.float32),
-                                np.asarray(prev["mask"], bool),
-                                np.asarray(prev["action"], np.float64),
-                                reward(prev, now, lc.lambda_forget, lc.lambda_safety)))
+            out.append(
+                Decision(
+                    np.asarray(prev["x"], np.float32),
+                    np.asarray(prev["g"], np.float32),
+                    np.asarray(prev["mask"], bool),
+                    np.asarray(prev["action"], np.float64),
+                    reward(prev, now, lc.lambda_forget, lc.lambda_safety),
+                )
+            )
     return out
 
 
@@ -73,12 +77,17 @@ def terminal(result: dict, lc: LearnConfig) -> float:
     """End-of-sequence bonus: AA - lambda_F F + lambda_S safety (or its loss-based analogue)."""
     saf = result.get("safety") or {}
     if lc.terminal_metric == "accuracy":
-        return ((result.get("average_accuracy") or 0.0)
-                - lc.lambda_F * (result.get("forgetting") or 0.0)
-                + lc.lambda_S * (saf.get("final") or 0.0))
+        return (
+            (result.get("average_accuracy") or 0.0)
+            - lc.lambda_F * (result.get("forgetting") or 0.0)
+            + lc.lambda_S * (saf.get("final") or 0.0)
+        )
     unsafe = saf["loss"][-1] / saf["start_loss"] - 1 if saf.get("start_loss") else 0.0
-    return (-(result["final_loss_ratio"] - 1) - lc.lambda_F * (result["loss_forgetting"] or 0.0)
-            - lc.lambda_S * unsafe)
+    return (
+        -(result["final_loss_ratio"] - 1)
+        - lc.lambda_F * (result["loss_forgetting"] or 0.0)
+        - lc.lambda_S * unsafe
+    )
 
 
 class Learner:
@@ -131,11 +140,15 @@ class Learner:
         return {"return": float(r.sum()), "baseline": float(b[0]), "loss": float(loss.detach())}
 
     def state_dict(self) -> dict:
-        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(),
-                "baseline": {k: list(v) for k, v in self.baseline.items()},
-                "episode": self.episode,
-                "history": list(self.history), "vulnerability": dict(self.vulnerability),
-                "cost": dict(self.cost)}
+        return {
+            "net": self.net.state_dict(),
+            "opt": self.opt.state_dict(),
+            "baseline": {k: list(v) for k, v in self.baseline.items()},
+            "episode": self.episode,
+            "history": list(self.history),
+            "vulnerability": dict(self.vulnerability),
+            "cost": dict(self.cost),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
@@ -163,29 +176,37 @@ def train(env, lc: LearnConfig, seed: int, ldir: str | Path, echo=print) -> Lear
     for e in range(learner.episode, lc.episodes):
         t0 = time.perf_counter()
         ep = env.episode(learner, e)
-        stats = learner.update(decisions(ep["trajectories"], lc), ep["terminal"],
-                               ">".join(ep.get("order", ())))
+        stats = learner.update(
+            decisions(ep["trajectories"], lc), ep["terminal"], ">".join(ep.get("order", ()))
+        )
         for k, v in ep.get("vulnerability", {}).items():
             learner.vulnerability.setdefault(k, []).append(float(v))
         cost = ep.get("cost", {})
         learner.cost["seconds"] += cost.get("seconds", time.perf_counter() - t0)
         learner.cost["train_flops"] += cost.get("train_flops", 0.0)
         learner.cost["params"] = cost.get("params", learner.cost["params"])
-        entry = {"episode": e, "order": list(ep.get("order", [])), **stats,
-                 "terminal": ep["terminal"], **ep.get("metrics", {}),
-                 "seconds": round(time.perf_counter() - t0, 2)}
+        entry = {
+            "episode": e,
+            "order": list(ep.get("order", [])),
+            **stats,
+            "terminal": ep["terminal"],
+            **ep.get("metrics", {}),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
         learner.history.append(entry)
         learner.episode = e + 1
         tmp = state_path.with_name("learner.pt.tmp")
         torch.save(learner.state_dict(), tmp)
         os.replace(tmp, state_path)
-        (ldir / "returns.jsonl").write_text("".join(json.dumps(h) + "\n"
-                                                    for h in learner.history))
-        extra = " ".join(f"{k}={v:.3f}" for k, v in ep.get("metrics", {}).items()
-                         if isinstance(v, float))
+        (ldir / "returns.jsonl").write_text("".join(json.dumps(h) + "\n" for h in learner.history))
+        extra = " ".join(
+            f"{k}={v:.3f}" for k, v in ep.get("metrics", {}).items() if isinstance(v, float)
+        )
         base = "-" if stats["baseline"] is None else f"{stats['baseline']:+.3f}"
-        echo(f"[learn] episode {e + 1}/{lc.episodes} {'>'.join(entry['order'])} "
-             f"return={stats['return']:+.3f} baseline={base} {extra} ({entry['seconds']:.1f}s)")
+        echo(
+            f"[learn] episode {e + 1}/{lc.episodes} {'>'.join(entry['order'])} "
+            f"return={stats['return']:+.3f} baseline={base} {extra} ({entry['seconds']:.1f}s)"
+        )
     return learner
 
 
@@ -199,8 +220,11 @@ class LMEnv:
         self.orders = pc.orders()
         self.start = warmup(pc, ldir / "warmup")
         params = pc.mixer.params if pc.mixer.name == "proxymix" else {}
-        self.params = {k: v for k, v in params.items()
-                       if k not in ("policy", "controller", "explore_sigma", "explore_seed")}
+        self.params = {
+            k: v
+            for k, v in params.items()
+            if k not in ("policy", "controller", "explore_sigma", "explore_seed")
+        }
 
     def episode(self, learner: Learner, e: int) -> dict:
         from mixtune.continual.driver import run_sequence
@@ -210,20 +234,40 @@ class LMEnv:
         edir = self.ldir / "episodes" / f"ep-{e:04d}"
         shutil.rmtree(edir, ignore_errors=True)  # a half-done episode is redone from scratch
         lc, seed = learner.lc, episode_seed(self.pc.seed, e)
-        mixer = MethodConfig("proxymix", {**self.params, "policy": "controller",
-                                          "controller": str(policy),
-                                          "explore_sigma": lc.sigma, "explore_seed": seed})
-        res = run_sequence(self.pc, order, edir, mixer=mixer,
-                           seed=seed if lc.vary_data_seed else self.pc.seed,
-                           start_model=self.start)
+        mixer = MethodConfig(
+            "proxymix",
+            {
+                **self.params,
+                "policy": "controller",
+                "controller": str(policy),
+                "explore_sigma": lc.sigma,
+                "explore_seed": seed,
+            },
+        )
+        res = run_sequence(
+            self.pc,
+            order,
+            edir,
+            mixer=mixer,
+            seed=seed if lc.vary_data_seed else self.pc.seed,
+            start_model=self.start,
+        )
         if not learner.lc.keep_episodes:
             shutil.rmtree(edir, ignore_errors=True)
         saf = res.get("safety") or {}
-        return {"order": order, "trajectories": [r["trajectory"] for r in res["records"]],
-                "terminal": terminal(res, learner.lc), "vulnerability": res["vulnerability"],
-                "cost": res["cost"],
-                "metrics": {"AA": res["average_accuracy"], "F": res["forgetting"],
-                            "safety": saf.get("final"), "loss_F": res["loss_forgetting"]}}
+        return {
+            "order": order,
+            "trajectories": [r["trajectory"] for r in res["records"]],
+            "terminal": terminal(res, learner.lc),
+            "vulnerability": res["vulnerability"],
+            "cost": res["cost"],
+            "metrics": {
+                "AA": res["average_accuracy"],
+                "F": res["forgetting"],
+                "safety": saf.get("final"),
+                "loss_F": res["loss_forgetting"],
+            },
+        }
 
 
 def episode_seed(seed: int, e: int) -> int:
@@ -244,14 +288,24 @@ def learn(cc: ContinualConfig, echo=print) -> Path:
         from mixtune.continual.transfer import probe as run_probe
 
         probe = run_probe(pc, ldir / "transfer-probe", env.start)
-        echo(f"[learn] proxy vulnerability (fixed-replay probe): "
-             f"{ {k: round(v, 3) for k, v in probe['vulnerability'].items()} }")
-    meta = {"episodes": learner.episode, "seed": cc.seed, "proxy_model": _model_name(pc),
-            "episode_vulnerability": learner.mean_vulnerability(),
-            "proxy_params": learner.cost["params"], "steps_per_stage": pc.steps_per_stage,
-            "cost": {**learner.cost, "seconds_per_episode": learner.cost["seconds"] / n,
-                     "train_flops_per_episode": learner.cost["train_flops"] / n},
-            "returns": [h["return"] for h in learner.history]}
+        echo(
+            f"[learn] proxy vulnerability (fixed-replay probe): "
+            f"{ {k: round(v, 3) for k, v in probe['vulnerability'].items()} }"
+        )
+    meta = {
+        "episodes": learner.episode,
+        "seed": cc.seed,
+        "proxy_model": _model_name(pc),
+        "episode_vulnerability": learner.mean_vulnerability(),
+        "proxy_params": learner.cost["params"],
+        "steps_per_stage": pc.steps_per_stage,
+        "cost": {
+            **learner.cost,
+            "seconds_per_episode": learner.cost["seconds"] / n,
+            "train_flops_per_episode": learner.cost["train_flops"] / n,
+        },
+        "returns": [h["return"] for h in learner.history],
+    }
     vulnerability = probe.get("vulnerability") or learner.mean_vulnerability()
     path = ctl.save(lc.controller or ldir / "controller.pt", learner.net, vulnerability, meta)
     from mixtune.continual.metrics import plot_returns

@@ -31,36 +31,59 @@ def summarize(order: list[str], records: list[dict], safety: bool) -> dict:
     S = len(order)
 
     def matrix(key):
-        return [[rec["eval"].get(t, {}).get(key) if i <= s else None
-                 for i, t in enumerate(order)] for s, rec in enumerate(records)]
+        return [
+            [rec["eval"].get(t, {}).get(key) if i <= s else None for i, t in enumerate(order)]
+            for s, rec in enumerate(records)
+        ]
 
     acc, loss = matrix("accuracy"), matrix("loss")
     scored = [all(acc[s][i] is not None for s in range(i, S)) for i in range(S)]
     aa = _mean([acc[-1][i] for i in range(S) if scored[i]])
-    forget = _mean([max(acc[s][i] for s in range(i, S - 1)) - acc[-1][i]
-                    for i in range(S - 1) if scored[i]]) if S > 1 else None
-    loss_forget = _mean([loss[-1][i] / min(loss[s][i] for s in range(i, S - 1)) - 1
-                         for i in range(S - 1)]) if S > 1 else None
-    vul = {order[i]: max(loss[s][i] / loss[i][i] for s in range(i + 1, S)) - 1
-           for i in range(S - 1)}
+    forget = (
+        _mean(
+            [
+                max(acc[s][i] for s in range(i, S - 1)) - acc[-1][i]
+                for i in range(S - 1)
+                if scored[i]
+            ]
+        )
+        if S > 1
+        else None
+    )
+    loss_forget = (
+        _mean([loss[-1][i] / min(loss[s][i] for s in range(i, S - 1)) - 1 for i in range(S - 1)])
+        if S > 1
+        else None
+    )
+    vul = {
+        order[i]: max(loss[s][i] / loss[i][i] for s in range(i + 1, S)) - 1 for i in range(S - 1)
+    }
     out = {
-        "order": order, "accuracy": acc, "loss": loss,
-        "average_accuracy": aa, "forgetting": forget, "loss_forgetting": loss_forget,
+        "order": order,
+        "accuracy": acc,
+        "loss": loss,
+        "average_accuracy": aa,
+        "forgetting": forget,
+        "loss_forgetting": loss_forget,
         "final_loss_ratio": _mean([loss[-1][i] / loss[i][i] for i in range(S)]),
         "vulnerability": vul,
         "replay_share": [_replay_share(rec) for rec in records],
-        "cost": {"seconds": float(sum(r["seconds"] for r in records)),
-                 "train_flops": float(sum(r["train_flops"] for r in records)),
-                 "input_tokens": int(sum(r["input_tokens"] for r in records)),
-                 "steps": int(sum(r["steps"] for r in records)),
-                 "params": int(records[-1]["params"])},
+        "cost": {
+            "seconds": float(sum(r["seconds"] for r in records)),
+            "train_flops": float(sum(r["train_flops"] for r in records)),
+            "input_tokens": int(sum(r["input_tokens"] for r in records)),
+            "steps": int(sum(r["steps"] for r in records)),
+            "params": int(records[-1]["params"]),
+        },
     }
     if safety:
         start = (records[0].get("start_eval") or {}).get(SAFETY_EVAL, {})
         per = [rec["eval"][SAFETY_EVAL] for rec in records]
         out["safety"] = {
-            "start_accuracy": start.get("accuracy"), "start_loss": start.get("loss"),
-            "accuracy": [m.get("accuracy") for m in per], "loss": [m["loss"] for m in per],
+            "start_accuracy": start.get("accuracy"),
+            "start_loss": start.get("loss"),
+            "accuracy": [m.get("accuracy") for m in per],
+            "loss": [m["loss"] for m in per],
             "final": per[-1].get("accuracy"),
         }
         if start.get("loss"):
@@ -84,28 +107,39 @@ def markdown(result: dict) -> str:
     order = result["order"]
     mixer = result.get("mixer", {})
     shown = {k: v for k, v in mixer.items() if k in ("policy", "replay_ratio", "controller")}
-    lines = [f"# Continual run: {' > '.join(order)}", "",
-             f"mixer: `{mixer.get('name', '?')}` {shown}",
-             "", "| after stage | " + " | ".join(order) + " | safety |",
-             "|---" * (len(order) + 2) + "|"]
+    lines = [
+        f"# Continual run: {' > '.join(order)}",
+        "",
+        f"mixer: `{mixer.get('name', '?')}` {shown}",
+        "",
+        "| after stage | " + " | ".join(order) + " | safety |",
+        "|---" * (len(order) + 2) + "|",
+    ]
     saf = result.get("safety", {})
     for s, row in enumerate(result["accuracy"]):
-        cells = [f"{_fmt(a, True)} ({_fmt(loss)})" if loss is not None else ""
-                 for a, loss in zip(row, result["loss"][s])]
+        cells = [
+            f"{_fmt(a, True)} ({_fmt(loss)})" if loss is not None else ""
+            for a, loss in zip(row, result["loss"][s])
+        ]
         sa = _fmt(saf["accuracy"][s], True) if saf else "-"
         lines.append(f"| {s + 1} {order[s]} | " + " | ".join(cells) + f" | {sa} |")
-    lines += ["", "accuracy in % (loss in parentheses)", "",
-              f"- average accuracy: {_fmt(result['average_accuracy'], True)}",
-              f"- forgetting: {_fmt(result['forgetting'], True)} points "
-              f"(loss-based: {_fmt(result['loss_forgetting'])})",
-              f"- safety: {_fmt(saf.get('final'), True)} "
-              f"(start {_fmt(saf.get('start_accuracy'), True)})" if saf else "- safety: -",
-              f"- mean replay share per stage: "
-              f"{[_fmt(x) for x in result['replay_share']]}",
-              f"- vulnerability (peak loss increase): "
-              f"{ {k: round(v, 3) for k, v in result['vulnerability'].items()} }",
-              f"- cost: {result['cost']['seconds']:.1f} s, {result['cost']['steps']} steps, "
-              f"{result['cost']['train_flops']:.3g} training FLOPs", ""]
+    lines += [
+        "",
+        "accuracy in % (loss in parentheses)",
+        "",
+        f"- average accuracy: {_fmt(result['average_accuracy'], True)}",
+        f"- forgetting: {_fmt(result['forgetting'], True)} points "
+        f"(loss-based: {_fmt(result['loss_forgetting'])})",
+        f"- safety: {_fmt(saf.get('final'), True)} (start {_fmt(saf.get('start_accuracy'), True)})"
+        if saf
+        else "- safety: -",
+        f"- mean replay share per stage: {[_fmt(x) for x in result['replay_share']]}",
+        f"- vulnerability (peak loss increase): "
+        f"{ {k: round(v, 3) for k, v in result['vulnerability'].items()} }",
+        f"- cost: {result['cost']['seconds']:.1f} s, {result['cost']['steps']} steps, "
+        f"{result['cost']['train_flops']:.3g} training FLOPs",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -138,8 +172,12 @@ def plot(result: dict, path: Path) -> None:
     if result.get("safety"):
         sa = [np.nan if x is None else x for x in result["safety"]["accuracy"]]
         b.plot(stages, sa, "o-", label="safety accuracy")
-    b.plot(stages, [np.nan if x is None else x for x in result["replay_share"]], "s--",
-           label="replay share")
+    b.plot(
+        stages,
+        [np.nan if x is None else x for x in result["replay_share"]],
+        "s--",
+        label="replay share",
+    )
     b.set_xlabel("stage")
     b.legend()
     fig.tight_layout()

@@ -39,12 +39,16 @@ def run(cc: ContinualConfig, echo=print) -> dict:
 
             chk = report["transfer_check"] = check(cc, info, out / "transfer-check", start)
             shown = "inconclusive" if chk["value"] is None else f"{chk['value']:.2f}"
-            echo(f"[proxymix] vulnerability rank correlation proxy vs target "
-                 f"({chk['statistic']}, {len(chk['items'])} items): {shown}")
+            echo(
+                f"[proxymix] vulnerability rank correlation proxy vs target "
+                f"({chk['statistic']}, {len(chk['items'])} items): {shown}"
+            )
             if not chk["passed"]:
-                echo(f"[proxymix] WARNING: below the threshold {chk['threshold']}: the proxy's "
-                     f"forgetting does not mirror this model's; falling back to fixed replay "
-                     f"(replay_ratio={params.get('replay_ratio', 0.2)})")
+                echo(
+                    f"[proxymix] WARNING: below the threshold {chk['threshold']}: the proxy's "
+                    f"forgetting does not mirror this model's; falling back to fixed replay "
+                    f"(replay_ratio={params.get('replay_ratio', 0.2)})"
+                )
                 mixer = MethodConfig("proxymix", {**params, "policy": "fixed"})
     orders = cc.orders()
     results = []
@@ -54,26 +58,34 @@ def run(cc: ContinualConfig, echo=print) -> dict:
         res.pop("records")
         results.append(res)
         saf = (res.get("safety") or {}).get("final")
-        echo(f"[proxymix] {' > '.join(order)}: AA={_pct(res['average_accuracy'])} "
-             f"F={_pct(res['forgetting'])} safety={_pct(saf)} ({sdir})")
-    report.update({
-        "mixer": {"name": mixer.name, **mixer.params},
-        "sequences": [r["order"] for r in results],
-        "average_accuracy": _mean([r["average_accuracy"] for r in results]),
-        "forgetting": _mean([r["forgetting"] for r in results]),
-        "safety": _mean([(r.get("safety") or {}).get("final") for r in results]),
-        "loss_forgetting": _mean([r["loss_forgetting"] for r in results]),
-        "cost": {"seconds": sum(r["cost"]["seconds"] for r in results),
-                 "train_flops": sum(r["cost"]["train_flops"] for r in results),
-                 "params": results[-1]["cost"]["params"]},
-    })
+        echo(
+            f"[proxymix] {' > '.join(order)}: AA={_pct(res['average_accuracy'])} "
+            f"F={_pct(res['forgetting'])} safety={_pct(saf)} ({sdir})"
+        )
+    report.update(
+        {
+            "mixer": {"name": mixer.name, **mixer.params},
+            "sequences": [r["order"] for r in results],
+            "average_accuracy": _mean([r["average_accuracy"] for r in results]),
+            "forgetting": _mean([r["forgetting"] for r in results]),
+            "safety": _mean([(r.get("safety") or {}).get("final") for r in results]),
+            "loss_forgetting": _mean([r["loss_forgetting"] for r in results]),
+            "cost": {
+                "seconds": sum(r["cost"]["seconds"] for r in results),
+                "train_flops": sum(r["cost"]["train_flops"] for r in results),
+                "params": results[-1]["cost"]["params"],
+            },
+        }
+    )
     if info is not None:
         report["policy_cost"] = policy_cost(info, report["cost"], len(results))
     (out / "summary.json").write_text(json.dumps(report, indent=1))
     (out / "summary.md").write_text(_markdown(report))
-    echo(f"[proxymix] mean over {len(results)} sequence(s): "
-         f"AA={_pct(report['average_accuracy'])} F={_pct(report['forgetting'])} "
-         f"safety={_pct(report['safety'])}; summary in {out / 'summary.md'}")
+    echo(
+        f"[proxymix] mean over {len(results)} sequence(s): "
+        f"AA={_pct(report['average_accuracy'])} F={_pct(report['forgetting'])} "
+        f"safety={_pct(report['safety'])}; summary in {out / 'summary.md'}"
+    )
     return report
 
 
@@ -83,11 +95,15 @@ def policy_cost(info: dict, target_cost: dict, n_sequences: int) -> dict:
     cost, episodes = meta.get("cost", {}), meta.get("episodes", 0)
     per_seq_s = target_cost["seconds"] / n_sequences
     per_seq_f = target_cost["train_flops"] / n_sequences
-    out = {"episodes": episodes, "proxy_seconds": cost.get("seconds"),
-           "proxy_train_flops": cost.get("train_flops"), "proxy_params": meta.get("proxy_params"),
-           "target_params": target_cost["params"],
-           "target_rl_seconds_estimate": episodes * per_seq_s,
-           "target_rl_train_flops_estimate": episodes * per_seq_f}
+    out = {
+        "episodes": episodes,
+        "proxy_seconds": cost.get("seconds"),
+        "proxy_train_flops": cost.get("train_flops"),
+        "proxy_params": meta.get("proxy_params"),
+        "target_params": target_cost["params"],
+        "target_rl_seconds_estimate": episodes * per_seq_s,
+        "target_rl_train_flops_estimate": episodes * per_seq_f,
+    }
     if cost.get("seconds"):
         out["ratio_seconds"] = out["target_rl_seconds_estimate"] / cost["seconds"]
     if cost.get("train_flops"):
@@ -100,19 +116,28 @@ def _pct(x) -> str:
 
 
 def _markdown(r: dict) -> str:
-    lines = ["# Continual summary", "", f"mixer: `{r['mixer']}`", "",
-             f"- sequences: {[' > '.join(s) for s in r['sequences']]}",
-             f"- average accuracy: {_pct(r['average_accuracy'])}",
-             f"- forgetting: {_pct(r['forgetting'])} points",
-             f"- safety: {_pct(r['safety'])}"]
+    lines = [
+        "# Continual summary",
+        "",
+        f"mixer: `{r['mixer']}`",
+        "",
+        f"- sequences: {[' > '.join(s) for s in r['sequences']]}",
+        f"- average accuracy: {_pct(r['average_accuracy'])}",
+        f"- forgetting: {_pct(r['forgetting'])} points",
+        f"- safety: {_pct(r['safety'])}",
+    ]
     if "transfer_check" in r:
         c = r["transfer_check"]
-        lines.append(f"- transfer check ({c['statistic']}): {c['value']} over {c['items']} "
-                     f"-> {'controller used' if c['passed'] else 'fell back to fixed replay'}")
+        lines.append(
+            f"- transfer check ({c['statistic']}): {c['value']} over {c['items']} "
+            f"-> {'controller used' if c['passed'] else 'fell back to fixed replay'}"
+        )
     if "policy_cost" in r:
         c = r["policy_cost"]
-        lines.append(f"- policy-learning cost: proxy {c['proxy_seconds']} s for {c['episodes']} "
-                     f"episodes; the same RL on this model ~{c['target_rl_seconds_estimate']:.0f}"
-                     f" s (ratio {c.get('ratio_seconds', float('nan')):.1f}x by time, "
-                     f"{c.get('ratio_flops', float('nan')):.1f}x by training FLOPs)")
+        lines.append(
+            f"- policy-learning cost: proxy {c['proxy_seconds']} s for {c['episodes']} "
+            f"episodes; the same RL on this model ~{c['target_rl_seconds_estimate']:.0f}"
+            f" s (ratio {c.get('ratio_seconds', float('nan')):.1f}x by time, "
+            f"{c.get('ratio_flops', float('nan')):.1f}x by training FLOPs)"
+        )
     return "\n".join(lines) + "\n"

@@ -29,9 +29,18 @@ from mixtune.continual.features import (
 
 
 class ToyEnv:
-    def __init__(self, stages: int = 3, decisions: int = 5, gain: float = 2.0,
-                 vulnerability: float = 2.0, recovery: float = 1.0, rate: float = 0.05,
-                 p_min: float = 0.3, beta: float = 0.9, seed: int = 0):
+    def __init__(
+        self,
+        stages: int = 3,
+        decisions: int = 5,
+        gain: float = 2.0,
+        vulnerability: float = 2.0,
+        recovery: float = 1.0,
+        rate: float = 0.05,
+        p_min: float = 0.3,
+        beta: float = 0.9,
+        seed: int = 0,
+    ):
         self.S, self.D = stages, decisions
         self.g, self.v, self.rho, self.k = gain, vulnerability, recovery, rate
         self.p_min, self.beta, self.seed = p_min, beta, seed
@@ -58,10 +67,19 @@ class ToyEnv:
                 kinds = ["current"] + ["buffer"] * s
                 ages = [0.0] + [(s - i) / self.S for i in range(s)]
                 x = slot_features(per, kinds, ages, u / self.D, (s + 1) / self.S)
-                obs = {"step": u, "slots": slots, "mask": [True] * len(slots),
-                       "current": slots[0], "x": x.tolist(), "g": global_features(None).tolist(),
-                       "buffers": slots[1:], "ratios": {n: p[0] for n, p in zip(slots, per)},
-                       "safety": None, "action": None, "weights": None}
+                obs = {
+                    "step": u,
+                    "slots": slots,
+                    "mask": [True] * len(slots),
+                    "current": slots[0],
+                    "x": x.tolist(),
+                    "g": global_features(None).tolist(),
+                    "buffers": slots[1:],
+                    "ratios": {n: p[0] for n, p in zip(slots, per)},
+                    "safety": None,
+                    "action": None,
+                    "weights": None,
+                }
                 traj.append(obs)
                 if u == self.D:  # end-of-stage observation
                     break
@@ -86,6 +104,7 @@ class ToyEnv:
             if sigma > 0:
                 z = z + sigma * torch.as_tensor(rng.standard_normal(len(z)))
             return masked_policy(z, mask, 0, self.p_min).numpy(), z.tolist()
+
         return act
 
     def oracle_act(self, obs, rng):

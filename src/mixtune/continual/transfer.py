@@ -23,8 +23,9 @@ from mixtune.config import MethodConfig
 from mixtune.continual.config import ContinualConfig
 
 
-def rank_correlation(a: dict, b: dict, statistic: str = "spearman"
-                     ) -> tuple[float | None, list[str]]:
+def rank_correlation(
+    a: dict, b: dict, statistic: str = "spearman"
+) -> tuple[float | None, list[str]]:
     """Rank correlation of two {item: value} maps over their shared items (None if < 3)."""
     common = sorted(set(a) & set(b))
     if len(common) < 3:
@@ -42,19 +43,28 @@ def probe(cc: ContinualConfig, out: str | Path, start_model: str | None) -> dict
 
     cc = dataclasses.replace(cc, accuracy=False)  # the ranking is loss-based
     params = cc.mixer.params if cc.mixer.name == "proxymix" else {}
-    mixer = MethodConfig("proxymix", {**{k: v for k, v in params.items()
-                                         if k not in ("controller", "explore_sigma")},
-                                      "policy": "fixed"})
+    mixer = MethodConfig(
+        "proxymix",
+        {
+            **{k: v for k, v in params.items() if k not in ("controller", "explore_sigma")},
+            "policy": "fixed",
+        },
+    )
     vul: dict[str, list[float]] = {}
     seconds = 0.0
     for k, order in enumerate(cc.orders()):
-        res = run_sequence(cc, order, Path(out) / f"seq-{k + 1}", mixer=mixer,
-                           steps=cc.transfer.probe_steps, start_model=start_model)
+        res = run_sequence(
+            cc,
+            order,
+            Path(out) / f"seq-{k + 1}",
+            mixer=mixer,
+            steps=cc.transfer.probe_steps,
+            start_model=start_model,
+        )
         seconds += res["cost"]["seconds"]
         for name, v in res["vulnerability"].items():
             vul.setdefault(name, []).append(v)
-    return {"vulnerability": {k: float(np.mean(v)) for k, v in vul.items()},
-            "seconds": seconds}
+    return {"vulnerability": {k: float(np.mean(v)) for k, v in vul.items()}, "seconds": seconds}
 
 
 def check(cc: ContinualConfig, info: dict, out: str | Path, start_model: str | None) -> dict:
@@ -63,8 +73,14 @@ def check(cc: ContinualConfig, info: dict, out: str | Path, start_model: str | N
     proxy = info.get("vulnerability", {})
     target = probe(cc, out, start_model)
     r, common = rank_correlation(proxy, target["vulnerability"], cc.transfer.statistic)
-    return {"statistic": cc.transfer.statistic, "value": r, "items": common,
-            "threshold": cc.transfer.threshold, "proxy": proxy,
-            "target": target["vulnerability"], "seconds": target["seconds"],
-            "passed": r is None or r >= cc.transfer.threshold,
-            "conclusive": r is not None}
+    return {
+        "statistic": cc.transfer.statistic,
+        "value": r,
+        "items": common,
+        "threshold": cc.transfer.threshold,
+        "proxy": proxy,
+        "target": target["vulnerability"],
+        "seconds": target["seconds"],
+        "passed": r is None or r >= cc.transfer.threshold,
+        "conclusive": r is not None,
+    }

@@ -8,8 +8,9 @@ import torch
 from mixtune.losses import IGNORE
 
 
-def collate(ids: list[np.ndarray], labels: list[np.ndarray], pad_id: int,
-            domain: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+def collate(
+    ids: list[np.ndarray], labels: list[np.ndarray], pad_id: int, domain: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence. Returns input_ids, labels, attention_mask (B, T)."""
     n, t = len(ids), max(len(x) for x in ids)
     input_ids = np.full((n, t), pad_id, np.int64)
@@ -35,6 +36,6 @@ def collate_prompts(prompts: list[np.ndarray], pad_id: int) -> dict[str, torch.T
     input_ids = np.full((n, t), pad_id, np.int64)
     attn = np.zeros((n, t), np.int64)
     for i, x in enumerate(prompts):
-        input_ids[i, t - len(x):] = x
-        attn[i, t - len(x):] = 1
+        input_ids[i, t - len(x) :] = x
+        attn[i, t - len(x) :] = 1
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attn)}

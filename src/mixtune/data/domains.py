@@ -83,23 +83,31 @@ def build(cfg: RunConfig, tokenizer) -> tuple[list[TrainSet], list[EvalDomain]]:
             raise DataError(f"{where}: evaluation domain has no data; check its source")
         has_answers = all(x.answer is not None for x in exs)
         if e.accuracy and not has_answers:
-            raise DataError(f"{where}: accuracy: true but records have no '{e.answer_field}' "
-                            "or response to compare against")
+            raise DataError(
+                f"{where}: accuracy: true but records have no '{e.answer_field}' "
+                "or response to compare against"
+            )
         tok = tokenize(exs, tokenizer, max_len, template, where)
         _report(tok, where, max_len)
-        evals.append(EvalDomain(
-            name=e.name, role=e.role, metric=e.metric, reference=e.reference, data=tok,
-            batch_size=e.batch_size,
-            accuracy=has_answers if e.accuracy is None else e.accuracy,
-            max_new_tokens=e.max_new_tokens,
-        ))
+        evals.append(
+            EvalDomain(
+                name=e.name,
+                role=e.role,
+                metric=e.metric,
+                reference=e.reference,
+                data=tok,
+                batch_size=e.batch_size,
+                accuracy=has_answers if e.accuracy is None else e.accuracy,
+                max_new_tokens=e.max_new_tokens,
+            )
+        )
         if e.metric == "accuracy" and not evals[-1].accuracy:
             raise DataError(f"{where}: metric 'accuracy' needs reference answers in the records")
 
     train = []
     for d in cfg.datasets:
         where = f"datasets.{d.name}"
-        keep = order[d.name][taken[d.name]:]
+        keep = order[d.name][taken[d.name] :]
         if d.max_examples is not None:
             keep = keep[: d.max_examples]
         tok = tokenize([examples[d.name][i] for i in keep], tokenizer, max_len, template, where)
@@ -122,5 +130,10 @@ def _perm(seed: int, name: str, n: int) -> np.ndarray:
 
 def _report(tok: Tokenized, where: str, max_len: int) -> None:
     if tok.n_truncated:
-        log.warning("%s: %d of %d examples truncated to max_length=%d",
-                    where, tok.n_truncated, len(tok) + tok.n_dropped, max_len)
+        log.warning(
+            "%s: %d of %d examples truncated to max_length=%d",
+            where,
+            tok.n_truncated,
+            len(tok) + tok.n_dropped,
+            max_len,
+        )

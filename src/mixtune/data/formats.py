@@ -39,8 +39,9 @@ def detect(record: dict) -> str:
     return "unknown"
 
 
-def normalize(records: list[dict], fmt: str, fields: dict | None, where: str,
-              answer_field: str = "answer") -> list[Example]:
+def normalize(
+    records: list[dict], fmt: str, fields: dict | None, where: str, answer_field: str = "answer"
+) -> list[Example]:
     """Turn raw records into :class:`Example`s; a :class:`DataError` names the first bad one."""
     if not records:
         raise DataError(f"{where}: no records; the source is empty")
@@ -95,8 +96,9 @@ def _unicode(value: str, key: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise DataError(f"field '{key}' is not valid Unicode ({e.reason} at character "
-                        f"{e.start})") from None
+        raise DataError(
+            f"field '{key}' is not valid Unicode ({e.reason} at character {e.start})"
+        ) from None
     return value
 
 

@@ -131,7 +131,8 @@ class MixtureSampler:
     # ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         streams = {str(k): s.state_dict() for k, s in self.streams.items()}
-        return {**({"streams": streams} if streams else {}),
+        return {
+            **({"streams": streams} if streams else {}),
             "step": int(self.step),
             "cursors": self.cursors.tolist(),
             "passes": self.passes.tolist(),
@@ -188,8 +189,13 @@ class MixtureSampler:
                 # are exact in binary, so the answer for u lies in [lo[b], lo[b + 1]].
                 m = 1 << (4 * len(cdf) - 1).bit_length()
                 lo = np.searchsorted(cdf, np.arange(m + 1) / m, side="right")
-                self._guide = (m, lo[:-1].copy(), lo[1:].copy(), np.append(cdf, np.inf),
-                               int((lo[1:] - lo[:-1]).max()))
+                self._guide = (
+                    m,
+                    lo[:-1].copy(),
+                    lo[1:].copy(),
+                    np.append(cdf, np.inf),
+                    int((lo[1:] - lo[:-1]).max()),
+                )
             m, lo, hi, padded, widest = self._guide
             b = (u * m).astype(np.int64)
             ds, end = lo[b], hi[b]
@@ -218,7 +224,7 @@ class MixtureSampler:
                 if over.size == 0:
                     return ds
                 for k in over:
-                    slots = np.nonzero(ds == k)[0][int(remaining[k]):]
+                    slots = np.nonzero(ds == k)[0][int(remaining[k]) :]
                     self.exhausted[k] = True
                     self._refresh_cdf()
                     if self._cdf is None:

@@ -12,8 +12,9 @@ from mixtune.errors import DataError
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz")
 
 
-def read_records(path: str, split: str = "train", subset: str | None = None,
-                 where: str = "dataset") -> list[dict]:
+def read_records(
+    path: str, split: str = "train", subset: str | None = None, where: str = "dataset"
+) -> list[dict]:
     """Records (dicts) from ``path``.
 
     ``path`` is a local ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet``/``.csv`` file, a
@@ -27,8 +28,9 @@ def read_records(path: str, split: str = "train", subset: str | None = None,
     p = Path(path).expanduser()
     if p.is_dir():  # a saved dataset directory: `datasets` reads it like a hub dataset
         if not any(p.iterdir()):
-            raise DataError(f"{where}: {p} is an empty directory; give a data file or a "
-                            "saved dataset directory")
+            raise DataError(
+                f"{where}: {p} is an empty directory; give a data file or a saved dataset directory"
+            )
         return _read_hub(str(p), split, subset, where)
     if p.suffix in (".jsonl", ".json", ".parquet", ".csv", ".gz") or p.exists():
         if not p.is_file():
@@ -44,8 +46,9 @@ def read_records(path: str, split: str = "train", subset: str | None = None,
             if name.endswith(".csv"):
                 return _read_csv(p, where)
         except UnicodeDecodeError as e:
-            raise DataError(f"{where}: {p}: not UTF-8 text ({e.reason}); re-save the file as "
-                            "UTF-8") from None
+            raise DataError(
+                f"{where}: {p}: not UTF-8 text ({e.reason}); re-save the file as UTF-8"
+            ) from None
         except (OSError, EOFError, csv.Error) as e:  # unreadable, or a .gz that is not gzip
             raise DataError(f"{where}: {p}: cannot read: {e}") from None
         raise DataError(f"{where}: unsupported file type '{p.name}'; use one of {LOCAL_SUFFIXES}")
@@ -60,8 +63,10 @@ def _read_jsonl(p: Path, where: str) -> list[dict]:
             try:  # decoded line by line, so an error can name the line; a BOM is tolerated
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{where}: {p}:{lineno}: not UTF-8 text ({e.reason} at byte "
-                                f"{e.start}); re-save the file as UTF-8") from None
+                raise DataError(
+                    f"{where}: {p}:{lineno}: not UTF-8 text ({e.reason} at byte "
+                    f"{e.start}); re-save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -115,8 +120,9 @@ def _read_hub(name: str, split: str, subset: str | None, where: str) -> list[dic
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
-        raise DataError(f"{where}: '{name}' is not a local file and `datasets` is missing") \
-            from None
+        raise DataError(
+            f"{where}: '{name}' is not a local file and `datasets` is missing"
+        ) from None
     try:
         ds = datasets.load_dataset(name, subset, split=split)
     except Exception as e:
@@ -136,6 +142,8 @@ def _read_builtin(domain: str, split: str, where: str) -> list[dict]:
     if domain not in DOMAINS:
         raise DataError(f"{where}: unknown built-in domain '{domain}'; known: {sorted(DOMAINS)}")
     if split not in SPLITS:
-        raise DataError(f"{where}: built-in domains have splits {list(SPLITS)} (dev and test: "
-                        f"the two halves of eval), not '{split}'")
+        raise DataError(
+            f"{where}: built-in domains have splits {list(SPLITS)} (dev and test: "
+            f"the two halves of eval), not '{split}'"
+        )
     return load_domain(domain, split=split)

@@ -33,8 +33,9 @@ class JsonlSource:
     def order(self, epoch: int) -> list[int]:
         if not self.shuffle or len(self.shards) == 1:
             return list(range(len(self.shards)))
-        return np.random.default_rng([*self.key, 0x5348, epoch]).permutation(
-            len(self.shards)).tolist()
+        return (
+            np.random.default_rng([*self.key, 0x5348, epoch]).permutation(len(self.shards)).tolist()
+        )
 
     def count(self) -> int:
         n = 0
@@ -73,11 +74,15 @@ class JsonlSource:
         try:
             rec = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{self.where}: {self.shards[shard]} (byte {start}): malformed JSON "
-                            f"({e}); each line must be one JSON object") from None
+            raise DataError(
+                f"{self.where}: {self.shards[shard]} (byte {start}): malformed JSON "
+                f"({e}); each line must be one JSON object"
+            ) from None
         if not isinstance(rec, dict):
-            raise DataError(f"{self.where}: {self.shards[shard]} (byte {start}): expected a "
-                            f"JSON object, got {type(rec).__name__}")
+            raise DataError(
+                f"{self.where}: {self.shards[shard]} (byte {start}): expected a "
+                f"JSON object, got {type(rec).__name__}"
+            )
         return rec
 
 
@@ -113,8 +118,9 @@ def open_source(d, where: str, key: tuple, shuffle: bool):
     """A :class:`JsonlSource` for JSONL files/globs/directories, else a :class:`HubSource`."""
     path = d.path
     if path.startswith("builtin:"):
-        raise ConfigError(f"{where}.streaming: built-in domains are small and in memory; "
-                          "set streaming: false")
+        raise ConfigError(
+            f"{where}.streaming: built-in domains are small and in memory; set streaming: false"
+        )
     p = Path(path).expanduser()
     if any(c in path for c in "*?["):
         shards = [Path(x) for x in sorted(glob.glob(str(p)))]
@@ -145,8 +151,9 @@ def _hub(where: str, split: str, *args, **kw) -> HubSource:
             return datasets.load_dataset(*args, split=split, streaming=True, **kw)
         except Exception as e:
             msg = str(e).splitlines()[0][:200] if str(e) else ""
-            raise DataError(f"{where}: cannot stream '{args[0]}' with `datasets` "
-                            f"({type(e).__name__}: {msg})") from None
+            raise DataError(
+                f"{where}: cannot stream '{args[0]}' with `datasets` ({type(e).__name__}: {msg})"
+            ) from None
 
     return HubSource(factory, where, split)
 

@@ -46,8 +46,18 @@ from mixtune.errors import ConfigError, DataError, MixtuneError
 from mixtune.losses import IGNORE
 
 log = logging.getLogger(__name__)
-__all__ = ["HubSource", "JsonlSource", "Stream", "StreamSet", "build", "check_features",
-           "lengths", "open_source", "open_stream", "streams_of"]
+__all__ = [
+    "HubSource",
+    "JsonlSource",
+    "Stream",
+    "StreamSet",
+    "build",
+    "check_features",
+    "lengths",
+    "open_source",
+    "open_stream",
+    "streams_of",
+]
 CHUNK = 256  # records per block without a shuffle buffer
 
 
@@ -63,8 +73,16 @@ class Block:
 class Stream:
     """One streaming dataset: blocks read, tokenised, permuted and handed out in order."""
 
-    def __init__(self, source, k: int, seed: int, block: int, shuffle: bool, tokenise,
-                 limit: int | None = None):
+    def __init__(
+        self,
+        source,
+        k: int,
+        seed: int,
+        block: int,
+        shuffle: bool,
+        tokenise,
+        limit: int | None = None,
+    ):
         self.source, self.k, self.seed, self.block = source, k, seed, block
         self.shuffle, self.tokenise, self.limit = shuffle, tokenise, limit
         self.cache: dict[int, tuple] = {}  # seq -> (ids, labels, prompt_len, answer, count, len)
@@ -84,8 +102,10 @@ class Stream:
                     raise MixtuneError(f"stream {self.k} exhausted (repeat: false)")
                 idle_epochs += b.done
                 if idle_epochs > 1:
-                    raise DataError(f"{self.source.where}: no streamed example has a response "
-                                    "token within train.max_length")
+                    raise DataError(
+                        f"{self.source.where}: no streamed example has a response "
+                        "token within train.max_length"
+                    )
                 self._next_block(b)
                 continue
             idle_epochs = 0
@@ -148,12 +168,19 @@ class Stream:
         tok = self.tokenise(recs)
         order = np.arange(len(tok))
         if self.shuffle:  # block 0 is keyed like the in-memory sampler's pass permutation
-            order = np.random.default_rng([self.seed, 0x7065, self.k, epoch]
-                                          + ([index] if index else [])).permutation(len(tok))
+            order = np.random.default_rng(
+                [self.seed, 0x7065, self.k, epoch] + ([index] if index else [])
+            ).permutation(len(tok))
         for i, j in enumerate(order):
             ids, lab = tok.input_ids[j], tok.labels[j]
-            self.cache[seq + i] = (ids, lab, tok.prompt_len[j], tok.answers[j],
-                                   int((lab[1:] != IGNORE).sum()), len(ids))
+            self.cache[seq + i] = (
+                ids,
+                lab,
+                tok.prompt_len[j],
+                tok.answers[j],
+                int((lab[1:] != IGNORE).sum()),
+                len(ids),
+            )
         return Block(list(head), len(tok), end, read + len(recs), done)
 
 
@@ -176,8 +203,10 @@ class _Column:
         try:
             return self.stream.cache[int(e)][self.field]
         except KeyError:
-            raise MixtuneError(f"datasets.{self.name}: example {int(e)} of the stream is no longer "
-                               "buffered (streaming datasets have no random access)") from None
+            raise MixtuneError(
+                f"datasets.{self.name}: example {int(e)} of the stream is no longer "
+                "buffered (streaming datasets have no random access)"
+            ) from None
 
     def __setitem__(self, e, value):
         raise MixtuneError(f"datasets.{self.name}: a streaming dataset cannot replace examples")
@@ -196,9 +225,13 @@ class StreamSet:
         counts = [stream.cache[first.head[4] + i][4] for i in range(first.n)]
         tokens = round(size * float(np.mean(counts))) if counts else 0
         self.data = SimpleNamespace(
-            input_ids=_Column(stream, name, 0), labels=_Column(stream, name, 1),
-            prompt_len=_Column(stream, name, 2), answers=_Column(stream, name, 3),
-            n_truncated=0, n_dropped=0)
+            input_ids=_Column(stream, name, 0),
+            labels=_Column(stream, name, 1),
+            prompt_len=_Column(stream, name, 2),
+            answers=_Column(stream, name, 3),
+            n_truncated=0,
+            n_dropped=0,
+        )
         self.label_counts = _Column(stream, name, 4, tokens)
         self.lengths = _Column(stream, name, 5)
 
@@ -210,13 +243,22 @@ def build(cfg, tokenizer) -> tuple[list, list]:
         return data_domains.build(cfg, tokenizer)
     check_features(cfg)
     # domains.build reads only these fields: give it the in-memory datasets and every eval
-    rest = SimpleNamespace(model=cfg.model, train=cfg.train, seed=cfg.seed, evals=cfg.evals,
-                           datasets=tuple(d for d in cfg.datasets if not d.streaming))
+    rest = SimpleNamespace(
+        model=cfg.model,
+        train=cfg.train,
+        seed=cfg.seed,
+        evals=cfg.evals,
+        datasets=tuple(d for d in cfg.datasets if not d.streaming),
+    )
     mem, evals = data_domains.build(rest, tokenizer)
     held = {t.name: t for t in mem}
     template = resolve_template(tokenizer, cfg.model.chat_template)
-    train = [open_stream(d, k, cfg.seed, tokenizer, template, cfg.train.max_length)
-             if d.streaming else held[d.name] for k, d in enumerate(cfg.datasets)]
+    train = [
+        open_stream(d, k, cfg.seed, tokenizer, template, cfg.train.max_length)
+        if d.streaming
+        else held[d.name]
+        for k, d in enumerate(cfg.datasets)
+    ]
     return train, evals
 
 
@@ -241,17 +283,23 @@ def check_features(cfg) -> None:
     streamed = [d.name for d in cfg.datasets if d.streaming]
     for e in cfg.evals:
         if e.from_dataset in streamed:
-            raise ConfigError(f"evals.{e.name}.from_dataset: '{e.from_dataset}' is a streaming "
-                              "dataset and cannot hold examples out; give the domain a path")
+            raise ConfigError(
+                f"evals.{e.name}.from_dataset: '{e.from_dataset}' is a streaming "
+                "dataset and cannot hold examples out; give the domain a path"
+            )
     loss = method_options(cfg.loss, LOSSES, "loss")
     if getattr(getattr(loss, "rewrite", None), "enabled", False):
-        raise ConfigError(f"loss.rewrite.enabled: CADFT rewriting replaces examples by index, "
-                          f"which streaming datasets {streamed} cannot do; set it to false")
+        raise ConfigError(
+            f"loss.rewrite.enabled: CADFT rewriting replaces examples by index, "
+            f"which streaming datasets {streamed} cannot do; set it to false"
+        )
     mixer = method_options(cfg.mixer, MIXERS, "mixer")
     if cfg.mixer.name == "dynamixsft" and getattr(mixer, "reward", None) == "progress":
-        raise ConfigError(f"mixer.reward: 'progress' re-measures a mini-batch drawn at an "
-                          f"earlier update, which streaming datasets {streamed} no longer hold; "
-                          "use reward: lookahead")
+        raise ConfigError(
+            f"mixer.reward: 'progress' re-measures a mini-batch drawn at an "
+            f"earlier update, which streaming datasets {streamed} no longer hold; "
+            "use reward: lookahead"
+        )
 
 
 def open_stream(d, k: int, seed: int, tokenizer, template: str, max_len: int) -> StreamSet:
@@ -263,8 +311,9 @@ def open_stream(d, k: int, seed: int, tokenizer, template: str, max_len: int) ->
         if not recs:
             return Tokenized()
         if fmt[0] == "auto":  # detected once, from the stream's first record
-            found = detect({**recs[0], **{t: recs[0][s] for t, s in (d.fields or {}).items()
-                                          if s in recs[0]}})
+            found = detect(
+                {**recs[0], **{t: recs[0][s] for t, s in (d.fields or {}).items() if s in recs[0]}}
+            )
             fmt[0] = found if found != "unknown" else "auto"  # normalize raises the error
         examples = normalize(recs, fmt[0], d.fields, where)
         quiet = logging.getLogger("mixtune.data.tokenize")
@@ -284,8 +333,7 @@ def open_stream(d, k: int, seed: int, tokenizer, template: str, max_len: int) ->
         size = min(size, d.max_examples)
     if size == 0:
         raise DataError(f"{where}: '{d.path}' has no records; an empty dataset cannot be used")
-    stream = Stream(source, k, seed, d.shuffle_buffer or CHUNK, d.shuffle_buffer > 0, tokenise,
-                    d.max_examples)
+    stream = Stream(
+        source, k, seed, d.shuffle_buffer or CHUNK, d.shuffle_buffer > 0, tokenise, d.max_examples
+    )
     return StreamSet(d.name, stream, d.repeat, size)
-
-

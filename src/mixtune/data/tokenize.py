@@ -53,11 +53,13 @@ def resolve_template(tokenizer, override: str | None) -> str:
     return DEFAULT_CHAT_TEMPLATE
 
 
-def tokenize(examples: list[Example], tokenizer, max_length: int, template: str,
-             where: str) -> Tokenized:
+def tokenize(
+    examples: list[Example], tokenizer, max_length: int, template: str, where: str
+) -> Tokenized:
     """Tokenise ``examples``; raises :class:`DataError` when nothing trainable is left."""
-    pieces: list[list[tuple[str, bool]]] = [_segments(ex, tokenizer, template, where)
-                                            for ex in examples]
+    pieces: list[list[tuple[str, bool]]] = [
+        _segments(ex, tokenizer, template, where) for ex in examples
+    ]
     flat = [text for segs in pieces for text, _ in segs]
     ids_flat = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
     eos = tokenizer.eos_token_id
@@ -99,8 +101,12 @@ def tokenize(examples: list[Example], tokenizer, max_length: int, template: str,
             f"(longest prompt: {longest_prompt} tokens); raise train.max_length or shorten prompts"
         )
     if out.n_dropped:
-        log.warning("%s: dropped %d example(s) whose prompt fills max_length=%d",
-                    where, out.n_dropped, max_length)
+        log.warning(
+            "%s: dropped %d example(s) whose prompt fills max_length=%d",
+            where,
+            out.n_dropped,
+            max_length,
+        )
     return out
 
 
@@ -126,10 +132,10 @@ def _segments(ex: Example, tokenizer, template: str, where: str) -> list[tuple[s
                 f"{where}: the chat template does not render conversations prefix by prefix; "
                 "set model.chat_template to one that does"
             )
-        segs.append((prefix[len(done):], False))
-        segs.append((full[len(prefix):], True))
+        segs.append((prefix[len(done) :], False))
+        segs.append((full[len(prefix) :], True))
         done = full
-    tail = _render(tokenizer, template, msgs, False)[len(done):]
+    tail = _render(tokenizer, template, msgs, False)[len(done) :]
     if tail:
         segs.append((tail, False))
     return [(t, tr) for t, tr in segs if t or tr]

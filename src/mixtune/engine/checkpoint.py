@@ -36,8 +36,11 @@ PREFIX = "step-"
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -51,8 +54,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(root: Path, step: int, *, accelerator, model, optimizer, scheduler, sampler, mixer,
-         state: dict, rank_state: dict, keep: int, loss=None) -> Path:
+def save(
+    root: Path,
+    step: int,
+    *,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    sampler,
+    mixer,
+    state: dict,
+    rank_state: dict,
+    keep: int,
+    loss=None,
+) -> Path:
     """Write checkpoint ``step`` under ``root`` (all ranks call this)."""
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{PREFIX}{step:06d}"
@@ -126,8 +142,10 @@ def full_state_dict(model, keep: bool = True) -> dict | None:
 def _local_optimizer_state(optimizer) -> dict:
     """``optimizer.state_dict()`` with every DTensor replaced by this rank's local shard."""
     sd = optimizer.state_dict()
-    sd["state"] = {i: {k: v.to_local().cpu() if isinstance(v, DTensor) else v
-                       for k, v in s.items()} for i, s in sd["state"].items()}
+    sd["state"] = {
+        i: {k: v.to_local().cpu() if isinstance(v, DTensor) else v for k, v in s.items()}
+        for i, s in sd["state"].items()
+    }
     return sd
 
 
@@ -140,7 +158,8 @@ def _load_local_optimizer_state(optimizer, path: Path, accelerator) -> None:
     if not whole and (not mine.is_file() or written != accelerator.num_processes):
         raise ConfigError(
             f"checkpoint {path} holds optimizer state sharded over {written} processes; resume "
-            f"it with {written} processes (this run has {accelerator.num_processes})")
+            f"it with {written} processes (this run has {accelerator.num_processes})"
+        )
     sd = torch.load(path / "optimizer.pt" if whole else mine, weights_only=False)
     inner = getattr(optimizer, "optimizer", optimizer)
     order = [p for g in inner.param_groups for p in g["params"]]
@@ -152,11 +171,18 @@ def _load_local_optimizer_state(optimizer, path: Path, accelerator) -> None:
             if not torch.is_tensor(v) or v.dim() == 0:
                 continue
             if whole and v.shape == p.shape:  # this rank's shard of the full moment
-                s[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements,
-                                         src_data_rank=None)
+                s[k] = distribute_tensor(
+                    v.to(p.device), p.device_mesh, p.placements, src_data_rank=None
+                )
             elif not whole and v.shape == p.to_local().shape:
-                s[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements,
-                                          shape=p.shape, stride=p.stride(), run_check=False)
+                s[k] = DTensor.from_local(
+                    v.to(p.device),
+                    p.device_mesh,
+                    p.placements,
+                    shape=p.shape,
+                    stride=p.stride(),
+                    run_check=False,
+                )
     optimizer.load_state_dict(sd)
 
 
@@ -187,13 +213,19 @@ def complete(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX)
-             and p.name[len(PREFIX):].isdigit() and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [
+        p
+        for p in root.iterdir()
+        if p.name.startswith(PREFIX)
+        and p.name[len(PREFIX) :].isdigit()
+        and (p / "state.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def load(path: Path, *, accelerator, model, optimizer, scheduler, sampler, mixer,
-         loss=None) -> tuple[dict, dict]:
+def load(
+    path: Path, *, accelerator, model, optimizer, scheduler, sampler, mixer, loss=None
+) -> tuple[dict, dict]:
     """Restore every component from ``path``; returns ``(state, rank_state)``.
     ``optimizer=None, scheduler=None``: the weights (and the rest) without the training state."""
     unwrapped = accelerator.unwrap_model(model)
@@ -214,8 +246,10 @@ def load(path: Path, *, accelerator, model, optimizer, scheduler, sampler, mixer
         _load_local_optimizer_state(optimizer, path, accelerator)
     elif not (path / "optimizer.pt").is_file() and any(path.glob("optimizer-rank*.pt")):
         n = len(list(path.glob("optimizer-rank*.pt")))
-        raise ConfigError(f"checkpoint {path} holds optimizer state sharded over {n} processes "
-                          f"(train.fsdp); resume it with train.fsdp=true and {n} processes")
+        raise ConfigError(
+            f"checkpoint {path} holds optimizer state sharded over {n} processes "
+            f"(train.fsdp); resume it with train.fsdp=true and {n} processes"
+        )
     else:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     if scheduler is not None:

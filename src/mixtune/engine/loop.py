@@ -84,15 +84,20 @@ class Trainer:
         # (role: test), which only the scheduled evaluations measure and log.
         self.domains = [d for d in self.all_domains if d.role != "test"]
         self.names = [t.name for t in self.train_sets]
-        self.infos = [DatasetInfo(t.name, t.size, int(t.label_counts.sum()))
-                      for t in self.train_sets]
+        self.infos = [
+            DatasetInfo(t.name, t.size, int(t.label_counts.sum())) for t in self.train_sets
+        ]
         self.dom_infos = [DomainInfo(d.name, d.role, d.metric, d.reference) for d in self.domains]
         self.mixer = build_mixer(cfg.mixer, self.infos, self.dom_infos, cfg.seed)
         self.loss_fn = build_loss(cfg.loss)
-        self.sampler = MixtureSampler([t.size for t in self.train_sets], self.names,
-                                      np.full(len(self.names), 1 / len(self.names)), cfg.seed,
-                                      [t.repeat for t in self.train_sets],
-                                      streaming.streams_of(self.train_sets))
+        self.sampler = MixtureSampler(
+            [t.size for t in self.train_sets],
+            self.names,
+            np.full(len(self.names), 1 / len(self.names)),
+            cfg.seed,
+            [t.repeat for t in self.train_sets],
+            streaming.streams_of(self.train_sets),
+        )
         self.rundir = RunDir(cfg.output_dir)
         check_writable(self.rundir.path)
         self.resume_from = self.rundir.resume_point(cfg.resume)
@@ -121,14 +126,22 @@ class Trainer:
         self._lengths = [streaming.lengths(t) for t in self.train_sets]
 
         self.step = 0
-        self.counters = {"tokens": 0, "input_tokens": 0, "examples": 0, "elapsed": 0.0,
-                         "drawn": [0] * len(self.names), "skipped_nonfinite": 0,
-                         "nonfinite_streak": 0}
+        self.counters = {
+            "tokens": 0,
+            "input_tokens": 0,
+            "examples": 0,
+            "elapsed": 0.0,
+            "drawn": [0] * len(self.names),
+            "skipped_nonfinite": 0,
+            "nonfinite_streak": 0,
+        }
         self.stop_signal: int | None = None
         K = len(self.names)
-        self.sums = {"log": torch.zeros(K, 2, dtype=torch.float64, device=self.acc.device),
-                     "mix": torch.zeros(K, 2, dtype=torch.float64, device=self.acc.device),
-                     "gn": torch.zeros(4, dtype=torch.float64, device=self.acc.device)}
+        self.sums = {
+            "log": torch.zeros(K, 2, dtype=torch.float64, device=self.acc.device),
+            "mix": torch.zeros(K, 2, dtype=torch.float64, device=self.acc.device),
+            "gn": torch.zeros(4, dtype=torch.float64, device=self.acc.device),
+        }
         self.eval_cache: dict | None = None
         self.base_scores: dict | None = None  # step 0's per-example scores (JSON form)
         self.record: dict = {}
@@ -143,9 +156,12 @@ class Trainer:
         batches = []
         for sl in shard(len(ds), self.world, self.rank, self.micro):
             d, e = ds[sl], ex[sl]
-            batch = collate([self.train_sets[k].data.input_ids[j] for k, j in zip(d, e)],
-                            [self.train_sets[k].data.labels[j] for k, j in zip(d, e)],
-                            self.tokenizer.pad_token_id, d)
+            batch = collate(
+                [self.train_sets[k].data.input_ids[j] for k, j in zip(d, e)],
+                [self.train_sets[k].data.labels[j] for k, j in zip(d, e)],
+                self.tokenizer.pad_token_id,
+                d,
+            )
             batch["index"] = torch.as_tensor(e, dtype=torch.long)
             batches.append({k: v.to(device) for k, v in batch.items()})
         # A loss may need the whole step first (CADFT z-scores over the global batch).
@@ -156,12 +172,21 @@ class Trainer:
             last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
             with sync, self.acc.autocast():
-                logits = self.model(input_ids=batch["input_ids"],
-                                    attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+                logits = self.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits  # (B, T, V)
                 terms = self.loss_fn(logits, batch["labels"], extras[i])
                 # DDP averages gradients over ranks; x world turns that into the global sum.
-                loss = reduce(terms.per_token, terms.mask, terms.token_weights,
-                              terms.sample_weights, n_tokens) * self.world
+                loss = (
+                    reduce(
+                        terms.per_token,
+                        terms.mask,
+                        terms.token_weights,
+                        terms.sample_weights,
+                        n_tokens,
+                    )
+                    * self.world
+                )
                 self.acc.backward(loss)
             seq_nll = (terms.per_token.detach() * terms.mask).sum(-1).double()  # (B,)
             stats[:, 0].index_add_(0, batch["domain"], seq_nll)
@@ -193,9 +218,14 @@ class Trainer:
         self._labels[k][e] = count
         self._lengths[k][e] = len(input_ids)
 
-    def evaluate(self, n_batches: int | None = None, accuracy: bool = True,
-                 use_cache: bool = True, per_example: bool = False,
-                 include_test: bool = False) -> dict[str, dict]:
+    def evaluate(
+        self,
+        n_batches: int | None = None,
+        accuracy: bool = True,
+        use_cache: bool = True,
+        per_example: bool = False,
+        include_test: bool = False,
+    ) -> dict[str, dict]:
         """Metrics of every domain now (``eval.domains.summarize``) over its first
         ``n_batches`` batches.
 
@@ -209,17 +239,22 @@ class Trainer:
         domains = self.all_domains if include_test else self.domains
         c = self.eval_cache
         scores = None
-        if (use_cache and c is not None and c["step"] == self.step and c.get("scores")
-                and (c["n_batches"] is None or (n_batches is not None
-                                                and c["n_batches"] >= n_batches))
-                and (c["accuracy"] or not accuracy)
-                and all(d.name in c["scores"] for d in domains)):
+        if (
+            use_cache
+            and c is not None
+            and c["step"] == self.step
+            and c.get("scores")
+            and (c["n_batches"] is None or (n_batches is not None and c["n_batches"] >= n_batches))
+            and (c["accuracy"] or not accuracy)
+            and all(d.name in c["scores"] for d in domains)
+        ):
             scores = {d.name: Scores.from_json(c["scores"][d.name]) for d in domains}
             if not accuracy:
                 scores = {k: Scores(v.nll, v.tokens) for k, v in scores.items()}
         if scores is None:
-            scores = evaluate_examples(self.model, self.acc, domains, self.tokenizer, n_batches,
-                                       accuracy)
+            scores = evaluate_examples(
+                self.model, self.acc, domains, self.tokenizer, n_batches, accuracy
+            )
         scores = {d.name: first_batches(scores[d.name], d, n_batches) for d in domains}
         result = summarize(scores, domains)
         if per_example:
@@ -234,9 +269,15 @@ class Trainer:
         state = None
         if self.resume_from is not None:
             state, rank_state = checkpoint.load(
-                self.resume_from, accelerator=self.acc, model=self.model,
-                optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler,
-                mixer=self.mixer, loss=self.loss_fn)
+                self.resume_from,
+                accelerator=self.acc,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                sampler=self.sampler,
+                mixer=self.mixer,
+                loss=self.loss_fn,
+            )
             self.step = state["step"]
             self.counters = {**self.counters, **state["counters"]}
             self.eval_cache = state.get("eval_cache")
@@ -295,7 +336,9 @@ class Trainer:
                 name = signal.Signals(signum).name
                 raise Interrupted(
                     f"stopped by {name} after step {self.step}; checkpoint saved in "
-                    f"{self.rundir.checkpoints}; run the same command again to resume", signum)
+                    f"{self.rundir.checkpoints}; run the same command again to resume",
+                    signum,
+                )
             if stop and not last:
                 bar.close()
                 return {"steps": self.step, "stopped": True, "output_dir": str(self.rundir.path)}
@@ -319,8 +362,11 @@ class Trainer:
             c["skipped_nonfinite"] += 1
             c["nonfinite_streak"] += 1
             self.record["skipped_nonfinite"] = c["skipped_nonfinite"]
-            log.warning("step %d: non-finite loss/gradient; update skipped (%d so far)",
-                        self.step, c["skipped_nonfinite"])
+            log.warning(
+                "step %d: non-finite loss/gradient; update skipped (%d so far)",
+                self.step,
+                c["skipped_nonfinite"],
+            )
             if c["nonfinite_streak"] >= self.cfg.train.max_nonfinite:
                 raise TrainingError(
                     f"{c['nonfinite_streak']} consecutive non-finite steps up to step "
@@ -363,7 +409,9 @@ class Trainer:
         loss = float(total[0] / max(total[1], 1))
         mean = gn[0] / max(gn[1], 1)
         self.record["train"] = {
-            "loss": loss, "per_dataset": per, "grad_norm": float(mean),
+            "loss": loss,
+            "per_dataset": per,
+            "grad_norm": float(mean),
             "grad_norm_std": float(np.sqrt(max(gn[2] / max(gn[1], 1) - mean**2, 0.0))),
             "grad_norm_max": float(gn[3]),
         }
@@ -390,9 +438,13 @@ class Trainer:
                 if k in self.base_scores:
                     base = Scores.from_json(self.base_scores[k])
                     result[k]["change_se"] = loss_se(v.nll - base.nll, v.tokens)
-        self.eval_cache = {"step": self.step, "n_batches": None, "accuracy": True,
-                           "result": result,
-                           "scores": {k: v.to_json() for k, v in scores.items()}}
+        self.eval_cache = {
+            "step": self.step,
+            "n_batches": None,
+            "accuracy": True,
+            "result": result,
+            "scores": {k: v.to_json() for k, v in scores.items()},
+        }
         self.record["eval"] = result
 
     def _update_mixer(self) -> None:
@@ -400,8 +452,11 @@ class Trainer:
             return
         diagnostics: dict = {}
         ctx = MixContext(
-            step=self.step, max_steps=self.cfg.max_steps, datasets=self.infos,
-            domains=self.dom_infos, weights=self.sampler.weights.copy(),
+            step=self.step,
+            max_steps=self.cfg.max_steps,
+            datasets=self.infos,
+            domains=self.dom_infos,
+            weights=self.sampler.weights.copy(),
             train_losses=self._reduced_losses("mix"),
             evaluate=self.evaluate,
             probe=partial(probe.probe, self),
@@ -410,8 +465,9 @@ class Trainer:
             losses=partial(probe.example_losses, self),
             grad_alignment=partial(probe.grad_alignment, self),
         )
-        weights = validate(self.mixer.propose(ctx), self.names,
-                           what=f"mixer '{self.cfg.mixer.name}'")
+        weights = validate(
+            self.mixer.propose(ctx), self.names, what=f"mixer '{self.cfg.mixer.name}'"
+        )
         self.sampler.set_weights(weights)
         if diagnostics:
             self.record["mixer"] = diagnostics
@@ -422,11 +478,16 @@ class Trainer:
             return
         c = self.counters
         c["elapsed"] = base_elapsed + time.perf_counter() - t_start
-        record = {"step": self.step, "tokens": c["tokens"], "examples": c["examples"],
-                  "lr": self.scheduler.get_last_lr()[0],
-                  "weights": dict(zip(self.names, self.sampler.weights.tolist())),
-                  "drawn": dict(zip(self.names, c["drawn"])), **self.record,
-                  "time": round(c["elapsed"], 3)}
+        record = {
+            "step": self.step,
+            "tokens": c["tokens"],
+            "examples": c["examples"],
+            "lr": self.scheduler.get_last_lr()[0],
+            "weights": dict(zip(self.names, self.sampler.weights.tolist())),
+            "drawn": dict(zip(self.names, c["drawn"])),
+            **self.record,
+            "time": round(c["elapsed"], 3),
+        }
         self.record = {}
         if self.acc.is_main_process:
             self.rundir.append_metrics(record)
@@ -447,19 +508,31 @@ class Trainer:
             )
         self.counters["elapsed"] = base_elapsed + time.perf_counter() - t_start
         checkpoint.save(
-            self.rundir.checkpoints, self.step, accelerator=self.acc, model=self.model,
-            optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler,
-            mixer=self.mixer, loss=self.loss_fn, keep=self.cfg.train.keep_checkpoints,
-            state={"counters": self.counters, "eval_cache": self.eval_cache,
-                   "base_scores": self.base_scores},
+            self.rundir.checkpoints,
+            self.step,
+            accelerator=self.acc,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            sampler=self.sampler,
+            mixer=self.mixer,
+            loss=self.loss_fn,
+            keep=self.cfg.train.keep_checkpoints,
+            state={
+                "counters": self.counters,
+                "eval_cache": self.eval_cache,
+                "base_scores": self.base_scores,
+            },
             rank_state={"sums": {k: v.cpu() for k, v in self.sums.items()}},
         )
 
     def _finish(self, t_start: float, base_elapsed: float) -> dict:
         elapsed = base_elapsed + time.perf_counter() - t_start
         summary = {
-            "steps": self.step, "examples": self.counters["examples"],
-            "tokens": self.counters["tokens"], "input_tokens": self.counters["input_tokens"],
+            "steps": self.step,
+            "examples": self.counters["examples"],
+            "tokens": self.counters["tokens"],
+            "input_tokens": self.counters["input_tokens"],
             "seconds": round(elapsed, 3),
             "final_eval": (self.eval_cache or {}).get("result"),
             "weights": dict(zip(self.names, self.sampler.weights.tolist())),
@@ -479,17 +552,29 @@ class Trainer:
 
     def _data_summary(self) -> dict:
         return {
-            "datasets": {t.name: {"examples": t.size, "tokens": int(t.label_counts.sum()),
-                                  "truncated": t.data.n_truncated, "dropped": t.data.n_dropped,
-                                  "repeat": t.repeat} for t in self.train_sets},
-            "evals": {d.name: {"examples": len(d.data), "role": d.role, "metric": d.metric,
-                               "accuracy": d.accuracy, "truncated": d.data.n_truncated}
-                      for d in self.all_domains},
+            "datasets": {
+                t.name: {
+                    "examples": t.size,
+                    "tokens": int(t.label_counts.sum()),
+                    "truncated": t.data.n_truncated,
+                    "dropped": t.data.n_dropped,
+                    "repeat": t.repeat,
+                }
+                for t in self.train_sets
+            },
+            "evals": {
+                d.name: {
+                    "examples": len(d.data),
+                    "role": d.role,
+                    "metric": d.metric,
+                    "accuracy": d.accuracy,
+                    "truncated": d.data.n_truncated,
+                }
+                for d in self.all_domains
+            },
         }
 
 
 def train(cfg: RunConfig) -> dict:
     """Build a :class:`Trainer` from ``cfg`` and run it; returns the run summary."""
     return Trainer(cfg).run()
-
-

@@ -50,10 +50,16 @@ class Snapshot:
         self.opt = _inner(trainer.optimizer)
         self.with_opt = optimizer
         if optimizer:
-            self.opt_state = {p: {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v))
-                                  for k, v in s.items()} for p, s in self.opt.state.items()}
-            self.groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
-                           for g in self.opt.param_groups]
+            self.opt_state = {
+                p: {
+                    k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in s.items()
+                }
+                for p, s in self.opt.state.items()
+            }
+            self.groups = [
+                {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+                for g in self.opt.param_groups
+            ]
             self.sched = copy.deepcopy(trainer.scheduler.state_dict())
         self.rng = rng_state()
         self.sampler = copy.deepcopy(trainer.sampler.state_dict())
@@ -101,8 +107,14 @@ def _drop_gathered(model) -> None:
             m.reshard()
 
 
-def probe(trainer, j: int, steps: int, n_batches: int | None = None,
-          accuracy: bool = False, per_example: bool = False) -> dict[str, dict]:
+def probe(
+    trainer,
+    j: int,
+    steps: int,
+    n_batches: int | None = None,
+    accuracy: bool = False,
+    per_example: bool = False,
+) -> dict[str, dict]:
     """Metrics of every domain after ``steps`` steps on dataset ``j`` alone; state restored.
     ``per_example``: as :meth:`Trainer.evaluate` (per-example scores for paired slopes)."""
     snap = Snapshot(trainer)
@@ -114,8 +126,9 @@ def probe(trainer, j: int, steps: int, n_batches: int | None = None,
         for _ in range(steps):
             ds, ex = s.next_batch(trainer.cfg.train.batch_size)
             trainer.train_step(ds, ex)
-        return trainer.evaluate(n_batches, accuracy=accuracy, use_cache=False,
-                                per_example=per_example)
+        return trainer.evaluate(
+            n_batches, accuracy=accuracy, use_cache=False, per_example=per_example
+        )
     finally:
         snap.restore()
 
@@ -128,13 +141,15 @@ def _reward_batch(t, j: int, batch_size: int | None, key: int | None):
     ex = t.sampler.draw_from(j, n, t.step if key is None else key)
     mine = ex[shard(n, t.world, t.rank, n // t.world)[0]]
     data = t.train_sets[j].data
-    batch = collate([data.input_ids[i] for i in mine], [data.labels[i] for i in mine],
-                    t.tokenizer.pad_token_id)
+    batch = collate(
+        [data.input_ids[i] for i in mine], [data.labels[i] for i in mine], t.tokenizer.pad_token_id
+    )
     return ex, {k: v.to(t.acc.device) for k, v in batch.items()}
 
 
-def lookahead(trainer, j: int, optimizer: str = "sgd", batch_size: int | None = None,
-              key: int | None = None) -> LookaheadResult:
+def lookahead(
+    trainer, j: int, optimizer: str = "sgd", batch_size: int | None = None, key: int | None = None
+) -> LookaheadResult:
     """Per-example relative-loss material for DynamixSFT's reward on dataset ``j``.
 
     1. Dropout: L_pre and L_post are eval-mode forwards, else the two passes draw different
@@ -159,8 +174,9 @@ def lookahead(trainer, j: int, optimizer: str = "sgd", batch_size: int | None = 
             with torch.no_grad(), t.acc.autocast(), _eval_mode(t.model):
                 pre = _sequence_losses(t.model, batch)  # (b,)
         with t.acc.autocast():
-            logits = t.model(input_ids=batch["input_ids"],
-                             attention_mask=batch["attention_mask"]).logits
+            logits = t.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             nll, mask = token_losses(logits, batch["labels"])
             if not noisy:
                 pre = sequence_mean(nll.detach(), mask)  # (b,)
@@ -181,12 +197,14 @@ def lookahead(trainer, j: int, optimizer: str = "sgd", batch_size: int | None = 
             pre, post = t.acc.gather(pre.contiguous()), t.acc.gather(post.contiguous())
     finally:
         snap.restore()
-    return LookaheadResult(pre.double().cpu().numpy(), post.double().cpu().numpy(),
-                           time.perf_counter() - t0)
+    return LookaheadResult(
+        pre.double().cpu().numpy(), post.double().cpu().numpy(), time.perf_counter() - t0
+    )
 
 
-def example_losses(trainer, j: int, batch_size: int | None = None,
-                   key: int | None = None) -> np.ndarray:
+def example_losses(
+    trainer, j: int, batch_size: int | None = None, key: int | None = None
+) -> np.ndarray:
     """Per-example mean token loss, (n,), on the mini-batch of dataset ``j`` that
     :func:`lookahead` would draw for the same ``(batch_size, key)``: forward only, no step.
 
@@ -228,8 +246,10 @@ def _active_dropout(model) -> bool:
         if isinstance(m, torch.nn.modules.dropout._DropoutNd):
             if m.p > 0:
                 return True
-        elif any(isinstance(v, float) and v > 0 and k.endswith(("dropout", "pdrop"))
-                 for k, v in vars(m).items()):
+        elif any(
+            isinstance(v, float) and v > 0 and k.endswith(("dropout", "pdrop"))
+            for k, v in vars(m).items()
+        ):
             return True
     return False
 
@@ -247,8 +267,9 @@ def _eval_mode(model):
             m.training = training
 
 
-def grad_alignment(trainer, n_batches: int | None = None, batch_size: int | None = None,
-                   key: int | None = None) -> np.ndarray:
+def grad_alignment(
+    trainer, n_batches: int | None = None, batch_size: int | None = None, key: int | None = None
+) -> np.ndarray:
     """DynaMiCS's gradient-alignment slopes, (M, K): S_ij = −lr·⟨g_i, d_j⟩.
 
     g_i is the gradient of domain i's token-mean evaluation loss over its first ``n_batches``
@@ -270,8 +291,9 @@ def grad_alignment(trainer, n_batches: int | None = None, batch_size: int | None
             tokens = torch.zeros((), dtype=torch.float64, device=t.acc.device)
             for b in range(t.rank, nb, t.world):
                 lo, hi = b * dom.batch_size, min((b + 1) * dom.batch_size, len(dom.data))
-                tokens += _backward_nll_sum(t, model, dom.data.input_ids[lo:hi],
-                                            dom.data.labels[lo:hi])
+                tokens += _backward_nll_sum(
+                    t, model, dom.data.input_ids[lo:hi], dom.data.labels[lo:hi]
+                )
             g_eval.append(_reduced_grad(t, tokens))
         model.train(was_training)
         S = np.zeros((len(t.domains), len(t.train_sets)))
@@ -281,8 +303,12 @@ def grad_alignment(trainer, n_batches: int | None = None, batch_size: int | None
             n = max(t.world, n - n % t.world)
             ex = t.sampler.draw_from(j, n, t.step if key is None else key)
             mine = ex[shard(n, t.world, t.rank, n // t.world)[0]]
-            tokens = _backward_nll_sum(t, model, [train_set.data.input_ids[i] for i in mine],
-                                       [train_set.data.labels[i] for i in mine])
+            tokens = _backward_nll_sum(
+                t,
+                model,
+                [train_set.data.input_ids[i] for i in mine],
+                [train_set.data.labels[i] for i in mine],
+            )
             d = _adam_direction(t, opt, _reduced_grad(t, tokens))
             S[:, j] = [-lr * float(g @ d) for g in g_eval]
     finally:
@@ -304,8 +330,12 @@ def _backward_nll_sum(t, model, input_ids, labels) -> torch.Tensor:
 
 def _reduced_grad(t, tokens: torch.Tensor) -> torch.Tensor:
     """Token-mean gradient over all ranks, flat in ``t.params`` order (float64); clears grads."""
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double()
-                      for p in t.params])
+    flat = torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double()
+            for p in t.params
+        ]
+    )
     for p in t.params:
         p.grad = None
     if t.world > 1:
@@ -319,7 +349,7 @@ def _adam_direction(t, opt, grad: torch.Tensor) -> torch.Tensor:
     group = {id(p): g for g in opt.param_groups for p in g["params"]}
     out, i = [], 0
     for p in t.params:
-        g = grad[i: i + p.numel()]
+        g = grad[i : i + p.numel()]
         i += p.numel()
         hp, state = group[id(p)], opt.state.get(p, {})
         b1, b2 = hp["betas"]

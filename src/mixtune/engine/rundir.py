@@ -66,8 +66,11 @@ class RunDir:
         elif self.metrics.is_file():
             # Records after the checkpoint are replayed by the resumed run; a record cut short
             # by a crash mid-append is dropped.
-            keep = [ln for ln in self.metrics.read_text().splitlines()
-                    if (rec := _parse(ln)) is not None and rec.get("step", 0) <= resume_step]
+            keep = [
+                ln
+                for ln in self.metrics.read_text().splitlines()
+                if (rec := _parse(ln)) is not None and rec.get("step", 0) <= resume_step
+            ]
             _atomic_write(self.metrics, "".join(ln + "\n" for ln in keep))
 
     def append_metrics(self, record: dict) -> None:

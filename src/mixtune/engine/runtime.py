@@ -39,16 +39,25 @@ def make_accelerator(cfg: RunConfig):
     cpu = not torch.cuda.is_available()
     dtype = setup.pick_dtype(cfg.model.dtype)
     mp = "bf16" if (dtype == torch.bfloat16 and not cpu) else "no"
-    acc = Accelerator(cpu=cpu, mixed_precision=mp, log_with=list(cfg.report_to) or None,
-                      project_dir=cfg.output_dir)
+    acc = Accelerator(
+        cpu=cpu,
+        mixed_precision=mp,
+        log_with=list(cfg.report_to) or None,
+        project_dir=cfg.output_dir,
+    )
     kind = getattr(acc.distributed_type, "value", str(acc.distributed_type))
     if kind == "DEEPSPEED":  # docs/distributed.md: what breaks, and what would be needed
-        raise ConfigError("accelerate: DeepSpeed is not supported by mixtune's loop yet (its "
-                          "backward() steps the optimizer, and probe snapshots miss ZeRO's "
-                          "master weights); use DDP or FSDP (configs/accelerate/)")
+        raise ConfigError(
+            "accelerate: DeepSpeed is not supported by mixtune's loop yet (its "
+            "backward() steps the optimizer, and probe snapshots miss ZeRO's "
+            "master weights); use DDP or FSDP (configs/accelerate/)"
+        )
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and kind != "FSDP":
-        log.warning("FSDP was requested but accelerate runs %s (it enables FSDP on GPUs "
-                    "only): parameters are replicated on every rank", kind)
+        log.warning(
+            "FSDP was requested but accelerate runs %s (it enables FSDP on GPUs "
+            "only): parameters are replicated on every rank",
+            kind,
+        )
     return acc
 
 
@@ -69,11 +78,13 @@ def catch_signals(trainer):
 
     def handler(signum, frame):
         if trainer.stop_signal is not None:  # second signal: give up waiting
-            raise Interrupted(f"stopped by {signal.Signals(signum).name} (second signal)",
-                              signum)
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} (second signal)", signum)
         trainer.stop_signal = signum
-        log.warning("%s received: stopping after this step with a checkpoint (send it again "
-                    "to stop at once)", signal.Signals(signum).name)
+        log.warning(
+            "%s received: stopping after this step with a checkpoint (send it again "
+            "to stop at once)",
+            signal.Signals(signum).name,
+        )
 
     for s in previous:
         signal.signal(s, handler)
@@ -90,8 +101,10 @@ def check_writable(path) -> None:
     while not probe_path.exists() and probe_path != probe_path.parent:
         probe_path = probe_path.parent
     if not probe_path.is_dir():
-        raise ConfigError(f"output_dir: {probe_path} is a file, not a directory; choose another "
-                          f"output_dir than {path}")
+        raise ConfigError(
+            f"output_dir: {probe_path} is a file, not a directory; choose another "
+            f"output_dir than {path}"
+        )
     if not os.access(probe_path, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir: {probe_path} is not writable")
 
@@ -103,8 +116,14 @@ def progress(cfg: RunConfig, start: int, main: bool):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    return tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step",
-                disable=not (main and cfg.progress), dynamic_ncols=True)
+    return tqdm(
+        total=cfg.max_steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        disable=not (main and cfg.progress),
+        dynamic_ncols=True,
+    )
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -126,12 +145,16 @@ def check_fsdp(cfg: RunConfig) -> None:
 
     mixer = method_options(cfg.mixer, MIXERS, "mixer")
     if getattr(mixer, "slopes", None) == "gradient_alignment":
-        raise ConfigError("train.fsdp: DynaMiCS gradient alignment flattens whole gradients, "
-                          "which FSDP shards; use mixer.slopes=probe or train.fsdp=false")
+        raise ConfigError(
+            "train.fsdp: DynaMiCS gradient alignment flattens whole gradients, "
+            "which FSDP shards; use mixer.slopes=probe or train.fsdp=false"
+        )
     loss = method_options(cfg.loss, LOSSES, "loss")
     if getattr(getattr(loss, "rewrite", None), "enabled", False):
-        raise ConfigError("train.fsdp: CADFT rewriting generates on rank 0 alone, which FSDP's "
-                          "collective forwards cannot do; set loss.rewrite.enabled=false")
+        raise ConfigError(
+            "train.fsdp: CADFT rewriting generates on rank 0 alone, which FSDP's "
+            "collective forwards cannot do; set loss.rewrite.enabled=false"
+        )
 
 
 def shard_fsdp2(model, optimizer):

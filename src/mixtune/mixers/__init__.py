@@ -36,5 +36,13 @@ def build_mixer(cfg, datasets: list[DatasetInfo], domains: list[DomainInfo], see
     return cls(method_options(cfg, MIXERS, "mixer"), datasets, domains, seed)
 
 
-__all__ = ["MIXERS", "build_mixer", "DatasetInfo", "DomainInfo", "LookaheadResult",
-           "MixContext", "Mixer", "Steps"]
+__all__ = [
+    "MIXERS",
+    "build_mixer",
+    "DatasetInfo",
+    "DomainInfo",
+    "LookaheadResult",
+    "MixContext",
+    "Mixer",
+    "Steps",
+]

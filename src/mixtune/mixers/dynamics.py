@@ -113,18 +113,21 @@ class DynaMiCSConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"mixer.{key}: must be >= 1, got {getattr(self, key)}")
         if not 0 < self.lambda_min <= self.lambda_max:
-            raise ConfigError(f"mixer.lambda_min/lambda_max: need 0 < lambda_min <= lambda_max,"
-                              f" got {self.lambda_min}, {self.lambda_max}")
+            raise ConfigError(
+                f"mixer.lambda_min/lambda_max: need 0 < lambda_min <= lambda_max,"
+                f" got {self.lambda_min}, {self.lambda_max}"
+            )
         if not self.epsilons or any(e < 0 for e in self.epsilons):
-            raise ConfigError(f"mixer.epsilons: need one or more values >= 0, got "
-                              f"{list(self.epsilons)}")
+            raise ConfigError(
+                f"mixer.epsilons: need one or more values >= 0, got {list(self.epsilons)}"
+            )
         if not 0 <= self.noise_margin < float("inf"):
-            raise ConfigError(f"mixer.noise_margin: must be finite and >= 0, got "
-                              f"{self.noise_margin}")
+            raise ConfigError(
+                f"mixer.noise_margin: must be finite and >= 0, got {self.noise_margin}"
+            )
         for key in ("ga_batches", "ga_batch_size"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"mixer.{key}: must be >= 1 or null, got "
-                                  f"{getattr(self, key)}")
+                raise ConfigError(f"mixer.{key}: must be >= 1 or null, got {getattr(self, key)}")
 
 
 def schedule_steps(kind: str, max_steps: int, interval: int = 128) -> Steps:
@@ -146,22 +149,29 @@ def horizon(steps, step: int, max_steps: int) -> int:
 class DynaMiCS:
     Config = DynaMiCSConfig
 
-    def __init__(self, options: DynaMiCSConfig, datasets: list[DatasetInfo],
-                 domains: list[DomainInfo], seed: int):
+    def __init__(
+        self,
+        options: DynaMiCSConfig,
+        datasets: list[DatasetInfo],
+        domains: list[DomainInfo],
+        seed: int,
+    ):
         self.o = options
         self.datasets, self.domains = datasets, domains
         self.targets = [i for i, d in enumerate(domains) if d.role == "target"]
         self.constraints = [i for i, d in enumerate(domains) if d.role == "constraint"]
         if not self.targets and not self.constraints:
-            raise ConfigError("mixer: 'dynamics' needs at least one evals[] domain with role "
-                              "target or constraint")
+            raise ConfigError(
+                "mixer: 'dynamics' needs at least one evals[] domain with role target or constraint"
+            )
         used = [domains[i] for i in self.targets + self.constraints]
         self.need_accuracy = any(d.metric == "accuracy" for d in used)
         if options.slopes == "gradient_alignment" and self.need_accuracy:
-            raise ConfigError("mixer.slopes: gradient_alignment needs metric: loss on every "
-                              "target and constraint domain (accuracy has no gradient)")
-        self.lambdas = solver.lambda_grid(options.n_lambda, options.lambda_min,
-                                          options.lambda_max)
+            raise ConfigError(
+                "mixer.slopes: gradient_alignment needs metric: loss on every "
+                "target and constraint domain (accuracy has no gradient)"
+            )
+        self.lambdas = solver.lambda_grid(options.n_lambda, options.lambda_min, options.lambda_max)
         self.refs: dict[str, float] | None = None  # constraint references, native units
         self.pending: dict | None = None  # last prediction, checked at the next update
         self.warned: list[str] = []  # constraints already warned about (noise)
@@ -179,8 +189,12 @@ class DynaMiCS:
         # Anchors: the scheduled evaluation of this step when there is one (evaluation
         # recycling, computed on the probe budget's batches), else the probe budget, so anchors
         # and probes see the same examples.
-        now = ctx.evaluate(self.o.probe_batches, accuracy=self.need_accuracy, per_example=True,
-                           **({} if self.o.recycle_eval else {"use_cache": False}))
+        now = ctx.evaluate(
+            self.o.probe_batches,
+            accuracy=self.need_accuracy,
+            per_example=True,
+            **({} if self.o.recycle_eval else {"use_cache": False}),
+        )
         if self.refs is None:
             self.refs = Constraints.from_step0(self.domains, now).references
             ctx.log("references", dict(self.refs))
@@ -195,15 +209,17 @@ class DynaMiCS:
         probe_seconds = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        refs = np.array([cons.ref_loss_like(d.name) if d.role == "constraint" else 0.0
-                         for d in self.domains])
+        refs = np.array(
+            [cons.ref_loss_like(d.name) if d.role == "constraint" else 0.0 for d in self.domains]
+        )
         # noise_margin: constraint slopes raised by k standard errors (0: the paper)
         S_solve = S.copy()
         if self.o.noise_margin:
             S_solve[self.constraints] += self.o.noise_margin * np.nan_to_num(S_se[self.constraints])
         problem = solver.Problem.build(S_solve, L, refs, self.targets, self.constraints, H)
-        choice = solver.choose(problem, self.lambdas, self.o.epsilons, self.o.solver,
-                               self.o.fallback)
+        choice = solver.choose(
+            problem, self.lambdas, self.o.epsilons, self.o.solver, self.o.fallback
+        )
         solve_seconds = time.perf_counter() - t0
         w = choice.weights
         predicted = L + H * S @ w
@@ -253,21 +269,28 @@ class DynaMiCS:
             return mean_se(b.correct - a.correct)  # loss-like: −accuracy
         return loss_se(a.nll - b.nll, b.tokens)
 
-    def _slopes(self, ctx: MixContext, now: dict, L: np.ndarray,
-                c: int) -> tuple[np.ndarray, np.ndarray]:
+    def _slopes(
+        self, ctx: MixContext, now: dict, L: np.ndarray, c: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         M, K = len(self.domains), len(self.datasets)
         if self.o.slopes == "gradient_alignment":
             if getattr(ctx, "grad_alignment", None) is None:
-                raise MixtuneError("slopes: gradient_alignment needs ctx.grad_alignment, which "
-                                   "this training loop does not provide")
-            S = np.asarray(ctx.grad_alignment(self.o.ga_batches or self.o.probe_batches,
-                                                  batch_size=self.o.ga_batch_size),
-                           np.float64)
+                raise MixtuneError(
+                    "slopes: gradient_alignment needs ctx.grad_alignment, which "
+                    "this training loop does not provide"
+                )
+            S = np.asarray(
+                ctx.grad_alignment(
+                    self.o.ga_batches or self.o.probe_batches, batch_size=self.o.ga_batch_size
+                ),
+                np.float64,
+            )
             return S.reshape(M, K), np.full((M, K), np.nan)  # no per-example noise estimate
         S, S_se = np.zeros((M, K)), np.zeros((M, K))
         for j in range(K):
-            after = ctx.probe(j, c, self.o.probe_batches, accuracy=self.need_accuracy,
-                              per_example=True)
+            after = ctx.probe(
+                j, c, self.o.probe_batches, accuracy=self.need_accuracy, per_example=True
+            )
             for i, d in enumerate(self.domains):
                 S[i, j] = (self._value(after[d.name], d) - L[i]) / c
                 S_se[i, j] = self._paired_se(now[d.name], after[d.name], d) / c
@@ -287,14 +310,18 @@ class DynaMiCS:
             unit = "accuracy" if d.metric == "accuracy" else "loss"
             base = f"{native(refs[i], d.metric):.3f} ± {L_se[i]:.3f} on {n} examples"
             if np.all(move + L[i] - refs[i] > L_se[i]):
-                notes.append(f"{d.name}: reference {unit} {base}; every dataset moves it past "
-                             f"the reference by more than its noise; raise evals.{d.name}."
-                             "batches or set a tolerance (evals[].reference)")
+                notes.append(
+                    f"{d.name}: reference {unit} {base}; every dataset moves it past "
+                    f"the reference by more than its noise; raise evals.{d.name}."
+                    "batches or set a tolerance (evals[].reference)"
+                )
             elif np.all(np.isfinite(noise)) and np.all(np.abs(move) < 2 * noise):
-                notes.append(f"{d.name}: no dataset moves it by more than the probes' noise "
-                             f"(largest predicted change {np.abs(move).max():.4f} vs ± "
-                             f"{noise.max():.4f}); raise evals.{d.name}.batches or "
-                             "mixer.probe_batches")
+                notes.append(
+                    f"{d.name}: no dataset moves it by more than the probes' noise "
+                    f"(largest predicted change {np.abs(move).max():.4f} vs ± "
+                    f"{noise.max():.4f}); raise evals.{d.name}.batches or "
+                    "mixer.probe_batches"
+                )
             else:
                 continue
             self.warned.append(d.name)
@@ -332,10 +359,19 @@ def plot_slopes(records: list[dict], out_png, max_panels: int = 8):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    roles = next((r["mixer"]["roles"] for r in records if isinstance(r.get("mixer"), dict)
-                  and isinstance(r["mixer"].get("roles"), dict)), {})
-    found = [(r["step"], r["mixer"]["S"]) for r in records
-             if isinstance(r.get("mixer"), dict) and isinstance(r["mixer"].get("S"), dict)]
+    roles = next(
+        (
+            r["mixer"]["roles"]
+            for r in records
+            if isinstance(r.get("mixer"), dict) and isinstance(r["mixer"].get("roles"), dict)
+        ),
+        {},
+    )
+    found = [
+        (r["step"], r["mixer"]["S"])
+        for r in records
+        if isinstance(r.get("mixer"), dict) and isinstance(r["mixer"].get("S"), dict)
+    ]
     if not found:
         return None
     if len(found) > max_panels:  # keep the first, the last and evenly spaced ones between
@@ -343,15 +379,20 @@ def plot_slopes(records: list[dict], out_png, max_panels: int = 8):
         found = [found[i] for i in idx]
     domains = list(found[0][1])
     datasets = list(found[0][1][domains[0]])
-    mats = [np.array([[S[d].get(k, np.nan) for k in datasets] for d in domains], float)
-            for _, S in found]
+    mats = [
+        np.array([[S[d].get(k, np.nan) for k in datasets] for d in domains], float)
+        for _, S in found
+    ]
     vmax = max(float(np.nanmax(np.abs(m))) for m in mats) or 1.0
     n = len(mats)
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 + 1.0 * len(datasets) * cols,
-                                                  0.9 + 0.45 * len(domains) * rows),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(2.2 + 1.0 * len(datasets) * cols, 0.9 + 0.45 * len(domains) * rows),
+        squeeze=False,
+    )
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, (step, _), m in zip(axes.flat, found, mats):
@@ -359,10 +400,12 @@ def plot_slopes(records: list[dict], out_png, max_panels: int = 8):
         ax.set_title(f"step {step}", fontsize=9)
         ax.set_xticks(range(len(datasets)), datasets, rotation=45, ha="right", fontsize=7)
         tags = {"target": " (T)", "constraint": " (C)"}
-        ax.set_yticks(range(len(domains)), [d + tags.get(roles.get(d), "") for d in domains],
-                      fontsize=7)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8,
-                 label="slope S (loss-like change per step)")
+        ax.set_yticks(
+            range(len(domains)), [d + tags.get(roles.get(d), "") for d in domains], fontsize=7
+        )
+    fig.colorbar(
+        im, ax=axes.ravel().tolist(), shrink=0.8, label="slope S (loss-like change per step)"
+    )
     fig.suptitle("DynaMiCS slope matrices (rows: eval domains, columns: datasets)", fontsize=10)
     fig.savefig(out_png, dpi=110, bbox_inches="tight")
     plt.close(fig)

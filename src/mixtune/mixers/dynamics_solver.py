@@ -271,11 +271,17 @@ def _slsqp(p: Problem, lam: float, eps: float) -> np.ndarray:
     K, n = p.K, q.size
     x0 = np.r_[np.full(K, 1.0 / K), np.zeros(n - K)]
     x0[K:] = np.maximum(0.0, G[n:, :K] @ x0[:K] - h[n:])
-    res = minimize(lambda x: q @ x + 0.5 * x @ Q @ x, x0, jac=lambda x: q + Q @ x,
-                   method="SLSQP", constraints=[
-                       {"type": "eq", "fun": lambda x: E @ x - 1.0, "jac": lambda x: E},
-                       {"type": "ineq", "fun": lambda x: h - G @ x, "jac": lambda x: -G}],
-                   options={"ftol": 1e-15, "maxiter": 2000})
+    res = minimize(
+        lambda x: q @ x + 0.5 * x @ Q @ x,
+        x0,
+        jac=lambda x: q + Q @ x,
+        method="SLSQP",
+        constraints=[
+            {"type": "eq", "fun": lambda x: E @ x - 1.0, "jac": lambda x: E},
+            {"type": "ineq", "fun": lambda x: h - G @ x, "jac": lambda x: -G},
+        ],
+        options={"ftol": 1e-15, "maxiter": 2000},
+    )
     return _clean(res.x[:K])
 
 
@@ -292,9 +298,15 @@ def _clean(w) -> np.ndarray:
 def minimax(p: Problem) -> np.ndarray:
     """The mixture with the smallest maximum predicted violation (LP: min s, A w + b <= s)."""
     K, C = p.K, p.b.size
-    res = linprog(np.r_[np.zeros(K), 1.0], A_ub=np.c_[p.A, -np.ones(C)], b_ub=-p.b,
-                  A_eq=np.r_[np.ones(K), 0.0][None], b_eq=[1.0],
-                  bounds=[(0, None)] * K + [(None, None)], method="highs")
+    res = linprog(
+        np.r_[np.zeros(K), 1.0],
+        A_ub=np.c_[p.A, -np.ones(C)],
+        b_ub=-p.b,
+        A_eq=np.r_[np.ones(K), 0.0][None],
+        b_eq=[1.0],
+        bounds=[(0, None)] * K + [(None, None)],
+        method="highs",
+    )
     return _clean(res.x[:K]) if res.success else np.full(K, 1.0 / K)
 
 
@@ -313,8 +325,9 @@ class Choice:
     n_feasible: int  # feasible candidates on the grid
 
 
-def choose(p: Problem, lambdas=None, epsilons=EPSILONS, method: str = "exact",
-           fallback: str = "grid") -> Choice:
+def choose(
+    p: Problem, lambdas=None, epsilons=EPSILONS, method: str = "exact", fallback: str = "grid"
+) -> Choice:
     """Solve eq. 3.4 on the (λ, ε) grid and apply the paper's selection rule."""
     lambdas = lambda_grid() if lambdas is None else lambdas
     cands = []

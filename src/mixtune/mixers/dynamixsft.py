@@ -118,8 +118,7 @@ def minmax(r: np.ndarray) -> np.ndarray:
 class DynamixSFT:
     Config = DynamixSFTConfig
 
-    def __init__(self, options: DynamixSFTConfig, datasets: list[DatasetInfo], domains,
-                 seed: int):
+    def __init__(self, options: DynamixSFTConfig, datasets: list[DatasetInfo], domains, seed: int):
         self.o = options
         self.names = [d.name for d in datasets]
         self.p0 = prior_weights(options.prior, datasets)
@@ -150,8 +149,9 @@ class DynamixSFT:
         """The paper's reward: relative per-example loss drop after one virtual step."""
         r, pre, secs = np.zeros(len(self.names)), {}, {}
         for j, name in enumerate(self.names):
-            res = ctx.lookahead(j, optimizer=self.o.optimizer, batch_size=self.o.batch_size,
-                                key=ctx.step)
+            res = ctx.lookahead(
+                j, optimizer=self.o.optimizer, batch_size=self.o.batch_size, key=ctx.step
+            )
             r[j] = float(np.mean((res.pre - res.post) / (res.pre + self.o.eps)))
             pre[name], secs[name] = float(np.mean(res.pre)), float(res.seconds)
         ctx.log("loss_pre", pre)
@@ -163,8 +163,10 @@ class DynamixSFT:
         """Forward-only deviation: relative loss drop since the last update on the batch drawn
         then (None at the first update, when there is no earlier batch)."""
         if ctx.losses is None:
-            raise ConfigError("mixer.reward: 'progress' needs a trainer that provides "
-                              "ctx.losses (forward-only per-example losses)")
+            raise ConfigError(
+                "mixer.reward: 'progress' needs a trainer that provides "
+                "ctx.losses (forward-only per-example losses)"
+            )
         bs, r = self.o.batch_size, None
         if self.pending is not None:
             r = np.zeros(len(self.names))
@@ -179,13 +181,16 @@ class DynamixSFT:
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"q": self.q.tolist(), "updates": self.updates, "pending": self.pending,
-                "names": list(self.names)}
+        return {
+            "q": self.q.tolist(),
+            "updates": self.updates,
+            "pending": self.pending,
+            "names": list(self.names),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["names"] != self.names:
-            raise ValueError(f"dynamixsft state is for datasets {state['names']}, "
-                             f"not {self.names}")
+            raise ValueError(f"dynamixsft state is for datasets {state['names']}, not {self.names}")
         self.q = np.asarray(state["q"], np.float64)
         self.updates = int(state["updates"])
         self.pending = state["pending"]

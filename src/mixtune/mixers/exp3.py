@@ -63,8 +63,7 @@ class EXP3Config:
         if not 0 <= self.alpha < 1:
             raise ConfigError(f"mixer.alpha: must be in [0, 1), got {self.alpha}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ConfigError(f"mixer.warmup_steps: must be >= 0 or null, got "
-                              f"{self.warmup_steps}")
+            raise ConfigError(f"mixer.warmup_steps: must be >= 0 or null, got {self.warmup_steps}")
 
 
 def exploration(t: int, k: int) -> float:

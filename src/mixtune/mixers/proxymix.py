@@ -100,9 +100,12 @@ class ProxyMixConfig:
     def __post_init__(self):
         def bad(key, rule):
             raise ConfigError(f"mixer.{key}: {rule}, got {getattr(self, key)!r}")
+
         if self.policy == "controller" and not self.controller:
-            raise ConfigError("mixer.controller: required with policy 'controller' (a file "
-                              "from `mixtune proxymix learn`), or choose another policy")
+            raise ConfigError(
+                "mixer.controller: required with policy 'controller' (a file "
+                "from `mixtune proxymix learn`), or choose another policy"
+            )
         if not 0 <= self.p_min < 1:
             bad("p_min", "must be in [0, 1)")
         if not self.temperature > 0:
@@ -124,34 +127,45 @@ class ProxyMixConfig:
 class ProxyMix:
     Config = ProxyMixConfig
 
-    def __init__(self, options: ProxyMixConfig, datasets: list[DatasetInfo],
-                 domains: list[DomainInfo], seed: int):
+    def __init__(
+        self,
+        options: ProxyMixConfig,
+        datasets: list[DatasetInfo],
+        domains: list[DomainInfo],
+        seed: int,
+    ):
         o = self.o = options
         self.names = [d.name for d in datasets]
         self.sizes = np.array([d.size for d in datasets], np.float64)
         self.seed = seed
         for key in ("current", "safety_slot"):
             if getattr(o, key) is not None and getattr(o, key) not in self.names:
-                raise ConfigError(f"mixer.{key}: '{getattr(o, key)}' is not a training dataset "
-                                  f"({self.names})")
+                raise ConfigError(
+                    f"mixer.{key}: '{getattr(o, key)}' is not a training dataset ({self.names})"
+                )
         self.cur = self.names.index(o.current) if o.current else 0
         allowed = set(self.names if o.accessible is None else o.accessible)
         self.mask = np.array([n in allowed for n in self.names])
         if not self.mask[self.cur]:
-            raise ConfigError(f"mixer.accessible: must include the current task "
-                              f"'{self.names[self.cur]}'")
+            raise ConfigError(
+                f"mixer.accessible: must include the current task '{self.names[self.cur]}'"
+            )
         ages = o.ages or {}
         self.kinds, self.ages = [], []
         for i, n in enumerate(self.names):
             kind = "current" if i == self.cur else "safety" if n == o.safety_slot else "buffer"
             self.kinds.append(kind)
-            learned = -1 if kind == "safety" else ages.get(n, o.stage if kind == "current"
-                                                            else o.stage - 1)
+            learned = (
+                -1
+                if kind == "safety"
+                else ages.get(n, o.stage if kind == "current" else o.stage - 1)
+            )
             self.ages.append((o.stage - learned) / o.n_stages)
         dom = {d.name for d in domains}
         # what each slot is measured on: its own domain; the safety buffer: the safety domain
-        self.keys = [o.safety_domain if k == "safety" else n for n, k in zip(self.names,
-                                                                             self.kinds)]
+        self.keys = [
+            o.safety_domain if k == "safety" else n for n, k in zip(self.names, self.kinds)
+        ]
         self.keys = [k if k in dom else None for k in self.keys]
         self.net = None
         if o.policy == "controller":
@@ -209,8 +223,9 @@ class ProxyMix:
         buf = np.array([self.mask[i] and i != self.cur for i in range(K)])
         p = np.zeros(K)
         if o.policy == "loss":
-            r = np.array([ratios.get(n, 1.0) if self.mask[i] else 0.0
-                          for i, n in enumerate(self.names)])
+            r = np.array(
+                [ratios.get(n, 1.0) if self.mask[i] else 0.0 for i, n in enumerate(self.names)]
+            )
             p = (1 - o.p_min) * r / r.sum()
             p[self.cur] += o.p_min
             return p
@@ -221,8 +236,12 @@ class ProxyMix:
             share = np.where(buf, self.sizes if o.spread == "proportional" else 1.0, 0.0)
             total = o.replay_ratio
         else:  # loss_increase
-            share = np.array([max(0.0, ratios.get(n, 1.0) - 1.0) if buf[i] else 0.0
-                              for i, n in enumerate(self.names)])
+            share = np.array(
+                [
+                    max(0.0, ratios.get(n, 1.0) - 1.0) if buf[i] else 0.0
+                    for i, n in enumerate(self.names)
+                ]
+            )
             total = min(1.0 - o.p_min, o.heuristic_scale * share.sum())
         if share.sum() > 0:
             p = total * share / share.sum()
@@ -234,18 +253,27 @@ class ProxyMix:
         o = self.o
         seen: dict[str, tuple] = {}
         for key in {k for k, m in zip(self.keys, self.mask) if m and k} | (
-                {o.safety_domain} & set(losses)):
+            {o.safety_domain} & set(losses)
+        ):
             if key in losses:
                 seen[key] = self.tracker.observe(key, losses[key])
         idx = np.flatnonzero(self.mask)
         per = [seen.get(self.keys[i]) or (1.0, 0.0, 0.0, 0.0) for i in idx]
         x = np.zeros((len(self.names), len(FEATURES)), np.float32)
-        x[idx] = slot_features(per, [self.kinds[i] for i in idx], [self.ages[i] for i in idx],
-                               step / max(max_steps, 1), (o.stage + 1) / o.n_stages)
+        x[idx] = slot_features(
+            per,
+            [self.kinds[i] for i in idx],
+            [self.ages[i] for i in idx],
+            step / max(max_steps, 1),
+            (o.stage + 1) / o.n_stages,
+        )
         safety = seen.get(o.safety_domain)
         return {
-            "step": step, "slots": list(self.names), "mask": self.mask.tolist(),
-            "current": self.names[self.cur], "x": x.tolist(),
+            "step": step,
+            "slots": list(self.names),
+            "mask": self.mask.tolist(),
+            "current": self.names[self.cur],
+            "x": x.tolist(),
             "g": global_features(safety).tolist(),
             "buffers": [self.names[i] for i in idx if self.kinds[i] == "buffer"],
             "ratios": {self.names[i]: float(p[0]) for i, p in zip(idx, per)},

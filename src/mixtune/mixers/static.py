@@ -86,5 +86,6 @@ class Fixed(Uniform):
     Config = FixedConfig
 
     def __init__(self, options: FixedConfig, datasets, domains, seed: int):
-        self.w = simplex.normalize(options.weights, [d.name for d in datasets],
-                                   what="mixer.weights")
+        self.w = simplex.normalize(
+            options.weights, [d.name for d in datasets], what="mixer.weights"
+        )

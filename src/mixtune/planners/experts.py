@@ -42,8 +42,9 @@ def eval_raw(run: RunConfig, accuracy: bool) -> list[dict]:
     return evals
 
 
-def expert_config(run: RunConfig, k: int, steps: int, lr: float, out: Path, save_every: int,
-                  progress: bool) -> RunConfig:
+def expert_config(
+    run: RunConfig, k: int, steps: int, lr: float, out: Path, save_every: int, progress: bool
+) -> RunConfig:
     """Expert k's run: one-hot ``fixed`` mixer, constant LR, no warm-up, ``steps`` steps.
 
     Its evaluation domains stay (holding out the same examples) but only score losses, at step
@@ -51,11 +52,23 @@ def expert_config(run: RunConfig, k: int, steps: int, lr: float, out: Path, save
     """
     raw = config_mod.to_dict(run)
     name = run.datasets[k].name
-    raw.update(output_dir=str(out / "experts" / name), max_steps=steps, resume="auto",
-               mixer={"name": "fixed", "weights": {name: 1.0}}, report_to=[], progress=progress,
-               evals=eval_raw(run, False))
-    raw["train"].update(lr=lr, schedule="constant", warmup_steps=0, warmup_ratio=0.0,
-                        eval_every=0, save_every=save_every)
+    raw.update(
+        output_dir=str(out / "experts" / name),
+        max_steps=steps,
+        resume="auto",
+        mixer={"name": "fixed", "weights": {name: 1.0}},
+        report_to=[],
+        progress=progress,
+        evals=eval_raw(run, False),
+    )
+    raw["train"].update(
+        lr=lr,
+        schedule="constant",
+        warmup_steps=0,
+        warmup_ratio=0.0,
+        eval_every=0,
+        save_every=save_every,
+    )
     return config_mod.from_dict(raw)
 
 
@@ -122,8 +135,15 @@ def alpha_key(alpha) -> str:
 class MergedEvaluator:
     """Scores θ_base + Σ α_k τ_k on the evaluation domains (cached on disk)."""
 
-    def __init__(self, trainer, base: dict, tv_paths: list[Path], cache: Path,
-                 n_batches: int | None, accuracy: bool):
+    def __init__(
+        self,
+        trainer,
+        base: dict,
+        tv_paths: list[Path],
+        cache: Path,
+        n_batches: int | None,
+        accuracy: bool,
+    ):
         self.t, self.base, self.paths, self.cache = trainer, base, tv_paths, cache
         self.n_batches, self.accuracy = n_batches, accuracy
         self.module = trainer.acc.unwrap_model(trainer.model)
@@ -147,15 +167,26 @@ class MergedEvaluator:
 
         rec = self.known.get(key)
         if rec is None or not all(
-                d.name in rec["scores"] and ("accuracy" in rec["scores"][d.name]
-                                             or not (self.accuracy and d.accuracy))
-                for d in self.t.domains):
+            d.name in rec["scores"]
+            and ("accuracy" in rec["scores"][d.name] or not (self.accuracy and d.accuracy))
+            for d in self.t.domains
+        ):
             t0 = time.perf_counter()
             self.module.load_state_dict(make())
-            scores = evaluate(self.t.model, self.t.acc, self.t.domains, self.t.tokenizer,
-                              self.n_batches, self.accuracy)
-            rec = {"key": key, "stamp": self.stamp, "scores": scores,
-                   "seconds": round(time.perf_counter() - t0, 3)}
+            scores = evaluate(
+                self.t.model,
+                self.t.acc,
+                self.t.domains,
+                self.t.tokenizer,
+                self.n_batches,
+                self.accuracy,
+            )
+            rec = {
+                "key": key,
+                "stamp": self.stamp,
+                "scores": scores,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
             self.known[key] = rec
             with open(self.cache, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -167,8 +198,9 @@ class MergedEvaluator:
 
     def __call__(self, alpha, source: str = "") -> dict:
         alpha = [float(a) for a in alpha]
-        return self._cached(alpha_key(alpha), lambda: merge.task_arithmetic_files(
-            self.base, self.paths, alpha))
+        return self._cached(
+            alpha_key(alpha), lambda: merge.task_arithmetic_files(self.base, self.paths, alpha)
+        )
 
     def base_scores(self) -> dict:
         return self._cached("base", lambda: self.base)

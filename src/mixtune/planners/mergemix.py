@@ -109,12 +109,17 @@ class Planner:
         self.out = Path(pc.output_dir)
         self.objective = objective_of(pc, run)
         self.accuracy = pc.objective.metric == "accuracy" or any(
-            m == "accuracy" for _, m, _ in bound_specs(pc, run))
+            m == "accuracy" for _, m, _ in bound_specs(pc, run)
+        )
         # One plain (non-LoRA) copy of the base model scores every merge.
         raw = config_mod.to_dict(run)
         raw["model"]["lora"]["enabled"] = False
-        raw.update(output_dir=str(self.out / "_eval"), progress=False, report_to=[],
-                   evals=experts.eval_raw(run, self.accuracy))
+        raw.update(
+            output_dir=str(self.out / "_eval"),
+            progress=False,
+            report_to=[],
+            evals=experts.eval_raw(run, self.accuracy),
+        )
         self.trainer = Trainer(config_mod.from_dict(raw))
         module = self.trainer.acc.unwrap_model(self.trainer.model)
         self.base = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -123,9 +128,17 @@ class Planner:
         e = pc.experts
         self.steps = [experts.expert_steps(run, i, e.steps, e.tokens) for i in self.infos]
         self.expert_cfgs = [
-            experts.expert_config(run, k, s, e.lr or run.train.lr, self.out,
-                                  e.save_every or max(1, s // 4), pc.progress)
-            for k, s in enumerate(self.steps)]
+            experts.expert_config(
+                run,
+                k,
+                s,
+                e.lr or run.train.lr,
+                self.out,
+                e.save_every or max(1, s // 4),
+                pc.progress,
+            )
+            for k, s in enumerate(self.steps)
+        ]
         for cfg in self.expert_cfgs:
             _check_same(cfg)
         self.ready = False
@@ -133,16 +146,23 @@ class Planner:
     def prepare(self) -> None:
         t0 = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "plan.yaml").write_text(yaml.safe_dump(config_mod.to_dict(self.pc),
-                                                           sort_keys=False))
+        (self.out / "plan.yaml").write_text(
+            yaml.safe_dump(config_mod.to_dict(self.pc), sort_keys=False)
+        )
         self.summaries = experts.train_experts(self.expert_cfgs, self.pc.progress)
         self.tv_paths = [self.out / "task_vectors" / f"{n}.safetensors" for n in self.names]
         for cfg, path in zip(self.expert_cfgs, self.tv_paths):
-            experts.build_task_vector(Path(cfg.output_dir), self.base, path,
-                                      self.run.model.lora.enabled)
+            experts.build_task_vector(
+                Path(cfg.output_dir), self.base, path, self.run.model.lora.enabled
+            )
         self.evaluator = experts.MergedEvaluator(
-            self.trainer, self.base, self.tv_paths, self.out / "evals.jsonl",
-            self.pc.search.eval_batches, self.accuracy)
+            self.trainer,
+            self.base,
+            self.tv_paths,
+            self.out / "evals.jsonl",
+            self.pc.search.eval_batches,
+            self.accuracy,
+        )
         self.base_scores = self.evaluator.base_scores()
         self.objective = objective_of(self.pc, self.run, self.base_scores)
         self.bounds = bounds_of(self.pc, self.run, self.base_scores)
@@ -151,8 +171,11 @@ class Planner:
         self.ready = True
 
     def value(self, scores: dict) -> float:
-        return float(self.objective.value({(d, m): np.array([scores[d][m]])
-                                           for d, m in search.quantities(self.objective, [])})[0])
+        return float(
+            self.objective.value(
+                {(d, m): np.array([scores[d][m]]) for d, m in search.quantities(self.objective, [])}
+            )[0]
+        )
 
 
 def _check_same(cfg: RunConfig) -> None:
@@ -163,10 +186,11 @@ def _check_same(cfg: RunConfig) -> None:
     new = config_mod.to_dict(cfg)
     for d in (old, new):
         d.pop("progress", None)
-    if json.dumps(old, sort_keys=True, default=str) != json.dumps(new, sort_keys=True,
-                                                                  default=str):
-        raise ConfigError(f"{cfg.output_dir} holds an expert trained with other settings; use a "
-                          "new output_dir for this plan (or delete that expert)")
+    if json.dumps(old, sort_keys=True, default=str) != json.dumps(new, sort_keys=True, default=str):
+        raise ConfigError(
+            f"{cfg.output_dir} holds an expert trained with other settings; use a "
+            "new output_dir for this plan (or delete that expert)"
+        )
 
 
 def plan(pc: PlanConfig, run: RunConfig, planner: Planner | None = None) -> dict:
@@ -178,39 +202,71 @@ def plan(pc: PlanConfig, run: RunConfig, planner: Planner | None = None) -> dict
     if not p.ready:
         p.prepare()
     K, s = len(p.names), pc.search
-    res = search.run(p.evaluator, K, objective=p.objective, bounds=p.bounds,
-                     surrogate=s.surrogate, n_seeds=s.n_seeds or max(20, 5 * K),
-                     n_candidates=s.n_candidates, refit_rounds=s.refit_rounds, top_k=s.top_k,
-                     seed=run.seed if s.seed is None else s.seed, progress=pc.progress)
+    res = search.run(
+        p.evaluator,
+        K,
+        objective=p.objective,
+        bounds=p.bounds,
+        surrogate=s.surrogate,
+        n_seeds=s.n_seeds or max(20, 5 * K),
+        n_candidates=s.n_candidates,
+        refit_rounds=s.refit_rounds,
+        top_k=s.top_k,
+        seed=run.seed if s.seed is None else s.seed,
+        progress=pc.progress,
+    )
     measured = p.evaluator(res.alpha, "alpha*")
     p.evaluator.restore()
     chosen = "surrogate"
     if s.select == "measured":
-        best = _best_measured(p, [(res.alpha, measured)] + [
-            (np.asarray(t["alpha"]), t["scores"]) for t in res.table])
+        best = _best_measured(
+            p, [(res.alpha, measured)] + [(np.asarray(t["alpha"]), t["scores"]) for t in res.table]
+        )
         if best is not None and best[0] is not res.alpha:
             res.alpha, measured, chosen = best[0], best[1], "measured"
     weights = dict(zip(p.names, to_ratios(res.alpha, p.c).tolist()))
     mix_path = p.out / "mixture.yaml"
-    header = (f"# Written by `mixtune plan mergemix` ({p.out}): alpha* = "
-              f"{ {n: round(a, 4) for n, a in zip(p.names, res.alpha.tolist())} }, "
-              f"ratio_rule={pc.ratio_rule}, ratio_units={pc.ratio_units}.\n"
-              f"# Train with: mixtune train {mix_path}\n")
+    header = (
+        f"# Written by `mixtune plan mergemix` ({p.out}): alpha* = "
+        f"{ {n: round(a, 4) for n, a in zip(p.names, res.alpha.tolist())} }, "
+        f"ratio_rule={pc.ratio_rule}, ratio_units={pc.ratio_units}.\n"
+        f"# Train with: mixtune train {mix_path}\n"
+    )
     mix_path.write_text(header + yaml.safe_dump(mixture_config(run, weights), sort_keys=False))
     result = {
-        "datasets": p.names, "alpha": res.alpha.tolist(), "weights": weights,
-        "ratio_rule": pc.ratio_rule, "ratio_units": pc.ratio_units, "selected_by": chosen,
-        "objective": {"metric": p.objective.metric, "weights": p.objective.weights,
-                      "normalize": pc.objective.normalize},
-        "bounds": [vars(b) for b in p.bounds], "feasible": res.feasible,
-        "predicted": res.predicted, "predicted_objective": res.predicted_objective,
-        "measured": measured, "measured_objective": p.value(measured),
-        "base": p.base_scores, "base_objective": p.value(p.base_scores),
+        "datasets": p.names,
+        "alpha": res.alpha.tolist(),
+        "weights": weights,
+        "ratio_rule": pc.ratio_rule,
+        "ratio_units": pc.ratio_units,
+        "selected_by": chosen,
+        "objective": {
+            "metric": p.objective.metric,
+            "weights": p.objective.weights,
+            "normalize": pc.objective.normalize,
+        },
+        "bounds": [vars(b) for b in p.bounds],
+        "feasible": res.feasible,
+        "predicted": res.predicted,
+        "predicted_objective": res.predicted_objective,
+        "measured": measured,
+        "measured_objective": p.value(measured),
+        "base": p.base_scores,
+        "base_objective": p.value(p.base_scores),
         "table": [{**r, "objective": p.value(r["scores"])} for r in res.table],
-        "fits": res.fits, "rounds": res.rounds, "surrogate": s.surrogate,
-        "experts": [{"name": n, "steps": st, "tokens": sm["tokens"], "seconds": sm["seconds"],
-                     "final_eval": sm.get("final_eval")}
-                    for n, st, sm in zip(p.names, p.steps, p.summaries)],
+        "fits": res.fits,
+        "rounds": res.rounds,
+        "surrogate": s.surrogate,
+        "experts": [
+            {
+                "name": n,
+                "steps": st,
+                "tokens": sm["tokens"],
+                "seconds": sm["seconds"],
+                "final_eval": sm.get("final_eval"),
+            }
+            for n, st, sm in zip(p.names, p.steps, p.summaries)
+        ],
         "cost": cost(pc, run, p, time.perf_counter() - t0),
         "mixture_yaml": str(mix_path),
     }
@@ -243,15 +299,20 @@ def cost(pc: PlanConfig, run: RunConfig, p: Planner, wall: float) -> dict:
     R = len(lattice(K, pc.grid_resolution))
     full_tokens = run.max_steps * run.train.batch_size * float(tpe.mean())
     return {
-        "search_tokens": search_tokens, "expert_steps": int(sum(p.steps)),
-        "expert_seconds": round(expert_seconds, 2), "n_evals": n_evals,
+        "search_tokens": search_tokens,
+        "expert_steps": int(sum(p.steps)),
+        "expert_seconds": round(expert_seconds, 2),
+        "n_evals": n_evals,
         "eval_seconds": round(p.evaluator.seconds, 2),
         "search_seconds": round(expert_seconds + p.evaluator.seconds, 2),
         "wall_seconds_this_call": round(wall, 2),
-        "grid_runs": R, "grid_resolution": pc.grid_resolution,
-        "grid_tokens": int(R * full_tokens), "grid_evals": R,
+        "grid_runs": R,
+        "grid_resolution": pc.grid_resolution,
+        "grid_tokens": int(R * full_tokens),
+        "grid_evals": R,
         "grid_seconds_est": round(R * (run.max_steps * per_step + per_eval), 1),
         "token_ratio": R * full_tokens / max(search_tokens, 1),
-        "seconds_ratio_est": R * (run.max_steps * per_step + per_eval)
+        "seconds_ratio_est": R
+        * (run.max_steps * per_step + per_eval)
         / max(expert_seconds + p.evaluator.seconds, 1e-9),
     }

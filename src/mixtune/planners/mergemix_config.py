@@ -131,8 +131,9 @@ class PlanConfig:
             raise ConfigError(f"reference_slack: must be >= 0, got {self.reference_slack}")
 
 
-def load(path: str | Path | None, overrides=(), data: dict | None = None
-         ) -> tuple[PlanConfig, RunConfig]:
+def load(
+    path: str | Path | None, overrides=(), data: dict | None = None
+) -> tuple[PlanConfig, RunConfig]:
     """Read a plan YAML (or ``data``) + ``key=value`` overrides; returns (plan, run config)."""
     raw = config_mod.read_yaml(path) if data is None else config_mod._deepcopy(data)
     if isinstance(raw.get("run"), str):  # inline the run YAML so run.* overrides apply
@@ -151,17 +152,16 @@ def load(path: str | Path | None, overrides=(), data: dict | None = None
     if len(run.datasets) < 2:
         raise ConfigError("run.datasets: MergeMix mixes at least two training datasets")
     names = [e.name for e in run.evals]
-    for d in (pc.objective.weights or {}):
+    for d in pc.objective.weights or {}:
         if d not in names:
             raise ConfigError(f"objective.weights.{d}: unknown domain; domains are {names}")
-    for d in (pc.constraints or {}):
+    for d in pc.constraints or {}:
         if d not in names:
             raise ConfigError(f"constraints.{d}: unknown domain; domains are {names}")
     return pc, run
 
 
-def objective_of(pc: PlanConfig, run: RunConfig, base: dict | None = None
-                 ) -> search.Objective:
+def objective_of(pc: PlanConfig, run: RunConfig, base: dict | None = None) -> search.Objective:
     """The weighted objective; with ``normalize: base`` pass the base model's ``base`` scores."""
     w = pc.objective.weights
     if w is None:
@@ -174,8 +174,10 @@ def objective_of(pc: PlanConfig, run: RunConfig, base: dict | None = None
     if pc.objective.normalize == "base" and base is not None:
         for d in w:
             if not abs(base[d][metric]) > 1e-12:
-                raise ConfigError(f"objective.normalize: the base model's {metric} on {d} is 0; "
-                                  "use normalize: none")
+                raise ConfigError(
+                    f"objective.normalize: the base model's {metric} on {d} is 0; "
+                    "use normalize: none"
+                )
             w[d] /= abs(base[d][metric])
     return search.Objective(w, metric)
 
@@ -183,8 +185,11 @@ def objective_of(pc: PlanConfig, run: RunConfig, base: dict | None = None
 def bound_specs(pc: PlanConfig, run: RunConfig) -> list[tuple[str, str, dict]]:
     """Validated ``(domain, metric, {max|min: value or None})`` for every bounded domain."""
     evals = {e.name: e for e in run.evals}
-    spec = {e.name: "reference" for e in run.evals if e.role == "constraint"
-            } if pc.constraint_roles else {}
+    spec = (
+        {e.name: "reference" for e in run.evals if e.role == "constraint"}
+        if pc.constraint_roles
+        else {}
+    )
     spec.update(pc.constraints or {})
     out = []
     for d, s in spec.items():
@@ -216,6 +221,9 @@ def bounds_of(pc: PlanConfig, run: RunConfig, base: dict) -> list[search.Bound]:
             elif v is None:  # the base model's value, + the stated slack on a loss
                 v = base[d][metric] + (pc.reference_slack if metric == "loss" else 0.0)
             slack = pc.constraint_slack * abs(v)
-            out.append(search.Bound(d, metric, v + slack if kind == "max" else v - slack,
-                                    upper=kind == "max"))
+            out.append(
+                search.Bound(
+                    d, metric, v + slack if kind == "max" else v - slack, upper=kind == "max"
+                )
+            )
     return out

@@ -15,8 +15,11 @@ def _f(x, digits: int = 4) -> str:
 
 
 def _table(headers: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
-            *["| " + " | ".join(str(c) for c in row) + " |" for row in rows]]
+    return [
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+        *["| " + " | ".join(str(c) for c in row) + " |" for row in rows],
+    ]
 
 
 def write(out: Path, r: dict) -> None:
@@ -25,28 +28,59 @@ def write(out: Path, r: dict) -> None:
     terms = " + ".join(f"{w:.3g}·{d}" for d, w in obj["weights"].items())
     if obj.get("normalize") == "base":
         terms += " (weights divided by the base model's values)"
-    lines = [f"# MergeMix plan: {out}", "",
-             f"Objective: {direction} {terms} ({obj['metric']}); surrogate `{r['surrogate']}`; "
-             f"ratio rule `{r['ratio_rule']}` in {r['ratio_units']}.", ""]
+    lines = [
+        f"# MergeMix plan: {out}",
+        "",
+        f"Objective: {direction} {terms} ({obj['metric']}); surrogate `{r['surrogate']}`; "
+        f"ratio rule `{r['ratio_rule']}` in {r['ratio_units']}.",
+        "",
+    ]
     if r["bounds"]:
-        lines += ["Bounds (on the surrogate predictions): " + ", ".join(
-            f"{b['domain']} {b['metric']} {'<=' if b['upper'] else '>='} {b['limit']:.4f}"
-            for b in r["bounds"]) + ("" if r["feasible"] else " — **no candidate met them all; "
-                                     "alpha* minimises the violation**"), ""]
+        lines += [
+            "Bounds (on the surrogate predictions): "
+            + ", ".join(
+                f"{b['domain']} {b['metric']} {'<=' if b['upper'] else '>='} {b['limit']:.4f}"
+                for b in r["bounds"]
+            )
+            + (
+                ""
+                if r["feasible"]
+                else " — **no candidate met them all; alpha* minimises the violation**"
+            ),
+            "",
+        ]
     lines += ["## Chosen mixture", ""]
-    lines += _table(["dataset", "alpha*", "train weight"],
-                    [[n, _f(a), _f(r["weights"][n])] for n, a in zip(names, r["alpha"])])
-    lines += ["", f"alpha* selected by the {r['selected_by']} scores. Objective at the "
-              f"surrogate's optimum: predicted {_f(r['predicted_objective'])}; at alpha*: "
-              f"measured on the merged model {_f(r['measured_objective'])}; base model "
-              f"{_f(r['base_objective'])}; best evaluated merge "
-              f"{_f(_best(r)['objective'])}.", "",
-              f"Ready-to-run config: `{r['mixture_yaml']}`.", "", "## Experts", ""]
+    lines += _table(
+        ["dataset", "alpha*", "train weight"],
+        [[n, _f(a), _f(r["weights"][n])] for n, a in zip(names, r["alpha"])],
+    )
+    lines += [
+        "",
+        f"alpha* selected by the {r['selected_by']} scores. Objective at the "
+        f"surrogate's optimum: predicted {_f(r['predicted_objective'])}; at alpha*: "
+        f"measured on the merged model {_f(r['measured_objective'])}; base model "
+        f"{_f(r['base_objective'])}; best evaluated merge "
+        f"{_f(_best(r)['objective'])}.",
+        "",
+        f"Ready-to-run config: `{r['mixture_yaml']}`.",
+        "",
+        "## Experts",
+        "",
+    ]
     doms = list(r["base"])
-    lines += _table(["expert", "steps", "tokens", "seconds", *[f"{d} loss" for d in doms]],
-                    [[e["name"], e["steps"], e["tokens"], _f(e["seconds"], 1),
-                      *[_f((e["final_eval"] or {}).get(d, {}).get("loss")) for d in doms]]
-                     for e in r["experts"]])
+    lines += _table(
+        ["expert", "steps", "tokens", "seconds", *[f"{d} loss" for d in doms]],
+        [
+            [
+                e["name"],
+                e["steps"],
+                e["tokens"],
+                _f(e["seconds"], 1),
+                *[_f((e["final_eval"] or {}).get(d, {}).get("loss")) for d in doms],
+            ]
+            for e in r["experts"]
+        ],
+    )
     lines += ["", f"## Surrogate fit quality (leave-one-out over {len(r['table'])} merges)", ""]
     rows = []
     for d, per in r["fits"].items():
@@ -55,21 +89,34 @@ def write(out: Path, r: dict) -> None:
             rows.append([d, m, _f(f["r2"], 3), _f(f["rmse"]), _f(max(ys) - min(ys))])
     lines += _table(["domain", "metric", "LOO R²", "LOO RMSE", "measured range"], rows)
     lines += ["", "## Merged evaluations", ""]
-    lines += _table(["#", "source", *names, "objective", *[f"{d} loss" for d in doms]],
-                    [[i, t["source"], *[_f(a, 3) for a in t["alpha"]], _f(t["objective"]),
-                      *[_f(t["scores"][d]["loss"]) for d in doms]]
-                     for i, t in enumerate(r["table"])])
+    lines += _table(
+        ["#", "source", *names, "objective", *[f"{d} loss" for d in doms]],
+        [
+            [
+                i,
+                t["source"],
+                *[_f(a, 3) for a in t["alpha"]],
+                _f(t["objective"]),
+                *[_f(t["scores"][d]["loss"]) for d in doms],
+            ]
+            for i, t in enumerate(r["table"])
+        ],
+    )
     c = r["cost"]
-    lines += ["", "## Cost", "",
-              f"- search: {len(names)} experts, {c['expert_steps']} steps, "
-              f"{c['search_tokens']:,} supervised tokens, {c['expert_seconds']:.0f} s training; "
-              f"{c['n_evals']} merged evaluations, {c['eval_seconds']:.0f} s.",
-              f"- grid it replaces: {c['grid_runs']} full mixture runs (shares in steps of "
-              f"1/{c['grid_resolution']}), ~{c['grid_tokens']:,} tokens, ~"
-              f"{c['grid_seconds_est']:.0f} s (estimated from the experts' s/step).",
-              f"- ratio: {c['token_ratio']:.1f}x fewer training tokens; "
-              f"~{c['seconds_ratio_est']:.1f}x less time (search {c['search_seconds']:.0f} s).",
-              ""]
+    lines += [
+        "",
+        "## Cost",
+        "",
+        f"- search: {len(names)} experts, {c['expert_steps']} steps, "
+        f"{c['search_tokens']:,} supervised tokens, {c['expert_seconds']:.0f} s training; "
+        f"{c['n_evals']} merged evaluations, {c['eval_seconds']:.0f} s.",
+        f"- grid it replaces: {c['grid_runs']} full mixture runs (shares in steps of "
+        f"1/{c['grid_resolution']}), ~{c['grid_tokens']:,} tokens, ~"
+        f"{c['grid_seconds_est']:.0f} s (estimated from the experts' s/step).",
+        f"- ratio: {c['token_ratio']:.1f}x fewer training tokens; "
+        f"~{c['seconds_ratio_est']:.1f}x less time (search {c['search_seconds']:.0f} s).",
+        "",
+    ]
     _plot(out / "report.png", r)
     lines += ["![plan](report.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
@@ -100,8 +147,9 @@ def _plot(path: Path, r: dict) -> None:
     ax[2].plot(range(len(objs)), objs, "o", ms=4, label="evaluated merges")
     ax[2].axhline(r["measured_objective"], color="C3", label="alpha* (merged)")
     ax[2].axhline(r["base_objective"], color="k", ls=":", label="base model")
-    ax[2].set(title="objective of merged models", xlabel="evaluation #",
-              ylabel=r["objective"]["metric"])
+    ax[2].set(
+        title="objective of merged models", xlabel="evaluation #", ylabel=r["objective"]["metric"]
+    )
     ax[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -109,22 +157,36 @@ def _plot(path: Path, r: dict) -> None:
 
 
 def write_validation(out: Path, v: dict) -> None:
-    lines = [f"# MergeMix validation: {out}", "",
-             f"Objective ({v['metric']}): merged proxy vs models trained for {v['steps']} steps "
-             "on each mixture.", ""]
+    lines = [
+        f"# MergeMix validation: {out}",
+        "",
+        f"Objective ({v['metric']}): merged proxy vs models trained for {v['steps']} steps "
+        "on each mixture.",
+        "",
+    ]
     scales = list(v["real"])
-    lines += _table(["mixture", *v["datasets"], "surrogate", "merged proxy",
-                     *[f"real ({s})" for s in scales]],
-                    [[m["label"], *[_f(a, 3) for a in m["alpha"]], _f(m["surrogate"]),
-                      _f(m["proxy"]), *[_f(v["real"][s][i]) for s in scales]]
-                     for i, m in enumerate(v["mixtures"])])
+    lines += _table(
+        ["mixture", *v["datasets"], "surrogate", "merged proxy", *[f"real ({s})" for s in scales]],
+        [
+            [
+                m["label"],
+                *[_f(a, 3) for a in m["alpha"]],
+                _f(m["surrogate"]),
+                _f(m["proxy"]),
+                *[_f(v["real"][s][i]) for s in scales],
+            ]
+            for i, m in enumerate(v["mixtures"])
+        ],
+    )
     lines += ["", "| comparison | Spearman ρ | p |", "|---|---|---|"]
     for row in v["rank"] + v.get("rank_by_domain", []):
         lines.append(f"| {row['what']} | {_f(row['rho'], 3)} | {_f(row['p'], 3)} |")
     lines += [""]
     for s, q in v["quality"].items():
-        lines.append(f"- real objective at scale {s}: " + ", ".join(
-            f"{k} {x}" if isinstance(x, int) else f"{k} {_f(x)}" for k, x in q.items()))
+        lines.append(
+            f"- real objective at scale {s}: "
+            + ", ".join(f"{k} {x}" if isinstance(x, int) else f"{k} {_f(x)}" for k, x in q.items())
+        )
     lines += ["", "![validation](validate.png)", ""]
     (out / "validate.md").write_text("\n".join(lines))
     scales = list(v["real"])
@@ -135,8 +197,11 @@ def write_validation(out: Path, v: dict) -> None:
         for m, x, y in zip(v["mixtures"], xs, ys):
             a.annotate(m["label"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         rho = next(r["rho"] for r in v["rank"] if r["what"] == f"proxy vs real ({s})")
-        a.set(title=f"{s}: Spearman ρ = {_f(rho, 2)}", xlabel=f"merged proxy {v['metric']}",
-              ylabel=f"trained {v['metric']}")
+        a.set(
+            title=f"{s}: Spearman ρ = {_f(rho, 2)}",
+            xlabel=f"merged proxy {v['metric']}",
+            ylabel=f"trained {v['metric']}",
+        )
     fig.tight_layout()
     fig.savefig(out / "validate.png", dpi=100)
     plt.close(fig)

@@ -37,8 +37,10 @@ def mixtures(p: mm.Planner, result: dict) -> list[tuple[str, np.ndarray]]:
     out: list[tuple[str, np.ndarray]] = [("mergemix", np.asarray(result["alpha"]))]
     uniform = np.full(len(names), 1.0 / len(names))
     sizes = np.array([i.size for i in p.infos], np.float64)
-    out += [("uniform", mm.from_ratios(uniform, p.c)),
-            ("proportional", mm.from_ratios(sizes / sizes.sum(), p.c))]
+    out += [
+        ("uniform", mm.from_ratios(uniform, p.c)),
+        ("proportional", mm.from_ratios(sizes / sizes.sum(), p.c)),
+    ]
     for i, m in enumerate(vc.mixtures):  # explicit merge weights, optionally labelled
         where = f"validate.mixtures[{i}]"
         if isinstance(m.get("weights"), dict):
@@ -55,17 +57,25 @@ def mixtures(p: mm.Planner, result: dict) -> list[tuple[str, np.ndarray]]:
 
 
 def real_config(p: mm.Planner, weights: dict, out: Path, steps: int, overrides) -> object:
-    raw = mm.mixture_config(p.run, weights, output_dir=str(out), max_steps=steps,
-                            resume="auto", progress=p.pc.progress, report_to=[],
-                            evals=eval_raw(p.run, p.accuracy))
+    raw = mm.mixture_config(
+        p.run,
+        weights,
+        output_dir=str(out),
+        max_steps=steps,
+        resume="auto",
+        progress=p.pc.progress,
+        report_to=[],
+        evals=eval_raw(p.run, p.accuracy),
+    )
     raw["train"]["eval_every"] = 0  # only step 0 and the end: the final score is what counts
     for item in overrides:
         config_mod.apply_override(raw, item)
     return config_mod.from_dict(raw)
 
 
-def validate(pc: mm.PlanConfig, run, result: dict | None = None,
-             planner: mm.Planner | None = None) -> dict:
+def validate(
+    pc: mm.PlanConfig, run, result: dict | None = None, planner: mm.Planner | None = None
+) -> dict:
     """Plan (or reuse the plan), then train every validation mixture and compare rankings."""
     from scipy.stats import spearmanr
     from tqdm.auto import tqdm
@@ -91,8 +101,9 @@ def validate(pc: mm.PlanConfig, run, result: dict | None = None,
     real: dict[str, list[float]] = {}
     real_scores: dict[str, list[dict]] = {}
     jobs = [(s, label, a) for s in scales for label, a in mix]
-    for s, label, a in tqdm(jobs, desc="validation runs", unit="run", disable=not pc.progress,
-                            dynamic_ncols=True):
+    for s, label, a in tqdm(
+        jobs, desc="validation runs", unit="run", disable=not pc.progress, dynamic_ncols=True
+    ):
         w = dict(zip(p.names, mm.to_ratios(a, p.c).tolist()))
         out = Path(pc.output_dir) / "validate" / s / label
         if not finished(out):
@@ -107,30 +118,56 @@ def validate(pc: mm.PlanConfig, run, result: dict | None = None,
 
     rank = []
     for s in scales:
-        rank += [rho(proxy, real[s], f"proxy vs real ({s})"),
-                 rho(sur, real[s], f"surrogate vs real ({s})")]
+        rank += [
+            rho(proxy, real[s], f"proxy vs real ({s})"),
+            rho(sur, real[s], f"surrogate vs real ({s})"),
+        ]
         if s != "base":
             rank.append(rho(real["base"], real[s], f"real (base) vs real ({s})"))
     metric = p.objective.metric
-    by_domain = [rho([x[d][metric] for x in proxy_scores], [x[d][metric] for x in real_scores[s]],
-                     f"proxy vs real ({s}), {d} {metric}")
-                 for s in scales for d in proxy_scores[0] if metric in proxy_scores[0][d]
-                 and all(metric in x[d] for x in real_scores[s])]
+    by_domain = [
+        rho(
+            [x[d][metric] for x in proxy_scores],
+            [x[d][metric] for x in real_scores[s]],
+            f"proxy vs real ({s}), {d} {metric}",
+        )
+        for s in scales
+        for d in proxy_scores[0]
+        if metric in proxy_scores[0][d] and all(metric in x[d] for x in real_scores[s])
+    ]
     sign = 1 if metric == "loss" else -1
     quality = {}
     for s in scales:
         ys = np.array(real[s]) * sign
         labels = [label for label, _ in mix]
         others = [y for label, y in zip(labels, ys) if label != "mergemix"]
-        quality[s] = {"mergemix": real[s][0], "uniform": real[s][1],
-                      "proportional": real[s][2], "best_other": float(sign * min(others)),
-                      "mergemix_rank": int(1 + (ys < ys[0]).sum())}
-    v = {"datasets": p.names, "metric": p.objective.metric, "steps": steps,
-         "mixtures": [{"label": label, "alpha": a.tolist(), "surrogate": float(s),
-                       "proxy": float(x), "proxy_scores": sc}
-                      for (label, a), s, x, sc in zip(mix, sur, proxy, proxy_scores)],
-         "real": real, "real_scores": real_scores, "rank": rank, "rank_by_domain": by_domain,
-         "quality": quality}
+        quality[s] = {
+            "mergemix": real[s][0],
+            "uniform": real[s][1],
+            "proportional": real[s][2],
+            "best_other": float(sign * min(others)),
+            "mergemix_rank": int(1 + (ys < ys[0]).sum()),
+        }
+    v = {
+        "datasets": p.names,
+        "metric": p.objective.metric,
+        "steps": steps,
+        "mixtures": [
+            {
+                "label": label,
+                "alpha": a.tolist(),
+                "surrogate": float(s),
+                "proxy": float(x),
+                "proxy_scores": sc,
+            }
+            for (label, a), s, x, sc in zip(mix, sur, proxy, proxy_scores)
+        ],
+        "real": real,
+        "real_scores": real_scores,
+        "rank": rank,
+        "rank_by_domain": by_domain,
+        "quality": quality,
+    }
     out = Path(pc.output_dir) / "validate"
     out.mkdir(parents=True, exist_ok=True)
     (out / "validate.json").write_text(json.dumps(v, indent=1))

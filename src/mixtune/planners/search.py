@@ -78,14 +78,26 @@ def quantities(objective: Objective, bounds: list[Bound]) -> list[tuple[str, str
 
 def fit_all(name: str, table: list[dict], need: list[tuple[str, str]]) -> dict:
     X = np.array([r["alpha"] for r in table])
-    return {q: sg.make(name).fit(X, np.array([r["scores"][q[0]][q[1]] for r in table]))
-            for q in need}
+    return {
+        q: sg.make(name).fit(X, np.array([r["scores"][q[0]][q[1]] for r in table])) for q in need
+    }
 
 
-def run(evaluate: Callable[[np.ndarray, str], Scores], k: int, *, objective: Objective,
-        bounds: list[Bound], surrogate: str = "gbt", n_seeds: int = 20,
-        n_candidates: int = 100_000, refit_rounds: int = 0, top_k: int = 5, seed: int = 0,
-        progress: bool = False, loo: bool = True) -> SearchResult:
+def run(
+    evaluate: Callable[[np.ndarray, str], Scores],
+    k: int,
+    *,
+    objective: Objective,
+    bounds: list[Bound],
+    surrogate: str = "gbt",
+    n_seeds: int = 20,
+    n_candidates: int = 100_000,
+    refit_rounds: int = 0,
+    top_k: int = 5,
+    seed: int = 0,
+    progress: bool = False,
+    loo: bool = True,
+) -> SearchResult:
     """Search α* on Δ^{k-1}; ``evaluate(alpha, source)`` returns measured per-domain scores."""
     from tqdm.auto import tqdm
 
@@ -95,25 +107,34 @@ def run(evaluate: Callable[[np.ndarray, str], Scores], k: int, *, objective: Obj
 
     def measure(points: np.ndarray, source: str, desc: str) -> None:
         for a in tqdm(points, desc=desc, unit="merge", disable=not progress, dynamic_ncols=True):
-            table.append({"alpha": [float(x) for x in a], "source": source,
-                          "scores": evaluate(np.asarray(a), source)})
+            table.append(
+                {
+                    "alpha": [float(x) for x in a],
+                    "source": source,
+                    "scores": evaluate(np.asarray(a), source),
+                }
+            )
 
     measure(seed_points(k, n_seeds, rng), "seed", "merged seeds")
     rounds = []
     for rnd in range(refit_rounds + 1):
         models = fit_all(surrogate, table, need)
-        cand = np.vstack([dirichlet_candidates(k, n_candidates, rng),
-                          np.array([r["alpha"] for r in table])])
+        cand = np.vstack(
+            [dirichlet_candidates(k, n_candidates, rng), np.array([r["alpha"] for r in table])]
+        )
         values = {q: m.predict(cand) for q, m in models.items()}
         util = objective.utility(values)
-        viol = sum((b.violation(values[(b.domain, b.metric)]) for b in bounds),
-                   np.zeros(len(cand)))
+        viol = sum((b.violation(values[(b.domain, b.metric)]) for b in bounds), np.zeros(len(cand)))
         feasible = viol <= 0
-        rounds.append({"round": rnd, "points": len(table), "feasible_share":
-                       float(feasible.mean())})
+        rounds.append(
+            {"round": rnd, "points": len(table), "feasible_share": float(feasible.mean())}
+        )
         if rnd < refit_rounds:
-            measure(_top_k(cand, util, feasible, viol, table, top_k), f"refit{rnd + 1}",
-                    f"refit round {rnd + 1}")
+            measure(
+                _top_k(cand, util, feasible, viol, table, top_k),
+                f"refit{rnd + 1}",
+                f"refit round {rnd + 1}",
+            )
             continue
         alpha, ok = _best(cand, util, feasible, viol)
         pred = {q: float(m.predict(alpha[None])[0]) for q, m in models.items()}
@@ -128,8 +149,10 @@ def run(evaluate: Callable[[np.ndarray, str], Scores], k: int, *, objective: Obj
                 y = np.array([r["scores"][d][met] for r in table])
                 fits.setdefault(d, {})[met] = sg.leave_one_out(surrogate, X, y)
         if not ok:
-            log.warning("mergemix: no candidate satisfies every constraint on the surrogate; "
-                        "alpha* minimises the total violation")
+            log.warning(
+                "mergemix: no candidate satisfies every constraint on the surrogate; "
+                "alpha* minimises the total violation"
+            )
         return SearchResult(alpha, predicted, pobj, ok, table, fits, rounds)
     raise AssertionError("unreachable")
 

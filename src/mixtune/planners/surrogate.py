@@ -64,10 +64,19 @@ def lattice(k: int, resolution: int) -> np.ndarray:
 class GBT:
     """Least-squares gradient boosting with leaf-wise regression trees (LightGBM-style)."""
 
-    def __init__(self, n_estimators: int = 200, num_leaves: int = 7, min_data_in_leaf: int = 3,
-                 learning_rate: float = 0.05):
-        self.n, self.leaves, self.min_leaf, self.lr = (n_estimators, num_leaves,
-                                                       min_data_in_leaf, learning_rate)
+    def __init__(
+        self,
+        n_estimators: int = 200,
+        num_leaves: int = 7,
+        min_data_in_leaf: int = 3,
+        learning_rate: float = 0.05,
+    ):
+        self.n, self.leaves, self.min_leaf, self.lr = (
+            n_estimators,
+            num_leaves,
+            min_data_in_leaf,
+            learning_rate,
+        )
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> GBT:
         X, y = np.asarray(X, np.float64), np.asarray(y, np.float64)
@@ -152,10 +161,18 @@ class LightGBM:
         try:
             import lightgbm
         except ImportError:
-            raise ConfigError("search.surrogate: 'lightgbm' needs the lightgbm package "
-                              "(pip install lightgbm), or use gbt, gp or quadratic") from None
-        self.model = lightgbm.LGBMRegressor(n_estimators=200, num_leaves=7, min_child_samples=3,
-                                            learning_rate=0.05, verbose=-1, **kw)
+            raise ConfigError(
+                "search.surrogate: 'lightgbm' needs the lightgbm package "
+                "(pip install lightgbm), or use gbt, gp or quadratic"
+            ) from None
+        self.model = lightgbm.LGBMRegressor(
+            n_estimators=200,
+            num_leaves=7,
+            min_child_samples=3,
+            learning_rate=0.05,
+            verbose=-1,
+            **kw,
+        )
 
     def fit(self, X, y):
         self.model.fit(np.asarray(X), np.asarray(y))
@@ -218,8 +235,8 @@ class GP:
         X = np.asarray(X, np.float64)
         out = np.empty(len(X))
         for lo in range(0, len(X), 20000):  # chunks keep the kernel matrix small
-            d2 = ((X[lo:lo + 20000, None, :] - self.X[None, :, :]) ** 2).sum(-1)
-            out[lo:lo + 20000] = np.exp(-0.5 * d2 / self.ell**2) @ self.a
+            d2 = ((X[lo : lo + 20000, None, :] - self.X[None, :, :]) ** 2).sum(-1)
+            out[lo : lo + 20000] = np.exp(-0.5 * d2 / self.ell**2) @ self.a
         return self.mean + self.scale * out
 
 
@@ -242,8 +259,11 @@ def leave_one_out(name: str, X: np.ndarray, y: np.ndarray) -> dict:
     pred = np.empty(len(y))
     for i in range(len(y)):
         keep = np.arange(len(y)) != i
-        pred[i] = make(name).fit(X[keep], y[keep]).predict(X[i:i + 1])[0]
+        pred[i] = make(name).fit(X[keep], y[keep]).predict(X[i : i + 1])[0]
     ss_res = float(((y - pred) ** 2).sum())
     ss_tot = float(((y - y.mean()) ** 2).sum())
-    return {"pred": pred.tolist(), "rmse": float(np.sqrt(ss_res / len(y))),
-            "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")}
+    return {
+        "pred": pred.tolist(),
+        "rmse": float(np.sqrt(ss_res / len(y))),
+        "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan"),
+    }

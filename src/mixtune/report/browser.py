@@ -13,8 +13,15 @@ import tempfile
 from pathlib import Path
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "chrome")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--hide-scrollbars", "--no-first-run", "--disable-extensions")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--hide-scrollbars",
+    "--no-first-run",
+    "--disable-extensions",
+)
 
 
 def find_browser() -> str | None:
@@ -22,8 +29,9 @@ def find_browser() -> str | None:
     return next((p for p in map(shutil.which, CANDIDATES) if p), None)
 
 
-def screenshot(page: str | Path, out: str | Path, width: int = 1280, height: int = 1600,
-               timeout: float = 120.0) -> Path:
+def screenshot(
+    page: str | Path, out: str | Path, width: int = 1280, height: int = 1600, timeout: float = 120.0
+) -> Path:
     """Screenshot ``page`` (a local HTML file) into ``out`` (PNG); returns ``out``.
 
     Raises ``RuntimeError`` with the browser's output when no browser is found or it fails.
@@ -34,8 +42,14 @@ def screenshot(page: str | Path, out: str | Path, width: int = 1280, height: int
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mixtune-browser-") as profile:
-        cmd = [browser, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-               f"--screenshot={out}", Path(page).resolve().as_uri()]
+        cmd = [
+            browser,
+            *FLAGS,
+            f"--user-data-dir={profile}",
+            f"--window-size={width},{height}",
+            f"--screenshot={out}",
+            Path(page).resolve().as_uri(),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0 or not out.is_file():
         raise RuntimeError(f"{browser} failed ({proc.returncode}): {proc.stderr[-2000:]}")

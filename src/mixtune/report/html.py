@@ -28,9 +28,15 @@ def write_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | No
 
     figures: list[tuple[str, Path | None]] = [
         ("Mixture weights", plots.weights(records, out / "weights.png")),
-        ("Evaluation loss", plots.eval_metric(records, "loss", out / "eval_loss.png",
-                                              {k: v for k, v in references.items()
-                                               if not k.endswith(":accuracy")})),
+        (
+            "Evaluation loss",
+            plots.eval_metric(
+                records,
+                "loss",
+                out / "eval_loss.png",
+                {k: v for k, v in references.items() if not k.endswith(":accuracy")},
+            ),
+        ),
         ("Evaluation accuracy", plots.eval_metric(records, "accuracy", out / "eval_acc.png")),
         ("Training loss", plots.train_loss(records, out / "train_loss.png")),
     ]
@@ -48,13 +54,18 @@ def write_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | No
         if path is None:
             continue
         data = base64.b64encode(path.read_bytes()).decode()
-        parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
-                     f"src='data:image/png;base64,{data}'>")
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>mixtune report</title>"
-            "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;"
-            "text-align:right}th{background:#f3f3f3}img{max-width:100%}</style></head><body>"
-            + "\n".join(parts) + "</body></html>")
+        parts.append(
+            f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
+            f"src='data:image/png;base64,{data}'>"
+        )
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>mixtune report</title>"
+        "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:right}th{background:#f3f3f3}img{max-width:100%}</style></head><body>"
+        + "\n".join(parts)
+        + "</body></html>"
+    )
     (out / "index.html").write_text(page)
     return out / "index.html"
 
@@ -64,20 +75,31 @@ def _table(records: list[dict], summary: dict | None) -> str:
     if not evals:
         return "<p>No evaluation recorded.</p>"
     first, last = evals[0], evals[-1]
-    rows = ["<tr><th>domain</th><th>loss @ step %d</th><th>loss @ step %d</th>"
-            "<th>change ± paired se</th><th>accuracy @ %d</th><th>accuracy @ %d</th></tr>"
-            % (first["step"], last["step"], first["step"], last["step"])]
+    rows = [
+        "<tr><th>domain</th><th>loss @ step %d</th><th>loss @ step %d</th>"
+        "<th>change ± paired se</th><th>accuracy @ %d</th><th>accuracy @ %d</th></tr>"
+        % (first["step"], last["step"], first["step"], last["step"])
+    ]
     for d in last["eval"]:
         a, b = first["eval"].get(d, {}), last["eval"][d]
-        rows.append("<tr><td style='text-align:left'>%s</td><td>%s</td><td>%s</td><td>%s</td>"
-                    "<td>%s</td><td>%s</td></tr>"
-                    % (html.escape(d), _pm(a.get("loss"), a.get("loss_se")),
-                       _pm(b.get("loss"), b.get("loss_se")), _change(a, b),
-                       _fmt(a.get("accuracy")), _fmt(b.get("accuracy"))))
+        rows.append(
+            "<tr><td style='text-align:left'>%s</td><td>%s</td><td>%s</td><td>%s</td>"
+            "<td>%s</td><td>%s</td></tr>"
+            % (
+                html.escape(d),
+                _pm(a.get("loss"), a.get("loss_se")),
+                _pm(b.get("loss"), b.get("loss_se")),
+                _change(a, b),
+                _fmt(a.get("accuracy")),
+                _fmt(b.get("accuracy")),
+            )
+        )
     info = ""
     if summary:
-        info = (f"<p>{summary.get('steps')} steps, {summary.get('tokens')} supervised tokens, "
-                f"{summary.get('seconds')} s.</p>")
+        info = (
+            f"<p>{summary.get('steps')} steps, {summary.get('tokens')} supervised tokens, "
+            f"{summary.get('seconds')} s.</p>"
+        )
     return info + "<h2>Per-domain results</h2><table>" + "".join(rows) + "</table>"
 
 
@@ -121,19 +143,26 @@ def _noise(records: list[dict]) -> str:
         cells = []
         for d in cons:
             pred = m["predicted"][d] - m["anchor"][d]
-            var = sum((w.get(j, 0.0) * se) ** 2 for j, se in m["S_se"][d].items()
-                      if isinstance(se, float) and se == se)
+            var = sum(
+                (w.get(j, 0.0) * se) ** 2
+                for j, se in m["S_se"][d].items()
+                if isinstance(se, float) and se == se
+            )
             seen = realised.get(m.get("predicted_step"), {}).get(d)
             real = "" if seen is None else f" (then {seen - m['anchor'][d]:+.4f})"
-            cells.append(f"<td>{pred:+.4f} ± {m['horizon'] * var ** 0.5:.4f}{real}</td>")
+            cells.append(f"<td>{pred:+.4f} ± {m['horizon'] * var**0.5:.4f}{real}</td>")
         rows.append(f"<tr><td>{u['step']}</td><td>{m['horizon']}</td>{''.join(cells)}</tr>")
     notes = [n for u in ups for n in u["mixer"].get("noise_warnings", [])]
     warn = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-    return ("<h2>DynaMiCS: predicted constraint changes ± noise</h2><p>At each update: the "
-            "predicted change of each constraint over the next interval under the chosen "
-            "mixture ± its standard error from the probes (paired over the same examples), and "
-            "(then) the change the next update measured.</p><table>" + "".join(rows)
-            + "</table>" + (f"<p>Noise warnings:</p><ul>{warn}</ul>" if warn else ""))
+    return (
+        "<h2>DynaMiCS: predicted constraint changes ± noise</h2><p>At each update: the "
+        "predicted change of each constraint over the next interval under the chosen "
+        "mixture ± its standard error from the probes (paired over the same examples), and "
+        "(then) the change the next update measured.</p><table>"
+        + "".join(rows)
+        + "</table>"
+        + (f"<p>Noise warnings:</p><ul>{warn}</ul>" if warn else "")
+    )
 
 
 def _load_json(path: Path):

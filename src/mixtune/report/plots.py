@@ -44,15 +44,15 @@ def weights(records: list[dict], path: Path) -> Path | None:
     names = list(ws[0])
     fig, ax = plt.subplots(figsize=(7, 3.6))
     # Weights hold from their step until the next record: draw them as steps.
-    ax.stackplot(steps, [[w[n] for w in ws] for n in names], labels=names, step="post",
-                 alpha=0.85)
+    ax.stackplot(steps, [[w[n] for w in ws] for n in names], labels=names, step="post", alpha=0.85)
     ax.set(xlabel="step", ylabel="share of examples", ylim=(0, 1), title="mixture weights")
     ax.legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8)
     return _save(fig, path)
 
 
-def eval_metric(records: list[dict], metric: str, path: Path,
-                references: dict[str, float] | None = None) -> Path | None:
+def eval_metric(
+    records: list[dict], metric: str, path: Path, references: dict[str, float] | None = None
+) -> Path | None:
     """Per-domain evaluation ``metric`` (loss or accuracy) over time; dashed = reference."""
     steps, evals = _series(records, "eval")
     domains = sorted({d for e in evals for d, m in e.items() if metric in m})
@@ -61,11 +61,15 @@ def eval_metric(records: list[dict], metric: str, path: Path,
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for d in domains:
         pts = [(s, e[d][metric]) for s, e in zip(steps, evals) if d in e and metric in e[d]]
-        line, = ax.plot(*zip(*pts), marker="o", ms=3, label=d)
+        (line,) = ax.plot(*zip(*pts), marker="o", ms=3, label=d)
         if references and d in references:
             ax.axhline(references[d], ls="--", lw=1, color=line.get_color())
-    ax.set(xlabel="step", ylabel=metric, title=f"evaluation {metric} per domain"
-           + (" (dashed: constraint reference)" if references else ""))
+    ax.set(
+        xlabel="step",
+        ylabel=metric,
+        title=f"evaluation {metric} per domain"
+        + (" (dashed: constraint reference)" if references else ""),
+    )
     ax.legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8)
     return _save(fig, path)
 

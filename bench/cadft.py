@@ -36,7 +36,7 @@ import torch
 from mixtune import config
 from mixtune.builtin import load_domain
 from mixtune.engine.loop import Trainer
-from mixtune.losses_cadft import CADFT
+from mixtune.losses.cadft import CADFT
 
 METHODS = {  # "sft-clean" trains SFT on the uncorrupted data: the reference for what noise costs
     "sft-clean": {"name": "sft"},

@@ -122,8 +122,10 @@ def plan_dict(
 
 
 def run_part(name: str, raw: dict) -> dict:
-    from mixtune.planners import mergemix, mergemix_validate, search
-    from mixtune.planners import surrogate as sg
+    from mixtune.planners.mergemix import planner as mergemix
+    from mixtune.planners.mergemix import search
+    from mixtune.planners.mergemix import surrogate as sg
+    from mixtune.planners.mergemix import validate as mergemix_validate
 
     pc, run = mergemix.load(None, data=raw)
     t0 = time.perf_counter()

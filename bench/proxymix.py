@@ -62,8 +62,8 @@ def main() -> None:
     from mixtune.builtin import base_model_path
     from mixtune.config import read_yaml
     from mixtune.continual import config as cconf
-    from mixtune.continual.learn import learn
     from mixtune.continual.run import run
+    from mixtune.mixers.proxymix.learn import learn
 
     if args.target == "builtin" and not (base_model_path() / "config.json").is_file():
         sys.exit("the built-in base model is missing (src/mixtune/builtin/base/config.json)")

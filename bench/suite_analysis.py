@@ -33,7 +33,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mixtune.suite_table import select  # noqa: E402
+from mixtune.suite.table import select  # noqa: E402
 
 
 def _cells(root: Path):

@@ -135,7 +135,7 @@ def final_loss(model, meta, tokens) -> float:
     import torch
 
     from mixtune.data.collate import collate
-    from mixtune.losses import token_losses
+    from mixtune.losses.core import token_losses
 
     ex = [tokens[meta["names"][k]][e] for k, e in meta["order"][0]]
     b = collate([np.array(i) for i, _ in ex], [np.array(lab) for _, lab in ex], meta["pad_id"])
@@ -204,7 +204,7 @@ def shifted_label_token_losses(logits, labels):
     """
     import torch.nn.functional as F
 
-    from mixtune.losses import IGNORE
+    from mixtune.losses.core import IGNORE
 
     target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T)
     nll = F.cross_entropy(
@@ -217,9 +217,9 @@ def shifted_label_token_losses(logits, labels):
 
 
 def run_mixtune_shift(work: Path, meta: dict, tokens: dict, marks: list, seen: list):
-    import mixtune.losses
+    import mixtune.losses.core
 
-    mixtune.losses.token_losses = shifted_label_token_losses
+    mixtune.losses.core.token_losses = shifted_label_token_losses
     return run_mixtune(work, meta, tokens, marks, seen)
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from helpers import ChaseLoss, leave_distributed
 from mixtune import config
 from mixtune.engine import loop
-from mixtune.mixers import MIXERS
+from mixtune.registry import MIXERS
 
 
 def _clean(diag):

@@ -12,8 +12,9 @@ from mixtune import config
 from mixtune.data.collate import collate
 from mixtune.engine.loop import Trainer
 from mixtune.errors import ConfigError
-from mixtune.losses import IGNORE, dft, reduce, sequence_mean
-from mixtune.losses_cadft import CADFT, RewriteConfig, zscore_weights
+from mixtune.losses.cadft import CADFT, RewriteConfig, zscore_weights
+from mixtune.losses.core import IGNORE, reduce, sequence_mean
+from mixtune.losses.dft import dft
 
 V = 16
 
@@ -225,7 +226,7 @@ class ProbingUniform:
 
 
 def test_probing_branch_steps_do_not_reach_the_moving_averages(make_config, tmp_path, monkeypatch):
-    from mixtune.mixers import MIXERS
+    from mixtune.registry import MIXERS
 
     monkeypatch.setitem(MIXERS, "probing", ProbingUniform)
     loss = {

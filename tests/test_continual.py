@@ -10,12 +10,12 @@ from conftest import TINY_MODEL, write_jsonl
 from mixtune.cli import main
 from mixtune.config import MethodConfig
 from mixtune.continual import config as cconf
-from mixtune.continual import controller as ctl
 from mixtune.continual.config import SAFETY_BUFFER, SAFETY_EVAL
 from mixtune.continual.driver import run_sequence
-from mixtune.continual.learn import Learner, LMEnv, decisions
 from mixtune.continual.metrics import summarize
 from mixtune.errors import ConfigError
+from mixtune.mixers.proxymix import controller as ctl
+from mixtune.mixers.proxymix.learn import Learner, LMEnv, decisions
 
 
 @pytest.fixture
@@ -202,7 +202,7 @@ def test_controller_transfers_to_a_larger_model_unchanged(continual, tmp_path):
 
 def test_transfer_fallback_to_fixed_replay(continual, tmp_path, monkeypatch):
     from mixtune.continual import run as run_mod
-    from mixtune.continual import transfer
+    from mixtune.mixers.proxymix import transfer
 
     path = ctl.save(tmp_path / "c.pt", ctl.new(0), {"add": 0.1, "rev": 0.2, "safety": 0.3})
     seen = {}

@@ -11,7 +11,7 @@ from mixtune.data.sources import read_records
 from mixtune.data.template import DEFAULT_CHAT_TEMPLATE
 from mixtune.data.tokenize import tokenize
 from mixtune.errors import DataError
-from mixtune.losses import IGNORE
+from mixtune.losses.core import IGNORE
 
 RECORDS = {
     "messages": {

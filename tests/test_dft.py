@@ -10,7 +10,8 @@ from conftest import TINY_MODEL
 from mixtune import config
 from mixtune.engine.loop import Trainer
 from mixtune.errors import ConfigError
-from mixtune.losses import DFT, IGNORE, dft, micro_batch_scales, reduce
+from mixtune.losses.core import IGNORE, micro_batch_scales, reduce
+from mixtune.losses.dft import DFT, dft
 
 
 def _batch(seed=0, B=3, T=9, V=13):

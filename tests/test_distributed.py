@@ -18,7 +18,7 @@ import torch
 
 from dist_worker import collect
 from helpers import ChaseLoss, torchrun
-from mixtune.mixers import MIXERS
+from mixtune.registry import MIXERS
 
 HERE = Path(__file__).parent
 slow = pytest.mark.slow

@@ -24,15 +24,16 @@ from mixtune.engine.checkpoint import rng_state
 from mixtune.engine.loop import Trainer
 from mixtune.engine.rundir import read_metrics
 from mixtune.errors import ConfigError
-from mixtune.mixers import MIXERS, DatasetInfo, LookaheadResult, MixContext
+from mixtune.mixers import DatasetInfo, LookaheadResult, MixContext
 from mixtune.mixers.dynamixsft import DynamixSFT, minmax, policy
+from mixtune.registry import MIXERS
 
 HERE = Path(__file__).parent
 DATASETS = [DatasetInfo("a", 600, 100), DatasetInfo("b", 300, 100), DatasetInfo("c", 100, 800)]
 
 
 def _mixer(**options) -> DynamixSFT:
-    opts = config.method_options(MethodConfig("dynamixsft", options), MIXERS, "mixer")
+    opts = MIXERS.options(MethodConfig("dynamixsft", options), "mixer")
     return DynamixSFT(opts, list(DATASETS), [], 0)
 
 

@@ -10,7 +10,7 @@ from mixtune import config
 from mixtune.engine.loop import Trainer
 from mixtune.engine.rundir import read_metrics
 from mixtune.errors import TrainingError
-from mixtune.mixers import MIXERS
+from mixtune.registry import MIXERS
 
 
 @pytest.fixture

@@ -15,14 +15,15 @@ from mixtune.config import MethodConfig
 from mixtune.engine.loop import Trainer
 from mixtune.engine.rundir import read_metrics
 from mixtune.errors import ConfigError
-from mixtune.mixers import MIXERS, DatasetInfo, MixContext
+from mixtune.mixers import DatasetInfo, MixContext
 from mixtune.mixers.exp3 import EXP3, exploration
+from mixtune.registry import MIXERS
 
 DATASETS = [DatasetInfo("a", 300, 3000), DatasetInfo("b", 100, 1000), DatasetInfo("c", 100, 500)]
 
 
 def _mixer(**options) -> EXP3:
-    opts = config.method_options(MethodConfig("exp3", options), MIXERS, "mixer")
+    opts = MIXERS.options(MethodConfig("exp3", options), "mixer")
     return EXP3(opts, list(DATASETS), [], 0)
 
 

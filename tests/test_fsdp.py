@@ -140,20 +140,24 @@ def test_fsdp_training_matches_ddp_and_resumes_after_sigterm(make_config, tmp_pa
 
 
 def test_fsdp_refuses_features_that_need_whole_parameters(make_config):
+    """Methods declare whole_params (registry.requires); train.fsdp lacks it: refused at load."""
     from mixtune import config
-    from mixtune.engine.runtime import check_fsdp
     from mixtune.errors import ConfigError
 
     raw = make_config(mixer={"name": "dynamics", "slopes": "gradient_alignment"})
+    raw["train"]["fsdp"] = True
     for e, role in zip(raw["evals"], ("target", "constraint")):
         e.update(role=role, accuracy=False)
-    with pytest.raises(ConfigError, match="train.fsdp: DynaMiCS gradient alignment"):
-        check_fsdp(config.load(data=raw))
+    with pytest.raises(ConfigError, match="mixer.slopes: DynaMiCS gradient alignment .*train.fsdp"):
+        config.load(data=raw)
+    config.load(data=raw, overrides=["train.fsdp=false"])  # without FSDP: fine
     raw = make_config(loss={"name": "cadft", "rewrite": {"enabled": True}})
-    with pytest.raises(ConfigError, match="train.fsdp: CADFT rewriting"):
-        check_fsdp(config.load(data=raw))
+    raw["train"]["fsdp"] = True
+    with pytest.raises(ConfigError, match="loss.rewrite.enabled: CADFT rewriting .*train.fsdp"):
+        config.load(data=raw)
     # CADFT's weights alone are fine
-    check_fsdp(config.load(data=make_config(loss={"name": "cadft", "rewrite": {"enabled": False}})))
+    raw["loss"]["rewrite"]["enabled"] = False
+    config.load(data=raw)
 
 
 def test_fsdp_on_one_process_trains_as_usual(make_config, caplog):

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from mixtune.losses import IGNORE, reduce, sequence_mean, token_losses
+from mixtune.losses.core import IGNORE, reduce, sequence_mean, token_losses
 
 
 def _batch(seed=0, B=3, T=7, V=11):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mixtune import merge
 from mixtune.errors import MixtuneError
+from mixtune.planners.mergemix import merge
 
 
 def _sd(seed: int, dtype=torch.float32) -> dict:

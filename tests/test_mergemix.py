@@ -8,8 +8,9 @@ import yaml
 
 from mixtune import config
 from mixtune.errors import ConfigError
-from mixtune.planners import mergemix, search
-from mixtune.planners import surrogate as sg
+from mixtune.planners.mergemix import planner as mergemix
+from mixtune.planners.mergemix import search
+from mixtune.planners.mergemix import surrogate as sg
 
 # ---------------------------------------------------------------------------------------------
 # Surrogates and search (no model)

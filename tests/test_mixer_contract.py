@@ -23,7 +23,8 @@ import torch
 
 from mixtune import config
 from mixtune.config import MethodConfig
-from mixtune.mixers import MIXERS, DatasetInfo, DomainInfo, LookaheadResult, MixContext
+from mixtune.mixers import DatasetInfo, DomainInfo, LookaheadResult, MixContext
+from mixtune.registry import MIXERS
 from mixtune.simplex import validate
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -59,7 +60,7 @@ def _options(name: str) -> dict:
 
 
 def _build(name: str, seed: int = 0):
-    options = config.method_options(MethodConfig(name, dict(_options(name))), MIXERS, "mixer")
+    options = MIXERS.options(MethodConfig(name, dict(_options(name))), "mixer")
     return MIXERS[name](options, list(DATASETS), list(DOMAINS), seed)
 
 

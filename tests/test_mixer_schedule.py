@@ -19,8 +19,9 @@ import pytest
 from mixtune import config
 from mixtune.config import MethodConfig
 from mixtune.engine.loop import Trainer
-from mixtune.mixers import MIXERS, DatasetInfo, DomainInfo, Steps
+from mixtune.mixers import DatasetInfo, DomainInfo, Steps
 from mixtune.mixers.dynamics import PAPER_STEPS, SCHEDULES, horizon
+from mixtune.registry import MIXERS
 
 HUGE = 10**12
 DATASETS = [DatasetInfo("a", 300, 9000), DatasetInfo("b", 100, 1000)]
@@ -46,7 +47,7 @@ CASES = [
 
 
 def _build(name: str, options: dict):
-    opts = config.method_options(MethodConfig(name, dict(options)), MIXERS, "mixer")
+    opts = MIXERS.options(MethodConfig(name, dict(options)), "mixer")
     return MIXERS[name](opts, list(DATASETS), list(DOMAINS), 0)
 
 

@@ -10,7 +10,7 @@ from mixtune import config
 from mixtune.engine import probe
 from mixtune.engine.checkpoint import rng_state
 from mixtune.engine.loop import Trainer
-from mixtune.losses import reduce, sequence_mean, token_losses
+from mixtune.losses.core import reduce, sequence_mean, token_losses
 
 # Models with dropout, each kind the look-ahead must find: a layer (peft's LoRA dropout, an
 # nn.Dropout) and a functional rate (llama's attention dropout, a float on the module).

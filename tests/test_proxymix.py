@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from mixtune import config
 from mixtune.config import MethodConfig
-from mixtune.continual import controller as ctl
 from mixtune.continual.config import LearnConfig
-from mixtune.continual.features import FEATURES, GLOBALS, Tracker, masked_policy
-from mixtune.continual.learn import Learner, train
-from mixtune.continual.toy import ToyEnv
 from mixtune.errors import ConfigError
-from mixtune.mixers import MIXERS, DatasetInfo, DomainInfo, LookaheadResult, MixContext
+from mixtune.mixers import DatasetInfo, DomainInfo, LookaheadResult, MixContext
+from mixtune.mixers.proxymix import controller as ctl
+from mixtune.mixers.proxymix.features import FEATURES, GLOBALS, Tracker, masked_policy
+from mixtune.mixers.proxymix.learn import Learner, train
+from mixtune.mixers.proxymix.toy import ToyEnv
+from mixtune.registry import MIXERS
 
 DATASETS = [
     DatasetInfo("cur", 200, 4000),
@@ -28,7 +28,7 @@ DOMAINS = [DomainInfo(d.name, "target", "loss", None) for d in DATASETS] + [
 
 
 def _mixer(seed=0, **params):
-    opts = config.method_options(MethodConfig("proxymix", params), MIXERS, "mixer")
+    opts = MIXERS.options(MethodConfig("proxymix", params), "mixer")
     return MIXERS["proxymix"](opts, list(DATASETS), list(DOMAINS), seed)
 
 
@@ -247,7 +247,7 @@ def test_toy_episodes_and_learning_are_deterministic_and_resume(tmp_path):
 
 
 def test_rank_correlation_of_vulnerability_rankings():
-    from mixtune.continual.transfer import rank_correlation
+    from mixtune.mixers.proxymix.transfer import rank_correlation
 
     proxy = {"a": 0.1, "b": 0.5, "c": 0.3, "safety": 2.0}
     same_order = {"a": 1.0, "b": 9.0, "c": 3.0, "safety": 40.0, "new": 1.0}  # other scale

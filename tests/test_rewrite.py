@@ -12,8 +12,8 @@ from mixtune.data.bytetok import byte_tokenizer
 from mixtune.data.formats import normalize
 from mixtune.data.tokenize import resolve_template, tokenize
 from mixtune.engine.loop import Trainer
-from mixtune.losses_cadft import RewriteConfig
-from mixtune.rewrite import Rewriter, retarget, sample, schedule
+from mixtune.losses.cadft import RewriteConfig
+from mixtune.losses.rewrite import Rewriter, retarget, sample, schedule
 
 
 def test_schedule_scaled_and_absolute():

@@ -18,7 +18,7 @@ from mixtune.engine import probe
 from mixtune.engine.loop import Trainer
 from mixtune.engine.rundir import read_metrics
 from mixtune.errors import ConfigError
-from mixtune.mixers import MIXERS
+from mixtune.registry import MIXERS
 
 
 @pytest.fixture

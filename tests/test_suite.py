@@ -10,7 +10,7 @@ import yaml
 
 from mixtune import cli
 from mixtune.errors import ConfigError
-from mixtune.suite import cells, check_suite, load_suite
+from mixtune.suite.runner import cells, check_suite, load_suite
 
 
 def _suite(tmp_path, make_config, methods, **top):

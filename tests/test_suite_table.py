@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixtune import suite_cell
 from mixtune.errors import ConfigError
-from mixtune.suite import (
+from mixtune.suite import cell as suite_cell
+from mixtune.suite.runner import (
     SweepPoint,
     aggregate,
     cells,
@@ -22,7 +22,7 @@ from mixtune.suite import (
     sweep_weights,
     write_tables,
 )
-from mixtune.suite_table import select
+from mixtune.suite.table import select
 
 DOMAINS = {
     "t": {"role": "target", "reference": None, "metric": "loss", "test_of": None},
@@ -380,7 +380,7 @@ def test_planner_cells_leave_references_and_test_twins_to_the_planner(tmp_path):
 
 
 def test_mergemix_reference_slack_is_added_to_its_own_base_values(make_config):
-    from mixtune.planners import mergemix
+    from mixtune.planners.mergemix import planner as mergemix
 
     run = make_config()
     run["evals"][0].update(role="constraint")  # add: the base model's value + the slack

@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 
 from mixtune.errors import MixtuneError
+from mixtune.registry import PLANNERS
 
 OVERRIDES_HELP = (
     "dotted key=value overrides applied to the YAML, e.g. train.lr=5e-5 max_steps=200 "
@@ -70,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         "--validate also trains the validation mixtures and reports Spearman rho between the "
         "merged-proxy and real rankings (validate/validate.md).",
     )
-    pl.add_argument("method", choices=["mergemix"], help="the planner")
+    pl.add_argument("method", choices=list(PLANNERS), help="the planner")
     pl.add_argument("config", help="plan YAML (see configs/mergemix.yaml)")
     pl.add_argument(
         "overrides",
@@ -232,7 +233,7 @@ def _run(args, main_rank: bool) -> int:
             from mixtune.planners import output_dir as plan_dir
             from mixtune.planners import run_plan
 
-            output_dir = plan_dir(args.config, args.overrides)
+            output_dir = plan_dir(args.method, args.config, args.overrides)
             result = run_plan(args.method, args.config, args.overrides, args.validate)
             alpha = {n: round(a, 4) for n, a in zip(result["datasets"], result["alpha"])}
             print(f"alpha*: {alpha}")
@@ -240,12 +241,12 @@ def _run(args, main_rank: bool) -> int:
             for row in result.get("validation", {}).get("rank", []):
                 print(f"Spearman rho, {row['what']}: {row['rho']:.3f}")
         elif args.command == "bench":
-            from mixtune.suite import load_suite, run_suite
+            from mixtune.suite.runner import load_suite, run_suite
 
             suite = load_suite(args.suite, args.overrides)
             output_dir = suite.output_dir
             if args.check:
-                from mixtune.suite import check_suite
+                from mixtune.suite.runner import check_suite
 
                 print(f"suite: {check_suite(suite)} cells, every config valid")
             else:
@@ -266,7 +267,7 @@ def _run(args, main_rank: bool) -> int:
             ccfg = continual_config.load(args.config, args.overrides)
             output_dir = ccfg.output_dir
             if args.action == "learn":
-                from mixtune.continual.learn import learn
+                from mixtune.mixers.proxymix.learn import learn
 
                 print(f"controller: {learn(ccfg)}")
             else:

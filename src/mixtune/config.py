@@ -12,6 +12,7 @@ are validated by the config class the method declares in its own module.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,9 @@ from typing import Literal
 
 import yaml
 
+from mixtune import registry
 from mixtune.errors import ConfigError
+from mixtune.registry import LOSSES, MIXERS
 from mixtune.schema import (  # noqa: F401  (re-exported: methods import these from here)
     MethodConfig,
     _build,
@@ -341,7 +344,13 @@ class RunConfig:
         _unique([d.name for d in self.datasets], "datasets")
         _unique([e.name for e in self.evals], "evals")
         names = [d.name for d in self.datasets]
+        streamed = {d.name for d in self.datasets if d.streaming}
         for e in self.evals:
+            if e.from_dataset in streamed:
+                raise ConfigError(
+                    f"evals.{e.name}.from_dataset: '{e.from_dataset}' is a streaming "
+                    "dataset and cannot hold examples out; give the domain a path"
+                )
             if e.from_dataset is not None and e.from_dataset not in names:
                 raise ConfigError(
                     f"evals.{e.name}.from_dataset: unknown dataset '{e.from_dataset}'; "
@@ -382,9 +391,7 @@ def load(
 
 
 def from_dict(raw: dict) -> RunConfig:
-    cfg = _build(RunConfig, raw, "")
-    _validate_methods(cfg)
-    return cfg
+    return _validate_methods(_build(RunConfig, raw, ""))
 
 
 def save(cfg: RunConfig, path: str | Path) -> None:
@@ -395,28 +402,37 @@ def save(cfg: RunConfig, path: str | Path) -> None:
     tmp.replace(path)
 
 
-def _validate_methods(cfg: RunConfig) -> None:
-    # Imported here: the registries import this module for their own option classes.
-    from mixtune.losses import LOSSES
-    from mixtune.mixers import MIXERS
-
-    for section, registry, cfgm in (("mixer", MIXERS, cfg.mixer), ("loss", LOSSES, cfg.loss)):
-        if cfgm.name not in registry:
-            raise ConfigError(
-                f"{section}.name: unknown {section} '{cfgm.name}'; registered: {sorted(registry)}"
-            )
-        options_cls = getattr(registry[cfgm.name], "Config", None)
-        if options_cls is None:
-            if cfgm.params:
-                raise ConfigError(
-                    f"{section}.{next(iter(cfgm.params))}: unknown key; "
-                    f"{section} '{cfgm.name}' takes no options"
-                )
-            continue
-        _build(options_cls, cfgm.params, section)
+def _validate_methods(cfg: RunConfig) -> RunConfig:
+    """Parse the mixer's and the loss's options into their typed configs (once), and check that
+    ``mixtune train`` can give them what they need (see :mod:`mixtune.registry`)."""
+    mixer = MIXERS.options(cfg.mixer, "mixer")
+    loss = LOSSES.options(cfg.loss, "loss")
+    lacking = train_lacks(cfg)
+    registry.check(registry.requirements(MIXERS[cfg.mixer.name], mixer), lacking)
+    registry.check(registry.requirements(LOSSES[cfg.loss.name], loss), lacking)
+    return dataclasses.replace(
+        cfg,
+        mixer=dataclasses.replace(cfg.mixer, options=mixer),
+        loss=dataclasses.replace(cfg.loss, options=loss),
+    )
 
 
-def method_options(cfgm: MethodConfig, registry: dict, section: str):
+def train_lacks(cfg: RunConfig) -> dict[str, str]:
+    """The capabilities ``mixtune train`` cannot give this run, and why (registry.CAPABILITIES)."""
+    lacking = {}
+    if cfg.train.fsdp:
+        lacking["whole_params"] = (
+            "train.fsdp shards parameters and gradients over the processes; set train.fsdp=false"
+        )
+    streamed = [d.name for d in cfg.datasets if d.streaming]
+    if streamed:
+        lacking["random_access"] = (
+            f"streaming datasets {streamed} cannot be revisited by index; "
+            "set their streaming: false"
+        )
+    return lacking
+
+
+def method_options(cfgm: MethodConfig, registry: registry.Registry, section: str):
     """The validated options dataclass of a mixer/loss config (None if it takes none)."""
-    options_cls = getattr(registry[cfgm.name], "Config", None)
-    return None if options_cls is None else _build(options_cls, cfgm.params, section)
+    return cfgm.options if cfgm.options is not None else registry.options(cfgm, section)

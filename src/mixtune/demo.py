@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mixtune import config
 from mixtune.engine.loop import Trainer
-from mixtune.mixers import MIXERS
+from mixtune.registry import MIXERS
 from mixtune.report import write_report
 
 TOLERANCE = 0.25  # nats a constraint domain's loss may rise and still count as kept

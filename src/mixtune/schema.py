@@ -24,10 +24,13 @@ from mixtune.errors import ConfigError
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """``name`` picks a registered method; ``params`` are its own options (validated by it)."""
+    """``name`` picks a registered method; ``params`` are its own options as written, and
+    ``options`` the same parsed into the method's typed ``Config`` (filled in once, when the run
+    config loads; not part of equality or of the saved config)."""
 
     name: str
     params: dict = field(default_factory=dict)
+    options: Any = field(default=None, compare=False, repr=False)
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -176,7 +176,7 @@ def load_domain(
     if n is not None and n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if info.kind == "mixture":
-        return replay(split, n, seed)
+        return replay(split, n, seed, load_domain)
     stream = stream_of(split)
     if info.kind == "generated":
         # dev and test: EVAL_HALF_N each (more than eval's default: a benchmark's constraints

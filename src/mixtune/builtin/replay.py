@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import random
 
+from mixtune.builtin.split import HALVES
+
 REPLAY = {"definitions": 0.5, "arithmetic": 0.3, "safety": 0.12, "dialogue": 0.08}
 DEFAULT_N = (4000, 400)  # (train, eval) records when n is None; dev and test get half of eval
 
 
-def replay(split: str, n: int | None, seed: int) -> list[dict]:
+def replay(split: str, n: int | None, seed: int, load_domain) -> list[dict]:
     """``n`` records of the pre-training mixture from ``split`` (fewer when a real source runs
-    out), shuffled by ``seed``."""
-    from mixtune.builtin.domains import load_domain
-    from mixtune.builtin.split import HALVES
-
+    out), shuffled by ``seed``; ``load_domain(name, split, n, seed)`` reads each domain
+    (:func:`mixtune.builtin.domains.load_domain`, passed in: that module dispatches here)."""
     if n is None:
         n = DEFAULT_N[split != "train"] // (2 if split in HALVES else 1)
     source = "train_b" if split == "train" else split  # fresh general data to train on

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from mixtune.config import MethodConfig
-from mixtune.continual import controller as ctl
 from mixtune.continual.config import ContinualConfig
 from mixtune.continual.driver import run_sequence, warmup
+from mixtune.mixers.proxymix import controller as ctl
 
 
 def _mean(xs):
@@ -35,7 +35,7 @@ def run(cc: ContinualConfig, echo=print) -> dict:
     if mixer.name == "proxymix" and params.get("policy", "controller") == "controller":
         _, info = ctl.load(params.get("controller") or "", "mixer.controller")
         if cc.transfer.check:
-            from mixtune.continual.transfer import check
+            from mixtune.mixers.proxymix.transfer import check
 
             chk = report["transfer_check"] = check(cc, info, out / "transfer-check", start)
             shown = "inconclusive" if chk["value"] is None else f"{chk['value']:.2f}"

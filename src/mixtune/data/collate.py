@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mixtune.losses import IGNORE
+from mixtune.data.tokenize import IGNORE
 
 
 def collate(

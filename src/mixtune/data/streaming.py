@@ -22,10 +22,10 @@ sequence number) and the position inside it; the block is re-read and re-permute
 Distributed: every rank reads and tokenises the same stream and takes its shard of the global
 batch, as in memory (simple and exact; the read and tokenisation cost is paid on every rank).
 
-Features needing random access (decided in :func:`check_features`): CADFT rewriting, held-out
-eval domains (``from_dataset``) and DynamixSFT's ``reward: progress`` raise a ConfigError;
-look-ahead, gradient alignment and probing work (drawn from / run on the stream's current block,
-restored exactly).
+Features needing random access to the examples (methods that declare ``random_access`` in
+their ``requires``, e.g. CADFT rewriting or DynamixSFT's ``reward: progress``, and held-out eval
+domains, ``from_dataset``) are refused when the config loads; look-ahead, gradient alignment and
+probing work (drawn from / run on the stream's current block, restored exactly).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from mixtune.data import domains as data_domains
 from mixtune.data.formats import detect, normalize
 from mixtune.data.stream_sources import HubSource, JsonlSource, open_source
 from mixtune.data.tokenize import Tokenized, resolve_template, tokenize
-from mixtune.errors import ConfigError, DataError, MixtuneError
-from mixtune.losses import IGNORE
+from mixtune.errors import DataError, MixtuneError
+from mixtune.losses.core import IGNORE
 
 log = logging.getLogger(__name__)
 __all__ = [
@@ -52,7 +52,6 @@ __all__ = [
     "Stream",
     "StreamSet",
     "build",
-    "check_features",
     "lengths",
     "open_source",
     "open_stream",
@@ -241,7 +240,6 @@ def build(cfg, tokenizer) -> tuple[list, list]:
     """Like :func:`mixtune.data.domains.build`, with streaming datasets read lazily."""
     if not any(d.streaming for d in cfg.datasets):
         return data_domains.build(cfg, tokenizer)
-    check_features(cfg)
     # domains.build reads only these fields: give it the in-memory datasets and every eval
     rest = SimpleNamespace(
         model=cfg.model,
@@ -272,34 +270,6 @@ def lengths(train_set) -> object:
     if isinstance(train_set, StreamSet):
         return train_set.lengths
     return np.array([len(x) for x in train_set.data.input_ids])
-
-
-def check_features(cfg) -> None:
-    """ConfigError for features that need random access to a streaming dataset's examples."""
-    from mixtune.config import method_options
-    from mixtune.losses import LOSSES
-    from mixtune.mixers import MIXERS
-
-    streamed = [d.name for d in cfg.datasets if d.streaming]
-    for e in cfg.evals:
-        if e.from_dataset in streamed:
-            raise ConfigError(
-                f"evals.{e.name}.from_dataset: '{e.from_dataset}' is a streaming "
-                "dataset and cannot hold examples out; give the domain a path"
-            )
-    loss = method_options(cfg.loss, LOSSES, "loss")
-    if getattr(getattr(loss, "rewrite", None), "enabled", False):
-        raise ConfigError(
-            f"loss.rewrite.enabled: CADFT rewriting replaces examples by index, "
-            f"which streaming datasets {streamed} cannot do; set it to false"
-        )
-    mixer = method_options(cfg.mixer, MIXERS, "mixer")
-    if cfg.mixer.name == "dynamixsft" and getattr(mixer, "reward", None) == "progress":
-        raise ConfigError(
-            f"mixer.reward: 'progress' re-measures a mini-batch drawn at an "
-            f"earlier update, which streaming datasets {streamed} no longer hold; "
-            "use reward: lookahead"
-        )
 
 
 def open_stream(d, k: int, seed: int, tokenizer, template: str, max_len: int) -> StreamSet:

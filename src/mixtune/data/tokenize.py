@@ -19,9 +19,11 @@ import numpy as np
 from mixtune.data.formats import Example
 from mixtune.data.template import DEFAULT_CHAT_TEMPLATE
 from mixtune.errors import DataError
-from mixtune.losses import IGNORE
 
 log = logging.getLogger(__name__)
+
+IGNORE = -100
+"""Label of a token not to learn (prompt, padding): the ``ignore_index`` of cross-entropy."""
 
 
 @dataclass

@@ -32,7 +32,6 @@ from mixtune.engine.rundir import RunDir
 from mixtune.engine.runtime import (  # noqa: F401  (re-exported)
     Interrupted,
     catch_signals,
-    check_fsdp,
     check_writable,
     flat,
     local,
@@ -45,8 +44,9 @@ from mixtune.engine.runtime import (  # noqa: F401  (re-exported)
 from mixtune.errors import ConfigError, TrainingError
 from mixtune.eval.constraints import best_feasible_for_run
 from mixtune.eval.domains import Scores, evaluate_examples, first_batches, loss_se, summarize
-from mixtune.losses import build_loss, reduce
-from mixtune.mixers import DatasetInfo, DomainInfo, MixContext, build_mixer
+from mixtune.losses.core import reduce
+from mixtune.mixers import DatasetInfo, DomainInfo, MixContext
+from mixtune.registry import LOSSES, MIXERS, build_method
 from mixtune.simplex import validate
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,8 @@ class Trainer:
             DatasetInfo(t.name, t.size, int(t.label_counts.sum())) for t in self.train_sets
         ]
         self.dom_infos = [DomainInfo(d.name, d.role, d.metric, d.reference) for d in self.domains]
-        self.mixer = build_mixer(cfg.mixer, self.infos, self.dom_infos, cfg.seed)
-        self.loss_fn = build_loss(cfg.loss)
+        self.mixer = build_method(MIXERS, cfg.mixer, "mixer", self.infos, self.dom_infos, cfg.seed)
+        self.loss_fn = build_method(LOSSES, cfg.loss, "loss")
         self.sampler = MixtureSampler(
             [t.size for t in self.train_sets],
             self.names,
@@ -111,7 +111,6 @@ class Trainer:
         self.optimizer = setup.make_optimizer(model, tc)
         self.scheduler = setup.make_scheduler(self.optimizer, tc, cfg.max_steps)
         if tc.fsdp and self.world > 1:
-            check_fsdp(cfg)
             self.model, self.optimizer = shard_fsdp2(model.to(self.acc.device), self.optimizer)
         else:
             if tc.fsdp:

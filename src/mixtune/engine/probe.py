@@ -34,7 +34,7 @@ import torch
 from mixtune.data.collate import collate
 from mixtune.data.sampler import shard
 from mixtune.engine.checkpoint import rng_state, set_rng_state
-from mixtune.losses import reduce, sequence_mean, token_losses
+from mixtune.losses.core import reduce, sequence_mean, token_losses
 from mixtune.mixers.base import LookaheadResult
 
 try:  # FSDP2 (torch >= 2.6); absent in builds without distributed support

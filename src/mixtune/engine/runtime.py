@@ -137,26 +137,6 @@ def flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_fsdp(cfg: RunConfig) -> None:
-    """ConfigError for features that need whole (unsharded) parameters on one rank."""
-    from mixtune.config import method_options
-    from mixtune.losses import LOSSES
-    from mixtune.mixers import MIXERS
-
-    mixer = method_options(cfg.mixer, MIXERS, "mixer")
-    if getattr(mixer, "slopes", None) == "gradient_alignment":
-        raise ConfigError(
-            "train.fsdp: DynaMiCS gradient alignment flattens whole gradients, "
-            "which FSDP shards; use mixer.slopes=probe or train.fsdp=false"
-        )
-    loss = method_options(cfg.loss, LOSSES, "loss")
-    if getattr(getattr(loss, "rewrite", None), "enabled", False):
-        raise ConfigError(
-            "train.fsdp: CADFT rewriting generates on rank 0 alone, which FSDP's "
-            "collective forwards cannot do; set loss.rewrite.enabled=false"
-        )
-
-
 def shard_fsdp2(model, optimizer):
     """FSDP2 in place of DDP: ``fully_shard`` every decoder layer (the model's
     ``_no_split_modules`` classes), then the root; the optimizer's groups are pointed at the

@@ -20,7 +20,7 @@ import torch
 
 from mixtune.data.collate import collate, collate_prompts
 from mixtune.data.domains import EvalDomain
-from mixtune.losses import token_losses
+from mixtune.losses.core import token_losses
 
 try:  # FSDP2 (torch >= 2.6)
     from torch.distributed.fsdp import FSDPModule

@@ -4,6 +4,6 @@
 """
 
 from mixtune.integrations.dataset import MixtureDataset
-from mixtune.integrations.hf import SUPPORTED, MixtureCallback
+from mixtune.integrations.hf import MixtureCallback
 
-__all__ = ["MixtureCallback", "MixtureDataset", "SUPPORTED"]
+__all__ = ["MixtureCallback", "MixtureDataset"]

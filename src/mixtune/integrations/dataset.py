@@ -30,7 +30,7 @@ from mixtune import simplex
 from mixtune.data.collate import collate
 from mixtune.data.sampler import MixtureSampler
 from mixtune.errors import DataError, MixtuneError
-from mixtune.losses import IGNORE
+from mixtune.losses.core import IGNORE
 from mixtune.mixers.base import DatasetInfo
 
 _KEEP = 8  # drawn batches kept for the loss ledger (the data loader reads ahead by one)

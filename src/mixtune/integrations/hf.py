@@ -41,16 +41,22 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from mixtune import registry
 from mixtune.engine import probe
 from mixtune.errors import ConfigError, MixtuneError
 from mixtune.integrations.dataset import MixtureDataset
-from mixtune.losses import token_losses
-from mixtune.mixers import MIXERS, MixContext, build_mixer
+from mixtune.losses.core import token_losses
+from mixtune.mixers import MixContext
+from mixtune.registry import MIXERS
 from mixtune.schema import MethodConfig
 from mixtune.simplex import validate
 
-SUPPORTED = ("uniform", "proportional", "temperature", "fixed", "exp3", "dynamixsft")
-NEEDS_LOSSES = ("exp3",)
+LACKS = {
+    "evaluate": "a HF Trainer callback has no per-domain evaluation during training; "
+    "use `mixtune train`",
+    "probe": "a HF Trainer callback cannot run branch training runs; use `mixtune train`",
+}
+"""What this adapter cannot give a mixer (registry capabilities), and why."""
 STATE_FILE = "mixtune_mixture.json"
 
 
@@ -121,24 +127,19 @@ class MixtureCallback(TrainerCallback):
     ):
         self.mix = mixture
         if isinstance(mixer, str):
-            if mixer not in MIXERS:
-                raise ConfigError(f"mixer: unknown mixer '{mixer}'; supported here: {SUPPORTED}")
-            if mixer not in SUPPORTED:
-                raise ConfigError(
-                    f"mixer: '{mixer}' needs per-domain evaluation/probing runs that a HF "
-                    f"Trainer callback cannot supply; use `mixtune train` (supported here: "
-                    f"{', '.join(SUPPORTED)})"
-                )
-            self.mixer = build_mixer(
-                MethodConfig(mixer, dict(options or {})), mixture.infos, [], mixture.seed
-            )
+            cfgm = MethodConfig(mixer, dict(options or {}))
+            registry.check(registry.requirements(MIXERS.get_class(mixer, "mixer")), LACKS)
+            opts = MIXERS.options(cfgm, "mixer")
+            needs = registry.requirements(MIXERS[mixer], opts)
+            registry.check(needs, LACKS)
+            self.mixer = MIXERS[mixer](opts, mixture.infos, [], mixture.seed)
             self.name = mixer
         else:
             if options:
                 raise ConfigError("options: only for a mixer given by name")
             self.mixer, self.name = mixer, type(mixer).__name__.lower()
         if track_losses is None:  # a mixer given as an instance may read ctx.train_losses
-            track_losses = self.name in NEEDS_LOSSES or not isinstance(mixer, str)
+            track_losses = not isinstance(mixer, str) or "train_losses" in needs
         self.track = bool(track_losses)
         self.metrics_path, self.resume_from = metrics_path, resume_from
         K = len(mixture.names)

@@ -1,4 +1,8 @@
-"""Mixers: the online policies that set the mixture weights. An explicit registry."""
+"""Mixers: the online policies that set the mixture weights.
+
+The contract (what a mixer sees and provides) is :mod:`mixtune.mixers.base`; each mixer is one
+module (ProxyMix one package) and one line in :data:`mixtune.registry.MIXERS`.
+"""
 
 from __future__ import annotations
 
@@ -10,39 +14,5 @@ from mixtune.mixers.base import (
     Mixer,
     Steps,
 )
-from mixtune.mixers.dynamics import DynaMiCS
-from mixtune.mixers.dynamixsft import DynamixSFT
-from mixtune.mixers.exp3 import EXP3
-from mixtune.mixers.proxymix import ProxyMix
-from mixtune.mixers.static import Fixed, Proportional, Temperature, Uniform
 
-MIXERS: dict[str, type] = {
-    "uniform": Uniform,
-    "proportional": Proportional,
-    "temperature": Temperature,
-    "fixed": Fixed,
-    "dynamics": DynaMiCS,
-    "dynamixsft": DynamixSFT,
-    "exp3": EXP3,
-    "proxymix": ProxyMix,
-}
-
-
-def build_mixer(cfg, datasets: list[DatasetInfo], domains: list[DomainInfo], seed: int) -> Mixer:
-    """Instantiate the mixer named in ``cfg`` (a :class:`mixtune.config.MethodConfig`)."""
-    from mixtune.config import method_options
-
-    cls = MIXERS[cfg.name]
-    return cls(method_options(cfg, MIXERS, "mixer"), datasets, domains, seed)
-
-
-__all__ = [
-    "MIXERS",
-    "build_mixer",
-    "DatasetInfo",
-    "DomainInfo",
-    "LookaheadResult",
-    "MixContext",
-    "Mixer",
-    "Steps",
-]
+__all__ = ["DatasetInfo", "DomainInfo", "LookaheadResult", "MixContext", "Mixer", "Steps"]

@@ -149,6 +149,18 @@ def horizon(steps, step: int, max_steps: int) -> int:
 class DynaMiCS:
     Config = DynaMiCSConfig
 
+    @staticmethod
+    def requires(o: DynaMiCSConfig) -> dict[str, str]:
+        need = {"evaluate": "mixer 'dynamics' evaluates the domains at every update"}
+        if o.slopes == "gradient_alignment":
+            need["whole_params"] = (
+                "mixer.slopes: DynaMiCS gradient alignment flattens whole gradients "
+                "(mixer.slopes=probe does not)"
+            )
+        else:
+            need["probe"] = "mixer 'dynamics' probes each dataset with short branch runs"
+        return need
+
     def __init__(
         self,
         options: DynaMiCSConfig,

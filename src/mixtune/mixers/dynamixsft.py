@@ -118,6 +118,16 @@ def minmax(r: np.ndarray) -> np.ndarray:
 class DynamixSFT:
     Config = DynamixSFTConfig
 
+    @staticmethod
+    def requires(o: DynamixSFTConfig) -> dict[str, str]:
+        need = {"lookahead": "mixer 'dynamixsft' scores each dataset with a look-ahead step"}
+        if o.reward == "progress":
+            need["random_access"] = (
+                "mixer.reward: 'progress' re-measures a mini-batch drawn at an earlier update "
+                "(reward: lookahead does not)"
+            )
+        return need
+
     def __init__(self, options: DynamixSFTConfig, datasets: list[DatasetInfo], domains, seed: int):
         self.o = options
         self.names = [d.name for d in datasets]

@@ -73,6 +73,7 @@ def exploration(t: int, k: int) -> float:
 
 class EXP3:
     Config = EXP3Config
+    requires = frozenset({"train_losses"})
 
     def __init__(self, options: EXP3Config, datasets: list[DatasetInfo], domains, seed: int):
         self.o = options

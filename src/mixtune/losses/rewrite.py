@@ -43,7 +43,7 @@ from mixtune.data.collate import collate
 from mixtune.data.tokenize import resolve_template
 from mixtune.errors import DataError
 from mixtune.eval.domains import normalize_answer
-from mixtune.losses import IGNORE, sequence_mean, token_losses
+from mixtune.losses.core import IGNORE, sequence_mean, token_losses
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import numpy as np
 
 from mixtune import config as config_mod
 from mixtune.errors import ConfigError
-from mixtune.planners import mergemix as mm
-from mixtune.planners import search
-from mixtune.planners.experts import eval_raw, finished
+from mixtune.planners.mergemix import planner as mm
+from mixtune.planners.mergemix import search
+from mixtune.planners.mergemix.experts import eval_raw, finished
 from mixtune.simplex import normalize
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def validate(
     from tqdm.auto import tqdm
 
     from mixtune.engine.loop import Trainer
-    from mixtune.planners import mergemix_report
+    from mixtune.planners.mergemix import report as mergemix_report
 
     p = planner or mm.Planner(pc, run)
     if result is None:

@@ -52,8 +52,8 @@ import yaml
 from mixtune import config as config_mod
 from mixtune.config import RunConfig
 from mixtune.errors import ConfigError
-from mixtune.planners import experts, search
-from mixtune.planners.mergemix_config import (  # noqa: F401  (re-exported: the plan's API)
+from mixtune.planners.mergemix import experts, search
+from mixtune.planners.mergemix.config import (  # noqa: F401  (re-exported: the plan's API)
     ExpertsConfig,
     ObjectiveConfig,
     PlanConfig,
@@ -64,7 +64,7 @@ from mixtune.planners.mergemix_config import (  # noqa: F401  (re-exported: the 
     load,
     objective_of,
 )
-from mixtune.planners.surrogate import lattice
+from mixtune.planners.mergemix.surrogate import lattice
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def _check_same(cfg: RunConfig) -> None:
 
 def plan(pc: PlanConfig, run: RunConfig, planner: Planner | None = None) -> dict:
     """Run (or resume) the whole plan; returns the result written to ``plan.json``."""
-    from mixtune.planners import mergemix_report
+    from mixtune.planners.mergemix import report as mergemix_report
 
     t0 = time.perf_counter()
     p = planner or Planner(pc, run)

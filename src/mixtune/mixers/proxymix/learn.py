@@ -17,7 +17,7 @@ interrupted ``learn`` resumes at the next episode (a half-done episode is redone
 episodes are deterministic in (seed, episode)). By default every episode of a sequence sees the
 same data order and buffers (only the exploration noise changes with the episode), so the
 moving-average baseline removes the data noise from the advantages. The environment is pluggable:
-:class:`LMEnv` trains real models; :class:`mixtune.continual.toy.ToyEnv` is a synthetic check.
+:class:`LMEnv` trains real models; :class:`mixtune.mixers.proxymix.toy.ToyEnv` is a synthetic check.
 
 Deliberate simplifications (numbered):
 
@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from mixtune.config import MethodConfig
-from mixtune.continual import controller as ctl
 from mixtune.continual.config import ContinualConfig, LearnConfig, proxy_config
-from mixtune.continual.features import reward
+from mixtune.mixers.proxymix import controller as ctl
+from mixtune.mixers.proxymix.features import reward
 
 
 @dataclass
@@ -285,7 +285,7 @@ def learn(cc: ContinualConfig, echo=print) -> Path:
     n = max(learner.episode, 1)
     probe = {}
     if cc.transfer.check:  # the proxy side of the pre-transfer check (same probe as the target)
-        from mixtune.continual.transfer import probe as run_probe
+        from mixtune.mixers.proxymix.transfer import probe as run_probe
 
         probe = run_probe(pc, ldir / "transfer-probe", env.start)
         echo(

@@ -12,7 +12,7 @@ Update rule (at each of ``decisions`` evenly spaced steps of a stage, or every `
 
     L_i = validation loss of slot i's domain (ctx.evaluate, loss only); ratio_i = L_i / ref_i
     x_i = [ratio, rank, delta, EMA trend, peak increase, is_current, is_safety, age, progress,
-           stage]                                     (mixtune.continual.features)
+           stage]                                     (mixtune.mixers.proxymix.features)
     policy controller: z = phi(x) (the frozen network), pi = p_min e_c + (1 - p_min)
         softmax(z / T) over accessible slots; future tasks and absent slots get exactly 0
     policy fixed:      pi_c = 1 - replay_ratio, the rest spread uniformly / by buffer size
@@ -24,10 +24,10 @@ Update rule (at each of ``decisions`` evenly spaced steps of a stage, or every `
 Deliberate simplifications (numbered):
 
 1. The controller is learned with REINFORCE and a moving-average baseline
-   (``mixtune.continual.learn``); PPO (the note's P7 default) is not implemented.
+   (``mixtune.mixers.proxymix.learn``); PPO (the note's P7 default) is not implemented.
 2. Exploration is Gaussian noise (``explore_sigma``) on the logits, keyed by (``explore_seed``
    or the run seed, stage, step); deployment uses the deterministic mean (``explore_sigma: 0``).
-3. The dynamics features are in log-ratio space (see :mod:`mixtune.continual.features`).
+3. The dynamics features are in log-ratio space (see :mod:`mixtune.mixers.proxymix.features`).
 4. The stage context (``current``, ``safety_slot``, ``carry``, ``ages``, ``stage``,
    ``n_stages``) is filled in by the continual driver; used on its own (``mixtune train``), the
    first dataset is the current task and the others are buffers.
@@ -42,16 +42,16 @@ from typing import Literal
 import numpy as np
 import torch
 
-from mixtune.continual import controller as ctl
-from mixtune.continual.features import (
+from mixtune.errors import ConfigError
+from mixtune.mixers.base import DatasetInfo, DomainInfo, MixContext, Steps, Weights
+from mixtune.mixers.proxymix import controller as ctl
+from mixtune.mixers.proxymix.features import (
     FEATURES,
     Tracker,
     global_features,
     masked_policy,
     slot_features,
 )
-from mixtune.errors import ConfigError
-from mixtune.mixers.base import DatasetInfo, DomainInfo, MixContext, Steps, Weights
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,7 @@ class ProxyMixConfig:
 
 class ProxyMix:
     Config = ProxyMixConfig
+    requires = frozenset({"evaluate"})
 
     def __init__(
         self,

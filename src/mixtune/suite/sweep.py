@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 from mixtune.errors import ConfigError, MixtuneError
 
 if TYPE_CHECKING:
-    from mixtune.suite import Scenario
+    from mixtune.suite.runner import Scenario
 
 
 @dataclass(frozen=True)

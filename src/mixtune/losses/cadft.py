@@ -4,7 +4,7 @@ Zhou, Sheng, Wang, Shen, "Compatibility-Aware Dynamic Fine-Tuning for Large Lang
 ACL 2026 (arXiv 2606.11206); built on DFT (Wu et al., arXiv 2508.05629, ``mixtune.losses.dft``).
 DFT stabilises training per token; CADFT does the same per *sample*: demonstrations the current
 model finds incompatible (low likelihood) are down-weighted, and persistently incompatible ones
-are eventually rewritten by the model itself (:mod:`mixtune.rewrite`).
+are eventually rewritten by the model itself (:mod:`mixtune.losses.rewrite`).
 
 Update rule, per optimizer step over the global batch B (all micro-batches, all ranks):
 
@@ -25,7 +25,8 @@ Deliberate choices where the sources are silent (the paper note's PROPOSALs, all
    (1/N) sum_i w_i mean_t l_it, the note's literal (1/|B|) sum w L. Neither renormalises by sum w.
 3. A population std; a batch of one sample (or sigma = 0) gives z = 0, so w = 1.
 4. The compatibility forward runs in eval mode (no dropout); ``micro_batch`` uses train mode.
-5. Rewriting is on by default with run-length-scaled warm-up and interval; see mixtune.rewrite.
+5. Rewriting is on by default with run-length-scaled warm-up and interval; see
+   mixtune.losses.rewrite.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from typing import Literal
 import torch
 
 from mixtune.errors import ConfigError
+from mixtune.losses.core import IGNORE, LossTerms, sequence_mean, token_losses
+from mixtune.losses.dft import TokenProbStats, dft
 
 
 def _check(ok: bool, name: str, rule: str, value) -> None:
@@ -136,6 +139,16 @@ class CADFT:
 
     Config = CADFTConfig
 
+    @staticmethod
+    def requires(o: CADFTConfig) -> dict[str, str]:
+        if not o.rewrite.enabled:
+            return {}
+        why = "loss.rewrite.enabled: CADFT rewriting {} (loss.rewrite.enabled=false does not)"
+        return {
+            "random_access": why.format("replaces training examples by index"),
+            "whole_params": why.format("generates with the whole model on rank 0"),
+        }
+
     def __init__(self, options: CADFTConfig | None = None):
         self.options = options or CADFTConfig()
         self.probs = TokenProbStats()
@@ -146,7 +159,7 @@ class CADFT:
         self.world = 1
         self.rewriter = None
         if self.options.rewrite.enabled:
-            from mixtune.rewrite import Rewriter
+            from mixtune.losses.rewrite import Rewriter
 
             self.rewriter = Rewriter(self.options.rewrite, self.options.rewriter)
 
@@ -331,13 +344,5 @@ def _compatibility(trainer, batch: dict) -> torch.Tensor:
     return sequence_mean(nll, mask).double()
 
 
-# Imported last: mixtune.losses imports this module at its end to register CADFT, so either
+# Imported last: mixtune.losses.core imports this module at its end to register CADFT, so either
 # module can be imported first.
-from mixtune.losses import (  # noqa: E402
-    IGNORE,
-    LossTerms,
-    TokenProbStats,
-    dft,
-    sequence_mean,
-    token_losses,
-)

@@ -3,7 +3,7 @@
 Each slot i (current task, a replay buffer, the safety buffer) is scored by one shared MLP,
 z_i = phi([x_i, mean_{j in A} x_j, g]), where x_i are the slot's scale-free features, the mean
 runs over accessible slots only and g are global features (note §2.2 P4, [PROPOSAL]). The
-weights are :func:`mixtune.continual.features.masked_policy` of z. Because phi is shared over
+weights are :func:`mixtune.mixers.proxymix.features.masked_policy` of z. Because phi is shared over
 slots, one controller handles any number of buffers, and it never sees task identities.
 
 The frozen file (``torch.save`` of plain data, loadable with ``weights_only=True``) holds the
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mixtune.continual.features import FEATURE_VERSION, FEATURES, GLOBALS
 from mixtune.errors import ConfigError
+from mixtune.mixers.proxymix.features import FEATURE_VERSION, FEATURES, GLOBALS
 
 FORMAT = "mixtune-proxymix-controller"
 

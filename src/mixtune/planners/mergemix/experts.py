@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from mixtune import config as config_mod
-from mixtune import merge
 from mixtune.config import RunConfig
+from mixtune.planners.mergemix import merge
 
 log = logging.getLogger(__name__)
 

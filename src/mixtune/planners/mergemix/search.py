@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mixtune.planners import surrogate as sg
+from mixtune.planners.mergemix import surrogate as sg
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from mixtune.errors import ConfigError
+from mixtune.suite.sweep import sweep_weights
 
 
 def _copy(x):
@@ -72,8 +73,6 @@ def scenario_evals(suite, sc) -> list[dict]:
 
 def cell_raw(suite, cell, out: Path, refs: dict | None) -> dict:
     """The raw run config of ``cell`` (before the scenario's ``key=value`` overrides)."""
-    from mixtune.suite import sweep_weights
-
     sc, m = cell.scenario, cell.method
     raw = _copy(suite.base)
     evals = scenario_evals(suite, sc)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mixtune.continual.features import (
+from mixtune.mixers.proxymix.features import (
     Tracker,
     global_features,
     masked_policy,

@@ -48,8 +48,9 @@ from typing import Literal
 
 from mixtune import schema
 from mixtune.errors import ConfigError
-from mixtune.suite_sweep import Sweep, SweepPoint, sweep_weights
-from mixtune.suite_table import aggregate, cell_result, markdown_table, write_tables
+from mixtune.registry import PLANNERS
+from mixtune.suite.sweep import Sweep, SweepPoint, sweep_weights
+from mixtune.suite.table import aggregate, cell_result, markdown_table, write_tables
 
 __all__ = [
     "Method",
@@ -70,8 +71,7 @@ __all__ = [
     "write_tables",
 ]
 
-SUITES_DIR = Path(__file__).parent / "suites"
-PLANNERS = ("mergemix",)
+SUITES_DIR = Path(__file__).parent
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ def cells(suite: Suite) -> list[Cell]:
 
 def run_suite(suite: Suite, progress: bool = True) -> list[dict]:
     """Run every unfinished cell, then write the tables; returns the aggregated rows."""
-    from mixtune import suite_cell
+    from mixtune.suite import cell as suite_cell
 
     root = Path(suite.output_dir)
     (root / "cells").mkdir(parents=True, exist_ok=True)
@@ -276,8 +276,8 @@ def check_suite(suite: Suite) -> int:
     the number of cells that would run (sweep members with coinciding weights count once).
     """
     from mixtune import config as config_mod
-    from mixtune import suite_cell
-    from mixtune.planners import mergemix
+    from mixtune.planners.mergemix import planner as mergemix
+    from mixtune.suite import cell as suite_cell
 
     runs = [c for c in cells(suite) if c.alias_of is None]
     fake = {

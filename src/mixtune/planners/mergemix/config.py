@@ -15,7 +15,7 @@ from typing import Literal
 from mixtune import config as config_mod
 from mixtune.config import RunConfig
 from mixtune.errors import ConfigError
-from mixtune.planners import search
+from mixtune.planners.mergemix import search
 
 
 @dataclass(frozen=True)

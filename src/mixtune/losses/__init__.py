@@ -1,0 +1,8 @@
+"""Losses: per-token losses, the one reduction, and the training objectives.
+
+- :mod:`~mixtune.losses.core`: ``token_losses``, ``reduce`` (exact under gradient accumulation),
+  ``LossTerms``; :mod:`~mixtune.losses.base`: the contract between the loop and a loss;
+- :mod:`~mixtune.losses.sft`, :mod:`~mixtune.losses.dft`, :mod:`~mixtune.losses.cadft` (with
+  :mod:`~mixtune.losses.rewrite`, CADFT's rewriting): one module per loss, one line each in
+  :data:`mixtune.registry.LOSSES`.
+"""

@@ -1,0 +1,25 @@
+"""SFT: token cross-entropy on response tokens (``loss.name: sft``)."""
+
+from __future__ import annotations
+
+import torch
+
+from mixtune.losses.core import LossTerms, token_losses
+
+
+def sft(logits: torch.Tensor, labels: torch.Tensor) -> LossTerms:
+    """Standard supervised fine-tuning: token cross-entropy on response tokens."""
+    nll, mask = token_losses(logits, labels)
+    return LossTerms(nll, mask)
+
+
+class SFT:
+    """Cross-entropy on response tokens (``loss.name: sft``)."""
+
+    Config = None
+
+    def __init__(self, options=None):
+        pass
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, extra=None) -> LossTerms:
+        return sft(logits, labels)

@@ -122,15 +122,16 @@ def plan_dict(
 
 
 def run_part(name: str, raw: dict) -> dict:
-    from mixtune.planners.mergemix import planner as mergemix
     from mixtune.planners.mergemix import search
     from mixtune.planners.mergemix import surrogate as sg
-    from mixtune.planners.mergemix import validate as mergemix_validate
+    from mixtune.planners.mergemix.config import load
+    from mixtune.planners.mergemix.planner import Planner, plan
+    from mixtune.planners.mergemix.validate import validate_plan
 
-    pc, run = mergemix.load(None, data=raw)
+    pc, run = load(None, data=raw)
     t0 = time.perf_counter()
-    planner = mergemix.Planner(pc, run)
-    result = mergemix.plan(pc, run, planner)
+    planner = Planner(pc, run)
+    result = plan(pc, run, planner)
     # alpha* of the other surrogates on the same seed merges (cached: no new evaluations), and
     # the best merge actually evaluated (search.select: measured) -- validated alongside
     K, extra_mix = len(planner.names), []
@@ -152,11 +153,11 @@ def run_part(name: str, raw: dict) -> dict:
     best = min(result["table"], key=lambda t: t["objective"])
     extra_mix.append({"label": "best-merge", "weights": dict(zip(planner.names, best["alpha"]))})
     raw = {**raw, "validate": {**raw["validate"], "mixtures": extra_mix}}
-    pc, _ = mergemix.load(None, data=raw)
+    pc, _ = load(None, data=raw)
     planner.pc = pc
     plan_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    v = mergemix_validate.validate(pc, run, result, planner)
+    v = validate_plan(pc, run, result, planner)
     val_s = time.perf_counter() - t1
     # LOO quality of every surrogate on the same evaluated merges (no extra evaluations)
     table_ = result["table"]

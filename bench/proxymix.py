@@ -60,10 +60,10 @@ def main() -> None:
     args = ap.parse_args()
     pin_threads(args.threads)
     from mixtune.builtin import base_model_path
-    from mixtune.config import read_yaml
-    from mixtune.continual import config as cconf
-    from mixtune.continual.run import run
+    from mixtune.mixers.proxymix import setting as pxs
     from mixtune.mixers.proxymix.learn import learn
+    from mixtune.mixers.proxymix.run import run
+    from mixtune.rawconfig import read_yaml
 
     if args.target == "builtin" and not (base_model_path() / "config.json").is_file():
         sys.exit("the built-in base model is missing (src/mixtune/builtin/base/config.json)")
@@ -84,7 +84,7 @@ def main() -> None:
         ]
     episodes = args.episodes or (2 if args.quick else raw["learn"]["episodes"])
     t0 = time.perf_counter()
-    learn_cc = cconf.load(
+    learn_cc = pxs.load(
         data=raw, overrides=[*common, f"output_dir={work}/learn", f"learn.episodes={episodes}"]
     )
     controller = learn(learn_cc)
@@ -105,7 +105,7 @@ def main() -> None:
     for seed in seeds:  # seed-major: a partial run still compares every method
         for name, extra in methods:
             key = name.replace(" ", "_").replace("%", "").replace("-", "_")
-            cc = cconf.load(
+            cc = pxs.load(
                 data=raw,
                 overrides=[*common, *extra, f"seed={seed}", f"output_dir={work}/{key}-s{seed}"],
             )
@@ -113,7 +113,7 @@ def main() -> None:
             reports.setdefault(name, []).append(rep)
             rows.setdefault(name, []).extend(_sequences(cc, seed))
             if name == "ProxyMix" and rep["mixer"].get("policy") != "controller":
-                cc = cconf.load(
+                cc = pxs.load(
                     data=raw,
                     overrides=[
                         *common,
@@ -126,7 +126,7 @@ def main() -> None:
                 run(cc)
                 rows.setdefault("ProxyMix (controller, check off)", []).extend(_sequences(cc, seed))
     total = time.perf_counter() - t0
-    pc = cconf.proxy_config(learn_cc)
+    pc = pxs.proxy_setting(learn_cc)
     cost = (reports.get("ProxyMix") or [{}])[0].get("policy_cost", {})
     setting = {
         "orders": learn_cc.orders(),

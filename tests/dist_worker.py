@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from helpers import ChaseLoss, leave_distributed
 from mixtune import config
-from mixtune.engine import loop
+from mixtune.engine import loop, step
 from mixtune.registry import MIXERS
 
 
@@ -33,7 +33,7 @@ def collect(raw: dict) -> tuple[dict, torch.Tensor, loop.Trainer]:
     """Train ``raw`` in this process (one rank of the run); returns what this rank saw."""
     trainer = loop.Trainer(config.load(data=raw))
     processed, batches, updates = [], [], []
-    real_collate, real_step, real_update = loop.collate, trainer.train_step, trainer._update_mixer
+    real_collate, real_step, real_update = step.collate, trainer.train_step, trainer._update_mixer
 
     def spy_collate(ids, labels, pad_id, domain=None):
         if domain is not None:  # training micro-batches (probes' and evals' have no domain)
@@ -61,13 +61,13 @@ def collect(raw: dict) -> tuple[dict, torch.Tensor, loop.Trainer]:
                 }
             )
 
-    loop.collate = spy_collate
+    step.collate = spy_collate
     trainer.train_step = spy_step
     trainer._update_mixer = spy_update
     try:
         summary = trainer.run()
     finally:
-        loop.collate = real_collate
+        step.collate = real_collate
     # (FSDP2 shards are gathered: every rank then holds the whole vector)
     flat = torch.cat(
         [

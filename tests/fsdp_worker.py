@@ -43,7 +43,7 @@ def full_state(t: Trainer) -> dict:
     def full(x):
         return x.full_tensor() if isinstance(x, DTensor) else x
 
-    opt = probe._inner(t.optimizer)
+    opt = probe.unwrap_optimizer(t.optimizer)
     return {
         "params": [full(p.detach()).clone() for p in t.params],
         "opt": [
@@ -163,7 +163,7 @@ def main(cfg_path: str, out_path: str) -> None:
         "local_fraction": sum(p.to_local().numel() for p in x.params)
         / sum(p.numel() for p in x.params),
     }
-    snap = probe.Snapshot(x)
+    snap = probe.Snapshot(x.state)
     out["snapshot_fraction"] = sum(s.to_local().numel() for s in snap.params) / sum(
         p.numel() for p in x.params
     )
@@ -172,12 +172,14 @@ def main(cfg_path: str, out_path: str) -> None:
         train(t, 2)
     before = full_state(x)
     now = x.evaluate(2, accuracy=False, use_cache=False)
-    probed = probe.probe(x, 0, 2, n_batches=2)
+    probed = probe.probe(x.state, 0, 2, n_batches=2)
     out["probe_moved"] = {d: probed[d]["loss"] - now[d]["loss"] for d in now}
     out["after_probe_same"] = same(full_state(x), before)
-    la = {opt: probe.lookahead(x, j, opt, batch_size=4) for j, opt in ((1, "sgd"), (0, "adam"))}
+    la = {
+        opt: probe.lookahead(x.state, j, opt, batch_size=4) for j, opt in ((1, "sgd"), (0, "adam"))
+    }
     out["lookahead_moved"] = {k: float((r.pre - r.post).mean()) for k, r in la.items()}
-    losses = probe.example_losses(x, 1, batch_size=4)
+    losses = probe.example_losses(x.state, 1, batch_size=4)
     out["example_losses_equal_pre"] = bool(
         torch.allclose(torch.as_tensor(losses), torch.as_tensor(la["sgd"].pre), atol=1e-6)
     )

@@ -21,7 +21,7 @@ from mixtune.registry import LOSSES, MIXERS, PLANNERS
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "mixtune"
 SHARED = ("engine", "data", "eval", "continual", "suite", "integrations", "report")
-SHARED_FILES = ("config.py", "schema.py", "simplex.py")
+SHARED_FILES = ("config.py", "schema.py", "rawconfig.py", "simplex.py")
 METHODISH = ("mixer", "mx", "loss", "opts", "options", "planner", "controller", "method")
 
 
@@ -237,23 +237,7 @@ def test_the_checker_catches_what_it_should():
     assert violations(good, names, options) == []
 
 
-# Being redesigned: each entry leaves this set when its module is fixed (strict xfail).
-PENDING = {
-    "engine/loop.py",
-    "engine/checkpoint.py",
-    "continual/driver.py",
-    "continual/run.py",
-    "suite/runner.py",
-}
-
-
-def _case(p: Path):
-    rel = str(p.relative_to(SRC))
-    marks = [pytest.mark.xfail(strict=True, reason="being redesigned")] if rel in PENDING else []
-    return pytest.param(p, id=rel, marks=marks)
-
-
-@pytest.mark.parametrize("path", [_case(p) for p in _shared_files()])
+@pytest.mark.parametrize("path", _shared_files(), ids=lambda p: str(p.relative_to(SRC)))
 def test_shared_module_does_not_know_methods(path):
     found = violations(path.read_text(), _method_names(), _option_names())
     assert not found, f"{path.relative_to(SRC)}: " + "; ".join(found)

@@ -46,7 +46,7 @@ def _case(name, raw, data_dir, tmp_path):
         return raw, [], "has no records; an empty dataset cannot be used"
     if name == "unknown_weight_name":
         raw["mixer"] = {"name": "fixed", "weights": {"add": 0.5, "math": 0.5}}
-        return raw, [], "unknown dataset name(s) ['math']"
+        return raw, [], "mixer.weights.math: unknown dataset name; datasets are ['add', 'rev']"
     if name == "negative_weight":
         raw["mixer"] = {"name": "fixed", "weights": {"add": 1.5, "rev": -0.5}}
         return raw, [], "finite and non-negative"

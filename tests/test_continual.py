@@ -1,4 +1,5 @@
-"""The continual setting: stage expansion, the driver, the metrics, LM episodes and the CLI."""
+"""The continual setting: stage expansion, the driver and its stage hooks, the metrics, LM
+episodes and the CLI."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ import pytest
 from conftest import TINY_MODEL, write_jsonl
 from mixtune.cli import main
 from mixtune.config import MethodConfig
-from mixtune.continual import config as cconf
-from mixtune.continual.config import SAFETY_BUFFER, SAFETY_EVAL
+from mixtune.continual import config as continual_config
 from mixtune.continual.driver import run_sequence
+from mixtune.continual.hooks import StageContext
 from mixtune.continual.metrics import summarize
+from mixtune.continual.stages import SAFETY_BUFFER, SAFETY_EVAL, stage_config
 from mixtune.errors import ConfigError
 from mixtune.mixers.proxymix import controller as ctl
-from mixtune.mixers.proxymix.learn import Learner, LMEnv, decisions
+from mixtune.mixers.proxymix import setting
+from mixtune.mixers.proxymix.learn import LMEnv
+from mixtune.mixers.proxymix.reinforce import Learner, decisions
+from mixtune.rawconfig import read_yaml
 
 
 @pytest.fixture
@@ -61,10 +66,10 @@ def test_stage_configs_hold_the_current_task_and_earlier_buffers_only(continual,
     raw = continual(
         stages=[{"name": n, "path": str(data_dir / "add.jsonl")} for n in ("a", "b", "c")]
     )
-    cc = cconf.load(data=raw)
+    cc = setting.load(data=raw)
     mixer = MethodConfig("proxymix", {"policy": "fixed"})
     for s, expect in enumerate([["a"], ["b", "a"], ["c", "a", "b"]]):
-        cfg = cconf.stage_config(
+        cfg = stage_config(
             cc, ("a", "b", "c"), s, mixer, model_path=None if s == 0 else f"/prev/stage-{s}"
         )
         assert [d.name for d in cfg.datasets] == expect + [SAFETY_BUFFER]
@@ -92,7 +97,7 @@ def test_bad_continual_configs(continual, change, match):
     if "datasets" in change:
         del raw["stages"]
     with pytest.raises(ConfigError, match=match):
-        cconf.load(data=raw)
+        setting.load(data=raw)
 
 
 def test_metrics_on_a_known_matrix():
@@ -119,7 +124,7 @@ def test_metrics_on_a_known_matrix():
 
 
 def test_sequence_run_writes_matrix_masks_future_tasks_and_resumes(continual, tmp_path):
-    cc = cconf.load(data=continual())
+    cc = setting.load(data=continual())
     res = run_sequence(cc, ("add", "rev"), tmp_path / "seq")
     for name in ("results.json", "results.md", "results.png"):
         assert (tmp_path / "seq" / name).is_file()
@@ -138,8 +143,35 @@ def test_sequence_run_writes_matrix_masks_future_tasks_and_resumes(continual, tm
     assert again["accuracy"] == res["accuracy"]
 
 
+def test_stage_configs_hold_only_the_users_mixer_options(continual, tmp_path):
+    """The stage context reaches the mixer through its hooks; the saved config is the user's."""
+    run_sequence(setting.load(data=continual()), ("add", "rev"), tmp_path / "seq")
+    for stage in ("stage-01-add", "stage-02-rev"):
+        saved = read_yaml(tmp_path / "seq" / stage / "config.yaml")["mixer"]
+        assert saved == {"name": "proxymix", "policy": "random", "decisions": 2}
+
+
+def test_a_mixer_without_stage_hooks_runs_every_sequence(continual, tmp_path):
+    from mixtune.continual.run import run
+
+    raw = continual(mixer={"name": "uniform"})
+    del raw["transfer"]  # the method-agnostic config: no ProxyMix sections
+    msgs = []
+    report = run(continual_config.load(data=raw), echo=msgs.append)
+    assert report["mixer"] == {"name": "uniform"} and report["sequences"] == [["add", "rev"]]
+    assert (tmp_path / "cont/summary.md").is_file() and "summary in" in msgs[-1]
+    second = json.loads((tmp_path / "cont/stage-02-rev/stage.json").read_text())
+    assert second["carry"] == {} and second["trajectory"] == []
+    assert all(w["add"] == pytest.approx(1 / 3) for w in second["weights"])
+
+
+def test_stage_context_checks_its_index():
+    with pytest.raises(ValueError, match="index"):
+        StageContext(current="a", index=2, n_stages=2)
+
+
 def test_lm_episodes_are_deterministic_with_a_seed(continual, tmp_path):
-    cc = cconf.load(data=continual())
+    cc = setting.load(data=continual())
     learner = Learner(cc.learn, seed=0)
     eps = [LMEnv(cc, tmp_path / f"l{i}").episode(learner, 0) for i in range(2)]
     assert eps[0]["trajectories"] == eps[1]["trajectories"]
@@ -191,9 +223,9 @@ def test_controller_transfers_to_a_larger_model_unchanged(continual, tmp_path):
     raw = continual(
         mixer={"name": "proxymix", "policy": "controller", "controller": str(path), "decisions": 2}
     )
-    small = run_sequence(cconf.load(data=raw), ("add", "rev"), tmp_path / "s")
+    small = run_sequence(setting.load(data=raw), ("add", "rev"), tmp_path / "s")
     raw["model"]["config"] = dict(TINY_MODEL, hidden_size=48, num_hidden_layers=3)
-    big = run_sequence(cconf.load(data=raw), ("add", "rev"), tmp_path / "b")
+    big = run_sequence(setting.load(data=raw), ("add", "rev"), tmp_path / "b")
     assert big["cost"]["params"] > small["cost"]["params"]
     for res in (small, big):
         w = [o["weights"] for o in res["records"][1]["trajectory"] if o.get("weights")]
@@ -201,7 +233,7 @@ def test_controller_transfers_to_a_larger_model_unchanged(continual, tmp_path):
 
 
 def test_transfer_fallback_to_fixed_replay(continual, tmp_path, monkeypatch):
-    from mixtune.continual import run as run_mod
+    from mixtune.mixers.proxymix import run as run_mod
     from mixtune.mixers.proxymix import transfer
 
     path = ctl.save(tmp_path / "c.pt", ctl.new(0), {"add": 0.1, "rev": 0.2, "safety": 0.3})
@@ -230,7 +262,7 @@ def test_transfer_fallback_to_fixed_replay(continual, tmp_path, monkeypatch):
         transfer={"check": True},
     )
     msgs = []
-    report = run_mod.run(cconf.load(data=raw), echo=msgs.append)
+    report = run_mod.run(setting.load(data=raw), echo=msgs.append)
     assert seen["proxy"] == {"add": 0.1, "rev": 0.2, "safety": 0.3}
     assert any("falling back to fixed replay" in m for m in msgs)
     assert report["mixer"]["policy"] == "fixed"
@@ -245,7 +277,7 @@ def test_references_carry_over_exactly_between_stages(continual, tmp_path):
         eval_batches=2,
         mixer={"name": "proxymix", "policy": "random", "decisions": 2, "eval_batches": 1},
     )
-    res = run_sequence(cconf.load(data=raw), ("add", "rev"), tmp_path / "seq")
+    res = run_sequence(setting.load(data=raw), ("add", "rev"), tmp_path / "seq")
     first, second = (r["trajectory"] for r in res["records"])
     assert first[-1]["end"] and not second[0].get("end")
     assert second[0]["ratios"]["add"] == pytest.approx(1.0, rel=1e-5)
@@ -263,7 +295,7 @@ def test_warmup_runs_once_and_is_reused(continual, tmp_path, data_dir):
             "datasets": [{"name": "pre", "path": str(data_dir / "add.jsonl")}],
         }
     )
-    cc = cconf.load(data=raw)
+    cc = setting.load(data=raw)
     path = warmup(cc, tmp_path / "wu")
     assert (tmp_path / "wu/final/config.json").is_file()
     assert not (tmp_path / "wu/checkpoints").exists()

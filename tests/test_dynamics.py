@@ -17,7 +17,9 @@ from mixtune.engine.loop import Trainer
 from mixtune.engine.rundir import read_metrics
 from mixtune.errors import ConfigError
 from mixtune.mixers import DatasetInfo, DomainInfo
-from mixtune.mixers.dynamics import DynaMiCS, DynaMiCSConfig, horizon, plot_slopes, schedule_steps
+from mixtune.mixers.dynamics.mixer import DynaMiCS, DynaMiCSConfig
+from mixtune.mixers.dynamics.schedule import horizon, schedule_steps
+from mixtune.report import write_report
 
 
 def test_schedules_are_the_papers_at_2048_steps_and_scale():
@@ -160,7 +162,7 @@ def test_dynamics_keeps_the_constraint_that_target_only_breaks(toy_runs, toy_roo
     assert weights[0] == 0.0 and max(weights) > 0.05
 
 
-def test_dynamics_logs_slopes_predictions_and_choices(toy_runs, toy_root, tmp_path):
+def test_dynamics_logs_slopes_predictions_and_choices(toy_runs, toy_root):
     recs = [r for r in read_metrics(toy_root / "dynamics") if "mixer" in r]
     assert [r["step"] for r in recs] == [0, 4, 8, 12, 16, 20]
     first = recs[0]["mixer"]
@@ -191,9 +193,11 @@ def test_dynamics_logs_slopes_predictions_and_choices(toy_runs, toy_root, tmp_pa
             # a single-dataset mixture with c = H: the probe *was* the next interval's training,
             # so the prediction is exact (probes restore everything bit for bit)
             assert max(abs(e) for e in m["prediction_error"].values()) < 1e-5
-    png = plot_slopes(read_metrics(toy_root / "dynamics"), tmp_path / "S.png")
-    assert png is not None and (tmp_path / "S.png").stat().st_size > 1000
-    assert plot_slopes([{"step": 0, "weights": {}}], tmp_path / "none.png") is None
+    # the run's report draws the latest slope matrix as a heatmap (and its standard errors)
+    page = write_report(toy_root / "dynamics").read_text()
+    assert "<h2>mixer: S at step 20 (latest)</h2><img" in page
+    assert "<h2>mixer: S_se at step 20 (latest)</h2><img" in page
+    assert (toy_root / "dynamics/report/mixer_matrix_00.png").stat().st_size > 1000
 
 
 def test_gradient_alignment_matches_a_one_step_probe_at_small_lr(toy_root):
@@ -203,10 +207,10 @@ def test_gradient_alignment_matches_a_one_step_probe_at_small_lr(toy_root):
     for _ in range(3):  # some optimizer state first
         t.train_step(*t.sampler.next_batch(8))
         t.step += 1
-    S = probe.grad_alignment(t, n_batches=2)
+    S = probe.grad_alignment(t.state, n_batches=2)
     now = t.evaluate(2, accuracy=False, use_cache=False)
     for j in range(2):
-        after = probe.probe(t, j, 1, 2)
+        after = probe.probe(t.state, j, 1, 2)
         for i, d in enumerate(["tgt", "reg"]):
             assert S[i, j] == pytest.approx(after[d]["loss"] - now[d]["loss"], rel=0.15)
 

@@ -5,7 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from mixtune.mixers import dynamics_solver as ds
+from mixtune.mixers.dynamics import minimisers
+from mixtune.mixers.dynamics import solver as ds
 
 RES = {2: 4000, 3: 200, 4: 40}  # grid resolution per K (1/RES steps)
 
@@ -196,7 +197,7 @@ def test_duplicate_dataset_at_step0_gives_finite_weights():
     # The audit's shape: two targets, three constraints, four datasets of which two are the same
     # data (identical columns), step 0 (references = anchors, b = 0), λ ≈ 11.4, ε = 0.1. On the
     # flat face {2, 3} the active set took a 3e-15 direction with g·d = -5e-30 but a slope at 0
-    # of +2e-33 as _line_min rounds it; _line_min returned -inf, the NaN weights won np.argmin
+    # of +2e-33 as line_min rounds it; line_min returned -inf, the NaN weights won np.argmin
     # in solve, and max_violation(NaN) = 0 made choose return them as feasible.
     S = 1e-4 * np.array(
         [
@@ -209,7 +210,7 @@ def test_duplicate_dataset_at_step0_gives_finite_weights():
     )
     p = ds.Problem.build(S, np.full(5, 2.0), np.full(5, 2.0), [0, 1], [2, 3, 4], 1000)
     lam = ds.lambda_grid()[4]
-    for w in (ds._active_set(p, lam, 0.1), ds.solve(p, lam, 0.1)):
+    for w in (minimisers.active_set(p, lam, 0.1), ds.solve(p, lam, 0.1)):
         assert np.all(np.isfinite(w)) and np.all(w >= 0) and abs(w.sum() - 1) < 1e-12
     w = ds.solve(p, lam, 0.1)
     assert ds.objective(p, w, lam, 0.1) <= min(ds.objective(p, e, lam, 0.1) for e in np.eye(4))
@@ -236,7 +237,7 @@ def test_zero_and_duplicate_columns_give_finite_weights():
 def test_line_min_with_a_flat_uphill_slope_stays_put():
     # F rises linearly along d: slope(0) = slope(tmax) > 0, so the interpolation divided by 0.
     p = ds.Problem(c=np.array([1e-3, 0.0]), A=np.zeros((0, 2)), b=np.zeros(0))
-    assert ds._line_min(p, np.array([0.5, 0.5]), np.array([1.0, -1.0]), 1.0, 0.0, 0.5) == 0.0
+    assert minimisers.line_min(p, np.array([0.5, 0.5]), np.array([1.0, -1.0]), 1.0, 0.0, 0.5) == 0.0
 
 
 def test_line_min_is_finite_in_range_and_never_goes_uphill():
@@ -250,7 +251,7 @@ def test_line_min_is_finite_in_range_and_never_goes_uphill():
         d = rng.normal(0.0, 1.0, p.K) * 10.0 ** rng.choice([-15, -14, -8, 0])
         d -= d.mean()
         tmax = float(rng.choice([1e-20, rng.random(), 1.0, 50.0]))
-        t = ds._line_min(p, w, d, lam, eps, tmax)
+        t = minimisers.line_min(p, w, d, lam, eps, tmax)
         assert np.isfinite(t) and 0.0 <= t <= tmax
         f0, f1 = ds.objective(p, w, lam, eps), ds.objective(p, w + t * d, lam, eps)
         assert f1 <= f0 + 1e-12 * (abs(f0) + 1e-300)
@@ -274,14 +275,14 @@ def test_max_violation_of_a_nan_point_is_infinite():
 
 def test_non_finite_candidates_are_never_kept(monkeypatch):
     p = ds.Problem(c=np.array([-1e-3, 1e-3]), A=64 * np.array([[2e-3, -1e-3]]), b=np.zeros(1))
-    monkeypatch.setattr(ds, "_active_set", lambda *a: np.full(2, np.nan))
-    monkeypatch.setattr(ds, "_interior_point", lambda *a: np.array([np.inf, 0.0]))
+    monkeypatch.setattr(ds, "active_set", lambda *a: np.full(2, np.nan))
+    monkeypatch.setattr(ds, "interior_point", lambda *a: np.array([np.inf, 0.0]))
     assert np.array_equal(ds.solve(p, 10.0, 0.05), np.eye(2)[1])  # the better vertex
     monkeypatch.setattr(ds, "solve", lambda p, lam, eps, m: np.full(2, np.nan if lam < 9 else 0.5))
     choice = ds.choose(p, lambdas=[1.0, 10.0])
     assert choice.lam == 10.0 and np.array_equal(choice.weights, [0.5, 0.5])
     for w in ([np.nan, 1.0], [np.inf, 1.0], [0.0, 0.0]):
-        assert np.array_equal(ds._clean(np.array(w)), [0.5, 0.5])
+        assert np.array_equal(minimisers.clean(np.array(w)), [0.5, 0.5])
 
 
 def test_random_degenerate_problems_give_valid_mixtures(monkeypatch):

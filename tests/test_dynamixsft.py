@@ -168,7 +168,7 @@ def test_moves_toward_the_learnable_dataset_and_keeps_the_floor(noisy_config, mi
 
 
 def _state(t):
-    opt = probe._inner(t.optimizer)
+    opt = probe.unwrap_optimizer(t.optimizer)
     return {
         "params": [p.detach().clone() for p in t.params],
         "opt": [
@@ -207,10 +207,10 @@ def test_propose_leaves_the_run_bit_identical(make_config, mixer):
             weights=t.sampler.weights.copy(),
             train_losses={},
             evaluate=t.evaluate,
-            probe=partial(probe.probe, t),
-            lookahead=partial(probe.lookahead, t),
+            probe=partial(probe.probe, t.state),
+            lookahead=partial(probe.lookahead, t.state),
             log=logged.__setitem__,
-            losses=partial(probe.example_losses, t),
+            losses=partial(probe.example_losses, t.state),
         )
         t.mixer.propose(ctx)
         after = _state(t)
@@ -235,11 +235,13 @@ def test_forward_only_losses_score_the_lookahead_batch(make_config):
     t = Trainer(config.load(data=raw))
     t.train_step(*t.sampler.next_batch(8))
     for j in (0, 1):
-        ahead = probe.lookahead(t, j, key=7, batch_size=6)
+        ahead = probe.lookahead(t.state, j, key=7, batch_size=6)
         np.testing.assert_allclose(
-            probe.example_losses(t, j, key=7, batch_size=6), ahead.pre, rtol=1e-5
+            probe.example_losses(t.state, j, key=7, batch_size=6), ahead.pre, rtol=1e-5
         )
-    assert not np.allclose(probe.example_losses(t, 0, key=7), probe.example_losses(t, 0, key=8))
+    assert not np.allclose(
+        probe.example_losses(t.state, 0, key=7), probe.example_losses(t.state, 0, key=8)
+    )
 
 
 def test_resume_repeats_the_uninterrupted_run(make_config, tmp_path):

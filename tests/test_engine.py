@@ -10,6 +10,7 @@ from mixtune import config
 from mixtune.engine.loop import Trainer
 from mixtune.engine.rundir import read_metrics
 from mixtune.errors import TrainingError
+from mixtune.losses.base import Loss
 from mixtune.registry import MIXERS
 
 
@@ -68,17 +69,21 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(make_config, tmp_p
     raw = make_config(max_steps=6)
     raw["train"].update(save_every=2, eval_every=0, max_grad_norm=None)
     trainer = Trainer(config.load(data=raw))
-    calls = {"n": 0}
-    inner = trainer.loss_fn
 
-    def poisoned(logits, labels, extra=None):
-        calls["n"] += 1
-        terms = inner(logits, labels, extra)
-        if calls["n"] > 2:  # steps 1-2 fine (one micro-batch each), then NaN
-            terms.per_token = terms.per_token * float("nan")
-        return terms
+    class Poisoned(Loss):
+        """SFT, NaN after two calls: steps 1-2 fine (one micro-batch each), then NaN."""
 
-    trainer.loss_fn = poisoned
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def __call__(self, logits, labels, extra=None):
+            self.calls += 1
+            terms = self.inner(logits, labels, extra)
+            if self.calls > 2:
+                terms.per_token = terms.per_token * float("nan")
+            return terms
+
+    trainer.loss_fn = Poisoned(trainer.loss_fn)
     with pytest.raises(TrainingError, match="non-finite loss/gradient at step 3"):
         trainer.run()
     ckpts = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
@@ -159,3 +164,54 @@ def test_tensorboard_tracker_receives_metrics(make_config, tmp_path):
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert "train/loss" in tags and "eval/add/loss" in tags and "weights/add" in tags
+
+
+def test_the_loop_calls_every_loss_hook_once_where_it_should(make_config, tmp_path):
+    """prepare before and after_step after each real step, diagnostics at log steps (logged),
+    state_dict into each checkpoint, load_state_dict and then on_resume when resuming."""
+
+    class Recording(Loss):
+        def __init__(self, inner, calls):
+            self.inner, self.calls = inner, calls
+
+        def __call__(self, logits, labels, extra=None):
+            return self.inner(logits, labels, extra)
+
+        def prepare(self, state, batches):
+            self.calls.append(("prepare", state.step))
+            return self.inner.prepare(state, batches)
+
+        def after_step(self, state):
+            self.calls.append(("after_step", state.step))
+
+        def diagnostics(self, state):
+            self.calls.append(("diagnostics", state.step))
+            return {"calls": len(self.calls)}
+
+        def state_dict(self):
+            return {"saved_at": self.calls[-1][1]}
+
+        def load_state_dict(self, state):
+            self.calls.append(("load_state_dict", state["saved_at"]))
+
+        def on_resume(self, state):
+            self.calls.append(("on_resume", state.step))
+
+    raw = make_config(max_steps=4)
+    raw["train"].update(save_every=0, eval_every=0, log_every=2)
+    calls = {"first": [], "second": []}
+    for part in ("first", "second"):
+        trainer = Trainer(config.load(data=raw))
+        trainer.loss_fn = Recording(trainer.loss_fn, calls[part])
+        trainer.run(stop_after=2 if part == "first" else None)
+    step = [("prepare", 0), ("after_step", 1), ("prepare", 1), ("after_step", 2)]
+    assert calls["first"] == [*step, ("diagnostics", 2)]
+    resumed = [(name, s + 2) for name, s in step]
+    assert calls["second"] == [
+        ("load_state_dict", 2),
+        ("on_resume", 2),
+        *resumed,
+        ("diagnostics", 4),
+    ]
+    logged = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert logged == [{"calls": 5}, {"calls": 7}]

@@ -11,7 +11,7 @@ from mixtune.engine.rundir import read_metrics
 from mixtune.errors import ConfigError
 from mixtune.eval.domains import Scores, loss_se, mean_se
 from mixtune.mixers import DatasetInfo, DomainInfo, MixContext
-from mixtune.mixers.dynamics import DynaMiCS, DynaMiCSConfig
+from mixtune.mixers.dynamics.mixer import DynaMiCS, DynaMiCSConfig
 from test_dynamics import _records, toy_config
 
 
@@ -102,11 +102,11 @@ def test_test_domains_are_logged_but_no_mixer_or_probe_sees_them(data_root, tmp_
     assert "reg-test" not in summary.get("best_feasible", {}).get("values", {})
     assert set(trainer.evaluate(use_cache=False)) == {"tgt", "reg"}
     assert set(trainer.evaluate(use_cache=False, include_test=True)) == {"tgt", "reg", "reg-test"}
-    # the report shows the noise: values ± se, changes ± paired se, DynaMiCS's predictions
+    # the report shows the noise: values ± se, changes ± paired se, the mixer's predictions
     from mixtune.report.html import write_report
 
     page = write_report(tmp_path / "dyn").read_text()
-    assert "change ± paired se" in page and "predicted constraint changes ± noise" in page
+    assert "change ± paired se" in page and "Predicted constraint changes ± noise" in page
     first = next(r for r in recs if "mixer" in r)
     assert f"{first['eval']['reg']['loss']:.4f} ± {first['eval']['reg']['loss_se']:.4f}" in page
 

@@ -1,7 +1,12 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
+from mixtune.losses.base import Loss
 from mixtune.losses.core import IGNORE, reduce, sequence_mean, token_losses
+from mixtune.registry import LOSSES
+
+HOOKS = ("prepare", "after_step", "diagnostics", "state_dict", "load_state_dict", "on_resume")
 
 
 def _batch(seed=0, B=3, T=7, V=11):
@@ -56,3 +61,23 @@ def test_sequence_mean():
     got = sequence_mean(nll, mask)
     for b in range(3):
         torch.testing.assert_close(got[b], nll[b][mask[b]].mean())
+
+
+def test_the_base_hooks_do_nothing():
+    loss = Loss()
+    assert loss.prepare(None, [{}, {}]) == [None, None]
+    assert loss.after_step(None) is None and loss.on_resume(None) is None
+    assert loss.diagnostics(None) == {} and loss.state_dict() == {}
+    loss.load_state_dict({})
+    with pytest.raises(NotImplementedError):
+        loss(*_batch())
+
+
+@pytest.mark.parametrize("name", ["sft", "dft", "cadft"])
+def test_every_built_in_loss_follows_the_contract(name):
+    cls = LOSSES[name]
+    assert issubclass(cls, Loss) and all(callable(getattr(cls, h)) for h in HOOKS)
+    loss = cls(cls.Config() if cls.Config else None)
+    logits, labels = _batch()
+    terms = loss(logits, labels, None)
+    assert terms.per_token.shape == terms.mask.shape == (3, 6)

@@ -122,9 +122,10 @@ def test_lora_task_vector_matches_peft_merge_and_unload(tmp_path, kw):
         torch.testing.assert_close(out[k], merged[k], rtol=1e-5, atol=1e-6)
 
 
-def test_merge_adapters_is_the_average_of_merged_models(tmp_path):
+def test_merged_adapter_task_vectors_are_the_average_of_merged_models(tmp_path):
     base, d1, m1 = _tiny_peft(tmp_path, 1)
     _, d2, m2 = _tiny_peft(tmp_path, 2)
-    out = merge.merge_adapters(base, [d1, d2], [0.25, 0.75])
+    tvs = [merge.adapter_task_vector(d, base) for d in (d1, d2)]
+    out = merge.task_arithmetic(base, tvs, [0.25, 0.75])
     for k in base:
         torch.testing.assert_close(out[k], 0.25 * m1[k] + 0.75 * m2[k], rtol=1e-5, atol=1e-6)

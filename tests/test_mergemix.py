@@ -8,9 +8,12 @@ import yaml
 
 from mixtune import config
 from mixtune.errors import ConfigError
-from mixtune.planners.mergemix import planner as mergemix
 from mixtune.planners.mergemix import search
 from mixtune.planners.mergemix import surrogate as sg
+from mixtune.planners.mergemix.config import PlanConfig, bounds_of
+from mixtune.planners.mergemix.config import load as load_plan
+from mixtune.planners.mergemix.mixture import from_ratios, ratio_scale, to_ratios
+from mixtune.planners.mergemix.planner import Planner, plan
 
 # ---------------------------------------------------------------------------------------------
 # Surrogates and search (no model)
@@ -150,18 +153,18 @@ def test_ratio_rules_and_their_inverse():
         ("token_weighted", "examples", [0.25, 0.75]),
         ("identity", "tokens", [0.8, 0.2]),
     ]:
-        pc = mergemix.PlanConfig(run={}, ratio_rule=rule, ratio_units=units)
-        c = mergemix.ratio_scale(pc, infos, summaries)
-        w = mergemix.to_ratios(alpha, c)
+        pc = PlanConfig(run={}, ratio_rule=rule, ratio_units=units)
+        c = ratio_scale(pc, infos, summaries)
+        w = to_ratios(alpha, c)
         np.testing.assert_allclose(w, want)
-        np.testing.assert_allclose(mergemix.from_ratios(w, c), alpha)
+        np.testing.assert_allclose(from_ratios(w, c), alpha)
 
 
 def test_bounds_from_constraint_roles_references_and_explicit_limits(make_config):
     run = make_config()
     run["evals"][0].update(role="constraint")  # add: loss <= the base model's value
     run["evals"][1].update(role="constraint", reference=2.0)  # rev: loss <= 2.0
-    pc, rc = mergemix.load(
+    pc, rc = load_plan(
         None,
         data={
             "run": run,
@@ -170,18 +173,18 @@ def test_bounds_from_constraint_roles_references_and_explicit_limits(make_config
         },
     )
     base = {"add": {"loss": 3.0, "accuracy": 0.2}, "rev": {"loss": 4.0}}
-    got = {(b.domain, b.metric, b.upper): b.limit for b in mergemix.bounds_of(pc, rc, base)}
+    got = {(b.domain, b.metric, b.upper): b.limit for b in bounds_of(pc, rc, base)}
     assert got == {
         ("add", "accuracy", False): pytest.approx(0.45),
         ("rev", "loss", True): pytest.approx(2.2),
     }
-    pc2, _ = mergemix.load(None, data={"run": run, "constraints": {"add": "reference"}})
-    assert [(b.domain, b.limit) for b in mergemix.bounds_of(pc2, rc, base)] == [
+    pc2, _ = load_plan(None, data={"run": run, "constraints": {"add": "reference"}})
+    assert [(b.domain, b.limit) for b in bounds_of(pc2, rc, base)] == [
         ("add", 3.0),
         ("rev", 2.0),
     ]
-    pc3, _ = mergemix.load(None, data={"run": run, "constraint_roles": False})
-    assert mergemix.bounds_of(pc3, rc, base) == []
+    pc3, _ = load_plan(None, data={"run": run, "constraint_roles": False})
+    assert bounds_of(pc3, rc, base) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,12 +202,12 @@ def _plan(make_config, tmp_path, **plan):
         "search": {"n_seeds": 6, "n_candidates": 2000, "surrogate": "quadratic"},
     }
     raw.update(plan)
-    return mergemix.load(None, data=raw)
+    return load_plan(None, data=raw)
 
 
 def test_plan_moves_the_mixture_toward_the_target_and_writes_a_train_config(make_config, tmp_path):
     pc, run = _plan(make_config, tmp_path)
-    r = mergemix.plan(pc, run)
+    r = plan(pc, run)
     out = tmp_path / "plan"
     # the objective is the 'add' loss: the add expert must get most of the weight
     assert r["weights"]["add"] > 0.7, r["weights"]
@@ -225,7 +228,7 @@ def test_plan_moves_the_mixture_toward_the_target_and_writes_a_train_config(make
     assert c["search_tokens"] > 0 and c["token_ratio"] > 1
     assert set(r["fits"]["add"]["loss"]) >= {"r2", "rmse"}
     # same experts, another objective: accuracy (generation), alpha* = best measured merge
-    r2 = mergemix.plan(
+    r2 = plan(
         *_plan(
             make_config,
             tmp_path,
@@ -256,11 +259,11 @@ def test_interrupted_plan_resumes_without_retraining_finished_experts(
 
     monkeypatch.setattr(Trainer, "run", crash_in_rev)
     with pytest.raises(KeyboardInterrupt):
-        mergemix.plan(pc, run)
+        plan(pc, run)
     add_final = tmp_path / "plan/experts/add/final"
     stamp = max(p.stat().st_mtime_ns for p in add_final.iterdir())
     calls.clear()
-    r = mergemix.plan(*_plan(make_config, tmp_path, experts={"steps": 6, "save_every": 2}))
+    r = plan(*_plan(make_config, tmp_path, experts={"steps": 6, "save_every": 2}))
     assert [name for name, _ in calls] == ["rev"]  # 'add' was not trained again
     assert calls[0][1] is not None and calls[0][1].name == "step-000004"
     assert max(p.stat().st_mtime_ns for p in add_final.iterdir()) == stamp
@@ -268,19 +271,19 @@ def test_interrupted_plan_resumes_without_retraining_finished_experts(
     # a third call re-trains nothing and re-evaluates nothing (cached merges)
     calls.clear()
     lines = (tmp_path / "plan/evals.jsonl").read_text().count("\n")
-    again = mergemix.plan(*_plan(make_config, tmp_path, experts={"steps": 6, "save_every": 2}))
+    again = plan(*_plan(make_config, tmp_path, experts={"steps": 6, "save_every": 2}))
     assert calls == [] and again["alpha"] == r["alpha"]
     assert (tmp_path / "plan/evals.jsonl").read_text().count("\n") == lines
 
 
 def test_changed_expert_settings_in_the_same_output_dir_are_refused(make_config, tmp_path):
-    planner = mergemix.Planner(*_plan(make_config, tmp_path))
+    planner = Planner(*_plan(make_config, tmp_path))
     for cfg in planner.expert_cfgs:  # what a started expert run leaves behind
         (tmp_path / cfg.output_dir).mkdir(parents=True)
         config.save(cfg, tmp_path / cfg.output_dir / "config.yaml")
-    mergemix.Planner(*_plan(make_config, tmp_path))  # same settings: fine
+    Planner(*_plan(make_config, tmp_path))  # same settings: fine
     with pytest.raises(ConfigError, match="other settings"):
-        mergemix.Planner(*_plan(make_config, tmp_path, experts={"steps": 7}))
+        Planner(*_plan(make_config, tmp_path, experts={"steps": 7}))
 
 
 @pytest.mark.parametrize(
@@ -296,8 +299,8 @@ def test_changed_expert_settings_in_the_same_output_dir_are_refused(make_config,
 def test_bad_plan_options_are_config_errors(make_config, tmp_path, change, match):
     with pytest.raises(ConfigError, match=match):
         pc, run = _plan(make_config, tmp_path, **change)
-        p = mergemix.Planner(pc, run)
-        mergemix.bounds_of(pc, run, {"add": {"loss": 1.0}, "rev": {"loss": 1.0}})
+        p = Planner(pc, run)
+        bounds_of(pc, run, {"add": {"loss": 1.0}, "rev": {"loss": 1.0}})
         del p
 
 

@@ -190,7 +190,7 @@ def test_every_mixer_has_an_example_config(name):
         f"(or configs/{module}.yaml shared with its module)"
     )
     if "stages:" in path.read_text():  # a continual config (ProxyMix) has its own schema
-        from mixtune.continual.config import load as load_continual
+        from mixtune.mixers.proxymix.setting import load as load_continual
 
         cfg = load_continual(path)
     else:

@@ -20,7 +20,7 @@ from mixtune import config
 from mixtune.config import MethodConfig
 from mixtune.engine.loop import Trainer
 from mixtune.mixers import DatasetInfo, DomainInfo, Steps
-from mixtune.mixers.dynamics import PAPER_STEPS, SCHEDULES, horizon
+from mixtune.mixers.dynamics.schedule import PAPER_STEPS, SCHEDULES, horizon
 from mixtune.registry import MIXERS
 
 HUGE = 10**12

@@ -11,19 +11,29 @@ from mixtune import config
 from mixtune.engine.loop import Trainer
 from mixtune.engine.rundir import read_metrics
 from mixtune.errors import ConfigError, TrainingError
+from mixtune.losses.base import Loss
+
+
+class Poisoned(Loss):
+    """The run's loss, NaN wherever ``poison()`` says so."""
+
+    def __init__(self, inner: Loss, poison):
+        self.inner, self.poison = inner, poison
+
+    def prepare(self, state, batches):
+        return self.inner.prepare(state, batches)
+
+    def __call__(self, logits, labels, extra=None):
+        terms = self.inner(logits, labels, extra)
+        if self.poison():
+            terms.per_token = terms.per_token * float("nan")
+        return terms
 
 
 def _poison(trainer, bad_steps):
     """Make the loss NaN on the optimizer steps in ``bad_steps`` (1-based)."""
-    inner = trainer.loss_fn
-
-    def loss(logits, labels, extra=None):
-        terms = inner(logits, labels, extra)
-        if trainer.step + 1 in bad_steps:  # trainer.step counts completed steps
-            terms.per_token = terms.per_token * float("nan")
-        return terms
-
-    trainer.loss_fn = loss
+    # trainer.step counts completed steps
+    trainer.loss_fn = Poisoned(trainer.loss_fn, lambda: trainer.step + 1 in bad_steps)
 
 
 def _skip_batches(trainer, drop):

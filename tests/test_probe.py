@@ -18,7 +18,7 @@ DROPOUT = ["lora_dropout", "attention_dropout"]
 
 
 def _everything(t):
-    opt = probe._inner(t.optimizer)
+    opt = probe.unwrap_optimizer(t.optimizer)
     return {
         "params": [p.detach().clone() for p in t.params],
         "opt": {
@@ -83,9 +83,9 @@ def _by_hand(t, kind: str, pre: str | None, grad: str, post: str):
     """The look-ahead on dataset 0 written out, each forward in the mode named ("train" or
     "eval"); ``pre=None`` reads L_pre off the back-propagated forward. (None, "train", "train")
     is the look-ahead as it was before it measured without dropout."""
-    ex, batch = probe._reward_batch(t, 0, None, None)
+    ex, batch = probe._reward_batch(t.state, 0, None, None)
     n_tokens = float(t.train_sets[0].label_counts[ex].sum())
-    snap = probe.Snapshot(t, optimizer=kind == "adam")
+    snap = probe.Snapshot(t.state, optimizer=kind == "adam")
 
     def forward(mode):
         t.model.train(mode == "train")
@@ -104,7 +104,7 @@ def _by_hand(t, kind: str, pre: str | None, grad: str, post: str):
                 l_pre = sequence_mean(nll.detach(), mask)
             t.acc.backward(reduce(nll, mask, n_tokens=n_tokens) * t.world)
         if kind == "sgd":
-            lr = probe._inner(t.optimizer).param_groups[0]["lr"]
+            lr = probe.unwrap_optimizer(t.optimizer).param_groups[0]["lr"]
             with torch.no_grad():
                 for p in t.params:
                     if p.grad is not None:
@@ -123,7 +123,7 @@ def _by_hand(t, kind: str, pre: str | None, grad: str, post: str):
 def test_probe_restores_everything(trained):
     before = _everything(trained)
     now = trained.evaluate(n_batches=1, use_cache=False)
-    after_probe = probe.probe(trained, 1, steps=3, n_batches=1)
+    after_probe = probe.probe(trained.state, 1, steps=3, n_batches=1)
     assert after_probe["rev"]["loss"] != now["rev"]["loss"]  # the probe really trained
     _assert_identical(before, _everything(trained))
 
@@ -131,7 +131,7 @@ def test_probe_restores_everything(trained):
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_lookahead_restores_everything(trained, kind):
     before = _everything(trained)
-    res = probe.lookahead(trained, 0, optimizer=kind)
+    res = probe.lookahead(trained.state, 0, optimizer=kind)
     assert res.pre.shape == res.post.shape == (8,)
     assert not np.allclose(res.pre, res.post)  # the virtual step really moved the model
     _assert_identical(before, _everything(trained))
@@ -146,10 +146,10 @@ def test_training_after_a_probe_equals_training_without(make_config, tmp_path, m
         t = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/{with_probe}"]))
         for i in range(4):
             if with_probe and i == 2:
-                probe.probe(t, 0, steps=2, n_batches=1)
-                probe.lookahead(t, 1, optimizer="adam")
-                probe.lookahead(t, 0, optimizer="sgd")
-                probe.example_losses(t, 1)
+                probe.probe(t.state, 0, steps=2, n_batches=1)
+                probe.lookahead(t.state, 1, optimizer="adam")
+                probe.lookahead(t.state, 0, optimizer="sgd")
+                probe.example_losses(t.state, 1)
                 assert all(_modes(t))
             ds, ex = t.sampler.next_batch(8)
             t.train_step(ds, ex)
@@ -166,18 +166,18 @@ def test_lookahead_measures_without_dropout(make_config, model, kind):
     dropout-free forward twice. Measured in train mode, two dropout masks made them differ."""
     t = _trained(make_config, model)
     assert probe._active_dropout(t.model)
-    for g in probe._inner(t.optimizer).param_groups:
+    for g in probe.unwrap_optimizer(t.optimizer).param_groups:
         g["lr"] = 0.0
     before, modes = _everything(t), _modes(t)
-    res = probe.lookahead(t, 0, optimizer=kind)
+    res = probe.lookahead(t.state, 0, optimizer=kind)
     assert np.array_equal(res.pre, res.post)
-    again = probe.lookahead(t, 0, optimizer=kind)
+    again = probe.lookahead(t.state, 0, optimizer=kind)
     assert np.array_equal(res.pre, again.pre) and np.array_equal(res.post, again.post)
-    assert np.array_equal(probe.example_losses(t, 0), res.pre)  # one measurement, one number
+    assert np.array_equal(probe.example_losses(t.state, 0), res.pre)  # one measurement, one number
     _assert_identical(before, _everything(t))
     assert _modes(t) == modes
     # The equality above means something: this model's train-mode forwards are noisy.
-    _, batch = probe._reward_batch(t, 0, None, None)
+    _, batch = probe._reward_batch(t.state, 0, None, None)
     with torch.no_grad():
         a, b = (probe._sequence_losses(t.model, batch) for _ in range(2))
     assert not torch.equal(a, b)
@@ -191,7 +191,7 @@ def test_lookahead_steps_on_the_training_gradient(make_config, model):
     before = _everything(t)
     pre, post = _by_hand(t, "sgd", pre="eval", grad="train", post="eval")
     _, clean_post = _by_hand(t, "sgd", pre="eval", grad="eval", post="eval")
-    res = probe.lookahead(t, 0)
+    res = probe.lookahead(t.state, 0)
     assert np.array_equal(res.pre, pre) and np.array_equal(res.post, post)
     assert not np.array_equal(res.post, clean_post)
     assert (res.post < res.pre).mean() > 0.5  # the step helps most examples
@@ -209,7 +209,7 @@ def test_lookahead_without_dropout_is_unchanged(make_config, model, kind):
     forwards = []
     hook = t.model.register_forward_hook(lambda *_: forwards.append(1))
     try:
-        res = probe.lookahead(t, 0, optimizer=kind)
+        res = probe.lookahead(t.state, 0, optimizer=kind)
     finally:
         hook.remove()
     assert np.array_equal(res.pre, pre) and np.array_equal(res.post, post)
@@ -223,8 +223,8 @@ def test_modes_come_back_mixed_and_after_errors(make_config):
     next(m for m in t.model.modules() if type(m).__name__.endswith("RMSNorm")).eval()
     before, modes = _everything(t), _modes(t)
     assert not all(modes) and probe._active_dropout(t.model)
-    probe.lookahead(t, 0)
-    probe.example_losses(t, 0)
+    probe.lookahead(t.state, 0)
+    probe.example_losses(t.state, 0)
     assert _modes(t) == modes
     for fail_at in (1, 2, 3):  # L_pre (eval), the gradient's forward (train), L_post (eval)
         forwards = []
@@ -237,11 +237,11 @@ def test_modes_come_back_mixed_and_after_errors(make_config):
         hook = t.model.register_forward_hook(boom)
         try:
             with pytest.raises(RuntimeError, match="boom"):
-                probe.lookahead(t, 0, optimizer="adam")
+                probe.lookahead(t.state, 0, optimizer="adam")
             if fail_at == 1:
                 forwards.clear()
                 with pytest.raises(RuntimeError, match="boom"):
-                    probe.example_losses(t, 0)
+                    probe.example_losses(t.state, 0)
         finally:
             hook.remove()
         assert _modes(t) == modes

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from mixtune.config import MethodConfig
-from mixtune.continual.config import LearnConfig
+from mixtune.continual.hooks import StageContext, StageEnd
 from mixtune.errors import ConfigError
 from mixtune.mixers import DatasetInfo, DomainInfo, LookaheadResult, MixContext
 from mixtune.mixers.proxymix import controller as ctl
 from mixtune.mixers.proxymix.features import FEATURES, GLOBALS, Tracker, masked_policy
-from mixtune.mixers.proxymix.learn import Learner, train
+from mixtune.mixers.proxymix.reinforce import Learner, train
+from mixtune.mixers.proxymix.setting import LearnConfig
 from mixtune.mixers.proxymix.toy import ToyEnv
 from mixtune.registry import MIXERS
 
@@ -27,9 +28,12 @@ DOMAINS = [DomainInfo(d.name, "target", "loss", None) for d in DATASETS] + [
 ]
 
 
-def _mixer(seed=0, **params):
+def _mixer(seed=0, context: StageContext | None = None, **params):
     opts = MIXERS.options(MethodConfig("proxymix", params), "mixer")
-    return MIXERS["proxymix"](opts, list(DATASETS), list(DOMAINS), seed)
+    mixer = MIXERS["proxymix"](opts, list(DATASETS), list(DOMAINS), seed)
+    if context is not None:
+        mixer.begin_stage(context)
+    return mixer
 
 
 def _ctx(step, losses, weights=None):
@@ -94,10 +98,7 @@ def test_mixer_never_weights_a_future_task(policy, controller_file):
         policy=policy,
         accessible=["cur", "old", "older"],
         explore_sigma=2.0,
-        current="cur",
-        stage=2,
-        n_stages=4,
-        ages={"old": 0, "older": 1},
+        context=StageContext(current="cur", index=2, n_stages=4, learned={"old": 0, "older": 1}),
         **extra,
     )
     rng = np.random.default_rng(0)
@@ -149,7 +150,7 @@ def test_controller_file_errors(tmp_path):
         ({"policy": "fixed", "replay_ratio": 1.5}, "mixer.replay_ratio"),
         ({"policy": "fixed", "temperature": 0}, "mixer.temperature"),
         ({"policy": "oracle"}, "mixer.policy"),
-        ({"policy": "fixed", "stage": 3, "n_stages": 3}, "mixer.stage"),
+        ({"policy": "fixed", "stage": 1}, "mixer.stage: unknown key"),  # context, not options
     ],
 )
 def test_bad_options_are_config_errors(params, match):
@@ -158,10 +159,44 @@ def test_bad_options_are_config_errors(params, match):
 
 
 def test_bad_current_or_missing_controller_file(tmp_path):
-    with pytest.raises(ConfigError, match="mixer.current"):
-        _mixer(policy="fixed", current="nope")
+    with pytest.raises(ValueError, match="current 'nope' is not a training dataset"):
+        _mixer(policy="fixed", context=StageContext(current="nope"))
+    with pytest.raises(ConfigError, match="mixer.accessible: must include the current task"):
+        _mixer(policy="fixed", accessible=["cur"], context=StageContext(current="old"))
     with pytest.raises(ConfigError, match="controller file not found"):
         _mixer(policy="controller", controller=str(tmp_path / "none.pt"))
+
+
+# --------------------------------------------------------------------------------------------
+# The stage hooks
+
+
+def test_stage_hooks_carry_references_and_rebase_the_task_just_learned():
+    mixer = _mixer(
+        policy="loss_increase",
+        eval_batches=2,
+        context=StageContext(
+            current="old",
+            index=1,
+            n_stages=3,
+            learned={"cur": 0},
+            carry={"cur": {"ref": 1.5, "last": 1.0, "trend": 0.0, "peak": 1.0}},
+        ),
+    )
+    mixer.propose(_ctx(0, _losses(0)))  # "cur" at 2.0 against its carried reference 1.5
+    assert mixer.trajectory[0]["ratios"]["cur"] == pytest.approx(2.0 / 1.5)
+    asked = []
+    end = StageEnd(
+        max_steps=40,
+        losses={"cur": 9.0, "old": 9.0},  # every batch: not what the decisions measure
+        evaluate=lambda n: asked.append(n) or {"cur": 3.0, "old": 0.5, "safety": 1.0},
+    )
+    out = mixer.end_stage(end)
+    assert asked == [2]  # the references come from the decisions' own batches
+    assert out.trajectory[-1]["end"] and out.trajectory[-1]["ratios"]["cur"] == pytest.approx(2.0)
+    assert out.carry["old"] == {"ref": 0.5, "last": 1.0, "trend": 0.0, "peak": 1.0}
+    assert out.carry["cur"]["ref"] == 1.5 and out.carry["cur"]["last"] == pytest.approx(2.0)
+    assert mixer.tracker.slots["old"]["ref"] != 0.5  # the mixer's own state is left as it was
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,6 +46,30 @@ def test_numeric_series_flattens_dicts():
     assert got["flag"] == {"flag": [(1, 1.0)]} and "text" not in got
 
 
+def test_matrices_are_found_by_shape_and_drawn_as_heatmaps(tmp_path):
+    recs = [
+        {"step": 0, "mixer": {"S": {"a": {"x": 1.0, "y": -2.0}, "b": {"x": 0.5, "y": 0.0}}}},
+        {"step": 4, "mixer": {"S": {"a": {"x": 3.0, "y": -1.0}, "b": {"x": 0.1}}, "Q": {"x": 1}}},
+        {"step": 5, "mixer": {"flags": {"a": {"x": True}}, "blank": {"a": {"x": float("nan")}}}},
+    ]
+    got = plots.matrices(recs, "mixer")
+    assert got == {"S": (4, recs[1]["mixer"]["S"])}  # the latest; rows may lack a column
+    png = plots.heatmap("S", got["S"][1], tmp_path / "S.png", {"a": "T"})
+    assert png.stat().st_size > 1000
+    assert plots.matrices(recs, "loss") == {}
+
+
+def test_report_draws_the_latest_logged_matrix(make_config, tmp_path):
+    Trainer(config.load(data=make_config(max_steps=4))).run()
+    run = tmp_path / "run"
+    for step, v in ((5, 1.0), (6, -2.0)):
+        RunDir(run).append_metrics({"step": step, "mixer": {"S": {"add": {"add": v, "rev": 0.5}}}})
+    page = write_report(run).read_text()
+    assert "<h2>mixer: S at step 6 (latest)</h2><img" in page
+    assert "<h2>mixer: S at step 5" not in page
+    assert (run / "report/mixer_matrix_00.png").stat().st_size > 1000
+
+
 def test_report_of_non_run_dir_is_bad_input(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err

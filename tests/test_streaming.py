@@ -304,9 +304,9 @@ def test_probe_on_a_stream_restores_its_position(tmp_path, shards, chase_mixer):
     for t in (a, c):
         t.run(stop_after=3)
     before = a.sampler.state_dict()
-    probe.probe(a, 0, steps=4)  # 32 examples of the stream: several blocks further on
+    probe.probe(a.state, 0, steps=4)  # 32 examples of the stream: several blocks further on
     assert a.sampler.state_dict() == before
-    la = probe.lookahead(a, 0, batch_size=4)  # drawn from the current block
+    la = probe.lookahead(a.state, 0, batch_size=4)  # drawn from the current block
     assert a.sampler.state_dict() == before and len(la.pre) == 4
     (da, ea), (dc, ec) = a.sampler.next_batch(8), c.sampler.next_batch(8)
     assert np.array_equal(da, dc) and np.array_equal(ea, ec)

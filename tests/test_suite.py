@@ -10,7 +10,9 @@ import yaml
 
 from mixtune import cli
 from mixtune.errors import ConfigError
-from mixtune.suite.runner import cells, check_suite, load_suite
+from mixtune.suite.cell import cells
+from mixtune.suite.config import load_suite
+from mixtune.suite.runner import check_suite
 
 
 def _suite(tmp_path, make_config, methods, **top):
@@ -110,7 +112,7 @@ def test_builtin_suites_load_and_every_cell_validates():
     sweep_runs = [c for c in runs if c.method.point is not None and c.seed == 0]
     assert {sum(c.scenario is sc for c in sweep_runs) for sc in std.scenarios} == {5, 9}
     # long enough for each method's schedule: DynaMiCS >= 6 updates, DynamixSFT >= 30
-    from mixtune.mixers.dynamics import schedule_steps
+    from mixtune.mixers.dynamics.schedule import schedule_steps
 
     mix = {m.name: m.mixer for m in std.methods}
     steps = std.base["max_steps"]

@@ -11,18 +11,12 @@ import pytest
 import yaml
 
 from mixtune.errors import ConfigError
-from mixtune.suite import cell as suite_cell
-from mixtune.suite.runner import (
-    SweepPoint,
-    aggregate,
-    cells,
-    check_suite,
-    load_suite,
-    methods_of,
-    sweep_weights,
-    write_tables,
-)
-from mixtune.suite.table import select
+from mixtune.suite.cell import cell_raw, cells, plan_config, scenario_evals
+from mixtune.suite.config import load_suite, methods_of
+from mixtune.suite.results import write_tables
+from mixtune.suite.runner import check_suite
+from mixtune.suite.sweep import SweepPoint, sweep_weights
+from mixtune.suite.table import aggregate, select
 
 DOMAINS = {
     "t": {"role": "target", "reference": None, "metric": "loss", "test_of": None},
@@ -167,7 +161,7 @@ def test_sweep_rows_best_single_and_oracle_on_a_synthetic_grid(tmp_path):
     assert len(all_cells) == 16 and len(runs) == 12  # proportional-w0 == uniform-w0: shared
     root = Path(suite.output_dir)
     for c in runs:
-        evals = suite_cell.cell_raw(suite, c, root / "cells" / c.key, None)["evals"]
+        evals = cell_raw(suite, c, root / "cells" / c.key, None)["evals"]
         _write_cell(root, c.key, evals, GAINS[c.method.name][c.scenario.name][c.seed])
     rows = {r["method"]: r for r in aggregate(suite, all_cells)}
     assert list(rows) == [
@@ -327,7 +321,7 @@ def test_paper_protocol_evaluates_dev_with_test_twins(tmp_path):
         "evals": evals,
     }
     paper = load_suite(str(_grid_suite(tmp_path, scenarios=[sc])))
-    got = {e["name"]: e for e in suite_cell.scenario_evals(paper, paper.scenarios[0])}
+    got = {e["name"]: e for e in scenario_evals(paper, paper.scenarios[0])}
     assert list(got) == [
         "code",
         "triv",
@@ -351,7 +345,7 @@ def test_paper_protocol_evaluates_dev_with_test_twins(tmp_path):
     assert got["hub"]["split"] == "validation" and got["hub-test"]["split"] == "test"
     assert "test_split" not in got["hub"] and "held-test" not in got
     end = load_suite(str(_grid_suite(tmp_path, scenarios=[sc], protocol="end")))
-    got = suite_cell.scenario_evals(end, end.scenarios[0])
+    got = scenario_evals(end, end.scenarios[0])
     assert [e["name"] for e in got] == [e["name"] for e in evals]
     assert got[0]["split"] == "eval" and "test_split" not in got[3]
     assert load_suite("quick").protocol == "paper" == load_suite("standard").protocol
@@ -368,10 +362,10 @@ def test_planner_cells_leave_references_and_test_twins_to_the_planner(tmp_path):
     )
     cell = cells(suite)[0]
     refs = {"sA": {0: {"a": 1.0, "b": 2.0, "c": 3.0}}}
-    raw = suite_cell.cell_raw(suite, cell, tmp_path / "cell", refs)
+    raw = cell_raw(suite, cell, tmp_path / "cell", refs)
     # the trained cell: the suite's reference for the seed (all batches) + the stated slack
     assert next(e for e in raw["evals"] if e["name"] == "c")["reference"] == 3.05
-    plan = suite_cell.plan_raw(suite, cell, raw, tmp_path / "plan")
+    plan = plan_config(suite, cell, raw, tmp_path / "plan")
     # the plan: the planner's own base measurement (its eval batches) + the same slack
     assert plan["reference_slack"] == 0.05
     assert all("reference" not in e for e in plan["run"]["evals"])
@@ -379,22 +373,35 @@ def test_planner_cells_leave_references_and_test_twins_to_the_planner(tmp_path):
     assert {e["split"] for e in plan["run"]["evals"]} == {"dev"}
 
 
+def test_planner_cells_plan_the_run_with_the_scenarios_overrides(tmp_path):
+    methods = [{"name": "mm", "planner": {"name": "mergemix", "experts": {"steps": 2}}}]
+    path = _grid_suite(tmp_path, methods=methods, base={"max_steps": 4})
+    suite = load_suite(str(path), ["scenarios.sA.overrides=[max_steps=7]"])
+    cell = cells(suite)[0]
+    raw = cell_raw(suite, cell, tmp_path / "cell", None)
+    plan = plan_config(suite, cell, raw, tmp_path / "plan")
+    # the cell trains with max_steps=7 (its overrides): so does the run the planner plans
+    assert raw["max_steps"] == 4 and plan["run"]["max_steps"] == 7
+    assert plan["experts"] == {"steps": 2} and plan["output_dir"] == str(tmp_path / "plan")
+    assert "reference_slack" not in plan  # none stated: the planner's own default
+
+
 def test_mergemix_reference_slack_is_added_to_its_own_base_values(make_config):
-    from mixtune.planners.mergemix import planner as mergemix
+    from mixtune.planners.mergemix.config import bounds_of, load
 
     run = make_config()
     run["evals"][0].update(role="constraint")  # add: the base model's value + the slack
     run["evals"][1].update(role="constraint", reference=2.0)  # rev: stated, kept as is
-    pc, rc = mergemix.load(None, data={"run": run, "reference_slack": 0.25})
+    pc, rc = load(None, data={"run": run, "reference_slack": 0.25})
     base = {"add": {"loss": 3.0, "accuracy": 0.2}, "rev": {"loss": 4.0}}
-    assert [(b.domain, b.limit) for b in mergemix.bounds_of(pc, rc, base)] == [
+    assert [(b.domain, b.limit) for b in bounds_of(pc, rc, base)] == [
         ("add", 3.25),
         ("rev", 2.0),
     ]
-    pc, rc = mergemix.load(
+    pc, rc = load(
         None,
         data={"run": run, "reference_slack": 0.25, "constraints": {"add": {"metric": "accuracy"}}},
     )
-    assert [(b.domain, b.limit) for b in mergemix.bounds_of(pc, rc, base)][0] == ("add", 0.2)
+    assert [(b.domain, b.limit) for b in bounds_of(pc, rc, base)][0] == ("add", 0.2)
     with pytest.raises(ConfigError, match="reference_slack"):
-        mergemix.load(None, data={"run": run, "reference_slack": -1})
+        load(None, data={"run": run, "reference_slack": -1})

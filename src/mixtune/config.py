@@ -7,7 +7,14 @@ one-line message names the field and what is allowed. ``to_dict(cfg)`` gives bac
 the resolved config is saved as ``config.yaml`` in the run directory.
 
 The ``mixer`` and ``loss`` sections take a ``name`` plus that method's own options; the options
-are validated by the config class the method declares in its own module.
+are parsed once, at load, into the ``Config`` class the method declares in its own module
+(``cfg.mixer.options``), found through :mod:`mixtune.registry` -- which imports a method only
+when it is asked for, so this module imports no method. The same load checks that ``mixtune
+train`` can give each method what it ``requires`` (:func:`train_lacks`).
+
+One file, longer than most: it is the whole user-facing schema of a run, every field with its
+documentation, read top to bottom by users and by ``mixtune`` alike; split, it would scatter
+one reference page over several.
 """
 
 from __future__ import annotations
@@ -22,19 +29,9 @@ import yaml
 
 from mixtune import registry
 from mixtune.errors import ConfigError
+from mixtune.rawconfig import apply_override, read_yaml
 from mixtune.registry import LOSSES, MIXERS
-from mixtune.schema import (  # noqa: F401  (re-exported: methods import these from here)
-    MethodConfig,
-    _build,
-    _check,
-    _check_name,
-    _deepcopy,
-    _unique,
-    apply_override,
-    build,
-    read_yaml,
-    to_dict,
-)
+from mixtune.schema import MethodConfig, build, check, check_name, copy_raw, to_dict, unique
 
 # --------------------------------------------------------------------------------------------
 # The schema
@@ -53,8 +50,8 @@ class LoraConfig:
     """Module names to adapt, or ``all-linear``."""
 
     def __post_init__(self):
-        _check(1 <= self.r <= 2**16, "model.lora.r", "must be in [1, 65536] (usually 4-64)", self.r)
-        _check(0 <= self.dropout < 1, "model.lora.dropout", "must be in [0, 1)", self.dropout)
+        check(1 <= self.r <= 2**16, "model.lora.r", "must be in [1, 65536] (usually 4-64)", self.r)
+        check(0 <= self.dropout < 1, "model.lora.dropout", "must be in [0, 1)", self.dropout)
 
 
 @dataclass(frozen=True)
@@ -79,7 +76,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.gguf_file is not None:
-            _check(
+            check(
                 bool(self.gguf_file.strip()),
                 "model.gguf_file",
                 "must be a file name",
@@ -92,7 +89,8 @@ class ModelConfig:
                 )
 
 
-FORMATS = ("auto", "messages", "prompt_response", "instruction", "text")
+Format = Literal["auto", "messages", "prompt_response", "instruction", "text"]
+"""A record format (``mixtune.data.formats``); ``auto`` detects it from the first record."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +104,7 @@ class DatasetConfig:
     """Split of a Hugging Face dataset or built-in domain."""
     subset: str | None = None
     """Configuration (subset) name of a Hugging Face dataset."""
-    format: Literal["auto", "messages", "prompt_response", "instruction", "text"] = "auto"
+    format: Format = "auto"
     """Record format; ``auto`` detects it from the fields of the first record."""
     fields: dict | None = None
     """Rename fields before detection, e.g. ``{prompt: question, response: solution}``."""
@@ -122,8 +120,8 @@ class DatasetConfig:
     shard order per epoch; 0 = stream order."""
 
     def __post_init__(self):
-        _check_name(self.name, "datasets[].name")
-        _check(
+        check_name(self.name, "datasets[].name")
+        check(
             self.shuffle_buffer >= 0,
             f"datasets.{self.name}.shuffle_buffer",
             "must be >= 0",
@@ -133,7 +131,7 @@ class DatasetConfig:
             raise ConfigError(
                 f"datasets.{self.name}.shuffle_buffer: applies only with streaming: true"
             )
-        _check(
+        check(
             self.max_examples is None or self.max_examples >= 1,
             f"datasets.{self.name}.max_examples",
             "must be >= 1 (or null for all)",
@@ -156,7 +154,7 @@ class EvalConfig:
     """Fraction held out with ``from_dataset`` (or a count when >= 1)."""
     split: str = "train"
     subset: str | None = None
-    format: Literal["auto", "messages", "prompt_response", "instruction", "text"] = "auto"
+    format: Format = "auto"
     fields: dict | None = None
     max_examples: int | None = None
     role: Literal["target", "constraint", "monitor", "test"] = "monitor"
@@ -180,22 +178,22 @@ class EvalConfig:
     max_new_tokens: int = 32
 
     def __post_init__(self):
-        _check_name(self.name, "evals[].name")
+        check_name(self.name, "evals[].name")
         where = f"evals.{self.name}"
         if (self.path is None) == (self.from_dataset is None):
             raise ConfigError(f"{where}: give exactly one of 'path' or 'from_dataset'")
-        _check(
+        check(
             0 < self.holdout < math.inf, f"{where}.holdout", "must be finite and > 0", self.holdout
         )
-        _check(
+        check(
             self.reference is None or math.isfinite(self.reference),
             f"{where}.reference",
             "must be finite (or null)",
             self.reference,
         )
-        _check(self.batches >= 1, f"{where}.batches", "must be >= 1", self.batches)
-        _check(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1", self.batch_size)
-        _check(
+        check(self.batches >= 1, f"{where}.batches", "must be >= 1", self.batches)
+        check(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1", self.batch_size)
+        check(
             1 <= self.max_new_tokens <= MAX_NEW_TOKENS,
             f"{where}.max_new_tokens",
             f"must be in [1, {MAX_NEW_TOKENS}]",
@@ -258,48 +256,46 @@ class TrainConfig:
     """With ``nonfinite: skip``: stop after this many consecutive skipped steps."""
 
     def __post_init__(self):
-        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
-        _check(self.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1", self.max_nonfinite)
-        _check(
+        check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
+        check(self.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1", self.max_nonfinite)
+        check(
             self.micro_batch_size is None or self.micro_batch_size >= 1,
             "train.micro_batch_size",
             "must be >= 1",
             self.micro_batch_size,
         )
-        _check(
+        check(
             self.batch_size <= MAX_BATCH,
             "train.batch_size",
             f"must be <= {MAX_BATCH}",
             self.batch_size,
         )
-        _check(
-            self.lr > 0 and math.isfinite(self.lr), "train.lr", "must be > 0 and finite", self.lr
-        )
-        _check(
+        check(self.lr > 0 and math.isfinite(self.lr), "train.lr", "must be > 0 and finite", self.lr)
+        check(
             0 <= self.weight_decay < math.inf,
             "train.weight_decay",
             "must be finite and >= 0",
             self.weight_decay,
         )
-        _check(
+        check(
             0 < self.adam_eps < math.inf, "train.adam_eps", "must be finite and > 0", self.adam_eps
         )
-        _check(all(0 <= b < 1 for b in self.betas), "train.betas", "must be in [0, 1)", self.betas)
-        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", self.warmup_steps)
-        _check(
+        check(all(0 <= b < 1 for b in self.betas), "train.betas", "must be in [0, 1)", self.betas)
+        check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", self.warmup_steps)
+        check(
             0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", self.warmup_ratio
         )
-        _check(
+        check(
             self.max_grad_norm is None or self.max_grad_norm > 0,
             "train.max_grad_norm",
             "must be > 0 or null",
             self.max_grad_norm,
         )
-        _check(self.max_length >= 2, "train.max_length", "must be >= 2", self.max_length)
+        check(self.max_length >= 2, "train.max_length", "must be >= 2", self.max_length)
         for key in ("eval_every", "save_every"):
-            _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0", getattr(self, key))
-        _check(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
-        _check(
+            check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0", getattr(self, key))
+        check(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
+        check(
             self.keep_checkpoints >= 1,
             "train.keep_checkpoints",
             "must be >= 1",
@@ -331,9 +327,9 @@ class RunConfig:
     """Show a progress bar."""
 
     def __post_init__(self):
-        _check(self.max_steps >= 1, "max_steps", "must be >= 1", self.max_steps)
-        _check(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)", self.seed)
-        _check(
+        check(self.max_steps >= 1, "max_steps", "must be >= 1", self.max_steps)
+        check(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)", self.seed)
+        check(
             bool(self.output_dir.strip()) and "\0" not in self.output_dir,
             "output_dir",
             "must be a non-empty path without NUL characters",
@@ -341,8 +337,8 @@ class RunConfig:
         )
         if not self.datasets:
             raise ConfigError("datasets: at least one training dataset is required")
-        _unique([d.name for d in self.datasets], "datasets")
-        _unique([e.name for e in self.evals], "evals")
+        unique([d.name for d in self.datasets], "datasets")
+        unique([e.name for e in self.evals], "evals")
         names = [d.name for d in self.datasets]
         streamed = {d.name for d in self.datasets if d.streaming}
         for e in self.evals:
@@ -364,7 +360,7 @@ class RunConfig:
                     f"domain; domains are {[n for n, r in roles.items() if r != 'test']}"
                 )
         for t in self.report_to:
-            _check(
+            check(
                 t in ("tensorboard", "wandb"),
                 "report_to",
                 "entries must be tensorboard or wandb",
@@ -384,14 +380,14 @@ def load(
     """Read a YAML file (or ``data``), apply ``key=value`` overrides, validate."""
     if data is None:
         data = read_yaml(path) if path is not None else {}
-    raw = _deepcopy(data)
+    raw = copy_raw(data)
     for item in overrides:
         apply_override(raw, item)
     return from_dict(raw)
 
 
 def from_dict(raw: dict) -> RunConfig:
-    return _validate_methods(_build(RunConfig, raw, ""))
+    return _validate_methods(build(RunConfig, raw, ""))
 
 
 def save(cfg: RunConfig, path: str | Path) -> None:
@@ -408,8 +404,9 @@ def _validate_methods(cfg: RunConfig) -> RunConfig:
     mixer = MIXERS.options(cfg.mixer, "mixer")
     loss = LOSSES.options(cfg.loss, "loss")
     lacking = train_lacks(cfg)
-    registry.check(registry.requirements(MIXERS[cfg.mixer.name], mixer), lacking)
-    registry.check(registry.requirements(LOSSES[cfg.loss.name], loss), lacking)
+    for cls, options in ((MIXERS[cfg.mixer.name], mixer), (LOSSES[cfg.loss.name], loss)):
+        registry.check_run(cls, options, cfg)
+        registry.check(registry.requirements(cls, options), lacking)
     return dataclasses.replace(
         cfg,
         mixer=dataclasses.replace(cfg.mixer, options=mixer),

@@ -9,6 +9,8 @@ A method class provides:
 
 - ``Config``: a frozen dataclass of its options (or ``None``: it takes none). The options are
   parsed into it once, when the run config loads (``cfg.mixer.options``).
+- ``check_run(options, cfg)`` (optional, static): checks of its options against the whole run
+  config (e.g. a fixed mixture's dataset names), raising ConfigError; called at load.
 - ``requires`` (optional): the capabilities it needs from the run that drives it, as a set of
   names, or a callable ``requires(options) -> {capability: why}`` when they depend on its
   options (the reason names the option, e.g. ``"mixer.slopes: gradient alignment ..."``).
@@ -100,7 +102,7 @@ MIXERS = Registry(
         "proportional": "mixtune.mixers.static:Proportional",
         "temperature": "mixtune.mixers.static:Temperature",
         "fixed": "mixtune.mixers.static:Fixed",
-        "dynamics": "mixtune.mixers.dynamics:DynaMiCS",
+        "dynamics": "mixtune.mixers.dynamics.mixer:DynaMiCS",
         "dynamixsft": "mixtune.mixers.dynamixsft:DynamixSFT",
         "exp3": "mixtune.mixers.exp3:EXP3",
         "proxymix": "mixtune.mixers.proxymix.mixer:ProxyMix",
@@ -136,6 +138,13 @@ def requirements(cls, options=None) -> dict[str, str]:
     if unknown:
         raise ValueError(f"{cls}: unknown capabilities {sorted(unknown)}; known: {CAPABILITIES}")
     return dict(req)
+
+
+def check_run(cls, options, cfg) -> None:
+    """The method's own checks against the run config (its ``check_run``), if it has any."""
+    hook = getattr(cls, "check_run", None)
+    if hook is not None:
+        hook(options, cfg)
 
 
 def check(needs: dict[str, str], lacking: dict[str, str]) -> None:

@@ -1,10 +1,16 @@
-"""Typed YAML -> frozen dataclass machinery behind :mod:`mixtune.config`.
+"""Typed config machinery behind :mod:`mixtune.config`: raw mappings to frozen dataclasses.
 
-``build(cls, raw, where)`` checks a mapping against a dataclass's type hints (str, int, float,
-bool, Literal, optional, tuples, nested dataclasses, dicts) and raises a one-line
-:class:`ConfigError` naming the field; ``apply_override`` applies one dotted ``key=value``;
-``to_dict`` turns configs back into plain data. Methods (mixers, losses, planners) use ``build``
-for their own option classes.
+- ``build(cls, raw, where)`` checks a mapping against a dataclass's type hints (str, int,
+  float, bool, Literal, optional, tuples, nested dataclasses, dicts) and raises a one-line
+  :class:`ConfigError` naming the field; methods (mixers, losses, planners) use it for their
+  own option classes.
+- ``check(ok, where, rule, value)``, ``check_name(name, where)`` and ``unique(names, where)``
+  are the one validation style for what types cannot say (ranges, names, uniqueness), called
+  from a config dataclass's ``__post_init__``: every message reads ``"<field>: <rule>, got
+  <value>"``.
+- ``to_dict`` turns configs back into plain data.
+
+Reading the YAML file and applying ``key=value`` overrides is :mod:`mixtune.rawconfig`.
 """
 
 from __future__ import annotations
@@ -13,11 +19,9 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 from mixtune.errors import ConfigError
 
@@ -33,109 +37,10 @@ class MethodConfig:
     options: Any = field(default=None, compare=False, repr=False)
 
 
-def read_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"config file {p} is a directory; give a YAML file")
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
-    check_expanded_size(data, str(p))
-    return data
-
-
-MAX_YAML_VALUES = 100_000
-MAX_YAML_DEPTH = 64
-
-
-def check_expanded_size(data: Any, where: str) -> None:
-    """Refuse YAML whose aliases (``&a`` / ``*a``) expand to a huge or self-containing value.
-
-    PyYAML shares an aliased value instead of copying it, so a "billion laughs" file loads
-    instantly, but anything that walks it (validation, JSON dumps) would take forever; a value
-    that contains itself would recurse without end. Configs are small: this counts values with
-    aliases expanded and stops early.
-    """
-    stack, seen = [(data, 1)], 0
-    while stack:
-        node, depth = stack.pop()
-        seen += 1
-        if seen > MAX_YAML_VALUES:
-            raise ConfigError(
-                f"{where}: more than {MAX_YAML_VALUES:,} values once YAML aliases "
-                "(&name / *name) are expanded; write the config out without them"
-            )
-        if depth > MAX_YAML_DEPTH:
-            raise ConfigError(
-                f"{where}: nested more than {MAX_YAML_DEPTH} levels deep (a YAML "
-                "alias inside the value it names?)"
-            )
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend((v, depth + 1) for v in node)
-
-
-def apply_override(raw: dict, item: str) -> None:
-    """Apply one ``dotted.key=value`` to the raw mapping (the value is parsed as YAML)."""
-    if "=" not in item:
-        raise ConfigError(f"override '{item}': expected key=value, e.g. train.lr=5e-5")
-    key, _, text = item.partition("=")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    check_expanded_size(value, f"override '{key.strip()}'")
-    parts = key.strip().split(".")
-    node: Any = raw
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            idx = _list_index(node, part, where)
-            if last:
-                node[idx] = value
-            else:
-                node = node[idx]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                if node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-        else:
-            raise ConfigError(f"override '{item}': '{'.'.join(parts[:i])}' is not a section")
-
-
-def _list_index(node: list, part: str, where: str) -> int:
-    if part.lstrip("-").isdigit():
-        idx = int(part)
-        if not -len(node) <= idx < len(node):
-            raise ConfigError(f"override {where}: index out of range (list has {len(node)})")
-        return idx
-    for idx, entry in enumerate(node):
-        if isinstance(entry, dict) and entry.get("name") == part:
-            return idx
-    names = [e.get("name") for e in node if isinstance(e, dict)]
-    raise ConfigError(f"override {where}: no entry named '{part}'; entries are {names}")
-
-
 def to_dict(obj) -> Any:
     """Plain data (dicts, lists, scalars) for YAML/JSON; method params are flattened."""
     if isinstance(obj, MethodConfig):
-        return {"name": obj.name, **_deepcopy(obj.params)}
+        return {"name": obj.name, **copy_raw(obj.params)}
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (tuple, list)):
@@ -146,11 +51,10 @@ def to_dict(obj) -> Any:
 
 
 def build(cls, raw: Any, where: str):
-    """Build dataclass ``cls`` from a mapping (used by methods for their own options)."""
-    return _build(cls, raw, where)
-
-
-def _build(cls, raw: Any, where: str):
+    """Build dataclass ``cls`` from the mapping ``raw`` (None: all defaults), typing every
+    field from its hints; ``where`` is the dotted path of ``raw`` in the config, named in
+    errors (``"mixer"`` gives ``"mixer.c_max: expected an integer, got 'x'"``). Unknown keys
+    and missing required ones are errors; ``__post_init__`` validation runs as usual."""
     if cls is MethodConfig:
         return _build_method(raw, where)
     if raw is None:
@@ -224,7 +128,7 @@ def _coerce(tp, value: Any, where: str):
             raise ConfigError(f"{where}: expected {len(args)} values, got {_show(value)}")
         return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
+        return build(tp, value, where)
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {_show(value)}")
@@ -259,22 +163,34 @@ def _coerce(tp, value: Any, where: str):
     raise TypeError(f"unsupported config type {tp} at {where}")
 
 
-def _check(ok: bool, where: str, rule: str, value: Any) -> None:
+def check(ok: bool, where: str, rule: str, value: Any) -> None:
+    """ConfigError ``"<where>: <rule>, got <value>"`` unless ``ok``.
+
+    ``where`` is the field's dotted path (``"train.lr"``, ``"mixer.c_max"``), ``rule`` what
+    is allowed (``"must be > 0"``) and ``value`` what was given (shown by ``repr``, cut to 60
+    characters), e.g. ``check(self.lr > 0, "train.lr", "must be > 0", self.lr)``.
+    """
     if not ok:
         raise ConfigError(f"{where}: {rule}, got {_show(value)}")
 
 
-def _check_name(name: str, where: str) -> None:
+def check_name(name: str, where: str) -> None:
+    """ConfigError unless ``name`` is non-empty letters, digits, ``_`` or ``-`` (names become
+    file names, metric keys and ``key=value`` override paths)."""
     if not name or not all(c.isalnum() or c in "_-" for c in name):
         raise ConfigError(f"{where}: '{name}' must be non-empty letters, digits, '_' or '-'")
 
 
-def _unique(names: list[str], where: str) -> None:
+def unique(names: Iterable[str], where: str) -> None:
+    """ConfigError naming the first of ``names`` that appears twice."""
     seen = set()
     for n in names:
         if n in seen:
             raise ConfigError(f"{where}: name '{n}' is used twice; names must be unique")
         seen.add(n)
+
+
+# The earlier private names, until their importers switch to the public ones.
 
 
 def _join(where: str, key: str) -> str:
@@ -296,9 +212,10 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _deepcopy(x):
+def copy_raw(x):
+    """A deep copy of plain YAML data (nested dicts and lists; other values shared)."""
     if isinstance(x, dict):
-        return {k: _deepcopy(v) for k, v in x.items()}
+        return {k: copy_raw(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_deepcopy(v) for v in x]
+        return [copy_raw(v) for v in x]
     return x

@@ -1,7 +1,7 @@
 """Mixture weights: one validated point on the probability simplex, in train-dataset order.
 
-Every mixer's output passes through :func:`validate` (or :func:`project` first, for mixers that
-produce unnormalised scores), so floors, caps and errors live in one place.
+Every mixture the loop applies passes through :func:`validate`, and user-given ratios through
+:func:`normalize`, so the checks and their error messages live in one place.
 """
 
 from __future__ import annotations
@@ -71,45 +71,6 @@ def normalize(w, names: Sequence[str] | None = None, *, what: str = "weights") -
     if arr.sum() <= 0:
         raise MixtuneError(f"{what}: at least one weight must be positive")
     return validate(arr / arr.sum(), names, what=what)
-
-
-def project(v) -> Weights:
-    """Euclidean projection of ``v`` onto the simplex (sort-based, O(K log K))."""
-    v = np.asarray(v, dtype=np.float64)
-    u = np.sort(v)[::-1]
-    css = np.cumsum(u) - 1.0
-    k = np.arange(1, v.size + 1)
-    rho = np.nonzero(u - css / k > 0)[0][-1]
-    theta = css[rho] / (rho + 1.0)
-    return np.maximum(v - theta, 0.0)
-
-
-def clip_to_bounds(w, lower=None, upper=None, iters: int = 100) -> Weights:
-    """Move ``w`` to the nearest simplex point with ``lower <= w <= upper`` (elementwise).
-
-    Alternates clipping and re-projecting the free coordinates; exact for feasible bounds.
-    """
-    w = np.asarray(w, dtype=np.float64)
-    lo = np.zeros_like(w) if lower is None else np.broadcast_to(np.asarray(lower, float), w.shape)
-    hi = np.ones_like(w) if upper is None else np.broadcast_to(np.asarray(upper, float), w.shape)
-    if lo.sum() > 1 + SUM_TOL or hi.sum() < 1 - SUM_TOL or np.any(lo > hi):
-        raise MixtuneError(f"weight bounds are infeasible: lower={lo.tolist()} upper={hi.tolist()}")
-    # Bisection on the shift theta: sum(clip(w - theta, lo, hi)) is monotone in theta.
-    a, b = float((w - hi).min()) - 1.0, float((w - lo).max()) + 1.0
-    for _ in range(iters):
-        mid = 0.5 * (a + b)
-        if np.clip(w - mid, lo, hi).sum() > 1.0:
-            a = mid
-        else:
-            b = mid
-    out = np.clip(w - 0.5 * (a + b), lo, hi)
-    return out / out.sum()
-
-
-def entropy(w) -> float:
-    w = np.asarray(w, dtype=np.float64)
-    nz = w[w > 0]
-    return float(-(nz * np.log(nz)).sum())
 
 
 def _show(arr: np.ndarray, names: Sequence[str] | None) -> str:

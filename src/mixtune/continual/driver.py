@@ -7,6 +7,10 @@ report losses only (the mixer reads them at its decisions); after the stage the 
 every task seen so far and the safety domain with accuracy. A finished stage leaves
 ``stage.json``; a rerun skips it, and an interrupted stage resumes from its checkpoint.
 
+Any mixer runs; one that declares :class:`~mixtune.continual.hooks.StageAware` is told its
+stage before training and hands back, after the final evaluation, the state the next stage
+starts from (``carry``) and its decisions (``trajectory``), both kept in ``stage.json``.
+
 Outputs in the sequence directory: ``results.json`` (matrices, average accuracy, forgetting,
 safety, vulnerability, cost), ``results.md`` and ``results.png``.
 """
@@ -20,12 +24,15 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from mixtune import config as C
 from mixtune.config import MethodConfig, RunConfig, TrainConfig
-from mixtune.continual.config import SAFETY_BUFFER, SAFETY_EVAL, ContinualConfig, stage_config
+from mixtune.continual.config import ContinualConfig
+from mixtune.continual.hooks import StageContext, StageEnd, stage_hooks
 from mixtune.continual.metrics import summarize, write_outputs
+from mixtune.continual.stages import SAFETY_BUFFER, SAFETY_EVAL, stage_config
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +52,7 @@ def warmup(cc: ContinualConfig, default_dir: str | Path) -> str | None:
             seed=cc.seed,
             max_steps=w.steps,
             model=cc.model,
-            datasets=w.datasets,
-            mixer=MethodConfig("proportional"),
+            datasets=w.datasets,  # the run config's default mixer
             loss=cc.loss,
             train=dataclasses.replace(train, eval_every=0),
             progress=cc.progress,
@@ -68,8 +74,8 @@ def run_sequence(
 ) -> dict:
     """Train the tasks of ``order`` one after another; returns (and writes) the results.
 
-    The returned dict also holds ``records``: each stage's ``stage.json`` (mixer trajectory,
-    evaluation, weights, cost).
+    The returned dict also holds ``records``: each stage's ``stage.json`` (evaluation, weights,
+    cost, and the mixer's trajectory and carried state).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,26 +115,8 @@ def _run_stage(
 
     t0 = time.perf_counter()
     task = order[s]
-    params = dict(mixer.params)
-    if mixer.name == "proxymix":  # the stage context the mixer needs
-        params.update(
-            current=task,
-            safety_slot=SAFETY_BUFFER if cc.safety_buffer else None,
-            safety_domain=SAFETY_EVAL,
-            carry=carry,
-            stage=s,
-            n_stages=len(order),
-            ages={order[i]: i for i in range(s)},
-        )
     cfg = stage_config(
-        cc,
-        order,
-        s,
-        MethodConfig(mixer.name, params),
-        model_path=model,
-        output_dir=str(sdir),
-        max_steps=steps,
-        seed=seed,
+        cc, order, s, mixer, model_path=model, output_dir=str(sdir), max_steps=steps, seed=seed
     )
     # Losses only while training (the mixer's probes); accuracy once, at the end of the stage.
     want = {e.name: e.accuracy if cc.accuracy else False for e in cfg.evals}
@@ -136,31 +124,28 @@ def _run_stage(
         cfg, evals=tuple(dataclasses.replace(e, accuracy=False) for e in cfg.evals)
     )
     trainer = Trainer(cfg)
+    hooks = stage_hooks(trainer.mixer)
+    hooks.begin_stage(
+        StageContext(
+            current=task,
+            index=s,
+            n_stages=len(order),
+            learned={order[i]: i for i in range(s)},
+            safety_buffer=SAFETY_BUFFER if cc.safety_buffer else None,
+            safety_domain=SAFETY_EVAL,
+            carry=carry,
+        )
+    )
     start = _evaluate(trainer, want) if s == 0 else None  # the model before any training
     summary = trainer.run()
     ev = _evaluate(trainer, want)
-    mx = trainer.mixer
-    losses = {k: m["loss"] for k, m in ev.items()}
-    if hasattr(mx, "observe_end"):
-        n = getattr(getattr(mx, "o", None), "eval_batches", None)
-        if n is not None:  # the mixer's references must come from the batches it evaluates
-            losses = {
-                k: m["loss"]
-                for k, m in trainer.evaluate(n_batches=n, accuracy=False, use_cache=False).items()
-            }
-        mx.observe_end(losses, cfg.max_steps)
-    new_carry = dict(mx.carry()) if hasattr(mx, "carry") else {}
-    new_carry[task] = {
-        "ref": max(losses[task], 1e-8),
-        "last": 1.0,
-        "trend": 0.0,
-        "peak": 1.0,
-    }  # the task just learned becomes a buffer
-    if start is not None and SAFETY_EVAL in start:
-        new_carry.setdefault(
-            SAFETY_EVAL,
-            {"ref": start[SAFETY_EVAL]["loss"], "last": None, "trend": 0.0, "peak": 1.0},
+    outcome = hooks.end_stage(
+        StageEnd(
+            max_steps=cfg.max_steps,
+            losses={k: m["loss"] for k, m in ev.items()},
+            evaluate=partial(_losses, trainer),
         )
+    )
     from mixtune.engine.rundir import read_metrics
 
     weights = [
@@ -175,8 +160,8 @@ def _run_stage(
         "eval": ev,
         "start_eval": start,
         "weights": weights,
-        "trajectory": getattr(mx, "trajectory", []),
-        "carry": new_carry,
+        "trajectory": outcome.trajectory,
+        "carry": outcome.carry,
         "steps": summary["steps"],
         "seconds": round(time.perf_counter() - t0, 3),
         "train_seconds": summary["seconds"],
@@ -196,6 +181,12 @@ def _evaluate(trainer, want: dict) -> dict:
     finally:
         for d in trainer.domains:
             d.accuracy = False
+
+
+def _losses(trainer, n_batches: int) -> dict[str, float]:
+    """Every domain's loss over its first ``n_batches`` batches, evaluated afresh."""
+    ev = trainer.evaluate(n_batches=n_batches, accuracy=False, use_cache=False)
+    return {k: m["loss"] for k, m in ev.items()}
 
 
 def _write_json(path: Path, data) -> None:

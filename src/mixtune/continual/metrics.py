@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixtune.continual.config import SAFETY_EVAL
+from mixtune.continual.stages import SAFETY_EVAL
 
 
 def _mean(xs):
@@ -106,7 +106,7 @@ def _fmt(x, pct=False) -> str:
 def markdown(result: dict) -> str:
     order = result["order"]
     mixer = result.get("mixer", {})
-    shown = {k: v for k, v in mixer.items() if k in ("policy", "replay_ratio", "controller")}
+    shown = {k: v for k, v in mixer.items() if k != "name"}
     lines = [
         f"# Continual run: {' > '.join(order)}",
         "",
@@ -180,27 +180,6 @@ def plot(result: dict, path: Path) -> None:
     )
     b.set_xlabel("stage")
     b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_returns(history: list[dict], path: Path) -> None:
-    """Episode returns of a controller-learning run, with a running mean."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    r = np.array([h["return"] for h in history], np.float64)
-    if not len(r):
-        return
-    run = np.cumsum(r) / np.arange(1, len(r) + 1)
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(np.arange(1, len(r) + 1), r, ".", label="episode return")
-    ax.plot(np.arange(1, len(r) + 1), run, "-", label="running mean")
-    ax.set_xlabel("episode")
-    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

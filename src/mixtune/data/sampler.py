@@ -15,7 +15,7 @@ global batch and takes its own shard with :func:`shard`. Datasets with ``repeat=
 being drawn once exhausted (their share goes to the others); when nothing is left to draw the
 sampler raises :class:`SamplerExhausted`.
 
-A *streamed* dataset (``streams``: dataset index -> :class:`mixtune.data.streaming.Stream`)
+A *streamed* dataset (``streams``: dataset index -> :class:`~mixtune.data.streaming.stream.Stream`)
 is still chosen by the weights like any other, but hands out its next examples in stream order;
 its ids are stream sequence numbers, and its position is part of ``state_dict``.
 """

@@ -2,7 +2,7 @@
 
 ``checkpoints/step-000123/`` holds the trainable weights (``trainable.safetensors``: the full
 model, or only the LoRA adapter), ``optimizer.pt``, ``scheduler.pt``, ``sampler.json``,
-``mixer.pt``, ``loss.pt`` (when the loss has state), one ``rank<r>.pt`` per process (RNG
+``mixer.pt``, ``loss.pt`` (the loss's ``state_dict``), one ``rank<r>.pt`` per process (RNG
 states and that rank's running sums) and
 ``state.json`` (step, counters, elapsed time). It is written into ``.tmp-step-000123`` and
 renamed into place only once complete (every file, the directory and the rename fsync'd),
@@ -99,7 +99,7 @@ def save(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "sampler.json").write_text(json.dumps(sampler.state_dict()))
         torch.save(mixer.state_dict(), tmp / "mixer.pt")
-        if hasattr(loss, "state_dict"):
+        if loss is not None:
             torch.save(loss.state_dict(), tmp / "loss.pt")
         for f in tmp.iterdir():
             if not f.name.startswith("rank"):
@@ -256,7 +256,7 @@ def load(
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     sampler.load_state_dict(json.loads((path / "sampler.json").read_text()))
     mixer.load_state_dict(torch.load(path / "mixer.pt", weights_only=False))
-    if hasattr(loss, "load_state_dict") and (path / "loss.pt").is_file():
+    if loss is not None and (path / "loss.pt").is_file():  # (older checkpoints may lack it)
         loss.load_state_dict(torch.load(path / "loss.pt", weights_only=False))
     rank_state = torch.load(path / f"rank{accelerator.process_index}.pt", weights_only=False)
     set_rng_state(rank_state.pop("rng"))

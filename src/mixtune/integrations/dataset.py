@@ -21,23 +21,23 @@ weights live in the main process; tokenised data makes workers unnecessary anywa
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from mixtune import simplex
 from mixtune.data.collate import collate
+from mixtune.data.domains import TrainSet
 from mixtune.data.sampler import MixtureSampler
+from mixtune.data.tokenize import IGNORE, Tokenized
 from mixtune.errors import DataError, MixtuneError
-from mixtune.losses.core import IGNORE
 from mixtune.mixers.base import DatasetInfo
 
 _KEEP = 8  # drawn batches kept for the loss ledger (the data loader reads ahead by one)
 
 
-def _part(name: str, examples) -> SimpleNamespace:
-    """Tokenised examples of one dataset as numpy arrays (the layout engine.probe reads)."""
+def _part(name: str, examples) -> TrainSet:
+    """Tokenised examples of one dataset as numpy arrays, in mixtune's training-set layout."""
     ids, labels = [], []
     for i in range(len(examples)):
         ex = examples[i]
@@ -55,12 +55,7 @@ def _part(name: str, examples) -> SimpleNamespace:
     if not ids:
         raise DataError(f"dataset '{name}': no examples")
     counts = np.array([int((y[1:] != IGNORE).sum()) for y in labels], np.int64)
-    return SimpleNamespace(
-        name=name,
-        size=len(ids),
-        label_counts=counts,
-        data=SimpleNamespace(input_ids=ids, labels=labels),
-    )
+    return TrainSet(name, Tokenized(input_ids=ids, labels=labels), repeat=True, label_counts=counts)
 
 
 class MixtureDataset(torch.utils.data.IterableDataset):

@@ -11,10 +11,10 @@ Usage (see docs/integrations.md and examples/hf_trainer_mixture.py)::
 What the callback does, at the steps the mixer asks for (``update_steps``):
 
 1. builds a :class:`MixContext` from what a Trainer can supply: per-dataset training losses
-   (a forward hook on the model reads each training micro-batch's logits and labels and credits
-   the token losses to the dataset of every row, found from the mixture's ledger), and the
-   DynamixSFT one-step look-ahead (:func:`mixtune.engine.probe.lookahead` on the Trainer's
-   model, optimizer and LR scheduler, restored bit-identically afterwards);
+   (:class:`~mixtune.integrations.ledger.LossLedger`, a forward hook crediting each training
+   micro-batch's token losses to the dataset of every row), and the one-step look-ahead
+   (:func:`mixtune.engine.probe.lookahead` on a :class:`~mixtune.engine.state.TrainState` of
+   the Trainer's model, optimizer and LR scheduler, restored bit-identically afterwards);
 2. calls ``mixer.propose`` and appends the weights to the mixture's schedule;
 3. logs weights and the mixer's diagnostics to ``state.log_history`` (and ``metrics_path``).
 
@@ -25,7 +25,8 @@ Deliberate differences from ``mixtune train`` (numbered):
 2. No per-domain evaluation, probing or gradient alignment (``ctx.evaluate``/``probe``): the
    mixers that need them (dynamics, proxymix) raise an error pointing to ``mixtune train``.
 3. The loss ledger assumes one model forward per training micro-batch and an unpacked batch
-   (no TRL packing / padding-free), and labels passed to the model.
+   (no TRL packing / padding-free), and labels passed to the model
+   (:mod:`mixtune.integrations.ledger`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import contextlib
 import json
 import os
 from functools import partial
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -42,10 +42,13 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from mixtune import registry
+from mixtune.data.sampler import MixtureSampler
 from mixtune.engine import probe
+from mixtune.engine.snapshot import unwrap_optimizer
+from mixtune.engine.state import TrainState
 from mixtune.errors import ConfigError, MixtuneError
 from mixtune.integrations.dataset import MixtureDataset
-from mixtune.losses.core import token_losses
+from mixtune.integrations.ledger import LossLedger
 from mixtune.mixers import MixContext
 from mixtune.registry import MIXERS
 from mixtune.schema import MethodConfig
@@ -61,7 +64,8 @@ STATE_FILE = "mixtune_mixture.json"
 
 
 class _Acc:
-    """The few accelerator calls engine.probe makes, for a model the Trainer already placed."""
+    """The accelerator calls the look-ahead makes (:mod:`mixtune.engine.probe`), for a model
+    the Trainer already placed."""
 
     def __init__(self, device, args, world: int):
         self.device, self.world = device, world
@@ -142,13 +146,9 @@ class MixtureCallback(TrainerCallback):
             track_losses = not isinstance(mixer, str) or "train_losses" in needs
         self.track = bool(track_losses)
         self.metrics_path, self.resume_from = metrics_path, resume_from
-        K = len(mixture.names)
-        self.sums = np.zeros((K, 2))  # per-dataset (NLL sum, tokens) since the last update
-        self.seen = np.zeros(K, np.int64)  # examples trained on, per dataset
-        self._dev_sums: torch.Tensor | None = None
-        self._hook = None
-        self._paused = False
-        self.run: SimpleNamespace | None = None
+        self.ledger = LossLedger(mixture)
+        self.seen = np.zeros(len(mixture.names), np.int64)  # examples trained on, per dataset
+        self.train_state: TrainState | None = None  # what the look-ahead reads, once training
 
     # ------------------------------------------------------------------------------------------
     def on_train_begin(
@@ -162,32 +162,30 @@ class MixtureCallback(TrainerCallback):
             args.gradient_accumulation_steps,
         )
         self.mix.start(micro * ga * world)
-        device = next(model.parameters()).device
-        acc = _Acc(device, args, world)
+        acc = _Acc(next(model.parameters()).device, args, world)
         params = [p for p in model.parameters() if p.requires_grad]
         acc.params = params
-        # What engine.probe reads off mixtune's Trainer, from the HF one.
-        self.run = SimpleNamespace(
-            micro=micro,
-            ga=ga,
-            world=world,
-            rank=args.process_index,
-            step=state.global_step,
+        # What the look-ahead reads of mixtune's run, from the HF Trainer's.
+        self.train_state = TrainState(
             acc=acc,
             model=model,
             params=params,
-            optimizer=probe._inner(optimizer),
+            optimizer=unwrap_optimizer(optimizer),
             scheduler=lr_scheduler,
-            train_sets=self.mix.parts,
-            tokenizer=SimpleNamespace(pad_token_id=self.mix.pad_token_id),
             sampler=_look_sampler(self.mix),
-            first=state.global_step,
-            forwards=0,
+            train_sets=self.mix.parts,
+            world=world,
+            rank=args.process_index,
+            micro=micro,
+            batch_size=micro * ga * world,
+            max_steps=state.max_steps,
+            seed=self.mix.seed,
+            pad_token_id=self.mix.pad_token_id,
+            step=state.global_step,
         )
         self.updates = self.mixer.update_steps(state.max_steps)
         if self.track:
-            self._dev_sums = torch.zeros(len(self.mix.names), 2, dtype=torch.float64, device=device)
-            self._hook = model.register_forward_hook(self._record, with_kwargs=True)
+            self.ledger.attach(model, state.global_step, micro, ga, world, args.process_index)
         if state.global_step > 0:
             self._load(args, state)
         else:
@@ -201,13 +199,13 @@ class MixtureCallback(TrainerCallback):
             self._update(args, state)
 
     def on_save(self, args, state, control, **kwargs):
-        self._pull_sums()  # every rank: it may all-reduce
+        self.ledger.pull()  # every rank: it may all-reduce
         path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if state.is_world_process_zero and os.path.isdir(path):
             blob = {
                 "mixer": self.mixer.state_dict(),
                 "mixture": self.mix.state_dict(),
-                "sums": self.sums.tolist(),
+                "sums": self.ledger.sums.tolist(),
                 "seen": self.seen.tolist(),
                 "step": state.global_step,
             }
@@ -217,16 +215,14 @@ class MixtureCallback(TrainerCallback):
             os.replace(tmp, os.path.join(path, STATE_FILE))
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        self.ledger.detach()
 
     # ------------------------------------------------------------------------------------------
     def _update(self, args, state) -> None:
-        s, r = state.global_step, self.run
-        r.step = s
+        s, ts = state.global_step, self.train_state
+        ts.step = s
         diag: dict = {}
-        losses = self._take_losses()
+        losses = self.ledger.take()
         ctx = MixContext(
             step=s,
             max_steps=state.max_steps,
@@ -236,15 +232,15 @@ class MixtureCallback(TrainerCallback):
             train_losses=losses,
             evaluate=_unsupported("evaluate"),
             probe=_unsupported("probe"),
-            lookahead=partial(probe.lookahead, r),
+            lookahead=partial(probe.lookahead, ts),
             log=diag.__setitem__,
-            losses=partial(probe.example_losses, r),
+            losses=partial(probe.example_losses, ts),
         )
-        self._paused = True  # look-ahead forwards are not training micro-batches
+        self.ledger.paused = True  # look-ahead forwards are not training micro-batches
         try:
             w = validate(self.mixer.propose(ctx), self.mix.names, what=f"mixer '{self.name}'")
         finally:
-            self._paused = False
+            self.ledger.paused = False
         self.mix.set_weights(w, 0 if s == 0 else s + 1)
         names = self.mix.names
         rec = {f"mixtune/weight/{n}": float(x) for n, x in zip(names, w)}
@@ -267,54 +263,6 @@ class MixtureCallback(TrainerCallback):
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(line, default=_plain) + "\n")
 
-    def _record(self, module, args, kwargs, output):
-        """Forward hook: credit a training micro-batch's token losses to its datasets."""
-        if self._paused or not (module.training and torch.is_grad_enabled()):
-            return
-        r = self.run
-        labels, logits = kwargs.get("labels"), getattr(output, "logits", None)
-        fused = getattr(output, "log_probs", None), getattr(output, "label_mask", None)
-        if labels is None or (logits is None and fused[0] is None):
-            raise MixtuneError(
-                "MixtureCallback: per-dataset losses need the model called with "
-                "labels= and returning logits (or TRL's fused log_probs); "
-                "or track_losses=False"
-            )
-        m = r.forwards
-        r.forwards += 1
-        ds, _ = self.mix.batch(r.first + m // r.ga)
-        lo = ((m % r.ga) * r.world + r.rank) * r.micro
-        rows = torch.as_tensor(ds[lo : lo + r.micro], device=self._dev_sums.device)
-        if len(rows) != labels.shape[0]:
-            raise MixtuneError(
-                f"MixtureCallback: a training micro-batch has {labels.shape[0]} "
-                f"rows, expected {len(rows)} (packing / padding-free batches "
-                "are not supported)"
-            )
-        with torch.no_grad():
-            if logits is not None:
-                nll, mask = token_losses(logits.detach(), labels)
-            else:  # TRL's fused head: log p(label) per position, 0 where ignored
-                nll, mask = -fused[0].detach().float(), fused[1]
-            self._dev_sums[:, 0].index_add_(0, rows, (nll * mask).sum(-1).double())
-            self._dev_sums[:, 1].index_add_(0, rows, mask.sum(-1).double())
-
-    def _pull_sums(self) -> None:
-        if self._dev_sums is None:
-            return
-        sums = self._dev_sums
-        if self.run.world > 1:
-            sums = sums.clone()
-            dist.all_reduce(sums)
-        self.sums += sums.cpu().numpy()  # host sync: update and save steps only
-        self._dev_sums.zero_()
-
-    def _take_losses(self) -> dict[str, float]:
-        self._pull_sums()
-        out = {n: float(s / t) for n, (s, t) in zip(self.mix.names, self.sums) if t > 0}
-        self.sums[:] = 0
-        return out
-
     def _load(self, args, state) -> None:
         path = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         file = os.path.join(path, STATE_FILE)
@@ -332,14 +280,12 @@ class MixtureCallback(TrainerCallback):
             )
         self.mixer.load_state_dict(blob["mixer"])
         self.mix.load_state_dict(blob["mixture"])
-        self.sums = np.asarray(blob["sums"], np.float64)
+        self.ledger.sums = np.asarray(blob["sums"], np.float64)
         self.seen = np.asarray(blob["seen"], np.int64)
 
 
-def _look_sampler(mix: MixtureDataset):
+def _look_sampler(mix: MixtureDataset) -> MixtureSampler:
     """A sampler for look-ahead draws (``draw_from`` is keyed, so it never moves the stream)."""
-    from mixtune.data.sampler import MixtureSampler
-
     return MixtureSampler(mix.sizes, mix.names, mix.schedule[0][1], mix.seed)
 
 

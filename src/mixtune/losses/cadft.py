@@ -33,75 +33,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from mixtune.errors import ConfigError
+from mixtune.losses.base import Loss
 from mixtune.losses.core import IGNORE, LossTerms, sequence_mean, token_losses
 from mixtune.losses.dft import TokenProbStats, dft
+from mixtune.losses.generation import RewriterConfig
+from mixtune.losses.rewrite import RewriteConfig, Rewriter
+from mixtune.schema import check
 
-
-def _check(ok: bool, name: str, rule: str, value) -> None:
-    if not ok:
-        raise ConfigError(f"loss.{name}: {rule}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class RewriteConfig:
-    enabled: bool = True
-    """Compatibility-guided rewriting of persistently incompatible targets."""
-    warmup: int = 3000
-    """Steps before the first rewrite (paper: 3000), see ``schedule``."""
-    every: int = 1000
-    """Steps between rewrite events (paper: 1000), see ``schedule``."""
-    schedule: Literal["scaled", "absolute"] = "scaled"
-    """``scaled``: warmup and every are per ``ref_steps`` steps of training and scale with
-    max_steps; ``absolute``: the paper's step numbers as given (faithful)."""
-    ref_steps: int = 10000
-    """Run length the paper's warm-up and interval are taken to refer to (``scaled`` only)."""
-    fraction: float = 0.005
-    """Share of all training examples selected per event (the worst by moving average)."""
-    prob: float = 0.5
-    """Probability that a selected example is actually rewritten."""
-    ema: float = 0.9
-    """Decay of the per-example moving average of the compatibility score."""
-    score: Literal["z", "raw"] = "z"
-    """Average the batch z-score (state-relative; default) or the raw mean NLL c."""
-    min_visits: int = 2
-    """Observations an example needs before it can be selected."""
-    verify: bool = False
-    """Keep a rewrite only if it matches the example's reference answer (off in the paper)."""
-
-    def __post_init__(self):
-        _check(self.warmup >= 0, "rewrite.warmup", "must be >= 0", self.warmup)
-        _check(self.every >= 1, "rewrite.every", "must be >= 1", self.every)
-        _check(self.ref_steps >= 1, "rewrite.ref_steps", "must be >= 1", self.ref_steps)
-        _check(0 < self.fraction <= 1, "rewrite.fraction", "must be in (0, 1]", self.fraction)
-        _check(0 <= self.prob <= 1, "rewrite.prob", "must be in [0, 1]", self.prob)
-        _check(0 <= self.ema < 1, "rewrite.ema", "must be in [0, 1)", self.ema)
-        _check(self.min_visits >= 1, "rewrite.min_visits", "must be >= 1", self.min_visits)
-
-
-@dataclass(frozen=True)
-class RewriterConfig:
-    model: str | None = None
-    """null: the model being trained; or a local path / hub name / ``builtin`` of another causal
-    LM that reads the training tokenizer's rendered prompts."""
-    top_p: float = 0.9
-    temperature: float = 0.7
-    max_new_tokens: int | None = None
-    """Generation budget; null = train.max_length minus the prompt length."""
-
-    def __post_init__(self):
-        _check(0 < self.top_p <= 1, "rewriter.top_p", "must be in (0, 1]", self.top_p)
-        _check(self.temperature > 0, "rewriter.temperature", "must be > 0", self.temperature)
-        _check(
-            self.max_new_tokens is None or self.max_new_tokens >= 1,
-            "rewriter.max_new_tokens",
-            "must be >= 1 or null",
-            self.max_new_tokens,
-        )
+if TYPE_CHECKING:
+    from mixtune.engine.state import TrainState
 
 
 @dataclass(frozen=True)
@@ -116,8 +60,8 @@ class CADFTConfig:
     rewriter: RewriterConfig = field(default_factory=RewriterConfig)
 
     def __post_init__(self):
-        _check(0 <= self.beta < math.inf, "beta", "must be >= 0 and finite", self.beta)
-        _check(self.eps > 0, "eps", "must be > 0", self.eps)
+        check(0 <= self.beta < math.inf, "loss.beta", "must be >= 0 and finite", self.beta)
+        check(self.eps > 0, "loss.eps", "must be > 0", self.eps)
 
 
 def zscore_weights(
@@ -134,7 +78,7 @@ def zscore_weights(
     return z, torch.exp(-beta * z.clamp(min=0))
 
 
-class CADFT:
+class CADFT(Loss):
     """DFT with sample weights exp(-beta * max(0, z)) from the batch-standardised mean NLL."""
 
     Config = CADFTConfig
@@ -155,33 +99,28 @@ class CADFT:
         self.stats = None  # (8,) f64: n, sum w, sum w^2, n(w<1), sum mu, sum sigma, n_mu, min w
         self.pending = None  # the same for the step in progress (committed in after_step)
         self.rows: list[torch.Tensor] = []  # this step's (pos, dataset, index, c, z) rows
-        self.scale = 1.0  # != 1 only for the first step after a resume (see Rewriter.restore)
         self.world = 1
         self.rewriter = None
         if self.options.rewrite.enabled:
-            from mixtune.losses.rewrite import Rewriter
-
             self.rewriter = Rewriter(self.options.rewrite, self.options.rewriter)
 
     # -- the per-step hooks ---------------------------------------------------------------------
-    def prepare(self, trainer, batches: list[dict]) -> list[dict]:
+    def prepare(self, state: TrainState, batches: list[dict]) -> list[dict]:
         o = self.options
         # A probing mixer's branch steps also run prepare and __call__ but never after_step:
         # start each step clean, so only real steps reach the moving averages and the logs.
         self.rows, self.pending, self.probs.pending = [], None, None
-        self.world = trainer.world
-        if self.rewriter is not None:
-            self.scale = self.rewriter.restore(trainer, batches)
+        self.world = state.world
         extras = []
         for m, b in enumerate(batches):
-            start = (m * trainer.world + trainer.rank) * trainer.micro  # data.sampler.shard
+            start = (m * state.world + state.rank) * state.micro  # data.sampler.shard
             pos = torch.arange(start, start + b["labels"].shape[0], device=b["labels"].device)
             extras.append({"pos": pos, "domain": b["domain"], "index": b["index"]})
-        device = trainer.acc.device
+        device = state.acc.device
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # sum c, c^2, n, tokens, n_all
         if o.stats == "global":
             for b, x in zip(batches, extras):
-                x["c"] = _compatibility(trainer, b)  # (B,) no-grad forward
+                x["c"] = _compatibility(state, b)  # (B,) no-grad forward
                 sums[:3] += torch.stack(
                     [
                         x["c"].sum(),
@@ -192,8 +131,8 @@ class CADFT:
         for b in batches:
             sums[3] += (b["labels"][:, 1:] != IGNORE).sum()
             sums[4] += b["labels"].shape[0]
-        if trainer.world > 1:
-            sums = trainer.acc.reduce(sums, reduction="sum")
+        if state.world > 1:
+            sums = state.acc.reduce(sums, reduction="sum")
         s = sums.tolist()  # host sync, once per step
         for x in extras:
             x["per_sample"] = s[3] / max(s[4], 1.0)  # sample_mean: global tokens / samples
@@ -233,10 +172,10 @@ class CADFT:
         sw = w
         if o.reduction == "sample_mean" and extra is not None:
             sw = w * extra["per_sample"] / terms.mask.sum(-1).clamp(min=1).double()
-        terms.sample_weights = (sw * self.scale).to(terms.per_token.dtype)
+        terms.sample_weights = sw.to(terms.per_token.dtype)
         return terms
 
-    def after_step(self, trainer) -> None:
+    def after_step(self, state: TrainState) -> None:
         self.probs.commit()
         if self.pending is not None:
             if self.stats is None:
@@ -247,23 +186,23 @@ class CADFT:
                 self.stats[7] = torch.minimum(self.stats[7], self.pending[7])
             self.pending = None
         if self.rewriter is not None:
-            self.rewriter.observe(trainer, self.rows)
-            self.rewriter.maybe_rewrite(trainer)
-        self.rows, self.scale = [], 1.0
+            self.rewriter.observe(state, self.rows)
+            self.rewriter.maybe_rewrite(state)
+        self.rows = []
 
-    def on_resume(self, trainer) -> None:
-        """Re-apply restored rewrites before the first resumed step (needs the loop patch in
-        docs/cadft.md; without it ``prepare`` does this one step late, with a normaliser fix)."""
+    def on_resume(self, state: TrainState) -> None:
+        """Re-apply the restored rewrites to the training data before the first resumed step,
+        so that step's batches and token count are the uninterrupted run's."""
         if self.rewriter is not None:
-            self.rewriter.restore(trainer, None)
+            self.rewriter.restore(state)
 
     # -- logging and state ----------------------------------------------------------------------
-    def diagnostics(self, trainer) -> dict[str, float]:
-        out = self.probs.take(trainer)
-        s = self.stats if self.stats is not None else _empty_stats(trainer.acc.device)
-        s = s.to(trainer.acc.device)
-        if trainer.world > 1:
-            rows = trainer.acc.gather(s[None]).view(trainer.world, 8)
+    def diagnostics(self, state: TrainState) -> dict[str, float]:
+        out = self.probs.take(state)
+        s = self.stats if self.stats is not None else _empty_stats(state.acc.device)
+        s = s.to(state.acc.device)
+        if state.world > 1:
+            rows = state.acc.gather(s[None]).view(state.world, 8)
             s = torch.cat([rows[:, :7].sum(0), rows[:, 7].min()[None]])
         s = s.tolist()  # host sync: log steps only
         self.stats = None
@@ -329,12 +268,12 @@ def _empty_stats(device) -> torch.Tensor:
     return s
 
 
-def _compatibility(trainer, batch: dict) -> torch.Tensor:
+def _compatibility(state: TrainState, batch: dict) -> torch.Tensor:
     """Mean response-token NLL of each sequence under the current model, (B,) float64."""
-    model = trainer.model
+    model = state.model
     was_training = model.training
     model.eval()
-    with torch.no_grad(), trainer.acc.autocast():
+    with torch.no_grad(), state.acc.autocast():
         logits = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).logits  # (B, T, V)
@@ -342,7 +281,3 @@ def _compatibility(trainer, batch: dict) -> torch.Tensor:
     if was_training:
         model.train()
     return sequence_mean(nll, mask).double()
-
-
-# Imported last: mixtune.losses.core imports this module at its end to register CADFT, so either
-# module can be imported first.

@@ -13,11 +13,15 @@ The contract between the loop and a loss is :class:`mixtune.losses.base.Loss`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from mixtune.data.tokenize import IGNORE
+
+if TYPE_CHECKING:
+    from mixtune.engine.state import TrainState
 
 
 @dataclass
@@ -78,7 +82,7 @@ def sequence_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per_token * mask).sum(-1) / counts.clamp(min=1)
 
 
-def micro_batch_scales(trainer, batches: list[dict]) -> list[float]:
+def micro_batch_scales(state: TrainState, batches: list[dict]) -> list[float]:
     """Sample weights turning the step-token normaliser into verl's per-micro-batch mean.
 
     The loop computes ``sum / n_step * world`` per micro-batch and DDP averages over ranks; verl
@@ -86,8 +90,8 @@ def micro_batch_scales(trainer, batches: list[dict]) -> list[float]:
     n_mb)`` makes the first equal the second.
     """
     counts = [float((b["labels"][:, 1:] != IGNORE).sum()) for b in batches]  # host sync, tiny
-    total = torch.tensor(sum(counts), dtype=torch.float64, device=trainer.acc.device)
-    if trainer.world > 1:
-        total = trainer.acc.reduce(total, reduction="sum")
+    total = torch.tensor(sum(counts), dtype=torch.float64, device=state.acc.device)
+    if state.world > 1:
+        total = state.acc.reduce(total, reduction="sum")
     n_step = float(total)
-    return [n_step / (trainer.world * len(batches) * max(c, 1.0)) for c in counts]
+    return [n_step / (state.world * len(batches) * max(c, 1.0)) for c in counts]

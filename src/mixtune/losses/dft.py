@@ -7,11 +7,15 @@ averaging; ``micro_batch`` reproduces the official verl per-micro-batch mean.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from mixtune.losses.base import Loss
 from mixtune.losses.core import LossTerms, micro_batch_scales, token_losses
+
+if TYPE_CHECKING:
+    from mixtune.engine.state import TrainState
 
 # DFT: Dynamic Fine-Tuning (Wu et al., "On the Generalization of SFT: A Reinforcement Learning
 # Perspective with Reward Rectification", arXiv 2508.05629).
@@ -62,14 +66,14 @@ class TokenProbStats:
     def load_state_dict(self, state: dict) -> None:
         self.sums = state.get("sums")
 
-    def take(self, trainer) -> dict[str, float]:
+    def take(self, state: TrainState) -> dict[str, float]:
         s = (
             self.sums
             if self.sums is not None
-            else torch.zeros(4, dtype=torch.float64, device=trainer.acc.device)
+            else torch.zeros(4, dtype=torch.float64, device=state.acc.device)
         )
-        if trainer.world > 1:
-            s = trainer.acc.reduce(s.to(trainer.acc.device), reduction="sum")
+        if state.world > 1:
+            s = state.acc.reduce(s.to(state.acc.device), reduction="sum")
         s = s.cpu().tolist()  # host sync: log steps only
         self.sums = None
         n = max(s[1], 1.0)
@@ -84,7 +88,7 @@ class DFTConfig:
     token mean per micro-batch, averaged over micro-batches and ranks (depends on the split)."""
 
 
-class DFT:
+class DFT(Loss):
     """Dynamic Fine-Tuning (``loss.name: dft``): token CE weighted by the detached p(token)."""
 
     Config = DFTConfig
@@ -94,12 +98,12 @@ class DFT:
         self.probs = TokenProbStats()
         self.world = 1
 
-    def prepare(self, trainer, batches: list[dict]) -> list[dict | None]:
+    def prepare(self, state: TrainState, batches: list[dict]) -> list[dict | None]:
         self.probs.pending = None  # drop what a probing mixer's branch steps added
-        self.world = trainer.world
+        self.world = state.world
         if self.options.normalizer == "step":
             return [None] * len(batches)
-        return [{"scale": s} for s in micro_batch_scales(trainer, batches)]
+        return [{"scale": s} for s in micro_batch_scales(state, batches)]
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, extra=None) -> LossTerms:
         terms = dft(logits, labels)
@@ -110,11 +114,11 @@ class DFT:
             )
         return terms
 
-    def after_step(self, trainer) -> None:
+    def after_step(self, state: TrainState) -> None:
         self.probs.commit()
 
-    def diagnostics(self, trainer) -> dict[str, float]:
-        return self.probs.take(trainer)
+    def diagnostics(self, state: TrainState) -> dict[str, float]:
+        return self.probs.take(state)
 
     def state_dict(self) -> dict:
         return {"probs": self.probs.state_dict(self.world)}

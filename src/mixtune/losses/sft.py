@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mixtune.losses.base import Loss
 from mixtune.losses.core import LossTerms, token_losses
 
 
@@ -13,10 +14,8 @@ def sft(logits: torch.Tensor, labels: torch.Tensor) -> LossTerms:
     return LossTerms(nll, mask)
 
 
-class SFT:
-    """Cross-entropy on response tokens (``loss.name: sft``)."""
-
-    Config = None
+class SFT(Loss):
+    """Cross-entropy on response tokens (``loss.name: sft``); no state, no hooks."""
 
     def __init__(self, options=None):
         pass

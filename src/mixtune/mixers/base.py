@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import operator
 from collections.abc import Callable, Container, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -133,7 +133,6 @@ class MixContext:
     """``lookahead(j, optimizer="sgd"|"adam")``: one virtual step on a batch of dataset j."""
     log: Callable[[str, object], None]
     """``log(key, value)`` adds a diagnostic to this step's metrics record (under "mixer")."""
-    extra: dict = field(default_factory=dict)
     losses: Callable[..., np.ndarray] | None = None
     """``losses(j, batch_size=None, key=None)``: per-example loss, forward only, on the batch
     ``lookahead`` would draw for the same arguments (no step, nothing changes)."""

@@ -49,6 +49,7 @@ import numpy as np
 from mixtune import simplex
 from mixtune.errors import ConfigError, MixtuneError
 from mixtune.mixers.base import DatasetInfo, MixContext, Steps, Weights
+from mixtune.schema import check
 
 
 @dataclass(frozen=True)
@@ -73,18 +74,22 @@ class DynamixSFTConfig:
     """p0: size proportions by examples or supervised tokens, uniform, or {name: share}."""
 
     def __post_init__(self):
-        if not 0 <= self.gamma <= 1:
-            raise ConfigError(f"mixer.gamma: must be in [0, 1], got {self.gamma}")
-        if not 0 <= self.alpha < 1:
-            raise ConfigError(f"mixer.alpha: must be in [0, 1), got {self.alpha}")
-        if not (self.beta >= 0 and math.isfinite(self.beta)):
-            raise ConfigError(f"mixer.beta: must be a finite number >= 0, got {self.beta}")
-        if self.update_every < 1:
-            raise ConfigError(f"mixer.update_every: must be >= 1, got {self.update_every}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"mixer.batch_size: must be >= 1 or null, got {self.batch_size}")
-        if not self.eps > 0:
-            raise ConfigError(f"mixer.eps: must be > 0, got {self.eps}")
+        check(0 <= self.gamma <= 1, "mixer.gamma", "must be in [0, 1]", self.gamma)
+        check(0 <= self.alpha < 1, "mixer.alpha", "must be in [0, 1)", self.alpha)
+        check(
+            self.beta >= 0 and math.isfinite(self.beta),
+            "mixer.beta",
+            "must be a finite number >= 0",
+            self.beta,
+        )
+        check(self.update_every >= 1, "mixer.update_every", "must be >= 1", self.update_every)
+        check(
+            self.batch_size is None or self.batch_size >= 1,
+            "mixer.batch_size",
+            "must be >= 1 or null",
+            self.batch_size,
+        )
+        check(self.eps > 0, "mixer.eps", "must be > 0", self.eps)
 
 
 def prior_weights(prior, datasets: list[DatasetInfo]) -> np.ndarray:

@@ -40,8 +40,8 @@ from typing import Literal
 import numpy as np
 
 from mixtune import simplex
-from mixtune.errors import ConfigError
 from mixtune.mixers.base import DatasetInfo, MixContext, Steps, Weights
+from mixtune.schema import check
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,14 @@ class EXP3Config:
     """Divide each loss by its dataset's sampling probability (EXP3's unbiased estimate)."""
 
     def __post_init__(self):
-        if self.update_every < 1:
-            raise ConfigError(f"mixer.update_every: must be >= 1, got {self.update_every}")
-        if not 0 <= self.alpha < 1:
-            raise ConfigError(f"mixer.alpha: must be in [0, 1), got {self.alpha}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ConfigError(f"mixer.warmup_steps: must be >= 0 or null, got {self.warmup_steps}")
+        check(self.update_every >= 1, "mixer.update_every", "must be >= 1", self.update_every)
+        check(0 <= self.alpha < 1, "mixer.alpha", "must be in [0, 1)", self.alpha)
+        check(
+            self.warmup_steps is None or self.warmup_steps >= 0,
+            "mixer.warmup_steps",
+            "must be >= 0 or null",
+            self.warmup_steps,
+        )
 
 
 def exploration(t: int, k: int) -> float:

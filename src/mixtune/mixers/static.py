@@ -5,7 +5,7 @@
   is seen about equally often ("full coverage").
 - ``temperature``: p ∝ n^(1/τ) — τ=1 is proportional, τ→∞ uniform.
 - ``fixed``: the user's shares by dataset name, e.g. ``weights: {math: 2, chat: 1}`` (ratios are
-  normalised; names not listed get 0; unknown names are an error).
+  normalised; names not listed get 0; an unknown name is a config error at load).
 """
 
 from __future__ import annotations
@@ -84,6 +84,14 @@ class FixedConfig:
 
 class Fixed(Uniform):
     Config = FixedConfig
+
+    @staticmethod
+    def check_run(options: FixedConfig, cfg) -> None:
+        """Every name in ``weights`` is a training dataset of the run (checked at config load)."""
+        names = [d.name for d in cfg.datasets]
+        for k in options.weights:
+            if k not in names:
+                raise ConfigError(f"mixer.weights.{k}: unknown dataset name; datasets are {names}")
 
     def __init__(self, options: FixedConfig, datasets, domains, seed: int):
         self.w = simplex.normalize(

@@ -2,8 +2,10 @@
 
 ``mixtune report RUN_DIR`` writes it; the page is self-contained (images inline as base64) so it
 can be mailed or attached to an issue. Sections: summary, per-domain before/after table,
-mixture weights, evaluation curves, training loss, and every numeric series a mixer or a loss
-logged (rewards, Q, slopes, compatibility weights...).
+mixture weights, evaluation curves, training loss, the latest value of every matrix a mixer or a
+loss logged (a slope matrix: evaluation domain x dataset, rows tagged T/C for target/constraint
+domains) as a heatmap, and every numeric series they logged (rewards, Q, compatibility
+weights...).
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ import html
 import json
 from pathlib import Path
 
+import yaml
+
 from mixtune.engine.rundir import read_metrics
 from mixtune.report import plots
+
+TAGGED = ("target", "constraint")  # evaluation roles tagged in heatmap rows (T, C)
 
 
 def write_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | None = None) -> Path:
@@ -40,7 +46,12 @@ def write_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | No
         ("Evaluation accuracy", plots.eval_metric(records, "accuracy", out / "eval_acc.png")),
         ("Training loss", plots.train_loss(records, out / "train_loss.png")),
     ]
+    tags = {d: role[0].upper() for d, role in _roles(run).items() if role in TAGGED}
     for section in ("mixer", "loss"):
+        for i, (key, (step, matrix)) in enumerate(plots.matrices(records, section).items()):
+            title = f"{section}: {key} at step {step} (latest)"
+            path = out / f"{section}_matrix_{i:02d}.png"
+            figures.append((title, plots.heatmap(title, matrix, path, tags)))
         for i, (title, lines) in enumerate(plots.numeric_series(records, section).items()):
             path = out / f"{section}_{i:02d}.png"
             figures.append((f"{section}: {title}", plots.series_plot(title, lines, path)))
@@ -127,7 +138,8 @@ def _change(a: dict, b: dict) -> str:
 
 
 def _noise(records: list[dict]) -> str:
-    """DynaMiCS's constraint predictions at each update with their noise: the predicted change
+    """A mixer's constraint predictions at each update with their noise, when it logs slope
+    standard errors (``S_se``) beside its predictions: the predicted change
     H·S_i·w ± H·sqrt(Σ_j w_j² SE_ij²) (from the probes' paired standard errors), and what the
     next update measured; plus the noise warnings, in plain words."""
     ups = [r for r in records if isinstance(r.get("mixer"), dict) and "S_se" in r["mixer"]]
@@ -155,7 +167,7 @@ def _noise(records: list[dict]) -> str:
     notes = [n for u in ups for n in u["mixer"].get("noise_warnings", [])]
     warn = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     return (
-        "<h2>DynaMiCS: predicted constraint changes ± noise</h2><p>At each update: the "
+        "<h2>Predicted constraint changes ± noise</h2><p>At each update: the "
         "predicted change of each constraint over the next interval under the chosen "
         "mixture ± its standard error from the probes (paired over the same examples), and "
         "(then) the change the next update measured.</p><table>"
@@ -163,6 +175,18 @@ def _noise(records: list[dict]) -> str:
         + "</table>"
         + (f"<p>Noise warnings:</p><ul>{warn}</ul>" if warn else "")
     )
+
+
+def _roles(run: Path) -> dict[str, str]:
+    """Each evaluation domain's role, from the run's saved config (empty when there is none)."""
+    path = run / "config.yaml"
+    raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    evals = raw.get("evals") if isinstance(raw, dict) else None
+    return {
+        e["name"]: e.get("role", "monitor")
+        for e in evals or []
+        if isinstance(e, dict) and isinstance(e.get("name"), str)
+    }
 
 
 def _load_json(path: Path):

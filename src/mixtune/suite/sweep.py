@@ -3,8 +3,9 @@
 A sweep ``{masses: [0, 0.2, 0.5, 0.8, 1], schemes: [uniform, proportional]}`` is one ``fixed``
 mixer per (scheme, target mass w), resolved per scenario by :func:`sweep_weights`: w is split
 over the target datasets (named like a target domain) equally or by sample counts, 1 - w
-equally over the other datasets. Expansion into rows and shared cells: suite.py; the
-best-single and oracle rows: suite_table.py.
+equally over the other datasets. Expansion into rows: :func:`mixtune.suite.config.methods_of`;
+shared cells: :func:`mixtune.suite.cell.cells`; the best-single and oracle rows:
+:mod:`mixtune.suite.table`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 from mixtune.errors import ConfigError, MixtuneError
 
 if TYPE_CHECKING:
-    from mixtune.suite.runner import Scenario
+    from mixtune.suite.config import Scenario
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,10 @@ Deliberate simplifications (numbered):
 2. Exploration is Gaussian noise (``explore_sigma``) on the logits, keyed by (``explore_seed``
    or the run seed, stage, step); deployment uses the deterministic mean (``explore_sigma: 0``).
 3. The dynamics features are in log-ratio space (see :mod:`mixtune.mixers.proxymix.features`).
-4. The stage context (``current``, ``safety_slot``, ``carry``, ``ages``, ``stage``,
-   ``n_stages``) is filled in by the continual driver; used on its own (``mixtune train``), the
-   first dataset is the current task and the others are buffers.
+4. The stage context (current task, safety buffer, carried references, when each buffer was
+   learned, stage index) comes from the continual driver through the stage hooks
+   (:class:`mixtune.continual.hooks.StageAware`), never through the options; used on its own
+   (``mixtune train``), the first dataset is the current task and the others are buffers.
 5. A slot without an evaluation domain of its name has constant features (ratio 1).
 """
 
@@ -42,6 +43,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from mixtune.continual.hooks import StageAware, StageContext, StageEnd, StageOutcome
 from mixtune.errors import ConfigError
 from mixtune.mixers.base import DatasetInfo, DomainInfo, MixContext, Steps, Weights
 from mixtune.mixers.proxymix import controller as ctl
@@ -84,18 +86,9 @@ class ProxyMixConfig:
     """Seed of the exploration noise (null: the run's seed)."""
     accessible: tuple[str, ...] | None = None
     """Datasets the mixer may weight (null: all); any other dataset always gets 0."""
-    current: str | None = None
-    """Set by the continual driver: the current task's dataset (null: the first dataset)."""
-    safety_slot: str | None = None
-    """Set by the driver: the safety buffer's dataset name, if any."""
     safety_domain: str = "safety"
-    """Evaluation domain of the safety score (global feature; the safety slot's loss)."""
-    carry: dict | None = None
-    """Set by the driver: references and loss dynamics carried from earlier stages."""
-    ages: dict | None = None
-    """Set by the driver: {task: stage index at which it was learned}."""
-    stage: int = 0
-    n_stages: int = 1
+    """Evaluation domain of the safety score (global feature; the safety slot's loss); in a
+    continual stage, the stage's safety domain."""
 
     def __post_init__(self):
         def bad(key, rule):
@@ -120,11 +113,9 @@ class ProxyMixConfig:
             bad("update_every", "must be >= 1 or null")
         if self.explore_sigma < 0 or self.heuristic_scale < 0:
             bad("explore_sigma" if self.explore_sigma < 0 else "heuristic_scale", "must be >= 0")
-        if not 0 <= self.stage < self.n_stages:
-            bad("stage", f"must be in [0, n_stages={self.n_stages})")
 
 
-class ProxyMix:
+class ProxyMix(StageAware):
     Config = ProxyMixConfig
     requires = frozenset({"evaluate"})
 
@@ -138,42 +129,50 @@ class ProxyMix:
         o = self.o = options
         self.names = [d.name for d in datasets]
         self.sizes = np.array([d.size for d in datasets], np.float64)
+        self.domain_names = {d.name for d in domains}
         self.seed = seed
-        for key in ("current", "safety_slot"):
-            if getattr(o, key) is not None and getattr(o, key) not in self.names:
-                raise ConfigError(
-                    f"mixer.{key}: '{getattr(o, key)}' is not a training dataset ({self.names})"
-                )
-        self.cur = self.names.index(o.current) if o.current else 0
         allowed = set(self.names if o.accessible is None else o.accessible)
         self.mask = np.array([n in allowed for n in self.names])
-        if not self.mask[self.cur]:
-            raise ConfigError(
-                f"mixer.accessible: must include the current task '{self.names[self.cur]}'"
-            )
-        ages = o.ages or {}
-        self.kinds, self.ages = [], []
-        for i, n in enumerate(self.names):
-            kind = "current" if i == self.cur else "safety" if n == o.safety_slot else "buffer"
-            self.kinds.append(kind)
-            learned = (
-                -1
-                if kind == "safety"
-                else ages.get(n, o.stage if kind == "current" else o.stage - 1)
-            )
-            self.ages.append((o.stage - learned) / o.n_stages)
-        dom = {d.name for d in domains}
-        # what each slot is measured on: its own domain; the safety buffer: the safety domain
-        self.keys = [
-            o.safety_domain if k == "safety" else n for n, k in zip(self.names, self.kinds)
-        ]
-        self.keys = [k if k in dom else None for k in self.keys]
         self.net = None
         if o.policy == "controller":
             self.net, self.info = ctl.load(o.controller)
         elif o.policy == "random":
             self.net, self.info = ctl.new(seed), {}
-        self.tracker = Tracker(o.beta, o.carry)
+        self.begin_stage(StageContext(current=self.names[0]))  # on its own: one stage
+
+    def begin_stage(self, stage: StageContext) -> None:
+        """Slots, their kinds and ages, and the carried references for this stage."""
+        o = self.o
+        for what, name in (("current", stage.current), ("safety_buffer", stage.safety_buffer)):
+            if name is not None and name not in self.names:
+                raise ValueError(
+                    f"stage context: {what} '{name}' is not a training dataset ({self.names})"
+                )
+        self.stage = stage
+        self.safety_domain = stage.safety_domain or o.safety_domain
+        self.cur = self.names.index(stage.current)
+        if not self.mask[self.cur]:
+            raise ConfigError(
+                f"mixer.accessible: must include the current task '{self.names[self.cur]}'"
+            )
+        self.kinds, self.ages = [], []
+        for i, n in enumerate(self.names):
+            kind = (
+                "current" if i == self.cur else "safety" if n == stage.safety_buffer else "buffer"
+            )
+            self.kinds.append(kind)
+            learned = (
+                -1
+                if kind == "safety"
+                else stage.learned.get(n, stage.index if kind == "current" else stage.index - 1)
+            )
+            self.ages.append((stage.index - learned) / stage.n_stages)
+        # what each slot is measured on: its own domain; the safety buffer: the safety domain
+        self.keys = [
+            self.safety_domain if k == "safety" else n for n, k in zip(self.names, self.kinds)
+        ]
+        self.keys = [k if k in self.domain_names else None for k in self.keys]
+        self.tracker = Tracker(o.beta, stage.carry)
         self.trajectory: list[dict] = []
 
     def update_steps(self, max_steps: int) -> Steps:
@@ -195,7 +194,7 @@ class ProxyMix:
                 z = self.net(x, g, mask).double()
             if o.explore_sigma > 0:
                 seed = self.seed if o.explore_seed is None else o.explore_seed
-                rng = np.random.default_rng([seed, o.stage, ctx.step, 0x9E37])
+                rng = np.random.default_rng([seed, self.stage.index, ctx.step, 0x9E37])
                 z = z + o.explore_sigma * torch.as_tensor(rng.standard_normal(len(z)))
             action = z.tolist()
             p = masked_policy(z, mask, self.cur, o.p_min, o.temperature).numpy()
@@ -251,10 +250,9 @@ class ProxyMix:
 
     def _observe(self, losses: dict, step: int, max_steps: int) -> dict:
         """Features and the observation record (ratios of slots and safety) at this point."""
-        o = self.o
         seen: dict[str, tuple] = {}
         for key in {k for k, m in zip(self.keys, self.mask) if m and k} | (
-            {o.safety_domain} & set(losses)
+            {self.safety_domain} & set(losses)
         ):
             if key in losses:
                 seen[key] = self.tracker.observe(key, losses[key])
@@ -266,9 +264,9 @@ class ProxyMix:
             [self.kinds[i] for i in idx],
             [self.ages[i] for i in idx],
             step / max(max_steps, 1),
-            (o.stage + 1) / o.n_stages,
+            (self.stage.index + 1) / self.stage.n_stages,
         )
-        safety = seen.get(o.safety_domain)
+        safety = seen.get(self.safety_domain)
         return {
             "step": step,
             "slots": list(self.names),
@@ -282,14 +280,18 @@ class ProxyMix:
         }
 
     # ------------------------------------------------------------------------------------------
-    def observe_end(self, losses: dict, max_steps: int) -> None:
-        """Record the end-of-stage observation (closes the last decision's reward)."""
-        obs = self._observe(losses, max_steps, max_steps)
+    def end_stage(self, end: StageEnd) -> StageOutcome:
+        """Record the end-of-stage observation (it closes the last decision's reward) and carry
+        the references on, with the task just learned rebased: it becomes a buffer."""
+        o = self.o
+        # the references must come from the batches the decisions evaluate
+        losses = end.losses if o.eval_batches is None else end.evaluate(o.eval_batches)
+        obs = self._observe(losses, end.max_steps, end.max_steps)
         obs.update(action=None, weights=None, end=True)
         self.trajectory.append(obs)
-
-    def carry(self) -> dict:
-        return self.tracker.state()
+        carry = Tracker(o.beta, self.tracker.state())
+        carry.rebase(self.stage.current, losses[self.stage.current])
+        return StageOutcome(carry=carry.state(), trajectory=list(self.trajectory))
 
     def state_dict(self) -> dict:
         return {"tracker": self.tracker.state(), "trajectory": list(self.trajectory)}

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from mixtune.config import MethodConfig
-from mixtune.continual.config import ContinualConfig
+from mixtune.continual.driver import run_sequence
+from mixtune.mixers.proxymix.setting import ProxyMixSetting
 
 
 def rank_correlation(
@@ -37,10 +38,8 @@ def rank_correlation(
     return (None if r is None or math.isnan(r) else float(r)), common
 
 
-def probe(cc: ContinualConfig, out: str | Path, start_model: str | None) -> dict:
+def probe(cc: ProxyMixSetting, out: str | Path, start_model: str | None) -> dict:
     """Mean vulnerability per task (and safety) over a short fixed-replay run of each order."""
-    from mixtune.continual.driver import run_sequence
-
     cc = dataclasses.replace(cc, accuracy=False)  # the ranking is loss-based
     params = cc.mixer.params if cc.mixer.name == "proxymix" else {}
     mixer = MethodConfig(
@@ -67,7 +66,7 @@ def probe(cc: ContinualConfig, out: str | Path, start_model: str | None) -> dict
     return {"vulnerability": {k: float(np.mean(v)) for k, v in vul.items()}, "seconds": seconds}
 
 
-def check(cc: ContinualConfig, info: dict, out: str | Path, start_model: str | None) -> dict:
+def check(cc: ProxyMixSetting, info: dict, out: str | Path, start_model: str | None) -> dict:
     """Compare the controller's proxy ranking with the target's; ``passed`` says whether to
     use the controller."""
     proxy = info.get("vulnerability", {})

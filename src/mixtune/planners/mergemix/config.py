@@ -2,17 +2,19 @@
 
 A plan file holds the mixture run being planned (``run``: a train config, inline or a path) and
 the planner's own sections; ``load`` applies ``key=value`` overrides (``run.*`` included) and
-validates everything, raising :class:`ConfigError` naming the field. See planners/mergemix.py
-for the method and docs/mergemix.md for every option.
+validates everything, raising :class:`ConfigError` naming the field. The method:
+:mod:`mixtune.planners.mergemix`; every option: docs/mergemix.md.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from mixtune import config as config_mod
+from mixtune import rawconfig, schema
 from mixtune.config import RunConfig
 from mixtune.errors import ConfigError
 from mixtune.planners.mergemix import search
@@ -135,17 +137,17 @@ def load(
     path: str | Path | None, overrides=(), data: dict | None = None
 ) -> tuple[PlanConfig, RunConfig]:
     """Read a plan YAML (or ``data``) + ``key=value`` overrides; returns (plan, run config)."""
-    raw = config_mod.read_yaml(path) if data is None else config_mod._deepcopy(data)
+    raw = rawconfig.read_yaml(path) if data is None else copy.deepcopy(data)
     if isinstance(raw.get("run"), str):  # inline the run YAML so run.* overrides apply
         p = Path(raw["run"])
         if not p.is_absolute() and path is not None and not p.is_file():
             p = Path(path).parent / p
-        raw["run"] = config_mod.read_yaml(p)
+        raw["run"] = rawconfig.read_yaml(p)
     for item in overrides:
-        config_mod.apply_override(raw, item)
+        rawconfig.apply_override(raw, item)
     if "run" not in raw:
         raise ConfigError("run: required; a train YAML path or an inline run config")
-    pc = config_mod.build(PlanConfig, raw, "")
+    pc = schema.build(PlanConfig, raw, "")
     run = config_mod.from_dict(pc.run)
     if not run.evals:
         raise ConfigError("run.evals: MergeMix needs at least one evaluation domain")

@@ -213,17 +213,6 @@ def adapter_task_vector(adapter_dir: str | Path, base: StateDict) -> dict[str, t
     return out
 
 
-def merge_adapters(
-    base: StateDict,
-    adapter_dirs: Sequence[str | Path],
-    alphas: Sequence[float],
-    dtype: torch.dtype | None = None,
-) -> dict[str, torch.Tensor]:
-    """Task arithmetic over saved LoRA adapters: base + Σ α_k ΔW_k."""
-    tvs = [adapter_task_vector(d, base) for d in adapter_dirs]
-    return task_arithmetic(base, tvs, alphas, dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # Task vectors cached on disk
 

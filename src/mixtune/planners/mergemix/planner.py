@@ -1,42 +1,9 @@
-"""MergeMix: data-mixture ratios from merged domain experts (``mixtune plan mergemix PLAN.yaml``).
+"""The MergeMix plan: experts -> task vectors -> merged evaluations -> search -> a mixture.
 
-Wang, Tian, Chen, Liu, Mao, Zhao, Zhang, Zhou, "MergeMix: Optimizing Mid-Training Data Mixtures
-via Learnable Model Merging", arXiv 2601.17858 (2026). Notes: docs/mergemix.md.
-
-The method in plain text:
-
-1. From one base θ_0, train an expert θ_k on each training dataset k alone, briefly and with a
-   constant LR; τ_k = θ_k − θ_0 (for LoRA experts, the adapter's dense delta).
-2. For a merge weight α on the simplex, θ(α) = θ_0 + Σ_k α_k τ_k approximates the model trained
-   on the mixture α (equal to first order in the training horizon). Evaluate N seed α's
-   (vertices, centroid, Dirichlet(1) samples) on the evaluation domains.
-3. Fit one surrogate per evaluation domain, α -> metric; pick α* optimising the weighted
-   objective over a dense simplex sample, subject to per-domain bounds; optionally evaluate the
-   top-k, refit, repeat.
-4. Map α* to data ratios and write a ready-to-run ``mixtune train`` YAML (a ``fixed`` mixer).
-
-Where the paper note marks a detail PROPOSAL, it is an option here (defaults in brackets):
-
-1. Objective [mean loss of the ``target`` evaluation domains, or of all domains when none is a
-   target]: per-domain weights, ``metric: accuracy`` and ``normalize: base`` (each domain as a
-   ratio to the base model) are options. The paper optimises downstream benchmark accuracy; at
-   tiny scale, losses are the less noisy signal.
-2. Surrogate [``gbt``: a numpy gradient-boosted tree ensemble with LightGBM's growth rule and
-   the note's settings]; ``lightgbm`` (if installed), ``gp`` and ``quadratic`` are alternatives.
-3. Constraints [every ``constraint``-role domain keeps its metric at its reference, null = the
-   base model's merged-eval value] plus explicit ``constraints: {domain: {max|min: v}}`` — the
-   DynaMiCS-style floors/ceilings — checked on the surrogate predictions.
-4. Ratio rule [``identity``: r = α]; ``token_weighted``: r_k ∝ α_k T_k (T_k = tokens expert k
-   trained on). ``ratio_units`` [``examples``] says whether r are example shares (mixtune's
-   weights) or token shares (converted with each dataset's mean supervised tokens per example).
-5. Budgets [expert: ``run.max_steps // 4`` steps, or ``experts.tokens``]; seeds [max(20, 5K)];
-   candidates [1e5]; refit rounds [0]; α* [the surrogate's optimum; ``search.select: measured``
-   takes the best merge actually evaluated instead].
-
-Deliberate simplifications: (1) a tree surrogate's optimum is a flat region, α* is the mean of
-its tied candidates (planners/search.py); (2) merged models are scored with mixtune's own
-per-domain evaluation (fixed batches), not downstream benchmark suites; (3) the planner runs in
-one process.
+:class:`Planner` holds one plan's experts, task vectors and merged-model evaluator (resumable:
+finished experts and cached merges are reused); :func:`plan` runs the search and writes
+``mixture.yaml``, ``plan.json`` and the report; :func:`cost` compares its cost with the grid of
+full runs it replaces. The method, its options and deviations: :mod:`mixtune.planners.mergemix`.
 """
 
 from __future__ import annotations
@@ -53,50 +20,11 @@ from mixtune import config as config_mod
 from mixtune.config import RunConfig
 from mixtune.errors import ConfigError
 from mixtune.planners.mergemix import experts, search
-from mixtune.planners.mergemix.config import (  # noqa: F401  (re-exported: the plan's API)
-    ExpertsConfig,
-    ObjectiveConfig,
-    PlanConfig,
-    SearchConfig,
-    ValidateConfig,
-    bound_specs,
-    bounds_of,
-    load,
-    objective_of,
-)
+from mixtune.planners.mergemix.config import PlanConfig, bound_specs, bounds_of, objective_of
+from mixtune.planners.mergemix.mixture import mixture_config, ratio_scale, to_ratios
 from mixtune.planners.mergemix.surrogate import lattice
 
 log = logging.getLogger(__name__)
-
-
-def ratio_scale(pc: PlanConfig, infos, summaries) -> np.ndarray:
-    """c with ratios r ∝ α ⊙ c (so the inverse map is α ∝ r / c)."""
-    c = np.ones(len(infos))
-    if pc.ratio_rule == "token_weighted":
-        c = c * np.array([max(s["tokens"], 1) for s in summaries], np.float64)
-    if pc.ratio_units == "tokens":
-        c = c / np.array([i.tokens / max(i.size, 1) for i in infos], np.float64)
-    return c
-
-
-def to_ratios(alpha, c) -> np.ndarray:
-    r = np.asarray(alpha, np.float64) * c
-    return r / r.sum()
-
-
-def from_ratios(w, c) -> np.ndarray:
-    a = np.asarray(w, np.float64) / c
-    return a / a.sum()
-
-
-def mixture_config(run: RunConfig, weights: dict, **top) -> dict:
-    raw = config_mod.to_dict(run)
-    raw["mixer"] = {"name": "fixed", "weights": {k: round(float(v), 6) for k, v in weights.items()}}
-    raw.update(top)
-    return raw
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 class Planner:
@@ -195,7 +123,7 @@ def _check_same(cfg: RunConfig) -> None:
 
 def plan(pc: PlanConfig, run: RunConfig, planner: Planner | None = None) -> dict:
     """Run (or resume) the whole plan; returns the result written to ``plan.json``."""
-    from mixtune.planners.mergemix import report as mergemix_report
+    from mixtune.planners.mergemix import report
 
     t0 = time.perf_counter()
     p = planner or Planner(pc, run)
@@ -271,7 +199,7 @@ def plan(pc: PlanConfig, run: RunConfig, planner: Planner | None = None) -> dict
         "mixture_yaml": str(mix_path),
     }
     (p.out / "plan.json").write_text(json.dumps(result, indent=1))
-    mergemix_report.write(p.out, result)
+    report.write(p.out, result)
     return result
 
 

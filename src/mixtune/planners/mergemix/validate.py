@@ -23,23 +23,26 @@ from pathlib import Path
 import numpy as np
 
 from mixtune import config as config_mod
+from mixtune import rawconfig
 from mixtune.errors import ConfigError
-from mixtune.planners.mergemix import planner as mm
 from mixtune.planners.mergemix import search
+from mixtune.planners.mergemix.config import PlanConfig
 from mixtune.planners.mergemix.experts import eval_raw, finished
+from mixtune.planners.mergemix.mixture import from_ratios, mixture_config, to_ratios
+from mixtune.planners.mergemix.planner import Planner, plan
 from mixtune.simplex import normalize
 
 log = logging.getLogger(__name__)
 
 
-def mixtures(p: mm.Planner, result: dict) -> list[tuple[str, np.ndarray]]:
+def mixtures(p: Planner, result: dict) -> list[tuple[str, np.ndarray]]:
     vc, names = p.pc.validate, p.names
     out: list[tuple[str, np.ndarray]] = [("mergemix", np.asarray(result["alpha"]))]
     uniform = np.full(len(names), 1.0 / len(names))
     sizes = np.array([i.size for i in p.infos], np.float64)
     out += [
-        ("uniform", mm.from_ratios(uniform, p.c)),
-        ("proportional", mm.from_ratios(sizes / sizes.sum(), p.c)),
+        ("uniform", from_ratios(uniform, p.c)),
+        ("proportional", from_ratios(sizes / sizes.sum(), p.c)),
     ]
     for i, m in enumerate(vc.mixtures):  # explicit merge weights, optionally labelled
         where = f"validate.mixtures[{i}]"
@@ -56,8 +59,8 @@ def mixtures(p: mm.Planner, result: dict) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def real_config(p: mm.Planner, weights: dict, out: Path, steps: int, overrides) -> object:
-    raw = mm.mixture_config(
+def real_config(p: Planner, weights: dict, out: Path, steps: int, overrides) -> object:
+    raw = mixture_config(
         p.run,
         weights,
         output_dir=str(out),
@@ -69,23 +72,23 @@ def real_config(p: mm.Planner, weights: dict, out: Path, steps: int, overrides) 
     )
     raw["train"]["eval_every"] = 0  # only step 0 and the end: the final score is what counts
     for item in overrides:
-        config_mod.apply_override(raw, item)
+        rawconfig.apply_override(raw, item)
     return config_mod.from_dict(raw)
 
 
-def validate(
-    pc: mm.PlanConfig, run, result: dict | None = None, planner: mm.Planner | None = None
+def validate_plan(
+    pc: PlanConfig, run, result: dict | None = None, planner: Planner | None = None
 ) -> dict:
     """Plan (or reuse the plan), then train every validation mixture and compare rankings."""
     from scipy.stats import spearmanr
     from tqdm.auto import tqdm
 
     from mixtune.engine.loop import Trainer
-    from mixtune.planners.mergemix import report as mergemix_report
+    from mixtune.planners.mergemix import report
 
-    p = planner or mm.Planner(pc, run)
+    p = planner or Planner(pc, run)
     if result is None:
-        result = mm.plan(pc, run, p)
+        result = plan(pc, run, p)
     if not p.ready:
         p.prepare()
     mix = mixtures(p, result)
@@ -104,7 +107,7 @@ def validate(
     for s, label, a in tqdm(
         jobs, desc="validation runs", unit="run", disable=not pc.progress, dynamic_ncols=True
     ):
-        w = dict(zip(p.names, mm.to_ratios(a, p.c).tolist()))
+        w = dict(zip(p.names, to_ratios(a, p.c).tolist()))
         out = Path(pc.output_dir) / "validate" / s / label
         if not finished(out):
             Trainer(real_config(p, w, out, steps, scales[s])).run()
@@ -171,5 +174,5 @@ def validate(
     out = Path(pc.output_dir) / "validate"
     out.mkdir(parents=True, exist_ok=True)
     (out / "validate.json").write_text(json.dumps(v, indent=1))
-    mergemix_report.write_validation(out, v)
+    report.write_validation(out, v)
     return v

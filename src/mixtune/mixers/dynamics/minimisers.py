@@ -1,109 +1,44 @@
-"""DynaMiCS's weight problem: a penalised linear program over the simplex, as pure functions.
-
-Given one update's slope matrix S (rows = evaluation domains, columns = datasets), the anchors
-L_i now, the references L_i^ref and the horizon H, the paper (Gualdoni et al. 2026, eq. 3.4)
-solves, for every (λ, ε) of a grid (λ: 15 log-spaced values in [1, 5000]; ε ∈ {0, .05, .1}),
-
-    w*(λ, ε) = argmin_{w ∈ Δ}  Σ_{i∈T} S_i·w  +  λ Σ_{i∈C} max(0, L_i + H·S_i·w − L_i^ref + ε)²
-
-and keeps the candidate whose predicted constraints L̂_i(w) = L_i + H·S_i·w are all at or under
-their references with the lowest target term or, if none is, the one with the smallest maximum
-predicted violation. Values are "loss-like": an accuracy enters as −accuracy.
+"""Minimisers of DynaMiCS's penalised problem (eq. 3.4) for one (λ, ε), on the simplex.
 
 The problem is convex (a linear term plus squared hinges of affine functions) but badly scaled
 (target slopes ~1e-3 per step next to penalties up to 5000·(H·S)²). scipy's SLSQP stalls on a
 few per cent of such instances ("positive directional derivative"), so the default solver,
-``exact``, runs two exact methods and keeps the better point: a primal active-set method (Newton
-steps on the current face and hinge pattern, exact piecewise-quadratic line search, multiplier
-checks) and a Mehrotra interior-point method on the equivalent QP in (w, u), u ≥ A w + b + ε,
-u ≥ 0; the result is never worse than the best vertex. ``slsqp`` (scipy, on the same smooth QP)
-is kept as an option. Everything is deterministic: the same inputs give bit-identical weights,
-so every rank of a distributed run computes the same mixture.
+``exact``, runs two exact methods and :func:`mixtune.mixers.dynamics.solver.solve` keeps the
+better point (and never one worse than the best vertex):
 
-``fallback="minimax"`` (not in the paper) adds one candidate when nothing on the grid is
-feasible: the exact minimiser of the maximum predicted violation (a linear program).
+- :func:`active_set`: a primal active-set method on the piecewise-quadratic objective (Newton
+  steps on the current face and hinge pattern, exact piecewise-quadratic line search,
+  multiplier checks);
+- :func:`interior_point`: a Mehrotra interior-point method on the equivalent QP in (w, u),
+  u ≥ A w + b + ε, u ≥ 0.
+
+:func:`slsqp` (scipy, on the same smooth QP) is kept as the ``solver: slsqp`` option.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.optimize import linprog, minimize
+from scipy.optimize import minimize
 
-EPSILONS = (0.0, 0.05, 0.1)
-FEAS_TOL = 1e-9  # a predicted L̂ may exceed its reference by this much and count as feasible
-
-
-def lambda_grid(n: int = 15, lo: float = 1.0, hi: float = 5000.0) -> np.ndarray:
-    """``n`` log-spaced penalty weights in ``[lo, hi]`` (the paper: 15 in [1, 5000])."""
-    return np.logspace(np.log10(lo), np.log10(hi), n)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """``c``: (K,) summed target slopes; ``A``: (C, K) = H·S_C; ``b``: (C,) = L_C − L_C^ref.
-    The predicted violation of constraint i under mixture w is A_i·w + b_i."""
-
-    c: np.ndarray
-    A: np.ndarray
-    b: np.ndarray
-
-    @staticmethod
-    def build(slopes, anchors, refs, targets, constraints, horizon: float) -> Problem:
-        S = np.asarray(slopes, np.float64)  # (M, K)
-        t, ci = list(targets), list(constraints)
-        c = S[t].sum(0) if t else np.zeros(S.shape[1])
-        A = (horizon * S[ci]).reshape(len(ci), S.shape[1])
-        b = np.asarray(anchors, np.float64)[ci] - np.asarray(refs, np.float64)[ci]
-        return Problem(c, A, b.reshape(len(ci)))
-
-    @property
-    def K(self) -> int:
-        return self.c.size
-
-
-def objective(p: Problem, w, lam: float, eps: float) -> float:
-    """Eq. 3.4 at ``w`` (terms constant in w dropped, as in the paper)."""
-    h = np.maximum(0.0, p.A @ w + p.b + eps)
-    return float(p.c @ w + lam * (h @ h))
+if TYPE_CHECKING:
+    from mixtune.mixers.dynamics.solver import Problem
 
 
 def gradient(p: Problem, w, lam: float, eps: float) -> np.ndarray:
+    """The gradient of eq. 3.4 at ``w`` (continuous: the hinges are squared)."""
     return p.c + 2.0 * lam * (p.A.T @ np.maximum(0.0, p.A @ w + p.b + eps))
-
-
-def max_violation(p: Problem, w) -> float:
-    """Largest predicted excess over a reference (0 when every constraint holds); inf at a
-    non-finite point, which ``max(0.0, nan)`` would otherwise report as 0, i.e. feasible."""
-    v = p.A @ w + p.b
-    if not (np.isfinite(w).all() and np.isfinite(v).all()):
-        return np.inf
-    return float(max(0.0, v.max(initial=0.0)))
-
-
-def solve(p: Problem, lam: float, eps: float, method: str = "exact") -> np.ndarray:
-    """The minimiser of eq. 3.4 on the simplex for one (λ, ε)."""
-    K = p.K
-    if method == "exact":
-        cands = [_active_set(p, lam, eps), _interior_point(p, lam, eps)]
-    elif method == "slsqp":
-        cands = [_slsqp(p, lam, eps)]
-    else:
-        raise ValueError(f"unknown solver {method!r}; use 'exact' or 'slsqp'")
-    # A non-finite candidate is dropped and a NaN objective ranks last: np.argmin returns the
-    # index of a NaN, which would otherwise win.
-    cands = [w for w in cands if np.isfinite(w).all()]
-    cands += list(np.eye(K))  # never worse than a single-dataset mixture
-    vals = np.array([objective(p, w, lam, eps) for w in cands])
-    return cands[int(np.argmin(np.where(np.isnan(vals), np.inf, vals)))]  # first minimum
 
 
 # ---------------------------------------------------------------------------------------------
 # Exact method 1: primal active set on the piecewise-quadratic objective
 
 
-def _active_set(p: Problem, lam: float, eps: float) -> np.ndarray:
+def active_set(p: Problem, lam: float, eps: float) -> np.ndarray:
+    """Primal active set from the uniform mixture: Newton steps on the face of the simplex
+    where the zero coordinates stay zero, an exact line search that stops at the face's edge,
+    and release of the zero coordinate whose multiplier says the objective would go down."""
     K = p.K
     w, fixed, released = np.full(K, 1.0 / K), np.zeros(K, bool), -1
     for _ in range(50 * K + 50):
@@ -128,7 +63,7 @@ def _active_set(p: Problem, lam: float, eps: float) -> np.ndarray:
             neg = np.flatnonzero(d < 0)
             ratios = -w[neg] / d[neg]
             tmax = min(ratios.min(), 1.0) if newton else ratios.min()
-            t = _line_min(p, w, d, lam, eps, tmax) if tmax > 0 else 0.0
+            t = line_min(p, w, d, lam, eps, tmax) if tmax > 0 else 0.0
             w_old, w = w, w + t * d
             hit = neg[ratios <= t]
             w[hit], fixed[hit] = 0.0, True
@@ -173,8 +108,8 @@ def _face_direction(p: Problem, w, g, free, lam, eps) -> tuple[np.ndarray, bool]
 def _descends(p: Problem, w, g, d, lam, eps) -> bool:
     """Whether a step along ``d`` is worth a line search: ``d`` finite, not negligible, with a
     finite distance to the simplex's boundary, and downhill both as ``g @ d`` and as
-    ``_line_min``'s slope at 0 round it. The two disagree when ``g @ d`` is rounding noise (a
-    ~1e-15 direction, duplicate or zero columns); ``_line_min`` must never see an uphill start."""
+    ``line_min``'s slope at 0 round it. The two disagree when ``g @ d`` is rounding noise (a
+    ~1e-15 direction, duplicate or zero columns); ``line_min`` must never see an uphill start."""
     if not (np.isfinite(d).all() and np.abs(d).max() > 1e-15 and g @ d < 0):
         return False
     neg = d < 0
@@ -190,7 +125,7 @@ def _slope_at(p: Problem, w, d, lam, eps):
     return lambda t: cd + 2.0 * lam * (np.maximum(r + t * s, 0.0) @ s)
 
 
-def _line_min(p: Problem, w, d, lam, eps, tmax: float) -> float:
+def line_min(p: Problem, w, d, lam, eps, tmax: float) -> float:
     """Exact minimiser of the convex piecewise quadratic t -> F(w + t d) on [0, tmax]; always a
     finite t in [0, tmax] (0 when F does not decrease along d in floating point)."""
     r, s = p.A @ w + p.b + eps, p.A @ d
@@ -229,7 +164,7 @@ def _qp(p: Problem, lam: float, eps: float):
     return Q, q, E, G, h
 
 
-def _interior_point(p: Problem, lam: float, eps: float, iters: int = 100) -> np.ndarray:
+def interior_point(p: Problem, lam: float, eps: float, iters: int = 100) -> np.ndarray:
     """Mehrotra predictor-corrector on the QP (dense; the problem has K + C variables)."""
     Q, q, E, G, h = _qp(p, lam, eps)
     n, m = q.size, h.size
@@ -258,7 +193,7 @@ def _interior_point(p: Problem, lam: float, eps: float, iters: int = 100) -> np.
         if not all(np.isfinite(v).all() for v in nxt):
             break  # a near-singular KKT system or mu = 0 (degenerate): keep the last finite x
         x, y, s, z = nxt
-    return _clean(x[: p.K])
+    return clean(x[: p.K])
 
 
 def _max_step(v, dv) -> float:
@@ -266,7 +201,8 @@ def _max_step(v, dv) -> float:
     return float(min(1.0, (-v[neg] / dv[neg]).min())) if neg.any() else 1.0
 
 
-def _slsqp(p: Problem, lam: float, eps: float) -> np.ndarray:
+def slsqp(p: Problem, lam: float, eps: float) -> np.ndarray:
+    """scipy's SLSQP on the same QP (the ``solver: slsqp`` option; stalls on some instances)."""
     Q, q, E, G, h = _qp(p, lam, eps)
     K, n = p.K, q.size
     x0 = np.r_[np.full(K, 1.0 / K), np.zeros(n - K)]
@@ -282,10 +218,10 @@ def _slsqp(p: Problem, lam: float, eps: float) -> np.ndarray:
         ],
         options={"ftol": 1e-15, "maxiter": 2000},
     )
-    return _clean(res.x[:K])
+    return clean(res.x[:K])
 
 
-def _clean(w) -> np.ndarray:
+def clean(w) -> np.ndarray:
     """A solver's raw output as a mixture; uniform when there is none (all zero, non-finite)."""
     w = np.clip(np.asarray(w, np.float64), 0.0, None)
     w[w < 1e-12] = 0.0
@@ -293,57 +229,3 @@ def _clean(w) -> np.ndarray:
     if not (np.isfinite(w).all() and np.isfinite(total) and total > 0):
         return np.full(w.size, 1.0 / w.size)
     return w / total
-
-
-def minimax(p: Problem) -> np.ndarray:
-    """The mixture with the smallest maximum predicted violation (LP: min s, A w + b <= s)."""
-    K, C = p.K, p.b.size
-    res = linprog(
-        np.r_[np.zeros(K), 1.0],
-        A_ub=np.c_[p.A, -np.ones(C)],
-        b_ub=-p.b,
-        A_eq=np.r_[np.ones(K), 0.0][None],
-        b_eq=[1.0],
-        bounds=[(0, None)] * K + [(None, None)],
-        method="highs",
-    )
-    return _clean(res.x[:K]) if res.success else np.full(K, 1.0 / K)
-
-
-# ---------------------------------------------------------------------------------------------
-# The grid and the selection rule
-
-
-@dataclass(frozen=True)
-class Choice:
-    weights: np.ndarray
-    lam: float | None  # None: the minimax fallback
-    eps: float | None
-    feasible: bool  # every predicted constraint at or under its reference
-    target: float  # Σ_{i∈T} S_i·w: predicted per-step change of the summed target loss
-    max_violation: float  # largest predicted excess over a reference
-    n_feasible: int  # feasible candidates on the grid
-
-
-def choose(
-    p: Problem, lambdas=None, epsilons=EPSILONS, method: str = "exact", fallback: str = "grid"
-) -> Choice:
-    """Solve eq. 3.4 on the (λ, ε) grid and apply the paper's selection rule."""
-    lambdas = lambda_grid() if lambdas is None else lambdas
-    cands = []
-
-    def add(w, lam, eps):  # a non-finite mixture is never a candidate (a last guard)
-        if np.isfinite(w).all():
-            cands.append((w, lam, eps, float(p.c @ w), max_violation(p, w)))
-
-    for eps in epsilons:
-        for lam in lambdas:
-            add(solve(p, float(lam), float(eps), method), float(lam), float(eps))
-    feasible = [c for c in cands if c[4] <= FEAS_TOL]
-    if feasible:  # lowest target term; ties go to the first in grid order
-        w, lam, eps, target, viol = min(feasible, key=lambda c: c[3])
-        return Choice(w, lam, eps, True, target, viol, len(feasible))
-    if fallback == "minimax" and p.b.size:
-        add(minimax(p), None, None)
-    w, lam, eps, target, viol = min(cands, key=lambda c: (c[4], c[3]))
-    return Choice(w, lam, eps, viol <= FEAS_TOL, target, viol, 0)

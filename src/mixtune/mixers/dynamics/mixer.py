@@ -10,12 +10,12 @@ t, with H_t the gap to the next update (or to the end):
 1. anchors L_i(θ_t) for every domain (reusing the scheduled evaluation of this step);
 2. for each dataset j: from a snapshot of parameters, optimizer, RNG and sampler, train
    c_t = min(H_t, c_max) steps on D_j alone with the run's optimizer and LR, evaluate every
-   domain on the probe budget, restore. S_ij = (L_i after − L_i now) / c_t;
+   domain on the probe budget, restore. S_ij = (L_i after − L_i now) / c_t (:mod:`.slopes`);
 3. for each (λ, ε) of the grid (15 log-spaced λ in [1, 5000], ε ∈ {0, .05, .1}) minimise
-   Σ_{i∈T} S_i·w + λ Σ_{i∈C} max(0, L_i + H_t·S_i·w − L_i^ref + ε)² over the simplex
-   (``dynamics_solver``); keep the feasible solution (every L_i + H_t·S_i·w <= L_i^ref) with
-   the lowest target term, else the one with the smallest maximum predicted violation;
-4. hold w* until the next update.
+   Σ_{i∈T} S_i·w + λ Σ_{i∈C} max(0, L_i + H_t·S_i·w − L_i^ref + ε)² over the simplex; keep
+   the feasible solution (every L_i + H_t·S_i·w <= L_i^ref) with the lowest target term, else
+   the one with the smallest maximum predicted violation (:mod:`.solver`);
+4. hold w* until the next update (the update steps and H_t: :mod:`.schedule`).
 After training, the run summary names the best feasible evaluated step (``eval.constraints``).
 Accuracy domains enter as −accuracy, so "accuracy >= reference" is "−accuracy <= −reference".
 
@@ -52,19 +52,20 @@ from typing import Literal
 
 import numpy as np
 
-from mixtune.errors import ConfigError, MixtuneError
-from mixtune.eval.constraints import Constraints, loss_like, native
-from mixtune.eval.domains import loss_se, mean_se
-from mixtune.mixers import dynamics_solver as solver
+from mixtune.errors import ConfigError
+from mixtune.eval.constraints import Constraints
 from mixtune.mixers.base import DatasetInfo, DomainInfo, MixContext, Steps, Weights
+from mixtune.mixers.dynamics import solver
+from mixtune.mixers.dynamics.schedule import horizon, schedule_steps
+from mixtune.mixers.dynamics.slopes import (
+    from_gradient_alignment,
+    from_probes,
+    noise_notes,
+    value,
+    value_se,
+)
+from mixtune.schema import check
 
-# The paper's update sets for a 2048-step run (all include step 0).
-SCHEDULES = {
-    "no_warmup": [0] + [64 * 2**k for k in range(5)],  # 0, 64, 128, ..., 1024
-    "light_warmup": [0] + [8 * 2**k for k in range(8)],  # 0, 8, 16, ..., 1024
-    "dense_warmup": [0] + [2 * 2**k for k in range(10)],  # 0, 2, 4, ..., 1024
-}
-PAPER_STEPS = 2048
 log = logging.getLogger(__name__)
 
 
@@ -110,40 +111,28 @@ class DynaMiCSConfig:
 
     def __post_init__(self):
         for key in ("interval", "c_max", "probe_batches", "n_lambda"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"mixer.{key}: must be >= 1, got {getattr(self, key)}")
-        if not 0 < self.lambda_min <= self.lambda_max:
-            raise ConfigError(
-                f"mixer.lambda_min/lambda_max: need 0 < lambda_min <= lambda_max,"
-                f" got {self.lambda_min}, {self.lambda_max}"
-            )
-        if not self.epsilons or any(e < 0 for e in self.epsilons):
-            raise ConfigError(
-                f"mixer.epsilons: need one or more values >= 0, got {list(self.epsilons)}"
-            )
-        if not 0 <= self.noise_margin < float("inf"):
-            raise ConfigError(
-                f"mixer.noise_margin: must be finite and >= 0, got {self.noise_margin}"
-            )
+            check(getattr(self, key) >= 1, f"mixer.{key}", "must be >= 1", getattr(self, key))
+        check(
+            0 < self.lambda_min <= self.lambda_max,
+            "mixer.lambda_min/lambda_max",
+            "need 0 < lambda_min <= lambda_max",
+            (self.lambda_min, self.lambda_max),
+        )
+        check(
+            bool(self.epsilons) and all(e >= 0 for e in self.epsilons),
+            "mixer.epsilons",
+            "need one or more values >= 0",
+            list(self.epsilons),
+        )
+        check(
+            0 <= self.noise_margin < float("inf"),
+            "mixer.noise_margin",
+            "must be finite and >= 0",
+            self.noise_margin,
+        )
         for key in ("ga_batches", "ga_batch_size"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"mixer.{key}: must be >= 1 or null, got {getattr(self, key)}")
-
-
-def schedule_steps(kind: str, max_steps: int, interval: int = 128) -> Steps:
-    """Update steps for a run of ``max_steps`` (0 first; every step < max_steps), lazily."""
-    if kind == "fixed":
-        return Steps.every(interval, max_steps)
-    scaled = {0} | {max(1, round(s * max_steps / PAPER_STEPS)) for s in SCHEDULES[kind][1:]}
-    return Steps(s for s in scaled if s < max_steps)
-
-
-def horizon(steps, step: int, max_steps: int) -> int:
-    """H_t: steps until the next update, or until the end of the run."""
-    if not isinstance(steps, Steps):
-        steps = Steps(steps)
-    nxt = steps.after(step)
-    return (max_steps if nxt is None else nxt) - step
+            v = getattr(self, key)
+            check(v is None or v >= 1, f"mixer.{key}", "must be >= 1 or null", v)
 
 
 class DynaMiCS:
@@ -197,8 +186,6 @@ class DynaMiCS:
         H = horizon(self.update_steps(ctx.max_steps), ctx.step, ctx.max_steps)
         c = min(H, self.o.c_max)
         # Anchors: the scheduled evaluation of this step when there is one (evaluation
-        # recycling), else the probe budget, so anchors and probes see the same batches.
-        # Anchors: the scheduled evaluation of this step when there is one (evaluation
         # recycling, computed on the probe budget's batches), else the probe budget, so anchors
         # and probes see the same examples.
         now = ctx.evaluate(
@@ -212,8 +199,8 @@ class DynaMiCS:
             ctx.log("references", dict(self.refs))
             ctx.log("roles", {d.name: d.role for d in self.domains})
         cons = Constraints(self.domains, self.refs)
-        L = np.array([self._value(now[d.name], d) for d in self.domains])  # (M,) loss-like
-        L_se = np.array([self._value_se(now[d.name], d) for d in self.domains])  # (M,)
+        L = np.array([value(now[d.name], d) for d in self.domains])  # (M,) loss-like
+        L_se = np.array([value_se(now[d.name], d) for d in self.domains])  # (M,)
         self._log_realised(ctx, L)
 
         t0 = time.perf_counter()
@@ -258,85 +245,26 @@ class DynaMiCS:
         ctx.log("solve_seconds", solve_seconds)
         return w
 
-    def _value(self, m: dict, d: DomainInfo) -> float:
-        # Monitors are followed in loss (their accuracy is not evaluated in probes).
-        return loss_like(m, "loss" if d.role == "monitor" else d.metric, d.name)
-
-    def _value_se(self, m: dict, d: DomainInfo) -> float:
-        """Standard error of :meth:`_value` over the evaluated examples (NaN if unknown)."""
-        sc = m.get("scores")
-        if d.role != "monitor" and d.metric == "accuracy":
-            return float("nan") if sc is None or sc.correct is None else mean_se(sc.correct)
-        return float(m.get("loss_se", float("nan")))
-
-    def _paired_se(self, before: dict, after: dict, d: DomainInfo) -> float:
-        """Standard error of the change after − before of domain ``d``'s value, paired over
-        the same examples (what the probe did, not which examples were drawn)."""
-        a, b = after.get("scores"), before.get("scores")
-        if a is None or b is None or a.nll.size != b.nll.size:
-            return float("nan")
-        if d.role != "monitor" and d.metric == "accuracy":
-            if a.correct is None or b.correct is None:
-                return float("nan")
-            return mean_se(b.correct - a.correct)  # loss-like: −accuracy
-        return loss_se(a.nll - b.nll, b.tokens)
-
     def _slopes(
         self, ctx: MixContext, now: dict, L: np.ndarray, c: int
     ) -> tuple[np.ndarray, np.ndarray]:
+        """S and its standard errors, (M, K) each, measured the configured way."""
         M, K = len(self.domains), len(self.datasets)
         if self.o.slopes == "gradient_alignment":
-            if getattr(ctx, "grad_alignment", None) is None:
-                raise MixtuneError(
-                    "slopes: gradient_alignment needs ctx.grad_alignment, which "
-                    "this training loop does not provide"
-                )
-            S = np.asarray(
-                ctx.grad_alignment(
-                    self.o.ga_batches or self.o.probe_batches, batch_size=self.o.ga_batch_size
-                ),
-                np.float64,
-            )
-            return S.reshape(M, K), np.full((M, K), np.nan)  # no per-example noise estimate
-        S, S_se = np.zeros((M, K)), np.zeros((M, K))
-        for j in range(K):
-            after = ctx.probe(
-                j, c, self.o.probe_batches, accuracy=self.need_accuracy, per_example=True
-            )
-            for i, d in enumerate(self.domains):
-                S[i, j] = (self._value(after[d.name], d) - L[i]) / c
-                S_se[i, j] = self._paired_se(now[d.name], after[d.name], d) / c
-        return S, S_se
+            batches = self.o.ga_batches or self.o.probe_batches
+            return from_gradient_alignment(ctx, M, K, batches, self.o.ga_batch_size)
+        return from_probes(
+            ctx, self.domains, K, now, L, c, self.o.probe_batches, self.need_accuracy
+        )
 
     def _warn_noise(self, ctx: MixContext, now: dict, L, L_se, S, S_se, refs, H: int) -> None:
-        """Say once, in plain words, when noise rather than the mixture decides a constraint:
-        every dataset moves it past its reference by more than the reference's own noise, or
-        no dataset moves it by more than the probes' noise."""
-        notes = []
-        for i in self.constraints:
-            d = self.domains[i]
-            if d.name in self.warned or not np.isfinite(L_se[i]):
-                continue
-            move, noise = H * S[i], H * S_se[i]
-            n = now[d.name].get("n", "?")
-            unit = "accuracy" if d.metric == "accuracy" else "loss"
-            base = f"{native(refs[i], d.metric):.3f} ± {L_se[i]:.3f} on {n} examples"
-            if np.all(move + L[i] - refs[i] > L_se[i]):
-                notes.append(
-                    f"{d.name}: reference {unit} {base}; every dataset moves it past "
-                    f"the reference by more than its noise; raise evals.{d.name}."
-                    "batches or set a tolerance (evals[].reference)"
-                )
-            elif np.all(np.isfinite(noise)) and np.all(np.abs(move) < 2 * noise):
-                notes.append(
-                    f"{d.name}: no dataset moves it by more than the probes' noise "
-                    f"(largest predicted change {np.abs(move).max():.4f} vs ± "
-                    f"{noise.max():.4f}); raise evals.{d.name}.batches or "
-                    "mixer.probe_batches"
-                )
-            else:
-                continue
-            self.warned.append(d.name)
+        """Say once per constraint, in plain words, when noise rather than the mixture decides
+        it (:func:`~mixtune.mixers.dynamics.slopes.noise_notes`)."""
+        found = noise_notes(
+            self.domains, self.constraints, self.warned, now, L, L_se, S, S_se, refs, H
+        )
+        self.warned += list(found)
+        notes = list(found.values())
         for note in notes:
             log.warning("dynamics: %s", note)
         if notes:
@@ -360,65 +288,3 @@ class DynaMiCS:
         self.refs = state.get("refs")
         self.pending = state.get("pending")
         self.warned = list(state.get("warned", []))
-
-
-def plot_slopes(records: list[dict], out_png, max_panels: int = 8):
-    """Heatmaps of the slope matrices S logged at the updates (rows: evaluation domains, marked
-    T/C for targets/constraints; columns: datasets; red = that domain's loss goes up when
-    training on that dataset). Returns the path, or None when the run logged no slopes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    roles = next(
-        (
-            r["mixer"]["roles"]
-            for r in records
-            if isinstance(r.get("mixer"), dict) and isinstance(r["mixer"].get("roles"), dict)
-        ),
-        {},
-    )
-    found = [
-        (r["step"], r["mixer"]["S"])
-        for r in records
-        if isinstance(r.get("mixer"), dict) and isinstance(r["mixer"].get("S"), dict)
-    ]
-    if not found:
-        return None
-    if len(found) > max_panels:  # keep the first, the last and evenly spaced ones between
-        idx = np.unique(np.linspace(0, len(found) - 1, max_panels).round().astype(int))
-        found = [found[i] for i in idx]
-    domains = list(found[0][1])
-    datasets = list(found[0][1][domains[0]])
-    mats = [
-        np.array([[S[d].get(k, np.nan) for k in datasets] for d in domains], float)
-        for _, S in found
-    ]
-    vmax = max(float(np.nanmax(np.abs(m))) for m in mats) or 1.0
-    n = len(mats)
-    cols = min(n, 4)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(
-        rows,
-        cols,
-        figsize=(2.2 + 1.0 * len(datasets) * cols, 0.9 + 0.45 * len(domains) * rows),
-        squeeze=False,
-    )
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    for ax, (step, _), m in zip(axes.flat, found, mats):
-        im = ax.imshow(m, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
-        ax.set_title(f"step {step}", fontsize=9)
-        ax.set_xticks(range(len(datasets)), datasets, rotation=45, ha="right", fontsize=7)
-        tags = {"target": " (T)", "constraint": " (C)"}
-        ax.set_yticks(
-            range(len(domains)), [d + tags.get(roles.get(d), "") for d in domains], fontsize=7
-        )
-    fig.colorbar(
-        im, ax=axes.ravel().tolist(), shrink=0.8, label="slope S (loss-like change per step)"
-    )
-    fig.suptitle("DynaMiCS slope matrices (rows: eval domains, columns: datasets)", fontsize=10)
-    fig.savefig(out_png, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return out_png

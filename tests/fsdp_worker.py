@@ -22,12 +22,12 @@ from torch.distributed.tensor import DTensor
 
 from helpers import leave_distributed
 from mixtune import config
-from mixtune.engine import checkpoint, probe, setup
+from mixtune.engine import build, checkpoint, probe
 from mixtune.engine.loop import Trainer
 
 
-def build(raw: dict) -> Trainer:
-    """A Trainer whose model is sharded with FSDP2 (``train.fsdp``: engine.runtime.shard_fsdp2)."""
+def make_trainer(raw: dict) -> Trainer:
+    """A Trainer whose model is sharded with FSDP2 (``train.fsdp``: engine.process.shard_fsdp2)."""
     return Trainer(config.load(data={**raw, "train": {**raw["train"], "fsdp": True}}))
 
 
@@ -93,7 +93,7 @@ def checkpoint_round_trip(x: Trainer, y: Trainer, raw: dict) -> dict:
     """x saves a checkpoint of its shards; a fresh sharded trainer z loads it; x and z train on
     side by side and must stay bit-identical. Also the final model directory (gathered)."""
     path = _save(x)
-    z = build({**raw, "output_dir": raw["output_dir"] + "_resumed"})
+    z = make_trainer({**raw, "output_dir": raw["output_dir"] + "_resumed"})
     state, _ = checkpoint.load(
         path,
         accelerator=z.acc,
@@ -115,7 +115,7 @@ def checkpoint_round_trip(x: Trainer, y: Trainer, raw: dict) -> dict:
     final = Path(raw["output_dir"]) / "final"
     full = checkpoint.full_state_dict(x.acc.unwrap_model(x.model))
     if x.rank == 0:
-        setup.save_final(x.acc.unwrap_model(x.model), x.tokenizer, final, full)
+        build.save_final(x.acc.unwrap_model(x.model), x.tokenizer, final, full)
     x.acc.wait_for_everyone()
     saved = load_file(str(final / "model.safetensors"))
     final_same = all(
@@ -127,7 +127,7 @@ def checkpoint_round_trip(x: Trainer, y: Trainer, raw: dict) -> dict:
     w = Trainer(config.load(data={**raw, "output_dir": raw["output_dir"] + "_ddp"}))
     train(w, 2)
     path = _save(w)
-    v = build({**raw, "output_dir": raw["output_dir"] + "_from_ddp"})
+    v = make_trainer({**raw, "output_dir": raw["output_dir"] + "_from_ddp"})
     checkpoint.load(
         path,
         accelerator=v.acc,
@@ -156,7 +156,7 @@ def checkpoint_round_trip(x: Trainer, y: Trainer, raw: dict) -> dict:
 
 def main(cfg_path: str, out_path: str) -> None:
     raw = json.load(open(cfg_path))
-    x, y = build(raw), build({**raw, "output_dir": raw["output_dir"] + "_twin"})
+    x, y = make_trainer(raw), make_trainer({**raw, "output_dir": raw["output_dir"] + "_twin"})
     out = {
         "world": x.world,
         "sharded": all(isinstance(p, DTensor) for p in x.params),

@@ -227,7 +227,7 @@ def test_base_model_loads_and_predicts(which):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mixtune.builtin import bench_model_path
-    from mixtune.engine.setup import _resolve
+    from mixtune.engine.build import _resolve
 
     path = base_model_path() if which == "builtin" else bench_model_path()
     assert _resolve(which) == str(path)

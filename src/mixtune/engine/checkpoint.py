@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from mixtune.engine.setup import trainable
+from mixtune.engine.build import trainable
 from mixtune.errors import ConfigError
 
 PREFIX = "step-"

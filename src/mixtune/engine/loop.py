@@ -32,11 +32,10 @@ from mixtune import config as config_mod
 from mixtune.config import RunConfig
 from mixtune.data import streaming
 from mixtune.data.sampler import MixtureSampler, SamplerExhausted
-from mixtune.engine import checkpoint, probe, setup
+from mixtune.engine import build, checkpoint, probe
 from mixtune.engine.evaluation import Evaluator
 from mixtune.engine.metrics import Metrics, data_summary
-from mixtune.engine.rundir import RunDir
-from mixtune.engine.runtime import (  # noqa: F401  (re-exported)
+from mixtune.engine.process import (  # noqa: F401  (re-exported)
     Interrupted,
     catch_signals,
     check_writable,
@@ -48,6 +47,7 @@ from mixtune.engine.runtime import (  # noqa: F401  (re-exported)
     shard_fsdp2,
     whole,
 )
+from mixtune.engine.rundir import RunDir
 from mixtune.engine.state import TrainState
 from mixtune.engine.step import StepStats, check_finite_params, optimizer_step
 from mixtune.errors import ConfigError
@@ -80,7 +80,7 @@ class Trainer:
             )
 
         # Inputs first: any bad config, data or model fails here, before the run dir is touched.
-        self.tokenizer = setup.load_tokenizer(cfg.model)
+        self.tokenizer = build.load_tokenizer(cfg.model)
         # (streaming datasets are read lazily: mixtune.data.streaming)
         self.train_sets, self.all_domains = streaming.build(cfg, self.tokenizer)
         # What mixers, probes and checkpoint selection see: every domain but the test splits
@@ -107,12 +107,12 @@ class Trainer:
         if self.resume_from is not None:
             self.rundir.check_compatible(cfg)
 
-        dtype = setup.pick_dtype(cfg.model.dtype)
-        model = setup.load_model(cfg.model, self.tokenizer, cfg.seed, dtype)
+        dtype = build.pick_dtype(cfg.model.dtype)
+        model = build.load_model(cfg.model, self.tokenizer, cfg.seed, dtype)
         if tc.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.optimizer = setup.make_optimizer(model, tc)
-        self.scheduler = setup.make_scheduler(self.optimizer, tc, cfg.max_steps)
+        self.optimizer = build.make_optimizer(model, tc)
+        self.scheduler = build.make_scheduler(self.optimizer, tc, cfg.max_steps)
         if tc.fsdp and self.world > 1:
             self.model, self.optimizer = shard_fsdp2(model.to(self.acc.device), self.optimizer)
         else:
@@ -120,7 +120,7 @@ class Trainer:
                 log.warning("train.fsdp: a single process has nothing to shard; not sharding")
             self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.model.train()
-        self.params = [p for _, p in setup.trainable(self.model)]
+        self.params = [p for _, p in build.trainable(self.model)]
         # Membership tests only (never iterated): max_steps may be huge (mixers.base.Steps).
         self.updates = self.mixer.update_steps(cfg.max_steps)
         # Sequence lengths as flat arrays, for per-step token counts without a sync.
@@ -374,7 +374,7 @@ class Trainer:
             best = best_feasible_for_run(self.rundir.path, self.dom_infos)
             if best is not None:  # the best evaluated step with every constraint kept
                 summary["best_feasible"] = best
-            setup.save_final(model, self.tokenizer, self.rundir.path / "final", full)
+            build.save_final(model, self.tokenizer, self.rundir.path / "final", full)
             self.rundir.write_json("summary.json", summary)
         self.acc.wait_for_everyone()
         return summary

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from mixtune.config import RunConfig
+from mixtune.engine.process import flat
 from mixtune.engine.rundir import RunDir
-from mixtune.engine.runtime import flat
 from mixtune.engine.step import StepStats
 from mixtune.errors import TrainingError
 

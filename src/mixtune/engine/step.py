@@ -21,7 +21,7 @@ import torch
 from mixtune.config import TrainConfig
 from mixtune.data.collate import collate
 from mixtune.data.sampler import shard
-from mixtune.engine.runtime import local, whole
+from mixtune.engine.process import local, whole
 from mixtune.engine.state import TrainState
 from mixtune.errors import TrainingError
 from mixtune.losses.base import Loss

@@ -118,7 +118,7 @@ class TargetGenerator:
         if self._external is None:
             from dataclasses import replace
 
-            from mixtune.engine import setup
+            from mixtune.engine import build
 
             mcfg = replace(
                 state.model_config,
@@ -127,8 +127,8 @@ class TargetGenerator:
                 config=None,
                 lora=type(state.model_config.lora)(),
             )
-            gtok = setup.load_tokenizer(mcfg)
-            model = setup.load_model(mcfg, gtok, state.seed, setup.pick_dtype("auto"))
+            gtok = build.load_tokenizer(mcfg)
+            model = build.load_model(mcfg, gtok, state.seed, build.pick_dtype("auto"))
             self._external = (model.to(state.acc.device).eval(), gtok)
         return self._external
 

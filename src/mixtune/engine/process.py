@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mixtune.config import RunConfig
-from mixtune.engine import setup
+from mixtune.engine import build
 from mixtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def make_accelerator(cfg: RunConfig):
     # Accelerator(cpu=True) on a machine without CUDA: otherwise torchrun's processes would
     # each train undistributed.
     cpu = not torch.cuda.is_available()
-    dtype = setup.pick_dtype(cfg.model.dtype)
+    dtype = build.pick_dtype(cfg.model.dtype)
     mp = "bf16" if (dtype == torch.bfloat16 and not cpu) else "no"
     acc = Accelerator(
         cpu=cpu,

@@ -10,6 +10,10 @@ the CLI sets up its environment before torch is imported.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +54,8 @@ def evaluate(args, s: Session) -> None:
 
     Per-domain loss and accuracy of a finished run (its final model, or its latest
     checkpoint), or of the model a config names before any training. Prints a table and writes
-    eval.json into the run directory when given one.
+    eval.json into the run directory when given one it may write (a read-only run directory is
+    only read).
     """
     # No s.output_dir: a failure's traceback must not replace the evaluated run's error.log.
     from mixtune import config
@@ -59,18 +64,19 @@ def evaluate(args, s: Session) -> None:
 
     target = Path(args.target)
     run_dir = target if target.is_dir() else None
-    if run_dir is not None:
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-        overrides = [*args.overrides, "resume=auto", f"output_dir={run_dir}"]
-        cfg = config.load(run_dir / "config.yaml", overrides)
-    else:
-        cfg = config.load(target, args.overrides)
-    trainer = Trainer(cfg)
+    if run_dir is not None and not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    found = [] if run_dir is None else checkpoint.complete(run_dir / "checkpoints")
+    with tempfile.TemporaryDirectory(prefix="mixtune-eval-") as scratch:
+        # Nothing is trained: the trainer gets a scratch output_dir (never written), so the
+        # evaluated run directory, or the one a config names, is only read.
+        overrides = [*args.overrides, "resume=never", f"output_dir={scratch}/run"]
+        cfg = config.load(target if run_dir is None else run_dir / "config.yaml", overrides)
+        trainer = Trainer(cfg)
     source = "base model"
-    if run_dir is not None and trainer.resume_from is not None:
+    if found:
         checkpoint.load(
-            trainer.resume_from,
+            found[-1],
             accelerator=trainer.acc,
             model=trainer.model,
             optimizer=None,
@@ -78,14 +84,19 @@ def evaluate(args, s: Session) -> None:
             sampler=trainer.sampler,
             mixer=trainer.mixer,
         )
-        source = str(trainer.resume_from)
+        source = str(found[-1])
     result = trainer.evaluate(use_cache=False, include_test=True)
     if args.json:
         print(json.dumps({"source": source, "eval": result}, indent=1))
     else:
         _print_eval(result, trainer.all_domains, source)
     if run_dir is not None and trainer.acc.is_main_process:
-        (run_dir / "eval.json").write_text(json.dumps({"source": source, "eval": result}, indent=1))
+        if _writable(run_dir):
+            (run_dir / "eval.json").write_text(
+                json.dumps({"source": source, "eval": result}, indent=1)
+            )
+        else:
+            print(f"(eval.json not written: {run_dir} is read-only)", file=sys.stderr)
 
 
 def report(args, s: Session) -> None:
@@ -93,13 +104,24 @@ def report(args, s: Session) -> None:
 
     Plots of a run directory's metrics.jsonl (mixture weights, per-domain evaluation curves
     with constraint references, training loss, and every series a mixer or loss logged) into
-    RUN_DIR/report/, with a self-contained index.html.
+    RUN_DIR/report/, with a self-contained index.html. A read-only run directory is only read:
+    the report is written to a new temporary directory, whose path is printed.
     """
     from mixtune.report import write_report
 
-    if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+    run = Path(args.run_dir)
+    if not (run / "metrics.jsonl").is_file():
         raise ConfigError(f"{args.run_dir} is not a run directory (no metrics.jsonl)")
-    print(write_report(args.run_dir))
+    if _writable(run) and (not (run / "report").exists() or _writable(run / "report")):
+        print(write_report(run))
+        return
+    # The report reads these files of the run; a copy of them is rendered elsewhere.
+    copy = Path(tempfile.mkdtemp(prefix=f"mixtune-report-{run.name}-"))
+    for name in ("metrics.jsonl", "summary.json", "config.yaml"):
+        if (run / name).is_file():
+            shutil.copyfile(run / name, copy / name)
+    print(f"({run} is read-only: the report is written under {copy})", file=sys.stderr)
+    print(write_report(copy))
 
 
 def plan(args, s: Session) -> None:
@@ -209,3 +231,8 @@ def _print_eval(result: dict, infos, source: str | None = None) -> None:
             f"{name:<20} {roles.get(name, ''):<11} {m['loss']:>8.4f} {se:>7} "
             f"{m.get('n', ''):>5} {acc:>9}"
         )
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may create files in the directory ``path``."""
+    return os.access(path, os.W_OK | os.X_OK)

@@ -311,8 +311,10 @@ class RunConfig:
     max_steps: int = 100
     """Optimizer steps."""
     resume: str = "auto"
-    """``auto``: continue from the latest checkpoint in output_dir if any; ``never``: refuse to
-    reuse a directory that has checkpoints; or a checkpoint path."""
+    """``auto``: continue from the latest intact checkpoint in output_dir if any; ``never``:
+    refuse to reuse a directory that has checkpoints; or a checkpoint path. A resume must be the
+    same run (``run.json``): a changed setting that determines the trajectory is refused, one
+    that cannot alter it is recorded in ``amendments.jsonl`` (README, "The run directory")."""
     model: ModelConfig = field(default_factory=ModelConfig)
     datasets: tuple[DatasetConfig, ...] = ()
     """Training datasets (the mixture is over these)."""

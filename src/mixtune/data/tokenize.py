@@ -11,6 +11,7 @@ is used (a warning says so); ``model.chat_template`` overrides both.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 
@@ -110,6 +111,20 @@ def tokenize(
             max_length,
         )
     return out
+
+
+def digest(input_ids, labels, answers) -> str:
+    """A content hash of tokenised examples, in order: their tokens, which of them are trained
+    and their reference answers. Equal digests mean the same selected examples, so a resumed run
+    can tell that its data is what the run was started on (cheap next to tokenising)."""
+    h = hashlib.blake2b(digest_size=8)
+    for ids, lab, answer in zip(input_ids, labels, answers):
+        h.update(len(ids).to_bytes(8, "little"))
+        h.update(np.asarray(ids, np.int64).tobytes())
+        h.update(np.asarray(lab, np.int64).tobytes())
+        text = b"" if answer is None else answer.encode("utf-8", "surrogatepass")
+        h.update((-1 if answer is None else len(text)).to_bytes(8, "little", signed=True) + text)
+    return h.hexdigest()
 
 
 def _bos(tokenizer) -> int | None:

@@ -1,15 +1,27 @@
-"""Checkpoints: everything needed to continue a run exactly.
+"""Checkpoints: everything needed to continue a run exactly, and a manifest that vouches for it.
 
 ``checkpoints/step-000123/`` holds the trainable weights (``trainable.safetensors``: the full
 model, or only the LoRA adapter), ``optimizer.pt``, ``scheduler.pt``, ``sampler.json``,
 ``mixer.pt``, ``loss.pt`` (the loss's ``state_dict``), one ``rank<r>.pt`` per process (RNG
-states and that rank's running sums) and
-``state.json`` (step, counters, elapsed time). It is written into ``.tmp-step-000123`` and
-renamed into place only once complete (every file, the directory and the rename fsync'd),
-so a crash never leaves a half-written checkpoint as the
-latest one; directories without ``state.json`` are ignored. Old checkpoints are first renamed
-out of the ``step-`` namespace and then deleted, so a crash mid-deletion never leaves a
+states and that rank's running sums), ``state.json`` (step, counters, elapsed time) and, written
+last, ``manifest.json``: the size and SHA-256 of every other file. It is written into
+``.tmp-step-000123`` and renamed into place only once complete (every file, the directory and
+the rename fsync'd), so a crash never leaves a half-written checkpoint as the latest one;
+directories with neither ``state.json`` nor a manifest are ignored. Old checkpoints are first
+renamed out of the ``step-`` namespace and then deleted, so a crash mid-deletion never leaves a
 partial ``step-`` directory either; leftover ``.tmp-*`` directories are removed by the next save.
+
+Integrity (:mod:`mixtune.engine.integrity`): a checkpoint is used only if every file matches the
+manifest, so a truncated, missing or bit-flipped file is found before anything is loaded.
+``resume=auto`` takes the newest checkpoint that verifies (:func:`complete`), reporting each
+damaged one it passes over and leaving it in place; an explicit ``resume=<dir>`` that fails is
+bad input.
+Checkpoints written before manifests existed have none: they still load, unverified.
+
+Safety: the ``.pt`` files are read with ``torch.load(weights_only=True)``, which rebuilds tensors
+and plain data only, plus the numpy arrays and scalars that RNG states and loss statistics hold
+(:data:`SAFE_GLOBALS`). A file that names anything else (a class whose unpickling could run code)
+is refused, not executed.
 
 Test hook: ``MIXTUNE_TEST_CHECKPOINT_PAUSE=<seconds>`` sleeps in the middle of each write (after
 the tensors, before ``state.json``) so crash tests can kill a process mid-write.
@@ -18,6 +30,7 @@ the tensors, before ``state.json``) so crash tests can kill a process mid-write.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -26,11 +39,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mixtune.engine.build import trainable
+from mixtune.engine.integrity import MANIFEST, check, fsync, read, verify, write_manifest
 from mixtune.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 PREFIX = "step-"
 
@@ -80,7 +96,7 @@ def save(
     accelerator.wait_for_everyone()
     rank = accelerator.process_index
     torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{rank}.pt")
-    _fsync(tmp / f"rank{rank}.pt")
+    fsync(tmp / f"rank{rank}.pt")
     unwrapped = accelerator.unwrap_model(model)
     params = trainable(unwrapped)
     sharded = any(isinstance(p, DTensor) for _, p in params)
@@ -90,7 +106,7 @@ def save(
         tensors = {n: t for n, t in ((n, _full(p)) for n, p in params) if main}
         name = f"optimizer-rank{rank}.pt"
         torch.save(_local_optimizer_state(optimizer), tmp / name)
-        _fsync(tmp / name)
+        fsync(tmp / name)
     if accelerator.is_main_process:
         if not sharded:
             tensors = {n: p.detach().cpu().contiguous() for n, p in params}
@@ -103,21 +119,27 @@ def save(
             torch.save(loss.state_dict(), tmp / "loss.pt")
         for f in tmp.iterdir():
             if not f.name.startswith("rank"):
-                _fsync(f)
+                fsync(f)
     pause = float(os.environ.get("MIXTUNE_TEST_CHECKPOINT_PAUSE") or 0)
     if pause:
         time.sleep(pause)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        # state.json last: it marks the directory complete.
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-        _fsync(tmp / "state.json")
-        _fsync(tmp)
+        # ("manifest": a manifest.json deleted later is then missed, not taken for an old format)
+        record = {**state, "step": step, "manifest": MANIFEST}
+        (tmp / "state.json").write_text(json.dumps(record, indent=1))
+        fsync(tmp / "state.json")
+        # The manifest last: sizes and hashes of every file, each rank's included.
+        write_manifest(tmp)
+        fsync(tmp)
         if final.exists():  # re-saving a step (resume from an older checkpoint)
             _discard(final)
         tmp.rename(final)
-        _fsync(root)  # the rename itself survives a power cut
-        for old in complete(root)[:-keep]:
+        fsync(root)  # the rename itself survives a power cut
+        # Keep the newest `keep` up to this step. Later ones (a resume from an older or past a
+        # damaged checkpoint) stay until this run writes their step again.
+        upto = [p for p in _listed(root) if _step(p) <= step]
+        for old in upto[:-keep]:
             _discard(old)
     accelerator.wait_for_everyone()
     return final
@@ -160,7 +182,7 @@ def _load_local_optimizer_state(optimizer, path: Path, accelerator) -> None:
             f"checkpoint {path} holds optimizer state sharded over {written} processes; resume "
             f"it with {written} processes (this run has {accelerator.num_processes})"
         )
-    sd = torch.load(path / "optimizer.pt" if whole else mine, weights_only=False)
+    sd = read(path, "optimizer.pt" if whole else mine.name)
     inner = getattr(optimizer, "optimizer", optimizer)
     order = [p for g in inner.param_groups for p in g["params"]]
     for i, s in sd["state"].items():
@@ -186,21 +208,6 @@ def _load_local_optimizer_state(optimizer, path: Path, accelerator) -> None:
     optimizer.load_state_dict(sd)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a directory's entries, to the disk (a checkpoint must survive a
-    power cut or a node failure, not only a killed process). Best effort where unsupported."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # e.g. some network file systems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 def _discard(path: Path) -> None:
     """Delete a checkpoint: one atomic rename out of the ``step-`` namespace, then the files."""
     gone = path.with_name(f".tmp-del-{path.name}")
@@ -209,8 +216,8 @@ def _discard(path: Path) -> None:
     shutil.rmtree(gone, ignore_errors=True)
 
 
-def complete(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
+def _listed(root: Path) -> list[Path]:
+    """Checkpoint directories under ``root`` (``state.json`` or a manifest), oldest first."""
     if not root.is_dir():
         return []
     found = [
@@ -218,18 +225,41 @@ def complete(root: Path) -> list[Path]:
         for p in root.iterdir()
         if p.name.startswith(PREFIX)
         and p.name[len(PREFIX) :].isdigit()
-        and (p / "state.json").is_file()
+        and ((p / "state.json").is_file() or (p / MANIFEST).is_file())
     ]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    return sorted(found, key=_step)
+
+
+def _step(path: Path) -> int:
+    return int(path.name[len(PREFIX) :])
+
+
+def complete(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first; the last one verifies.
+
+    Checked newest first, in full (``integrity.problem``), until one verifies: each damaged one
+    on the way is reported in the log (once per process), left out and left in place. The older ones
+    are returned unchecked (hashing every kept checkpoint would cost a resume several times
+    over); :func:`load` verifies whichever is chosen.
+    """
+    found = _listed(root)
+    for i in range(len(found) - 1, -1, -1):
+        bad, fresh = check(found[i])
+        if bad is None:
+            return found[: i + 1]
+        if fresh:  # (not again for files this process has already found damaged)
+            log.warning("checkpoint %s is damaged (%s): skipped, left in place", found[i], bad)
+    return []
 
 
 def load(
     path: Path, *, accelerator, model, optimizer, scheduler, sampler, mixer, loss=None
 ) -> tuple[dict, dict]:
-    """Restore every component from ``path``; returns ``(state, rank_state)``.
+    """Restore every component from ``path``, once it verifies; returns ``(state, rank_state)``.
     ``optimizer=None, scheduler=None``: the weights (and the rest) without the training state."""
+    verify(path)
     unwrapped = accelerator.unwrap_model(model)
-    tensors = load_file(str(path / "trainable.safetensors"))
+    tensors = read(path, "trainable.safetensors", "safetensors")
     params = dict(trainable(unwrapped))
     missing = set(params) - set(tensors)
     if missing:
@@ -251,14 +281,14 @@ def load(
             f"(train.fsdp); resume it with train.fsdp=true and {n} processes"
         )
     else:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        optimizer.load_state_dict(read(path, "optimizer.pt"))
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    sampler.load_state_dict(json.loads((path / "sampler.json").read_text()))
-    mixer.load_state_dict(torch.load(path / "mixer.pt", weights_only=False))
+        scheduler.load_state_dict(read(path, "scheduler.pt"))
+    sampler.load_state_dict(read(path, "sampler.json", "json"))
+    mixer.load_state_dict(read(path, "mixer.pt"))
     if loss is not None and (path / "loss.pt").is_file():  # (older checkpoints may lack it)
-        loss.load_state_dict(torch.load(path / "loss.pt", weights_only=False))
-    rank_state = torch.load(path / f"rank{accelerator.process_index}.pt", weights_only=False)
+        loss.load_state_dict(read(path, "loss.pt"))
+    rank_state = read(path, f"rank{accelerator.process_index}.pt")
     set_rng_state(rank_state.pop("rng"))
-    state = json.loads((path / "state.json").read_text())
+    state = read(path, "state.json", "json")
     return state, rank_state

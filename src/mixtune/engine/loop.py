@@ -32,7 +32,7 @@ from mixtune import config as config_mod
 from mixtune.config import RunConfig
 from mixtune.data import streaming
 from mixtune.data.sampler import MixtureSampler, SamplerExhausted
-from mixtune.engine import build, checkpoint, probe
+from mixtune.engine import build, checkpoint, fingerprint, integrity, lock, probe
 from mixtune.engine.evaluation import Evaluator
 from mixtune.engine.metrics import Metrics, data_summary
 from mixtune.engine.process import (  # noqa: F401  (re-exported)
@@ -104,11 +104,17 @@ class Trainer:
         self.rundir = RunDir(cfg.output_dir)
         check_writable(self.rundir.path)
         self.resume_from = self.rundir.resume_point(cfg.resume)
-        if self.resume_from is not None:
-            self.rundir.check_compatible(cfg)
+        if self.resume_from is not None:  # an explicit resume=<dir> may be damaged
+            integrity.verify(self.resume_from)
 
         dtype = build.pick_dtype(cfg.model.dtype)
         model = build.load_model(cfg.model, self.tokenizer, cfg.seed, dtype)
+        # The last check before the run dir is written: what this start trains with against the
+        # run's record (run.json); a resume may only amend what cannot change the trajectory.
+        self.fingerprint = fingerprint.of_run(
+            cfg, self.tokenizer, self.train_sets, self.all_domains
+        )
+        self.amendments = self.rundir.check_resume(cfg, self.fingerprint, self.resume_from)
         if tc.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.optimizer = build.make_optimizer(model, tc)
@@ -208,6 +214,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> dict:
         """Train to ``max_steps`` (or checkpoint and return after step ``stop_after``)."""
+        # One writer per run directory, from before its first write to the end (engine/lock.py).
+        with lock.hold(self.rundir.path, self.acc):
+            return self._start(stop_after)
+
+    def _start(self, stop_after: int | None) -> dict:
         cfg = self.cfg
         if self.resume_from is not None:
             saved, rank_saved = checkpoint.load(
@@ -227,7 +238,8 @@ class Trainer:
             # data that step draws.
             self.loss_fn.on_resume(self.state)
         if self.acc.is_main_process:
-            self.rundir.start(cfg, None if self.resume_from is None else self.step)
+            resume_step = None if self.resume_from is None else self.step
+            self.rundir.start(cfg, resume_step, self.fingerprint, self.amendments)
             self.rundir.write_json("data.json", data_summary(self.train_sets, self.all_domains))
         self.acc.wait_for_everyone()
         if cfg.report_to:

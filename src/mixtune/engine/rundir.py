@@ -1,7 +1,14 @@
-"""The run directory: resolved config, metrics.jsonl, data summary, checkpoints, logs.
+"""The run directory: config, the run's record, metrics.jsonl, data summary, checkpoints, logs.
 
-Nothing is written here until the config, the data and the model have been validated, so a bad
-input never touches an existing run's files.
+``config.yaml`` is the config the run was started with and ``run.json`` its fingerprint
+(:mod:`mixtune.engine.fingerprint`: the settings and the data the trajectory depends on), both
+written at the first start and never rewritten by a resume. A resume that changes a setting it
+may change appends one record per key to ``amendments.jsonl`` (``step``, ``key``, ``old``,
+``new``); any other difference is refused.
+
+Nothing is written here until the config, the data and the model have been validated and a
+resume has been checked against the run's record (:meth:`RunDir.check_resume`), so a bad input
+never touches an existing run's files.
 """
 
 from __future__ import annotations
@@ -9,13 +16,16 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
 from mixtune import config as config_mod
-from mixtune.engine import checkpoint
-from mixtune.errors import ConfigError
+from mixtune.engine import checkpoint, fingerprint
+from mixtune.errors import ConfigError, MixtuneError
+
+WAYS_FORWARD = "resume with the settings and data it was started with, or use a new output_dir"
 
 
 class RunDir:
@@ -24,6 +34,8 @@ class RunDir:
         self.checkpoints = self.path / "checkpoints"
         self.metrics = self.path / "metrics.jsonl"
         self.logs = self.path / "logs"
+        self.record = self.path / "run.json"
+        self.amendments = self.path / "amendments.jsonl"
 
     def resume_point(self, resume: str) -> Path | None:
         """The checkpoint to continue from, per the ``resume`` setting (or None)."""
@@ -56,21 +68,97 @@ class RunDir:
                 "use a new output_dir or resume=never there"
             )
 
-    def start(self, cfg: config_mod.RunConfig, resume_step: int | None) -> None:
-        """Create the directory, save the config, and cut metrics back to the resume point."""
+    def check_resume(
+        self, cfg: config_mod.RunConfig, fp: dict, resume_from: Path | None
+    ) -> list[fingerprint.Change]:
+        """Refuse (:class:`ConfigError`, nothing written) a start that cannot honour what this
+        directory records, or what the run that wrote ``resume_from`` records; ``fp`` is this
+        start's fingerprint. Returns the changes the resume records as amendments."""
+        if (self.path / "summary.json").is_file() and not checkpoint.complete(self.checkpoints):
+            raise ConfigError(
+                f"output_dir {self.path} holds a finished run (summary.json) whose checkpoints "
+                "are gone: it can be neither resumed nor extended, and is not overwritten; "
+                "use a new output_dir"
+            )
+        if resume_from is None:
+            return []
+        self.check_compatible(cfg)
+        step = int(json.loads((resume_from / "state.json").read_text())["step"])
+        runs = [(self, f"output_dir {self.path}", WAYS_FORWARD)]
+        source = resume_from.resolve().parent.parent
+        if resume_from.resolve().parent.name == "checkpoints" and source != self.path.resolve():
+            where = f"the run in {source} (resume={resume_from})"
+            runs.append((RunDir(source), where, "continue it with those, or train without resume="))
+        amended: list[fingerprint.Change] = []
+        for run, where, forward in runs:
+            known = run.recorded(step)
+            if known is None:
+                continue
+            old, legacy = known
+            new = fingerprint.of_settings(cfg) if legacy else fp
+            refused, changes = fingerprint.compare(old, new, cfg, data_checked=not legacy)
+            if refused:
+                raise ConfigError(
+                    f"{where} was started with other settings or data: "
+                    f"{fingerprint.describe(refused)}; {forward}"
+                )
+            if run is self:
+                amended = changes
+        _check_sampler(resume_from, fp)
+        if self.metrics.is_file():
+            _records(self.metrics)  # only a last line cut short may be dropped
+        return amended
+
+    def recorded(self, step: int) -> tuple[dict, bool] | None:
+        """``(fingerprint, legacy)`` of the run here as of ``step``: ``run.json`` with the
+        amendments made up to ``step``; for a run started before ``run.json`` existed, the
+        settings of its ``config.yaml`` (``legacy``). None when neither is readable."""
+        if self.record.is_file():
+            try:
+                fp = dict(json.loads(self.record.read_text())["fingerprint"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ConfigError(
+                    f"{self.record} is not a run record; restore it, or use a new output_dir"
+                ) from None
+            for a in self._amendments():
+                if a["step"] <= step:
+                    fp[a["key"]] = a["new"]
+            return {k: v for k, v in fp.items() if v != fingerprint.ABSENT}, False
+        saved = self.path / "config.yaml"
+        try:
+            return fingerprint.of_settings(config_mod.load(saved)), True
+        except (MixtuneError, OSError):  # none, or not a config this version reads
+            return None
+
+    def start(
+        self,
+        cfg: config_mod.RunConfig,
+        resume_step: int | None,
+        fp: dict | None = None,
+        amendments: Sequence[fingerprint.Change] = (),
+    ) -> None:
+        """Create the directory and record the run (a first start: ``config.yaml`` and
+        ``run.json``; a resume: its amendments), and cut metrics back to the resume point."""
         self.path.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
-        config_mod.save(cfg, self.path / "config.yaml")
+        saved = self.path / "config.yaml"
+        if resume_step is None or not saved.is_file():  # (or continued from another run)
+            config_mod.save(cfg, saved)
+        if fp is not None and (resume_step is None or not self.record.is_file()):
+            since = {} if resume_step is None else {"since_step": resume_step}
+            self.write_json("run.json", {"fingerprint": fp, **since})
         if resume_step is None:
+            self.amendments.unlink(missing_ok=True)
             self.metrics.write_text("")
-        elif self.metrics.is_file():
-            # Records after the checkpoint are replayed by the resumed run; a record cut short
-            # by a crash mid-append is dropped.
-            keep = [
-                ln
-                for ln in self.metrics.read_text().splitlines()
-                if (rec := _parse(ln)) is not None and rec.get("step", 0) <= resume_step
-            ]
+            return
+        # Amendments and records after the checkpoint belong to steps the resumed run replays.
+        before = self._amendments()
+        kept = [a for a in before if a["step"] <= resume_step]
+        kept += [{"step": resume_step, **c._asdict()} for c in amendments]
+        if kept != before:
+            _atomic_write(self.amendments, "".join(json.dumps(a) + "\n" for a in kept))
+        if self.metrics.is_file():
+            keep = [ln for ln, rec in _records(self.metrics) if rec.get("step", 0) <= resume_step]
             _atomic_write(self.metrics, "".join(ln + "\n" for ln in keep))
 
     def append_metrics(self, record: dict) -> None:
@@ -80,12 +168,53 @@ class RunDir:
     def write_json(self, name: str, data) -> None:
         _atomic_write(self.path / name, json.dumps(_jsonable(data), indent=1))
 
+    def _amendments(self) -> list[dict]:
+        if not self.amendments.is_file():
+            return []
+        return [rec for _, rec in _records(self.amendments)]
+
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl`` (a last line cut short by a crash is skipped)."""
     p = Path(path)
     if p.is_dir():
         p = p / "metrics.jsonl"
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    return [rec for _, rec in _records(p)]
+
+
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """``(line, record)`` for each record of a JSON-lines file. The last line, when it has no
+    newline and is not JSON, is an append cut short by a crash and is dropped; any other line
+    that is not a JSON object is an error naming it."""
+    lines = path.read_text(errors="replace").split("\n")
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        rec = _parse(line)
+        if rec is not None:
+            out.append((line, rec))
+        elif i < len(lines):
+            raise ConfigError(
+                f"{path}:{i}: not a JSON record (only a last line cut short by a crash is "
+                "skipped); repair or delete that line"
+            )
+    return out
+
+
+def _check_sampler(ckpt: Path, fp: dict) -> None:
+    """The checkpoint's sampler must be over the datasets, and sizes, this start has."""
+    path = ckpt / "sampler.json"
+    if not path.is_file():
+        return
+    state = json.loads(path.read_text())
+    names = fp["datasets"]
+    sizes = [fp[f"datasets.{n}.examples"] for n in names]
+    if state.get("names") != names or state.get("sizes") != sizes:
+        raise ConfigError(
+            f"checkpoint {ckpt} was trained on datasets {state.get('names')} of sizes "
+            f"{state.get('sizes')}, not {names} of sizes {sizes}; {WAYS_FORWARD}"
+        )
 
 
 def _parse(line: str) -> dict | None:

@@ -32,7 +32,14 @@ probing work (drawn from / run on the stream's current block, restored exactly).
 - :mod:`~mixtune.data.streaming.dataset`: the training datasets built from the config.
 """
 
-from mixtune.data.streaming.dataset import StreamSet, build, lengths, open_stream, streams_of
+from mixtune.data.streaming.dataset import (
+    StreamSet,
+    build,
+    content_digest,
+    lengths,
+    open_stream,
+    streams_of,
+)
 from mixtune.data.streaming.sources import HubSource, JsonlSource, open_source
 from mixtune.data.streaming.stream import Stream
 
@@ -42,6 +49,7 @@ __all__ = [
     "Stream",
     "StreamSet",
     "build",
+    "content_digest",
     "lengths",
     "open_source",
     "open_stream",

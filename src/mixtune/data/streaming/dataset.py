@@ -3,7 +3,8 @@
 :func:`build` is :func:`mixtune.data.domains.build` with the ``streaming: true`` datasets
 opened as :class:`StreamSet` (:func:`open_stream`: the source, the tokenisation of a block and
 the size); :func:`streams_of` hands their :class:`~mixtune.data.streaming.stream.Stream` to the
-sampler, and :func:`lengths` gives per-example input lengths for either kind of dataset.
+sampler, :func:`lengths` gives per-example input lengths and :func:`content_digest` a hash of
+the examples, for either kind of dataset.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from mixtune.data import domains as data_domains
 from mixtune.data.formats import detect, normalize
 from mixtune.data.streaming.sources import open_source
 from mixtune.data.streaming.stream import Stream
-from mixtune.data.tokenize import Tokenized, resolve_template, tokenize
+from mixtune.data.tokenize import Tokenized, digest, resolve_template, tokenize
 from mixtune.errors import DataError, MixtuneError
 
 CHUNK = 256  # records per block without a shuffle buffer
@@ -103,6 +104,19 @@ def lengths(train_set) -> object:
     if isinstance(train_set, StreamSet):
         return train_set.lengths
     return np.array([len(x) for x in train_set.data.input_ids])
+
+
+def content_digest(train_set) -> str:
+    """A hash of what a training dataset holds (:func:`mixtune.data.tokenize.digest`): every
+    selected example in memory; for a stream, its first block (reading all of it is what
+    streaming avoids; its size is recorded next to the digest)."""
+    if isinstance(train_set, StreamSet):
+        stream = train_set.stream
+        first = stream.loaded(0)
+        rows = [stream.cache[first.head[4] + i] for i in range(first.n)]
+        return digest([r[0] for r in rows], [r[1] for r in rows], [r[3] for r in rows])
+    data = train_set.data
+    return digest(data.input_ids, data.labels, data.answers)
 
 
 def open_stream(d, k: int, seed: int, tokenizer, template: str, max_len: int) -> StreamSet:

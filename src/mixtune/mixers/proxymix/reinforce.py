@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mixtune.errors import ConfigError
 from mixtune.mixers.proxymix import controller as ctl
 from mixtune.mixers.proxymix.features import reward
 from mixtune.mixers.proxymix.setting import LearnConfig
@@ -160,6 +162,18 @@ class Learner:
         return {k: float(np.mean(v)) for k, v in self.vulnerability.items() if v}
 
 
+def _load_state(path: Path) -> dict:
+    """The saved learner state: tensors and plain data only (``weights_only``), so a file that
+    holds anything else, whose unpickling could run code, is refused instead of run."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(
+            f"{path} is damaged or holds more than tensors and plain data (unpickling it could "
+            "run code), so it was not loaded; delete it to learn from the first episode"
+        ) from None
+
+
 def train(env, lc: LearnConfig, seed: int, ldir: str | Path, echo=print) -> Learner:
     """Run (or resume) ``lc.episodes`` episodes of ``env``; learner state in ``ldir``."""
     ldir = Path(ldir)
@@ -167,7 +181,7 @@ def train(env, lc: LearnConfig, seed: int, ldir: str | Path, echo=print) -> Lear
     learner = Learner(lc, seed)
     state_path = ldir / "learner.pt"
     if state_path.is_file():
-        learner.load_state_dict(torch.load(state_path, weights_only=False))
+        learner.load_state_dict(_load_state(state_path))
         if learner.episode < lc.episodes:
             echo(f"[learn] resuming at episode {learner.episode + 1}/{lc.episodes}")
     for e in range(learner.episode, lc.episodes):

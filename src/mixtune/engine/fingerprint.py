@@ -1,0 +1,205 @@
+"""What a run's trajectory depends on: recorded at its first start, checked on every resume.
+
+A fingerprint is a flat mapping of dotted keys to JSON values:
+
+- the settings that decide what the run computes: ``seed``, ``max_steps``, the model's source,
+  tokenizer, LoRA and resolved ``model.dtype``, the loss and the mixer with all their options
+  (defaults included), the optimizer and schedule (``train.lr``, ``train.schedule``, ...),
+  ``train.batch_size``, ``train.max_length``, and every dataset's and evaluation domain's
+  options, keyed by name (``datasets.add.max_examples``);
+- what the data turned out to be: ``model.chat_template`` (a hash of the template in use) and,
+  per dataset and evaluation domain, ``.examples`` (how many were selected) and ``.digest``
+  (a hash of the selected, tokenised examples; a streaming dataset hashes its first block).
+
+Some keys may differ on resume because they cannot change what was or will be computed
+(:data:`AMENDABLE`); ``max_steps`` may be raised when the learning-rate schedule does not depend
+on it. Every other difference is refused: a resumed run would silently ignore it (the optimizer
+state restores the old learning rate), apply it mid-run (a new seed re-draws the data subsets)
+or fail halfway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import NamedTuple
+
+from mixtune import config as config_mod
+from mixtune.data import streaming
+from mixtune.data.template import DEFAULT_CHAT_TEMPLATE
+from mixtune.data.tokenize import digest
+from mixtune.schema import MethodConfig
+
+AMENDABLE = frozenset(
+    {
+        "progress",
+        "report_to",
+        "train.eval_every",
+        "train.log_every",
+        "train.save_every",
+        "train.keep_checkpoints",
+        # The same update, up to float rounding: a step is normalised by its global token
+        # count however it is split into micro-batches or sharded (engine/step.py), and
+        # recomputing activations computes the same ones.
+        "train.micro_batch_size",
+        "train.gradient_checkpointing",
+        "train.fsdp",
+        # Only decide whether a non-finite step stops the run.
+        "train.nonfinite",
+        "train.max_nonfinite",
+    }
+)
+"""Keys a resume may change; the change is recorded as an amendment (``amendments.jsonl``)."""
+
+UNRECORDED = ("output_dir", "resume")
+"""Where the run lives and how it was started: not part of what it computes."""
+
+
+class Change(NamedTuple):
+    key: str
+    old: object
+    new: object
+
+
+ABSENT = "(absent)"
+
+
+def of_settings(cfg: config_mod.RunConfig) -> dict:
+    """The settings part of the fingerprint: what ``cfg`` alone says."""
+    raw = config_mod.to_dict(cfg)
+    for key in UNRECORDED:
+        raw.pop(key)
+    raw["mixer"], raw["loss"] = _method(cfg.mixer), _method(cfg.loss)
+    out: dict = {}
+    for section in ("datasets", "evals"):
+        entries = raw.pop(section)
+        out[section] = [e["name"] for e in entries]
+        for e in entries:
+            _flat({k: v for k, v in e.items() if k != "name"}, f"{section}.{e['name']}.", out)
+    _flat(raw, "", out)
+    return _plain(out)
+
+
+def of_run(cfg: config_mod.RunConfig, tokenizer, train_sets, domains) -> dict:
+    """The whole fingerprint of a run about to start: settings plus what the data holds."""
+    from mixtune.engine.build import pick_dtype
+
+    out = of_settings(cfg)
+    out["model.dtype"] = str(pick_dtype(cfg.model.dtype)).removeprefix("torch.")
+    template = (
+        cfg.model.chat_template
+        or getattr(tokenizer, "chat_template", None)
+        or DEFAULT_CHAT_TEMPLATE
+    )
+    if not isinstance(template, str):  # a tokenizer may hold several named templates
+        template = json.dumps(template, sort_keys=True, default=str)
+    out["model.chat_template"] = hashlib.blake2b(template.encode(), digest_size=8).hexdigest()
+    for t in train_sets:
+        out[f"datasets.{t.name}.examples"] = int(t.size)
+        out[f"datasets.{t.name}.digest"] = streaming.content_digest(t)
+    for d in domains:
+        out[f"evals.{d.name}.examples"] = len(d.data)
+        out[f"evals.{d.name}.digest"] = digest(d.data.input_ids, d.data.labels, d.data.answers)
+    return _plain(out)
+
+
+def compare(
+    old: dict, new: dict, cfg: config_mod.RunConfig, data_checked: bool = True
+) -> tuple[list[Change], list[Change]]:
+    """``(refused, amended)``: the keys whose value differs between the recorded fingerprint
+    ``old`` and ``new`` (of ``cfg``). A setting the record predates counts as unchanged while it
+    keeps its default. ``data_checked``: the digests are compared too, so a data file may have
+    moved (a changed ``.path`` with the same content is an amendment)."""
+    refused, amended = [], []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, ABSENT), new.get(key, ABSENT)
+        if a == b or (key not in old and b == _default(cfg, key)):
+            continue
+        change = Change(key, a, b)
+        moved = (
+            data_checked
+            and key.startswith(("datasets.", "evals."))
+            and key.endswith(".path")
+            and key.count(".") == 2
+        )
+        if key in AMENDABLE or moved or (key == "max_steps" and _extends(a, b, new)):
+            amended.append(change)
+        else:
+            refused.append(change)
+    return refused, amended
+
+
+def describe(changes: list[Change], most: int = 8) -> str:
+    """``key old -> new`` for each change, on one line."""
+    parts = [f"{c.key} {_show(c.old)} -> {_show(c.new)}" for c in changes[:most]]
+    if len(changes) > most:
+        parts.append(f"and {len(changes) - most} more")
+    text = "; ".join(parts)
+    if any(c.key == "max_steps" for c in changes):
+        text += (
+            " (max_steps can only be raised, and only with train.schedule=constant and no "
+            "train.warmup_ratio: otherwise the schedule is stretched over it)"
+        )
+    return text
+
+
+def _extends(old, new, fp: dict) -> bool:
+    """Raising max_steps is safe when the learning rate does not depend on it."""
+    warmup_fixed = fp.get("train.warmup_steps", 0) > 0 or fp.get("train.warmup_ratio", 0) == 0
+    return (
+        isinstance(old, int)
+        and isinstance(new, int)
+        and new > old
+        and fp.get("train.schedule") == "constant"
+        and warmup_fixed
+    )
+
+
+def _default(cfg: config_mod.RunConfig, key: str):
+    """The schema's default for the setting ``key`` names in ``cfg`` (ABSENT if it has none)."""
+    obj, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(obj, tuple):  # datasets or evals, by name
+            obj = next((x for x in obj if x.name == part), None)
+            continue
+        if isinstance(obj, MethodConfig):
+            obj = obj.options
+        known = {f.name: f for f in dataclasses.fields(obj)} if _is_config(obj) else {}
+        if part not in known:
+            return ABSENT
+        if i < len(parts) - 1:
+            obj = getattr(obj, part)
+        elif known[part].default is not dataclasses.MISSING:
+            return _plain([config_mod.to_dict(known[part].default)])[0]
+        elif known[part].default_factory is not dataclasses.MISSING:
+            return _plain([config_mod.to_dict(known[part].default_factory())])[0]
+    return ABSENT
+
+
+def _is_config(obj) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
+def _method(m) -> dict:
+    """A mixer's or loss's name and its parsed options (defaults filled in), else as written."""
+    options = config_mod.to_dict(m.options) if m.options is not None else m.params
+    return {"name": m.name, **(options if isinstance(options, dict) else {"options": options})}
+
+
+def _flat(d: dict, prefix: str, out: dict) -> None:
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            _flat(v, f"{prefix}{k}.", out)
+        else:
+            out[f"{prefix}{k}"] = v
+
+
+def _plain(x):
+    """``x`` as it reads back from ``run.json`` (tuples become lists, other objects strings)."""
+    return json.loads(json.dumps(x, default=str))
+
+
+def _show(v) -> str:
+    text = v if isinstance(v, str) else json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."

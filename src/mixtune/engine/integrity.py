@@ -1,0 +1,187 @@
+"""Checkpoint integrity: a manifest that vouches for every file, and loading that runs no code.
+
+A checkpoint is used only if every file matches its ``manifest.json`` (size and SHA-256, written
+last, :func:`write_manifest`), so a truncated, missing or bit-flipped file is found before
+anything is loaded (:func:`problem`, :func:`verify`). Checkpoints written before manifests
+existed have none: they pass when their ``state.json`` is there, and load unverified.
+
+The ``.pt`` files are read with ``torch.load(weights_only=True)`` (:func:`read`), which rebuilds
+tensors and plain data only, plus the numpy arrays and scalars that RNG states and loss
+statistics hold (:data:`SAFE_GLOBALS`). A file that names anything else (a class whose
+unpickling could run code) is refused, not executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from mixtune.errors import ConfigError
+
+MANIFEST = "manifest.json"
+
+
+def _numpy_globals() -> list:
+    # What pickled numpy arrays and scalars name (numpy's RNG state in rank<r>.pt, CADFT's
+    # rewriting table in loss.pt): the array and scalar constructors, under both module paths
+    # (numpy 2 writes numpy._core, numpy 1 wrote numpy.core: a checkpoint survives an upgrade),
+    # and the numeric dtypes only (no object arrays).
+    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    codes = "?" + np.typecodes["AllInteger"] + np.typecodes["AllFloat"]
+    out: list = [np.ndarray, np.dtype, *{type(np.dtype(c)) for c in codes}]
+    for fn in (core._reconstruct, core.scalar):
+        out += [(fn, f"numpy.{m}.multiarray.{fn.__name__}") for m in ("core", "_core")]
+    return out
+
+
+SAFE_GLOBALS = _numpy_globals()
+"""What ``weights_only`` loading allows besides tensors and plain Python data (found by
+loading the checkpoints of every example config)."""
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to the disk (a checkpoint must survive a
+    power cut or a node failure, not only a killed process). Best effort where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # e.g. some network file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+# What this process found, per checkpoint, with the (name, size, mtime, inode) of its files then:
+# Trainer.__init__ chooses the resume point and run() loads it, and each is hashed only once.
+_CHECKED: dict[Path, tuple[tuple, str | None]] = {}
+
+
+def problem(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path``, naming the file, or None when every file matches
+    the manifest. A checkpoint without a manifest was written before manifests existed: it
+    passes when its ``state.json`` is there, and is loaded unverified."""
+    return check(path)[0]
+
+
+def check(path: Path) -> tuple[str | None, bool]:
+    """``(problem, fresh)``: fresh unless known from an earlier check of the same files."""
+    try:
+        seen = tuple(
+            sorted(
+                (f.name, s.st_size, s.st_mtime_ns, s.st_ino)
+                for f in path.iterdir()
+                for s in [f.stat()]
+            )
+        )
+    except OSError:  # gone, or changing under us: check it afresh
+        seen = None
+    key = path.resolve()
+    if seen is not None and key in _CHECKED and _CHECKED[key][0] == seen:
+        return _CHECKED[key][1], False
+    found = _problem(path)
+    if seen is not None:
+        _CHECKED[key] = (seen, found)
+    return found, True
+
+
+def _problem(path: Path) -> str | None:
+    manifest = path / MANIFEST
+    if not manifest.is_file():  # written before manifests existed, or lost its manifest
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except FileNotFoundError:
+            return "state.json is missing"
+        except (OSError, ValueError) as e:
+            return f"state.json is unreadable ({type(e).__name__})"
+        if not isinstance(state, dict):
+            return "state.json is unreadable (not a JSON object)"
+        return f"{MANIFEST} is missing" if "manifest" in state else None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        want = {name: (int(e["size"]), str(e["sha256"])) for name, e in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
+    for name, (size, _) in want.items():
+        try:
+            actual = (path / name).stat().st_size
+        except FileNotFoundError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} has {actual} bytes, the manifest says {size} (truncated?)"
+    for name, (_, digest) in want.items():
+        if sha256(path / name) != digest:
+            return f"{name} does not match its SHA-256 in the manifest (corrupted)"
+    return None
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):  # streamed: a checkpoint may not fit in memory
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(tmp: Path) -> None:
+    files = sorted(f for f in tmp.iterdir() if f.is_file() and f.name != MANIFEST)
+    entries = {f.name: {"size": f.stat().st_size, "sha256": sha256(f)} for f in files}
+    (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": entries}, indent=1))
+    fsync(tmp / MANIFEST)
+
+
+def verify(path: Path) -> None:
+    """Raise :class:`ConfigError` naming the damaged file unless checkpoint ``path`` is intact."""
+    bad = problem(path)
+    if bad is not None:
+        raise ConfigError(
+            f"checkpoint {path}: {bad}; resume from an intact checkpoint (resume=auto takes "
+            "the newest one that verifies)"
+        )
+
+
+def read(path: Path, name: str, kind: str = "torch"):
+    """One file of checkpoint ``path``: a ``.pt`` file through the weights-only unpickler, JSON,
+    or safetensors. Unreadable or unsafe content is bad input naming the file."""
+    f = path / name
+    try:
+        if kind == "json":
+            return json.loads(f.read_text())
+        if kind == "safetensors":
+            return load_file(str(f))
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(f, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's weights-only unpickler said no
+        raise ConfigError(
+            f"checkpoint {path}: {name} was refused by the weights-only loader ({_gist(e)}): it "
+            "is damaged, or holds more than tensors and plain data (unpickling that could run "
+            "code); resume from an intact checkpoint written by mixtune"
+        ) from None
+    except FileNotFoundError:
+        raise ConfigError(
+            f"checkpoint {path}: {name} is missing; resume from an intact checkpoint"
+        ) from None
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as e:
+        raise ConfigError(
+            f"checkpoint {path}: {name} is unreadable ({type(e).__name__}: {_gist(e)}); resume "
+            "from an intact checkpoint"
+        ) from None
+
+
+def _gist(e: Exception) -> str:
+    """The first sentence of an error that says something, without torch's boilerplate."""
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    lines = [ln.removeprefix("WeightsUnpickler error:").strip() for ln in lines]
+    said = [ln for ln in lines if ln and not ln.startswith(boiler)]
+    return said[0].split(". ")[0].rstrip(".") if said else "no details"

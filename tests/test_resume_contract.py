@@ -1,0 +1,297 @@
+"""The resume contract: a resume continues exactly what the run recorded, or is refused.
+
+A run records what its trajectory depends on (``run.json``) at its first start. A resume that
+differs in any of it exits 2 with one line naming the keys (old -> new), before anything in the
+run directory is written; the changes that cannot alter what is computed are made and recorded
+in ``amendments.jsonl``, and ``config.yaml`` keeps what the run was started with. ``mixtune
+eval`` and ``report`` only read a run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import addition_records, reverse_records, tiny_config, write_jsonl
+from mixtune import cli, commands
+
+
+def _tree(path: Path) -> dict:
+    """Content hash and mtime of every file under ``path``, and every directory."""
+    return {
+        str(p.relative_to(path)): (
+            (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            if p.is_file()
+            else "dir"
+        )
+        for p in sorted(path.rglob("*"))
+    }
+
+
+def _train(config: Path, capsys, *overrides: str) -> tuple[int, list[str]]:
+    """``mixtune train CONFIG OVERRIDES``: the exit code and the ``mixtune:`` lines it printed."""
+    capsys.readouterr()
+    code = cli.main(["train", str(config), *overrides])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, [ln for ln in err.splitlines() if ln.startswith("mixtune:")]
+
+
+def _refused(code: int, lines: list[str], *keys: str) -> str:
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("mixtune: error: "), lines
+    for key in keys:
+        assert f"{key} " in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4, and its config file."""
+    root = tmp_path_factory.mktemp("contract")
+    data = root / "data"
+    data.mkdir()
+    write_jsonl(data / "add.jsonl", addition_records(200))
+    write_jsonl(data / "rev.jsonl", reverse_records(120))
+    raw = tiny_config(root, data, max_steps=4)
+    raw["train"].update(save_every=2, keep_checkpoints=5)
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli.main(["train", str(path)]) == 0
+    return root, path
+
+
+def _append_records(data: Path) -> None:
+    write_jsonl(data / "add.jsonl", addition_records(200) + addition_records(20, seed=5))
+
+
+def _edit_records(data: Path) -> None:
+    recs = addition_records(200)
+    for r in recs:
+        r["response"] += " "
+    write_jsonl(data / "add.jsonl", recs)
+
+
+# name: (edit of the data files, overrides, keys the refusal names, keys it must not name)
+REFUSED = {
+    "records_added": (_append_records, [], ["datasets.add.examples", "datasets.add.digest"], []),
+    "same_count_edit": (_edit_records, [], ["datasets.add.digest"], ["datasets.add.examples"]),
+    "max_examples": (None, ["datasets.add.max_examples=100"], ["datasets.add.max_examples"], []),
+    "lora_on": (None, ["model.lora.enabled=true", "model.lora.r=4"], ["model.lora.enabled"], []),
+    "lr": (None, ["train.lr=1e-3"], ["train.lr"], ["seed"]),
+    "seed": (None, ["seed=1"], ["seed"], ["train.lr"]),
+    "mixer": (None, ["mixer.name=uniform"], ["mixer.name"], []),
+    "mixer_options": (None, ["mixer.by=tokens"], ["mixer.by"], ["mixer.name"]),
+    "schedule": (None, ["train.schedule=linear"], ["train.schedule"], []),
+    "max_steps_up": (None, ["max_steps=6"], ["max_steps"], []),
+    "max_steps_down": (None, ["max_steps=2"], ["max_steps"], []),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_changed_inputs_are_refused_before_anything_is_written(base, capsys, name):
+    root, path = base
+    edit, overrides, named, unnamed = REFUSED[name]
+    before = _tree(root / "run")
+    saved = {p: p.read_bytes() for p in (root / "data").iterdir()}
+    try:
+        if edit is not None:
+            edit(root / "data")
+        line = _refused(*_train(path, capsys, *overrides), *named)
+    finally:
+        for p, content in saved.items():
+            p.write_bytes(content)
+    assert all(f"{key} " not in line for key in unnamed), line
+    assert "the settings and data it was started with, or use a new output_dir" in line
+    assert _tree(root / "run") == before
+
+
+def test_another_runs_checkpoint_must_match_its_data(base, capsys):
+    root, path = base
+    ckpt = root / "run" / "checkpoints" / "step-000002"
+    fork = root / "fork"
+    before = _tree(root / "run")
+    line = _refused(
+        *_train(
+            path, capsys, f"output_dir={fork}", f"resume={ckpt}", "datasets.add.max_examples=100"
+        ),
+        "datasets.add.max_examples",
+    )
+    assert str(ckpt) in line and not fork.exists()
+    # A checkpoint whose run has no record (older runs): its sampler still names the data.
+    bare = root / "bare" / "step-000002"
+    shutil.copytree(ckpt, bare)
+    _refused(
+        *_train(
+            path, capsys, f"output_dir={fork}", f"resume={bare}", "datasets.add.max_examples=100"
+        )
+    )
+    assert not fork.exists() and _tree(root / "run") == before
+    # The same data: the new run directory continues from it and records where it started.
+    code, lines = _train(path, capsys, f"output_dir={fork}", f"resume={ckpt}")
+    assert code == 0, lines
+    assert json.loads((fork / "run.json").read_text())["since_step"] == 2
+    assert json.loads((fork / "summary.json").read_text())["steps"] == 4
+    assert _tree(root / "run") == before
+
+
+def test_a_finished_run_without_checkpoints_is_not_overwritten(base, capsys):
+    root, path = base
+    run = root / "finished"
+    shutil.copytree(root / "run", run)
+    shutil.rmtree(run / "checkpoints")
+    before = _tree(run)
+    for resume in ("auto", "never"):
+        line = _refused(*_train(path, capsys, f"output_dir={run}", f"resume={resume}"))
+        assert "finished run" in line and "use a new output_dir" in line
+    assert _tree(run) == before
+
+
+def test_metrics_only_a_cut_short_last_line_is_dropped(base, capsys):
+    root, path = base
+    run = root / "metrics"
+    shutil.copytree(root / "run", run)
+    text = (run / "metrics.jsonl").read_text()
+    lines = text.splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], lines[1][:9], *lines[2:]]) + "\n")
+    before = _tree(run)
+    line = _refused(*_train(path, capsys, f"output_dir={run}"))
+    assert "metrics.jsonl:2: not a JSON record" in line
+    assert _tree(run) == before
+    assert cli.main(["report", str(run)]) == 2
+
+    (run / "metrics.jsonl").write_text(text + lines[-1][:9])  # a kill mid-append
+    capsys.readouterr()
+    assert cli.main(["report", str(run)]) == 0
+    code, out = _train(path, capsys, f"output_dir={run}")
+    assert code == 0, out
+    assert (run / "metrics.jsonl").read_text() == text
+
+
+def test_safe_changes_resume_and_are_recorded(base, capsys):
+    root, path = base
+    run = root / "amended"
+    shutil.copytree(root / "run", run)
+    started = {n: (run / n).read_bytes() for n in ("config.yaml", "run.json")}
+    changes = ["train.log_every=1", "train.eval_every=2", "train.keep_checkpoints=3"]
+    code, lines = _train(path, capsys, f"output_dir={run}", *changes)
+    assert code == 0, lines
+    amendments = [json.loads(ln) for ln in (run / "amendments.jsonl").read_text().splitlines()]
+    assert amendments == [
+        {"step": 4, "key": "train.eval_every", "old": 4, "new": 2},
+        {"step": 4, "key": "train.keep_checkpoints", "old": 5, "new": 3},
+        {"step": 4, "key": "train.log_every", "old": 2, "new": 1},
+    ]
+    assert {n: (run / n).read_bytes() for n in started} == started
+    # The same command again changes nothing more.
+    code, lines = _train(path, capsys, f"output_dir={run}", *changes)
+    assert code == 0 and len((run / "amendments.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_setting_the_record_predates_counts_while_it_keeps_its_default(base, capsys):
+    root, path = base
+    run = root / "older"
+    shutil.copytree(root / "run", run)
+    record = json.loads((run / "run.json").read_text())
+    del record["fingerprint"]["train.warmup_ratio"]  # as if recorded before the setting existed
+    (run / "run.json").write_text(json.dumps(record))
+    before = _tree(run)
+    _refused(
+        *_train(path, capsys, f"output_dir={run}", "train.warmup_ratio=0.5"), "train.warmup_ratio"
+    )
+    assert _tree(run) == before
+    code, lines = _train(path, capsys, f"output_dir={run}")
+    assert code == 0, lines
+
+
+def test_a_run_without_a_record_is_checked_against_its_config(base, capsys):
+    root, path = base
+    run = root / "unrecorded"
+    shutil.copytree(root / "run", run)
+    (run / "run.json").unlink()  # a run started before run.json existed
+    before = _tree(run)
+    _refused(*_train(path, capsys, f"output_dir={run}", "train.lr=1e-3"), "train.lr")
+    assert _tree(run) == before
+    code, lines = _train(path, capsys, f"output_dir={run}")
+    assert code == 0, lines
+    assert json.loads((run / "run.json").read_text())["since_step"] == 4
+
+
+def _params(run: Path) -> dict:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def test_raising_max_steps_with_a_constant_schedule_continues_exactly(
+    make_config, tmp_path, capsys
+):
+    raw = make_config(max_steps=2)
+    raw["train"].update(schedule="constant", eval_every=0)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    assert _train(path, capsys)[0] == 0
+    assert _train(path, capsys, "max_steps=4")[0] == 0
+    assert _train(path, capsys, f"output_dir={ref}", "max_steps=4")[0] == 0
+    amendments = [json.loads(ln) for ln in (run / "amendments.jsonl").read_text().splitlines()]
+    assert amendments == [{"step": 2, "key": "max_steps", "old": 2, "new": 4}]
+    assert yaml.safe_load((run / "config.yaml").read_text())["max_steps"] == 2
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    a, b = _params(run), _params(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_unchanged_resume_is_exact_and_records_nothing(make_config, tmp_path, capsys):
+    from mixtune import config
+    from mixtune.engine.loop import Trainer
+    from mixtune.engine.rundir import read_metrics
+
+    raw = make_config(max_steps=4)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run, full = tmp_path / "run", tmp_path / "full"
+    Trainer(config.load(path)).run(stop_after=2)
+    started = {n: (run / n).read_bytes() for n in ("config.yaml", "run.json")}
+    assert _train(path, capsys)[0] == 0
+    assert _train(path, capsys, f"output_dir={full}")[0] == 0
+    assert {n: (run / n).read_bytes() for n in started} == started
+    assert not (run / "amendments.jsonl").exists()
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+    assert strip(read_metrics(run)) == strip(read_metrics(full))
+    a, b = _params(run), _params(full)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_and_report_only_read_the_run_dir(base, capsys, monkeypatch):
+    root, _ = base
+    run = root / "run"
+    before = _tree(run)
+    paths = [run, *run.rglob("*")]
+    modes = {p: p.stat().st_mode for p in paths}
+    for p in paths:
+        p.chmod(modes[p] & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    if os.geteuid() == 0:  # file modes do not bind root: the commands' own check must
+        monkeypatch.setattr(commands, "_writable", lambda p: False)
+    try:
+        capsys.readouterr()
+        assert cli.main(["eval", str(run), "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["source"].endswith("step-000004") and set(out["eval"]) == {"add", "rev"}
+        assert cli.main(["report", str(run)]) == 0
+        page = Path(capsys.readouterr().out.strip().splitlines()[-1])
+        assert page.is_file() and not page.is_relative_to(run)
+    finally:
+        for p in reversed(paths):
+            p.chmod(modes[p])
+    assert _tree(run) == before

@@ -295,3 +295,25 @@ def test_eval_and_report_only_read_the_run_dir(base, capsys, monkeypatch):
         for p in reversed(paths):
             p.chmod(modes[p])
     assert _tree(run) == before
+
+
+def test_raising_max_steps_is_refused_when_a_method_depends_on_it(make_config, tmp_path):
+    """A constant LR does not stretch, but a method whose decisions scale with the run length
+    would: methods declare it (capability fixed_length), the resume names no method."""
+    raw = make_config(max_steps=4)
+    raw["train"]["schedule"] = "constant"
+    raw["mixer"] = {"name": "dynamixsft", "update_every": 2}
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(raw))
+    assert cli.main(["train", str(path)]) == 0
+    assert cli.main(["train", str(path), "max_steps=6"]) == 0  # its updates do not scale
+    raw = make_config(max_steps=4, output_dir=str(tmp_path / "scaled"))
+    raw["train"]["schedule"] = "constant"
+    raw["mixer"] = {"name": "dynamics", "c_max": 2, "probe_batches": 1}
+    for e, role in zip(raw["evals"], ("target", "constraint")):
+        e.update(role=role, accuracy=False)
+    path.write_text(json.dumps(raw))
+    assert cli.main(["train", str(path)]) == 0
+    before = _tree(tmp_path / "scaled")
+    assert cli.main(["train", str(path), "max_steps=40"]) == 2
+    assert _tree(tmp_path / "scaled") == before

@@ -34,6 +34,7 @@ CAPABILITIES = {
     "random_access": "revisiting training examples by index",
     "whole_params": "whole (unsharded) parameters and gradients on every rank",
     "train_losses": "per-dataset training losses",
+    "fixed_length": "a run length (max_steps) fixed from the start: not raised on resume",
 }
 
 

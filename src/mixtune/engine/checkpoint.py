@@ -138,7 +138,7 @@ def save(
         fsync(root)  # the rename itself survives a power cut
         # Keep the newest `keep` up to this step. Later ones (a resume from an older or past a
         # damaged checkpoint) stay until this run writes their step again.
-        upto = [p for p in _listed(root) if _step(p) <= step]
+        upto = [p for p in listed(root) if _step(p) <= step]
         for old in upto[:-keep]:
             _discard(old)
     accelerator.wait_for_everyone()
@@ -216,7 +216,7 @@ def _discard(path: Path) -> None:
     shutil.rmtree(gone, ignore_errors=True)
 
 
-def _listed(root: Path) -> list[Path]:
+def listed(root: Path) -> list[Path]:
     """Checkpoint directories under ``root`` (``state.json`` or a manifest), oldest first."""
     if not root.is_dir():
         return []
@@ -242,7 +242,7 @@ def complete(root: Path) -> list[Path]:
     are returned unchecked (hashing every kept checkpoint would cost a resume several times
     over); :func:`load` verifies whichever is chosen.
     """
-    found = _listed(root)
+    found = listed(root)
     for i in range(len(found) - 1, -1, -1):
         bad, fresh = check(found[i])
         if bad is None:

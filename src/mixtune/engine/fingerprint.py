@@ -26,6 +26,7 @@ import json
 from typing import NamedTuple
 
 from mixtune import config as config_mod
+from mixtune import registry
 from mixtune.data import streaming
 from mixtune.data.template import DEFAULT_CHAT_TEMPLATE
 from mixtune.data.tokenize import digest
@@ -123,14 +124,25 @@ def compare(
             and key.endswith(".path")
             and key.count(".") == 2
         )
-        if key in AMENDABLE or moved or (key == "max_steps" and _extends(a, b, new)):
+        extends = key == "max_steps" and _extends(a, b, new) and length_bound(cfg) is None
+        if key in AMENDABLE or moved or extends:
             amended.append(change)
         else:
             refused.append(change)
     return refused, amended
 
 
-def describe(changes: list[Change], most: int = 8) -> str:
+def length_bound(cfg: config_mod.RunConfig) -> str | None:
+    """Why this run's mixer or loss needs ``max_steps`` fixed from the start (capability
+    ``fixed_length`` in its ``requires``: e.g. a schedule scaled to the run length), or None."""
+    for reg, section in ((registry.MIXERS, cfg.mixer), (registry.LOSSES, cfg.loss)):
+        why = registry.requirements(reg[section.name], section.options).get("fixed_length")
+        if why:
+            return why
+    return None
+
+
+def describe(changes: list[Change], most: int = 8, cfg: config_mod.RunConfig | None = None) -> str:
     """``key old -> new`` for each change, on one line."""
     parts = [f"{c.key} {_show(c.old)} -> {_show(c.new)}" for c in changes[:most]]
     if len(changes) > most:
@@ -139,8 +151,10 @@ def describe(changes: list[Change], most: int = 8) -> str:
     if any(c.key == "max_steps" for c in changes):
         text += (
             " (max_steps can only be raised, and only with train.schedule=constant and no "
-            "train.warmup_ratio: otherwise the schedule is stretched over it)"
+            "train.warmup_ratio: otherwise the schedule is stretched over it"
         )
+        bound = length_bound(cfg) if cfg is not None else None
+        text += f"; and {bound})" if bound else ")"
     return text
 
 

@@ -100,7 +100,7 @@ class RunDir:
             if refused:
                 raise ConfigError(
                     f"{where} was started with other settings or data: "
-                    f"{fingerprint.describe(refused)}; {forward}"
+                    f"{fingerprint.describe(refused, cfg=cfg)}; {forward}"
                 )
             if run is self:
                 amended = changes

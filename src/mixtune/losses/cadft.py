@@ -88,10 +88,13 @@ class CADFT(Loss):
         if not o.rewrite.enabled:
             return {}
         why = "loss.rewrite.enabled: CADFT rewriting {} (loss.rewrite.enabled=false does not)"
-        return {
+        need = {
             "random_access": why.format("replaces training examples by index"),
             "whole_params": why.format("generates with the whole model on rank 0"),
         }
+        if o.rewrite.schedule == "scaled":
+            need["fixed_length"] = "loss.rewrite.schedule: scaled times rewriting by max_steps"
+        return need
 
     def __init__(self, options: CADFTConfig | None = None):
         self.options = options or CADFTConfig()

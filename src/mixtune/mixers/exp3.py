@@ -75,7 +75,13 @@ def exploration(t: int, k: int) -> float:
 
 class EXP3:
     Config = EXP3Config
-    requires = frozenset({"train_losses"})
+
+    @staticmethod
+    def requires(o: EXP3Config) -> dict[str, str]:
+        need = {"train_losses": "mixer 'exp3' rewards datasets by their training loss"}
+        if o.warmup_steps is None:
+            need["fixed_length"] = "mixer.warmup_steps: null warms up for 2% of max_steps"
+        return need
 
     def __init__(self, options: EXP3Config, datasets: list[DatasetInfo], domains, seed: int):
         self.o = options

@@ -140,7 +140,10 @@ class DynaMiCS:
 
     @staticmethod
     def requires(o: DynaMiCSConfig) -> dict[str, str]:
-        need = {"evaluate": "mixer 'dynamics' evaluates the domains at every update"}
+        need = {
+            "evaluate": "mixer 'dynamics' evaluates the domains at every update",
+            "fixed_length": "mixer 'dynamics' scales its updates and probe horizons to max_steps",
+        }
         if o.slopes == "gradient_alignment":
             need["whole_params"] = (
                 "mixer.slopes: DynaMiCS gradient alignment flattens whole gradients "

@@ -117,7 +117,10 @@ class ProxyMixConfig:
 
 class ProxyMix(StageAware):
     Config = ProxyMixConfig
-    requires = frozenset({"evaluate"})
+    requires = {
+        "evaluate": "mixer 'proxymix' evaluates the domains at its decisions",
+        "fixed_length": "mixer 'proxymix' places its decisions at fractions of max_steps",
+    }
 
     def __init__(
         self,

@@ -216,3 +216,36 @@ def test_a_proxymix_learner_state_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="learner.pt is damaged or holds more than tensors"):
         train(ToyEnv(), LearnConfig(episodes=2), 0, tmp_path, echo=lambda s: None)
     assert not marker.exists()
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_the_latest(
+    runs, monkeypatch, capsys
+):
+    """No space left while writing step 6: exit 1 with one line naming the step and the last
+    complete checkpoint; no half-written directory; with room again, the same command resumes
+    exactly."""
+    import errno
+
+    run = _fresh(runs)
+    real = checkpoint.save_file
+
+    def full(tensors, path, *a, **kw):
+        if "000006" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tensors, path, *a, **kw)
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    capsys.readouterr()
+    assert cli.main(["train", str(runs / "run.yaml")]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("mixtune")]
+    assert len(err) == 1, err
+    assert "no space left on device while writing checkpoint step 6" in err[0]
+    assert "the last complete checkpoint is step-000004" in err[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-000002",
+        "step-000004",
+    ]
+    monkeypatch.setattr(checkpoint, "save_file", real)
+    assert cli.main(["train", str(runs / "run.yaml")]) == 0
+    a, b = _params(run), _params(runs / "ref")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

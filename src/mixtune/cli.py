@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from mixtune import commands
 from mixtune.commands import Session
-from mixtune.errors import MixtuneError
+from mixtune.errors import MixtuneError, OutOfSpace
 from mixtune.registry import PLANNERS
 
 
@@ -186,6 +186,9 @@ def _run(command: Command, args: argparse.Namespace, s: Session) -> int:
     except MixtuneError as e:
         print(f"mixtune: error: {e}", file=sys.stderr)
         return 2
+    except OutOfSpace as e:
+        print(f"mixtune: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # loop.Interrupted: a graceful stop with a checkpoint
         if s.main_rank:  # every rank stops after the same step; one of them says so
             print(f"mixtune: {e or 'interrupted'}", file=sys.stderr)

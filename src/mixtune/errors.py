@@ -13,5 +13,10 @@ class DataError(MixtuneError):
     """A data source is missing, malformed or empty."""
 
 
+class OutOfSpace(Exception):
+    """The disk (or quota) filled up while writing: the CLI prints one line and exits 1 -- not
+    bad input, and nothing half-written is left as the latest checkpoint."""
+
+
 class TrainingError(MixtuneError):
     """Training cannot go on (for example a non-finite loss); the run directory is left intact."""

@@ -29,6 +29,7 @@ the tensors, before ``state.json``) so crash tests can kill a process mid-write.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mixtune.engine.build import trainable
 from mixtune.engine.integrity import MANIFEST, check, fsync, read, verify, write_manifest
-from mixtune.errors import ConfigError
+from mixtune.errors import ConfigError, OutOfSpace
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,53 @@ def save(
     keep: int,
     loss=None,
 ) -> Path:
-    """Write checkpoint ``step`` under ``root`` (all ranks call this)."""
+    """Write checkpoint ``step`` under ``root`` (all ranks call this).
+
+    A full disk (or quota) is :class:`OutOfSpace`, one line naming the step and the last
+    complete checkpoint; the half-written directory is removed, so the latest checkpoint stays
+    the last complete one and the same command resumes from it once there is room.
+    """
+    try:
+        return _save(
+            root,
+            step,
+            accelerator,
+            model,
+            optimizer,
+            scheduler,
+            sampler,
+            mixer,
+            state,
+            rank_state,
+            keep,
+            loss,
+        )
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.rmtree(root / f".tmp-{PREFIX}{step:06d}", ignore_errors=True)
+        last = listed(root)
+        raise OutOfSpace(
+            f"no space left on device while writing checkpoint step {step} in {root}; the last "
+            f"complete checkpoint is {last[-1].name if last else 'none'}: free space and run "
+            "the same command to resume from it"
+        ) from None
+
+
+def _save(
+    root,
+    step,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    sampler,
+    mixer,
+    state,
+    rank_state,
+    keep,
+    loss,
+) -> Path:
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{PREFIX}{step:06d}"
     if accelerator.is_main_process:

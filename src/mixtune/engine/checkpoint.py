@@ -25,6 +25,10 @@ is refused, not executed.
 
 Test hook: ``MIXTUNE_TEST_CHECKPOINT_PAUSE=<seconds>`` sleeps in the middle of each write (after
 the tensors, before ``state.json``) so crash tests can kill a process mid-write.
+
+Kept whole (about 340 lines) on purpose: the on-disk format is written and read here, and the
+save, its rotation and the load -- FSDP2's sharded optimizer files included -- must agree file
+by file; side by side they are checked at a glance. Integrity lives in its own module.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ by file; side by side they are checked at a glance. Integrity lives in its own m
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -96,21 +97,72 @@ def save(
     complete checkpoint; the half-written directory is removed, so the latest checkpoint stays
     the last complete one and the same command resumes from it once there is room.
     """
+    with _room_for(root, step):
+        final = root / f"{PREFIX}{step:06d}"
+        tmp = root / f".tmp-{PREFIX}{step:06d}"
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-*"):  # left by a crash mid-write or mid-deletion
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        accelerator.wait_for_everyone()
+        rank = accelerator.process_index
+        torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{rank}.pt")
+        fsync(tmp / f"rank{rank}.pt")
+        unwrapped = accelerator.unwrap_model(model)
+        params = trainable(unwrapped)
+        sharded = any(isinstance(p, DTensor) for _, p in params)
+        if sharded:  # FSDP2: every rank gathers (a collective; rank 0 keeps the result) and
+            # writes its own optimizer shard
+            main = accelerator.is_main_process
+            tensors = {n: t for n, t in ((n, _full(p)) for n, p in params) if main}
+            name = f"optimizer-rank{rank}.pt"
+            torch.save(_local_optimizer_state(optimizer), tmp / name)
+            fsync(tmp / name)
+        if accelerator.is_main_process:
+            if not sharded:
+                tensors = {n: p.detach().cpu().contiguous() for n, p in params}
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file(tensors, str(tmp / "trainable.safetensors"))
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "sampler.json").write_text(json.dumps(sampler.state_dict()))
+            torch.save(mixer.state_dict(), tmp / "mixer.pt")
+            if loss is not None:
+                torch.save(loss.state_dict(), tmp / "loss.pt")
+            for f in tmp.iterdir():
+                if not f.name.startswith("rank"):
+                    fsync(f)
+        pause = float(os.environ.get("MIXTUNE_TEST_CHECKPOINT_PAUSE") or 0)
+        if pause:
+            time.sleep(pause)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            # "manifest": a manifest.json deleted later is then missed, not taken for an old format
+            record = {**state, "step": step, "manifest": MANIFEST}
+            (tmp / "state.json").write_text(json.dumps(record, indent=1))
+            fsync(tmp / "state.json")
+            # The manifest last: sizes and hashes of every file, each rank's included.
+            write_manifest(tmp)
+            fsync(tmp)
+            if final.exists():  # re-saving a step (resume from an older checkpoint)
+                _discard(final)
+            tmp.rename(final)
+            fsync(root)  # the rename itself survives a power cut
+            # Keep the newest `keep` up to this step. Later ones (a resume from an older or past a
+            # damaged checkpoint) stay until this run writes their step again.
+            upto = [p for p in listed(root) if _step(p) <= step]
+            for old in upto[:-keep]:
+                _discard(old)
+        accelerator.wait_for_everyone()
+        return final
+
+
+@contextlib.contextmanager
+def _room_for(root: Path, step: int):
+    """A full disk (or quota) while writing checkpoint ``step``: remove the half-written
+    directory and say so in one line (:class:`OutOfSpace`)."""
     try:
-        return _save(
-            root,
-            step,
-            accelerator,
-            model,
-            optimizer,
-            scheduler,
-            sampler,
-            mixer,
-            state,
-            rank_state,
-            keep,
-            loss,
-        )
+        yield
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -121,79 +173,6 @@ def save(
             f"complete checkpoint is {last[-1].name if last else 'none'}: free space and run "
             "the same command to resume from it"
         ) from None
-
-
-def _save(
-    root,
-    step,
-    accelerator,
-    model,
-    optimizer,
-    scheduler,
-    sampler,
-    mixer,
-    state,
-    rank_state,
-    keep,
-    loss,
-) -> Path:
-    final = root / f"{PREFIX}{step:06d}"
-    tmp = root / f".tmp-{PREFIX}{step:06d}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):  # left by a crash mid-write or mid-deletion
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    accelerator.wait_for_everyone()
-    rank = accelerator.process_index
-    torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{rank}.pt")
-    fsync(tmp / f"rank{rank}.pt")
-    unwrapped = accelerator.unwrap_model(model)
-    params = trainable(unwrapped)
-    sharded = any(isinstance(p, DTensor) for _, p in params)
-    if sharded:  # FSDP2: every rank gathers (a collective; rank 0 keeps the result) and
-        # writes its own optimizer shard
-        main = accelerator.is_main_process
-        tensors = {n: t for n, t in ((n, _full(p)) for n, p in params) if main}
-        name = f"optimizer-rank{rank}.pt"
-        torch.save(_local_optimizer_state(optimizer), tmp / name)
-        fsync(tmp / name)
-    if accelerator.is_main_process:
-        if not sharded:
-            tensors = {n: p.detach().cpu().contiguous() for n, p in params}
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file(tensors, str(tmp / "trainable.safetensors"))
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "sampler.json").write_text(json.dumps(sampler.state_dict()))
-        torch.save(mixer.state_dict(), tmp / "mixer.pt")
-        if loss is not None:
-            torch.save(loss.state_dict(), tmp / "loss.pt")
-        for f in tmp.iterdir():
-            if not f.name.startswith("rank"):
-                fsync(f)
-    pause = float(os.environ.get("MIXTUNE_TEST_CHECKPOINT_PAUSE") or 0)
-    if pause:
-        time.sleep(pause)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # ("manifest": a manifest.json deleted later is then missed, not taken for an old format)
-        record = {**state, "step": step, "manifest": MANIFEST}
-        (tmp / "state.json").write_text(json.dumps(record, indent=1))
-        fsync(tmp / "state.json")
-        # The manifest last: sizes and hashes of every file, each rank's included.
-        write_manifest(tmp)
-        fsync(tmp)
-        if final.exists():  # re-saving a step (resume from an older checkpoint)
-            _discard(final)
-        tmp.rename(final)
-        fsync(root)  # the rename itself survives a power cut
-        # Keep the newest `keep` up to this step. Later ones (a resume from an older or past a
-        # damaged checkpoint) stay until this run writes their step again.
-        upto = [p for p in listed(root) if _step(p) <= step]
-        for old in upto[:-keep]:
-            _discard(old)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def _full(p) -> torch.Tensor:

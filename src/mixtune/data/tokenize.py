@@ -47,12 +47,15 @@ class Tokenized:
         return np.array([int((lab[1:] != IGNORE).sum()) for lab in self.labels], np.int64)
 
 
-def resolve_template(tokenizer, override: str | None) -> str:
+def resolve_template(tokenizer, override: str | None, quiet: bool = False) -> str:
+    """The chat template in use: the config's, the tokenizer's, or mixtune's fallback (said
+    once, unless ``quiet``)."""
     if override:
         return override
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.chat_template
-    log.warning("tokenizer has no chat template; using mixtune's fallback template")
+    if not quiet:
+        log.warning("tokenizer has no chat template; using mixtune's fallback template")
     return DEFAULT_CHAT_TEMPLATE
 
 

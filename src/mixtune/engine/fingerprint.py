@@ -28,8 +28,7 @@ from typing import NamedTuple
 from mixtune import config as config_mod
 from mixtune import registry
 from mixtune.data import streaming
-from mixtune.data.template import DEFAULT_CHAT_TEMPLATE
-from mixtune.data.tokenize import digest
+from mixtune.data.tokenize import digest, resolve_template
 from mixtune.schema import MethodConfig
 
 AMENDABLE = frozenset(
@@ -88,11 +87,7 @@ def of_run(cfg: config_mod.RunConfig, tokenizer, train_sets, domains) -> dict:
 
     out = of_settings(cfg)
     out["model.dtype"] = str(pick_dtype(cfg.model.dtype)).removeprefix("torch.")
-    template = (
-        cfg.model.chat_template
-        or getattr(tokenizer, "chat_template", None)
-        or DEFAULT_CHAT_TEMPLATE
-    )
+    template = resolve_template(tokenizer, cfg.model.chat_template, quiet=True)
     if not isinstance(template, str):  # a tokenizer may hold several named templates
         template = json.dumps(template, sort_keys=True, default=str)
     out["model.chat_template"] = hashlib.blake2b(template.encode(), digest_size=8).hexdigest()

@@ -1,8 +1,13 @@
-"""Read raw records from local files, Hugging Face datasets, or mixtune's built-in domains."""
+"""Read raw records from local files, Hugging Face datasets, or mixtune's built-in domains.
+
+Hostile input is a :class:`DataError` naming the file (and line): JSON nested deeper than the
+parser's recursion limit, or an integer too long to convert, as much as malformed JSON.
+"""
 
 from __future__ import annotations
 
 import csv
+import glob
 import gzip
 import json
 from pathlib import Path
@@ -17,21 +22,31 @@ def read_records(
 ) -> list[dict]:
     """Records (dicts) from ``path``.
 
-    ``path`` is a local ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet``/``.csv`` file, a
+    ``path`` is a local ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet``/``.csv`` file, a glob of
+    such files (``data/*.jsonl``: read in sorted order, one after the other), a directory written
+    by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (``split`` picks the latter's
+    split), another directory of data files (read by ``datasets.load_dataset``), a
     ``builtin:<domain>`` name, or a Hugging Face dataset name (``split`` and ``subset`` apply to
-    the last two). Errors name the file, the line where relevant, and the fix.
+    the last three). Errors name the file, the line where relevant, and the fix.
     """
     if "\0" in path:
         raise DataError(f"{where}: path {path!r} contains a NUL character")
     if path.startswith("builtin:"):
         return _read_builtin(path.removeprefix("builtin:"), split, where)
     p = Path(path).expanduser()
-    if p.is_dir():  # a saved dataset directory: `datasets` reads it like a hub dataset
+    if any(c in path for c in "*?[") and not p.exists():
+        shards = sorted(glob.glob(str(p)))
+        if not shards:
+            raise DataError(f"{where}: no file matches '{path}'")
+        return [r for shard in shards for r in read_records(shard, split, subset, where)]
+    if p.is_dir():
         if not any(p.iterdir()):
             raise DataError(
                 f"{where}: {p} is an empty directory; give a data file or a saved dataset directory"
             )
-        return _read_hub(str(p), split, subset, where)
+        if is_saved(p):
+            return load_saved(p, split, where).to_list()
+        return _read_hub(str(p), split, subset, where)  # data files: read like a hub dataset
     if p.suffix in (".jsonl", ".json", ".parquet", ".csv", ".gz") or p.exists():
         if not p.is_file():
             raise DataError(f"{where}: file not found: {p}")
@@ -76,6 +91,8 @@ def _read_jsonl(p: Path, where: str) -> list[dict]:
                     f"{where}: {p}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
                     "each line must be one JSON object"
                 ) from None
+            except (RecursionError, ValueError) as e:
+                raise DataError(f"{where}: {p}:{lineno}: {hostile(e)}") from None
             if not isinstance(rec, dict):
                 raise DataError(
                     f"{where}: {p}:{lineno}: expected a JSON object, got {type(rec).__name__}"
@@ -89,6 +106,8 @@ def _read_json(p: Path, where: str) -> list[dict]:
         data = json.loads(p.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: {p}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    except (RecursionError, ValueError) as e:
+        raise DataError(f"{where}: {p}: {hostile(e)}") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} shapes
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -97,6 +116,41 @@ def _read_json(p: Path, where: str) -> list[dict]:
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{where}: {p}: expected a JSON list of objects")
     return data
+
+
+def hostile(e: Exception) -> str:
+    """What is wrong with JSON that parses into a RecursionError or a ValueError."""
+    if isinstance(e, RecursionError):
+        return (
+            "JSON nested too deeply to read (arrays or objects inside each other); fix the record"
+        )
+    return f"unreadable JSON ({str(e).split(':')[0]}); fix the record"
+
+
+def is_saved(p: Path) -> bool:
+    """Whether ``p`` is a directory written by ``Dataset``/``DatasetDict.save_to_disk``."""
+    return (p / "state.json").is_file() or (p / "dataset_dict.json").is_file()
+
+
+def load_saved(p: Path, split: str, where: str):
+    """The ``datasets.Dataset`` saved in ``p``: the one ``Dataset`` (whole: ``split`` does not
+    apply), or the ``split`` of a ``DatasetDict``."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:
+        raise DataError(
+            f"{where}: {p}: cannot read the saved dataset ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''})"
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(
+                f"{where}: {p} has splits {sorted(ds)}, not '{split}'; set split: to one of them"
+            )
+        ds = ds[split]
+    return ds
 
 
 def _read_parquet(p: Path, where: str) -> list[dict]:

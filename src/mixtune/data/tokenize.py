@@ -3,7 +3,14 @@
 The chat template renders the conversation; each segment (everything up to an assistant turn,
 then the assistant turn itself) is tokenised on its own and the pieces are concatenated, so the
 boundary between prompt and response is exact whatever the tokenizer merges. Only assistant
-turns carry labels. Raw ``text`` examples train on every token (plus EOS).
+turns carry labels, except those marked ``weight: 0`` (see :mod:`mixtune.data.formats`). Raw
+``text`` examples train on every token (plus EOS). Tool calls, tool results and tool definitions
+are rendered by the template (``tools=`` is passed); a template that cannot render the ones the
+data holds is refused (:func:`template_renders` probes it) rather than trained on wrongly.
+
+A record far longer than ``max_length`` is cut at the character level first
+(:func:`char_budget`): the tokens it keeps are the same, but a 50 MB line costs what a
+``max_length`` one does.
 
 When the tokenizer has no chat template, :data:`mixtune.data.template.DEFAULT_CHAT_TEMPLATE`
 is used (a warning says so); ``model.chat_template`` overrides both.
@@ -11,8 +18,10 @@ is used (a warning says so); ``model.chat_template`` overrides both.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +34,12 @@ log = logging.getLogger(__name__)
 
 IGNORE = -100
 """Label of a token not to learn (prompt, padding): the ``ignore_index`` of cross-entropy."""
+
+MIN_CHARS_PER_TOKEN = 64
+"""The least :func:`chars_per_token` assumes, whatever the vocabulary says."""
+MARGIN_TOKENS = 64
+"""Tokens kept past ``max_length`` by the character cut, so that the merges a tokenizer makes
+across the cut never reach the tokens that are kept."""
 
 
 @dataclass
@@ -63,6 +78,10 @@ def tokenize(
     examples: list[Example], tokenizer, max_length: int, template: str, where: str
 ) -> Tokenized:
     """Tokenise ``examples``; raises :class:`DataError` when nothing trainable is left."""
+    budget = char_budget(tokenizer, max_length)
+    capped = [_cap(ex, budget) for ex in examples]
+    examples = [ex for ex, _ in capped]
+    _check_tools(examples, tokenizer, template, where)
     pieces: list[list[tuple[str, bool]]] = [
         _segments(ex, tokenizer, template, where) for ex in examples
     ]
@@ -72,7 +91,7 @@ def tokenize(
     out = Tokenized()
     longest_prompt = 0
     j = 0
-    for ex, segs in zip(examples, pieces):
+    for ex, segs, (_, lost_turn) in zip(examples, pieces, capped):
         ids: list[int] = []
         labels: list[int] = []
         prompt_len = 0
@@ -89,6 +108,8 @@ def tokenize(
             if eos is not None:
                 ids.append(eos)
                 labels.append(eos)
+        if lost_turn:  # the final trained turn was cut off: it starts past every kept token
+            prompt_len = len(ids)
         longest_prompt = max(longest_prompt, prompt_len)
         if len(ids) > max_length:
             out.n_truncated += 1
@@ -143,10 +164,10 @@ def _segments(ex: Example, tokenizer, template: str, where: str) -> list[tuple[s
     segs: list[tuple[str, bool]] = []
     done = ""
     for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
+        if not _trained(m):
             continue
-        prefix = _render(tokenizer, template, msgs[:i], True)
-        full = _render(tokenizer, template, msgs[: i + 1], False)
+        prefix = _render(tokenizer, template, msgs[:i], True, ex.tools)
+        full = _render(tokenizer, template, msgs[: i + 1], False, ex.tools)
         if not (prefix.startswith(done) and full.startswith(prefix)):
             raise DataError(
                 f"{where}: the chat template does not render conversations prefix by prefix; "
@@ -155,15 +176,179 @@ def _segments(ex: Example, tokenizer, template: str, where: str) -> list[tuple[s
         segs.append((prefix[len(done) :], False))
         segs.append((full[len(prefix) :], True))
         done = full
-    tail = _render(tokenizer, template, msgs, False)[len(done) :]
+    tail = _render(tokenizer, template, msgs, False, ex.tools)[len(done) :]
     if tail:
         segs.append((tail, False))
     return [(t, tr) for t, tr in segs if t or tr]
 
 
-def _render(tokenizer, template: str, msgs: list[dict], gen: bool) -> str:
-    if not msgs and gen:
-        msgs = []
+def _trained(m: dict) -> bool:
+    return m["role"] == "assistant" and m.get("weight", 1) != 0
+
+
+def _render(tokenizer, template: str, msgs: list[dict], gen: bool, tools=None) -> str:
+    extra = {"tools": tools} if tools else {}
     return tokenizer.apply_chat_template(
-        msgs, chat_template=template, tokenize=False, add_generation_prompt=gen
+        msgs, chat_template=template, tokenize=False, add_generation_prompt=gen, **extra
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Cutting records far longer than max_length before tokenising
+
+_CHARS_PER_TOKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def chars_per_token(tokenizer) -> int | None:
+    """An upper bound on how many characters of text one token stands for, or None if unknown.
+
+    A token covers at most as many characters as its vocabulary entry has (byte-level and
+    SentencePiece entries spell each byte or character with at least one symbol); a tokenizer
+    with a normalizer may also compose characters (NFC), hence the factor 4 then. Never less
+    than :data:`MIN_CHARS_PER_TOKEN`: a generous bound only costs a longer cut.
+    """
+    try:
+        return _CHARS_PER_TOKEN[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    try:
+        longest = max(map(len, tokenizer.get_vocab()))
+    except Exception:  # a tokenizer without a readable vocabulary: no cut
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if getattr(backend, "normalizer", None) is not None:
+        longest *= 4
+    bound = max(MIN_CHARS_PER_TOKEN, longest)
+    try:
+        _CHARS_PER_TOKEN[tokenizer] = bound
+    except TypeError:
+        pass
+    return bound
+
+
+def char_budget(tokenizer, max_length: int) -> int | None:
+    """Characters of message content (or raw text) past which an example cannot fit in
+    ``max_length`` tokens: text that long has more than ``max_length + MARGIN_TOKENS`` tokens
+    whatever it says, so cutting it there keeps every token that truncation keeps."""
+    per = chars_per_token(tokenizer)
+    return None if per is None else (max_length + MARGIN_TOKENS) * per
+
+
+def _cap(ex: Example, budget: int | None) -> tuple[Example, bool]:
+    """``ex`` cut to ``budget`` characters of content, and whether a trained turn was cut off.
+
+    Keeps the start, as truncation does: the messages in order until the budget is spent, the
+    one that spends it cut, the rest dropped (they lie past every token truncation keeps)."""
+    if budget is None:
+        return ex, False
+    if ex.messages is None:
+        if len(ex.text) <= budget:
+            return ex, False
+        return dataclasses.replace(ex, text=ex.text[:budget]), False
+    left = budget
+    for i, m in enumerate(ex.messages):
+        if len(m["content"]) > left:
+            msgs = ex.messages[:i] + [{**m, "content": m["content"][:left]}]
+            lost = any(_trained(x) for x in ex.messages[i + 1 :])
+            return dataclasses.replace(ex, messages=msgs), lost
+        left -= len(m["content"])
+    return ex, False
+
+
+# ----------------------------------------------------------------------------------------------
+# Tool calls: refused unless the chat template renders them
+
+_PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "mixtune_probe_def",
+            "description": "d",
+            "parameters": {"type": "object", "properties": {}},
+        },
+    }
+]
+_PROBE = [
+    {"role": "user", "content": "u"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "type": "function",
+                "id": "call_0",
+                "function": {"name": "mixtune_probe_call", "arguments": {"mixtune_probe_arg": 1}},
+            }
+        ],
+    },
+    {"role": "tool", "content": "mixtune_probe_result", "name": "mixtune_probe_call"},
+    {"role": "assistant", "content": "a"},
+]
+_TOOL_PARTS = {
+    "calls": "tool calls (assistant `tool_calls`)",
+    "results": "tool results (`tool` messages)",
+    "definitions": "tool definitions (`tools`)",
+}
+
+
+def template_renders(tokenizer, template: str) -> set[str]:
+    """Which tool parts the template renders: ``calls``, ``results``, ``definitions``.
+
+    Probed by rendering a conversation with marker names and checking they come out; a
+    template that raises on tool messages renders none."""
+
+    def show(tools) -> str:
+        try:
+            return _render(tokenizer, template, _PROBE, False, tools)
+        except Exception:  # e.g. a template that raises on roles it does not know
+            return ""
+
+    plain, with_defs = show(None), show(_PROBE_TOOLS)
+    found = set()
+    if "mixtune_probe_call" in plain and "mixtune_probe_arg" in plain:
+        found.add("calls")
+    if "mixtune_probe_result" in plain:
+        found.add("results")
+    if "mixtune_probe_def" in with_defs:
+        found.add("definitions")
+    return found
+
+
+def tool_parts(ex: Example) -> set[str]:
+    """The tool parts an example holds (keys of ``template_renders``'s answer)."""
+    if ex.messages is None:
+        return set()
+    parts = {"definitions"} if ex.tools else set()
+    for m in ex.messages:
+        if m.get("tool_calls"):
+            parts.add("calls")
+        if m["role"] == "tool":
+            parts.add("results")
+    return parts
+
+
+def _check_tools(examples: list[Example], tokenizer, template: str, where: str) -> None:
+    need: set[str] = set()
+    n = 0
+    for ex in examples:
+        parts = tool_parts(ex)
+        n += bool(parts)
+        need |= parts
+    if not need:
+        return
+    missing = need - template_renders(tokenizer, template)
+    if not missing:
+        return
+    if template == getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        whose = f"the chat template of {name}"
+    elif template == DEFAULT_CHAT_TEMPLATE:
+        whose = "mixtune's fallback chat template"
+    else:
+        whose = "model.chat_template"
+    raise DataError(
+        f"{where}: {n} example(s) hold "
+        + " and ".join(_TOOL_PARTS[p] for p in sorted(missing))
+        + f", but {whose} cannot render them; use a model whose template does (or set "
+        "model.chat_template), or drop those records (or their tool turns)"
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mixtune.data.sources import hostile, is_saved, load_saved
 from mixtune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ class JsonlSource:
                 f"{self.where}: {self.shards[shard]} (byte {start}): malformed JSON "
                 f"({e}); each line must be one JSON object"
             ) from None
+        except (RecursionError, ValueError) as e:  # nested too deeply, or a too-long integer
+            raise DataError(
+                f"{self.where}: {self.shards[shard]} (byte {start}): {hostile(e)}"
+            ) from None
         if not isinstance(rec, dict):
             raise DataError(
                 f"{self.where}: {self.shards[shard]} (byte {start}): expected a "
@@ -89,11 +94,13 @@ class JsonlSource:
 class HubSource:
     """A ``datasets`` IterableDataset; a position is its ``state_dict()`` (None: epoch start)."""
 
-    def __init__(self, factory, where: str, split: str = "train"):
-        self.factory, self.where, self.split = factory, where, split
+    def __init__(self, factory, where: str, split: str = "train", size: int | None = None):
+        self.factory, self.where, self.split, self.size = factory, where, split, size
         self._ds = self._it = self._at = None
 
     def count(self) -> int:
+        if self.size is not None:
+            return self.size
         splits = getattr(self.factory().info, "splits", None)
         if splits and self.split in splits and splits[self.split].num_examples:
             return int(splits[self.split].num_examples)
@@ -131,6 +138,9 @@ def open_source(d, where: str, key: tuple, shuffle: bool):
         shards = sorted(x for x in p.iterdir() if _is_jsonl(x))
         if shards:
             return JsonlSource(shards, where, key, shuffle)
+        if is_saved(p):
+            ds = load_saved(p, d.split, where)  # streamed from its memory-mapped Arrow files
+            return HubSource(lambda: ds.to_iterable_dataset(), where, d.split, size=len(ds))
         return _hub(where, d.split, str(p), d.subset)
     if _is_jsonl(p):
         if not p.is_file():

@@ -16,7 +16,8 @@ from mixtune.data.bytetok import byte_tokenizer
 from mixtune.data.formats import detect, normalize
 from mixtune.data.sources import read_records
 from mixtune.data.template import DEFAULT_CHAT_TEMPLATE
-from mixtune.data.tokenize import IGNORE, char_budget, template_renders, tokenize
+from mixtune.data.tokenize import IGNORE, char_budget, tokenize
+from mixtune.data.tools import template_renders
 from mixtune.errors import DataError
 
 # A template that renders tool definitions, calls and results (as Qwen's or Llama 3.1's do),
@@ -418,3 +419,13 @@ def test_hostile_json_exits_2_from_the_cli(tmp_path, data_dir, capsys):
     assert cli.main(["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert "add.jsonl:201: JSON nested too deeply" in err and "Traceback" not in err
+
+
+def test_hostile_json_in_a_stream_is_a_data_error(tmp_path):
+    from mixtune.data.streaming.sources import JsonlSource
+
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "a"}\n' + "{" + '"a":{' * 100_000 + "}" * 100_001 + "\n")
+    source = JsonlSource([path], "t", (0, 0), False)
+    with pytest.raises(DataError, match=r"s.jsonl \(byte 14\): JSON nested too deeply"):
+        source.read(0, None, 5)

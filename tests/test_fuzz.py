@@ -377,7 +377,7 @@ def _cases(root: Path) -> list[Case]:  # noqa: C901  (one flat list is the clear
         (
             "mixed.jsonl",
             '{"text": "a"}\n{"prompt": "b", "response": "c"}\n',
-            "record 2: missing field 'text'",
+            "record 2 looks like prompt+response, but the file's first record is text",
         ),
         (
             "prompt_only.jsonl",

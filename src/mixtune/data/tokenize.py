@@ -6,7 +6,7 @@ boundary between prompt and response is exact whatever the tokenizer merges. Onl
 turns carry labels, except those marked ``weight: 0`` (see :mod:`mixtune.data.formats`). Raw
 ``text`` examples train on every token (plus EOS). Tool calls, tool results and tool definitions
 are rendered by the template (``tools=`` is passed); a template that cannot render the ones the
-data holds is refused (:func:`template_renders` probes it) rather than trained on wrongly.
+data holds is refused (:mod:`mixtune.data.tools`) rather than trained on wrongly.
 
 A record far longer than ``max_length`` is cut at the character level first
 (:func:`char_budget`): the tokens it keeps are the same, but a 50 MB line costs what a
@@ -28,6 +28,7 @@ import numpy as np
 
 from mixtune.data.formats import Example
 from mixtune.data.template import DEFAULT_CHAT_TEMPLATE
+from mixtune.data.tools import check_tools
 from mixtune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def tokenize(
     budget = char_budget(tokenizer, max_length)
     capped = [_cap(ex, budget) for ex in examples]
     examples = [ex for ex, _ in capped]
-    _check_tools(examples, tokenizer, template, where)
+    check_tools(examples, tokenizer, template, where)
     pieces: list[list[tuple[str, bool]]] = [
         _segments(ex, tokenizer, template, where) for ex in examples
     ]
@@ -253,102 +254,3 @@ def _cap(ex: Example, budget: int | None) -> tuple[Example, bool]:
             return dataclasses.replace(ex, messages=msgs), lost
         left -= len(m["content"])
     return ex, False
-
-
-# ----------------------------------------------------------------------------------------------
-# Tool calls: refused unless the chat template renders them
-
-_PROBE_TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "mixtune_probe_def",
-            "description": "d",
-            "parameters": {"type": "object", "properties": {}},
-        },
-    }
-]
-_PROBE = [
-    {"role": "user", "content": "u"},
-    {
-        "role": "assistant",
-        "content": "",
-        "tool_calls": [
-            {
-                "type": "function",
-                "id": "call_0",
-                "function": {"name": "mixtune_probe_call", "arguments": {"mixtune_probe_arg": 1}},
-            }
-        ],
-    },
-    {"role": "tool", "content": "mixtune_probe_result", "name": "mixtune_probe_call"},
-    {"role": "assistant", "content": "a"},
-]
-_TOOL_PARTS = {
-    "calls": "tool calls (assistant `tool_calls`)",
-    "results": "tool results (`tool` messages)",
-    "definitions": "tool definitions (`tools`)",
-}
-
-
-def template_renders(tokenizer, template: str) -> set[str]:
-    """Which tool parts the template renders: ``calls``, ``results``, ``definitions``.
-
-    Probed by rendering a conversation with marker names and checking they come out; a
-    template that raises on tool messages renders none."""
-
-    def show(tools) -> str:
-        try:
-            return _render(tokenizer, template, _PROBE, False, tools)
-        except Exception:  # e.g. a template that raises on roles it does not know
-            return ""
-
-    plain, with_defs = show(None), show(_PROBE_TOOLS)
-    found = set()
-    if "mixtune_probe_call" in plain and "mixtune_probe_arg" in plain:
-        found.add("calls")
-    if "mixtune_probe_result" in plain:
-        found.add("results")
-    if "mixtune_probe_def" in with_defs:
-        found.add("definitions")
-    return found
-
-
-def tool_parts(ex: Example) -> set[str]:
-    """The tool parts an example holds (keys of ``template_renders``'s answer)."""
-    if ex.messages is None:
-        return set()
-    parts = {"definitions"} if ex.tools else set()
-    for m in ex.messages:
-        if m.get("tool_calls"):
-            parts.add("calls")
-        if m["role"] == "tool":
-            parts.add("results")
-    return parts
-
-
-def _check_tools(examples: list[Example], tokenizer, template: str, where: str) -> None:
-    need: set[str] = set()
-    n = 0
-    for ex in examples:
-        parts = tool_parts(ex)
-        n += bool(parts)
-        need |= parts
-    if not need:
-        return
-    missing = need - template_renders(tokenizer, template)
-    if not missing:
-        return
-    if template == getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
-        whose = f"the chat template of {name}"
-    elif template == DEFAULT_CHAT_TEMPLATE:
-        whose = "mixtune's fallback chat template"
-    else:
-        whose = "model.chat_template"
-    raise DataError(
-        f"{where}: {n} example(s) hold "
-        + " and ".join(_TOOL_PARTS[p] for p in sorted(missing))
-        + f", but {whose} cannot render them; use a model whose template does (or set "
-        "model.chat_template), or drop those records (or their tool turns)"
-    )

@@ -3,7 +3,8 @@
 ``datasets[].streaming: true`` reads a dataset a *block* at a time instead of loading it:
 a JSONL file, a glob or a directory of JSONL shards (``.jsonl``/``.jsonl.gz``, read in sorted
 order), or through ``datasets.load_dataset(..., streaming=True)`` (a hub name, a directory
-without JSONL shards, a local ``.parquet``/``.csv``/``.json`` file). Memory holds one block plus
+without JSONL shards, a local ``.parquet``/``.csv``/``.json`` file; a ``save_to_disk`` directory
+through ``load_from_disk(...).to_iterable_dataset()``). Memory holds one block plus
 one step's examples, whatever the size of the dataset.
 
 The :class:`~mixtune.data.sampler.MixtureSampler` still chooses the dataset of every slot by

@@ -44,6 +44,9 @@ AMENDABLE = frozenset(
         # recomputing activations computes the same ones.
         "train.micro_batch_size",
         "train.gradient_checkpointing",
+        # Where the per-token NLL comes from (full or chunked logits): the same values.
+        "train.logits",
+        "train.logits_chunk",
         "train.fsdp",
         # Only decide whether a non-finite step stops the run.
         "train.nonfinite",

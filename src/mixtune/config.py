@@ -71,7 +71,9 @@ class ModelConfig:
     """Jinja chat template overriding the tokenizer's (the fallback is documented in
     ``mixtune.data.template``)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Parameter dtype: ``auto`` = bf16 on a bf16-capable GPU, else fp32."""
+    """Weight dtype: ``auto`` = fp32 for trained weights (the master copy under
+    ``train.mixed_precision``), bf16 for a LoRA run's frozen base on a bf16-capable GPU;
+    ``bfloat16`` = pure bf16 weights, trained ones included (no master copy)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
@@ -243,6 +245,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Most recent checkpoints kept (older ones are deleted)."""
     gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast: ``bf16`` runs forward and backward in bf16 over the weights' dtype (fp32
+    master weights and optimizer state with ``model.dtype: auto``), HF Trainer's ``bf16=True``;
+    ``fp32`` = no autocast; ``auto`` = bf16 on a bf16-capable GPU, fp32 elsewhere."""
     logits: Literal["auto", "full", "chunked"] = "auto"
     """How the loss gets per-token NLL from the model (mixtune.losses.logits): ``full``
     materialises the (batch, length, vocab) logits; ``chunked`` projects only the supervised

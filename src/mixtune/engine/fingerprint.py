@@ -89,7 +89,9 @@ def of_run(cfg: config_mod.RunConfig, tokenizer, train_sets, domains) -> dict:
     from mixtune.engine.build import pick_dtype
 
     out = of_settings(cfg)
-    out["model.dtype"] = str(pick_dtype(cfg.model.dtype)).removeprefix("torch.")
+    out["model.dtype"] = str(pick_dtype(cfg.model.dtype, cfg.model.lora.enabled)).removeprefix(
+        "torch."
+    )
     template = resolve_template(tokenizer, cfg.model.chat_template, quiet=True)
     if not isinstance(template, str):  # a tokenizer may hold several named templates
         template = json.dumps(template, sort_keys=True, default=str)

@@ -108,7 +108,7 @@ class Trainer:
         if self.resume_from is not None:  # an explicit resume=<dir> may be damaged
             integrity.verify(self.resume_from)
 
-        dtype = build.pick_dtype(cfg.model.dtype)
+        dtype = build.pick_dtype(cfg.model.dtype, frozen=cfg.model.lora.enabled)
         model = build.load_model(cfg.model, self.tokenizer, cfg.seed, dtype)
         try:  # before anything is written: an impossible train.logits=chunked is a config error
             logits.configure(model, tc.logits, tc.logits_chunk, sharded=tc.fsdp and self.world > 1)

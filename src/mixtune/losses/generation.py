@@ -129,7 +129,7 @@ class TargetGenerator:
                 lora=type(state.model_config.lora)(),
             )
             gtok = build.load_tokenizer(mcfg)
-            model = build.load_model(mcfg, gtok, state.seed, build.pick_dtype("auto"))
+            model = build.load_model(mcfg, gtok, state.seed, build.pick_dtype("auto", frozen=True))
             self._external = (model.to(state.acc.device).eval(), gtok)
         return self._external
 

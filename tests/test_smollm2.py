@@ -86,6 +86,7 @@ def test_smollm2_lora_dynamixsft_from_gguf(tmp_path):
     from mixtune.data.formats import Example
     from mixtune.data.tokenize import resolve_template, tokenize
     from mixtune.engine.loop import Trainer
+    from mixtune.losses import logits
 
     run = tmp_path / "run"
     cfg = config.load(
@@ -104,6 +105,8 @@ def test_smollm2_lora_dynamixsft_from_gguf(tmp_path):
     base = trainer.acc.unwrap_model(trainer.model)
     assert 134e6 < sum(p.numel() for p in base.parameters() if not p.requires_grad) < 135e6
     assert getattr(base.get_base_model(), "hf_quantizer", None) is None
+    # A 49,152-entry vocabulary: train.logits=auto takes the chunked loss path (losses.logits).
+    assert logits.is_chunked(trainer.model)
 
     # SmolLM2's own chat template renders the examples; only the answer and its <|im_end|> train.
     tok = trainer.tokenizer

@@ -71,7 +71,9 @@ class ModelConfig:
     """Jinja chat template overriding the tokenizer's (the fallback is documented in
     ``mixtune.data.template``)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Parameter dtype: ``auto`` = bf16 on a bf16-capable GPU, else fp32."""
+    """Weight dtype: ``auto`` = fp32 for trained weights (the master copy under
+    ``train.mixed_precision``), bf16 for a LoRA run's frozen base on a bf16-capable GPU;
+    ``bfloat16`` = pure bf16 weights, trained ones included (no master copy)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
@@ -243,6 +245,19 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Most recent checkpoints kept (older ones are deleted)."""
     gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast: ``bf16`` runs forward and backward in bf16 over the weights' dtype (fp32
+    master weights and optimizer state with ``model.dtype: auto``), HF Trainer's ``bf16=True``;
+    ``fp32`` = no autocast; ``auto`` = bf16 on a bf16-capable GPU, fp32 elsewhere."""
+    logits: Literal["auto", "full", "chunked"] = "auto"
+    """How the loss gets per-token NLL from the model (mixtune.losses.logits): ``full``
+    materialises the (batch, length, vocab) logits; ``chunked`` projects only the supervised
+    tokens' hidden states, ``logits_chunk`` at a time under activation checkpointing, so the
+    full logits never exist (the same values up to float rounding, a fraction of the memory at a
+    large vocabulary); ``auto`` chunks when the vocabulary has >= 32,768 entries and the model's
+    logits are a plain projection (checked), else full."""
+    logits_chunk: int = 256
+    """Supervised tokens per chunk with ``logits: chunked``."""
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state over the processes with torch's FSDP2
     (``fully_shard`` of every decoder layer, then the root): mixtune's own, on CPUs (gloo) and
@@ -295,6 +310,7 @@ class TrainConfig:
         for key in ("eval_every", "save_every"):
             check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0", getattr(self, key))
         check(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
+        check(self.logits_chunk >= 1, "train.logits_chunk", "must be >= 1", self.logits_chunk)
         check(
             self.keep_checkpoints >= 1,
             "train.keep_checkpoints",

@@ -15,7 +15,7 @@ from mixtune.data.collate import collate
 from mixtune.data.sampler import shard
 from mixtune.engine.snapshot import Snapshot, unwrap_optimizer
 from mixtune.engine.state import TrainState
-from mixtune.losses.core import token_losses
+from mixtune.losses.logits import token_nll
 
 
 def grad_alignment(
@@ -76,8 +76,7 @@ def _backward_nll_sum(state: TrainState, model, input_ids, labels) -> torch.Tens
     batch = collate(input_ids, labels, state.pad_token_id)
     batch = {k: v.to(state.acc.device) for k, v in batch.items()}
     with state.acc.autocast():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        nll, mask = token_losses(logits, batch["labels"])
+        nll, mask = token_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         (nll * mask).sum().backward()
     return mask.sum().double()
 

@@ -153,6 +153,13 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int, dtype: torch.dtype):
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
+    elif dtype != torch.float32 and any(p.requires_grad for p in model.parameters()):
+        log.warning(
+            "model.dtype=%s: the trained weights have no fp32 master copy, so updates smaller "
+            "than their precision round away (leave model.dtype=auto for fp32 weights under "
+            "train.mixed_precision=bf16)",
+            str(dtype).removeprefix("torch."),
+        )
     return model
 
 
@@ -243,14 +250,39 @@ def make_scheduler(optimizer, cfg: TrainConfig, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, max_steps))
 
 
-def pick_dtype(name: str) -> torch.dtype:
+def bf16_device() -> bool:
+    """A CUDA device with bf16 support (autocast to bf16 is worth it there)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def pick_dtype(name: str, frozen: bool = False) -> torch.dtype:
+    """The dtype the model's weights are loaded in (``model.dtype``).
+
+    ``auto`` keeps trained weights in fp32 -- the master copy mixed precision needs: in bf16 a
+    step at a fine-tuning learning rate rounds most updates away -- and puts ``frozen`` ones
+    (a LoRA run's base model, a generator) in bf16 on a bf16 GPU. peft keeps LoRA adapters in
+    fp32 over a bf16 base (``autocast_adapter_dtype``), so a LoRA run trains fp32 adapters with
+    fp32 optimizer moments either way. ``bfloat16`` asks for pure bf16 weights, trained ones
+    included (no master copy; :func:`load_model` says so).
+    """
     if name == "float32":
         return torch.float32
     if name == "bfloat16":
         return torch.bfloat16
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if frozen and bf16_device() else torch.float32
+
+
+def pick_mixed_precision(name: str) -> str:
+    """``train.mixed_precision`` resolved for accelerate: ``bf16`` (autocast over the weights'
+    dtype) or ``no`` (``fp32``: none).
+
+    ``auto`` is bf16 on a bf16-capable GPU -- HF Trainer's ``bf16=True`` over fp32 master
+    weights -- and no autocast elsewhere (on CPUs bf16 autocast is usually slower, so it is
+    only used when asked for).
+    """
+    if name == "auto":
+        return "bf16" if bf16_device() else "no"
+    return {"fp32": "no"}.get(name, name)
 
 
 def save_final(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:

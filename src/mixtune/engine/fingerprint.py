@@ -44,6 +44,9 @@ AMENDABLE = frozenset(
         # recomputing activations computes the same ones.
         "train.micro_batch_size",
         "train.gradient_checkpointing",
+        # Where the per-token NLL comes from (full or chunked logits): the same values.
+        "train.logits",
+        "train.logits_chunk",
         "train.fsdp",
         # Only decide whether a non-finite step stops the run.
         "train.nonfinite",
@@ -86,7 +89,9 @@ def of_run(cfg: config_mod.RunConfig, tokenizer, train_sets, domains) -> dict:
     from mixtune.engine.build import pick_dtype
 
     out = of_settings(cfg)
-    out["model.dtype"] = str(pick_dtype(cfg.model.dtype)).removeprefix("torch.")
+    out["model.dtype"] = str(pick_dtype(cfg.model.dtype, cfg.model.lora.enabled)).removeprefix(
+        "torch."
+    )
     template = resolve_template(tokenizer, cfg.model.chat_template, quiet=True)
     if not isinstance(template, str):  # a tokenizer may hold several named templates
         template = json.dumps(template, sort_keys=True, default=str)

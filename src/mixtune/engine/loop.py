@@ -52,6 +52,7 @@ from mixtune.engine.state import TrainState
 from mixtune.engine.step import StepStats, check_finite_params, optimizer_step
 from mixtune.errors import ConfigError
 from mixtune.eval.constraints import best_feasible_for_run
+from mixtune.losses import logits
 from mixtune.mixers import DatasetInfo, DomainInfo, MixContext
 from mixtune.registry import LOSSES, MIXERS, build_method
 from mixtune.simplex import validate
@@ -107,8 +108,12 @@ class Trainer:
         if self.resume_from is not None:  # an explicit resume=<dir> may be damaged
             integrity.verify(self.resume_from)
 
-        dtype = build.pick_dtype(cfg.model.dtype)
+        dtype = build.pick_dtype(cfg.model.dtype, frozen=cfg.model.lora.enabled)
         model = build.load_model(cfg.model, self.tokenizer, cfg.seed, dtype)
+        try:  # before anything is written: an impossible train.logits=chunked is a config error
+            logits.configure(model, tc.logits, tc.logits_chunk, sharded=tc.fsdp and self.world > 1)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         # The last check before the run dir is written: what this start trains with against the
         # run's record (run.json); a resume may only amend what cannot change the trajectory.
         self.fingerprint = fingerprint.of_run(

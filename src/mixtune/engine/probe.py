@@ -39,7 +39,8 @@ from mixtune.engine.alignment import grad_alignment
 from mixtune.engine.checkpoint import rng_state, set_rng_state
 from mixtune.engine.snapshot import Snapshot, unwrap_optimizer
 from mixtune.engine.state import TrainState
-from mixtune.losses.core import reduce, sequence_mean, token_losses
+from mixtune.losses.core import reduce, sequence_mean
+from mixtune.losses.logits import token_nll
 from mixtune.mixers.base import LookaheadResult
 
 __all__ = [
@@ -122,10 +123,9 @@ def lookahead(
             with torch.no_grad(), state.acc.autocast(), _eval_mode(state.model):
                 pre = _sequence_losses(state.model, batch)  # (b,)
         with state.acc.autocast():
-            logits = state.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-            nll, mask = token_losses(logits, batch["labels"])
+            nll, mask = token_nll(
+                state.model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+            )
             if not noisy:
                 pre = sequence_mean(nll.detach(), mask)  # (b,)
             state.acc.backward(reduce(nll, mask, n_tokens=n_tokens) * state.world)
@@ -174,8 +174,9 @@ def example_losses(
 
 def _sequence_losses(model, batch) -> torch.Tensor:
     """Per-example mean token loss of ``batch``, (b,), under the caller's grad/autocast/mode."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_mean(*token_losses(logits, batch["labels"]))
+    return sequence_mean(
+        *token_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    )
 
 
 def _active_dropout(model) -> bool:

@@ -37,8 +37,14 @@ def make_accelerator(cfg: RunConfig):
     # Accelerator(cpu=True) on a machine without CUDA: otherwise torchrun's processes would
     # each train undistributed.
     cpu = not torch.cuda.is_available()
-    dtype = build.pick_dtype(cfg.model.dtype)
-    mp = "bf16" if (dtype == torch.bfloat16 and not cpu) else "no"
+    mp = build.pick_mixed_precision(cfg.train.mixed_precision)
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another
+    # precision; runs in one process (tests, suites, notebooks) may differ. The process group
+    # (PartialState) is kept.
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mp:
+        AcceleratorState._reset_state()
     acc = Accelerator(
         cpu=cpu,
         mixed_precision=mp,

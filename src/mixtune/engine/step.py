@@ -26,6 +26,7 @@ from mixtune.engine.state import TrainState
 from mixtune.errors import TrainingError
 from mixtune.losses.base import Loss
 from mixtune.losses.core import reduce
+from mixtune.losses.logits import loss_terms
 
 
 @dataclass
@@ -61,10 +62,7 @@ def optimizer_step(
         last = i == len(batches) - 1
         sync = contextlib.nullcontext() if last else state.acc.no_sync(state.model)
         with sync, state.acc.autocast():
-            logits = state.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits  # (B, T, V)
-            terms = loss_fn(logits, batch["labels"], extras[i])
+            terms = loss_terms(loss_fn, state.model, batch, extras[i])
             # DDP averages gradients over ranks; x world turns that into the global sum.
             loss = (
                 reduce(

@@ -20,7 +20,7 @@ import torch
 
 from mixtune.data.collate import collate, collate_prompts
 from mixtune.data.domains import EvalDomain
-from mixtune.losses.core import token_losses
+from mixtune.losses.logits import token_nll
 
 try:  # FSDP2 (torch >= 2.6)
     from torch.distributed.fsdp import FSDPModule
@@ -163,10 +163,9 @@ def evaluate_examples(
             )
             batch = collate(dom.data.input_ids[lo:hi], dom.data.labels[lo:hi], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-            nll, mask = token_losses(logits, batch["labels"])
+            nll, mask = token_nll(
+                model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+            )
             if accuracy and dom.accuracy:
                 correct = _generate_and_score(
                     accelerator.unwrap_model(model), tokenizer, dom, lo, hi, device, synced=sharded

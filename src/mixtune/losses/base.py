@@ -6,9 +6,14 @@ The loop (:mod:`mixtune.engine.loop`) calls every hook below directly, at fixed 
   collated and before any forward; returns one ``extra`` per micro-batch (CADFT's z-scores over
   the whole global batch, DFT's per-micro-batch normaliser). Probing mixers' branch steps run
   it too, so it must start each step afresh.
-- ``__call__(logits, labels, extra)``: per micro-batch, under autocast; returns
-  :class:`~mixtune.losses.core.LossTerms`, which the loop reduces with the step's global token
-  count (:func:`~mixtune.losses.core.reduce`).
+- ``terms(nll, mask, extra)``: per micro-batch, under autocast, on the per-token NLL and mask
+  of :func:`~mixtune.losses.core.token_losses`; returns :class:`~mixtune.losses.core.LossTerms`,
+  which the loop reduces with the step's global token count
+  (:func:`~mixtune.losses.core.reduce`). The loop computes the NLL with or without the full
+  logits (:mod:`mixtune.losses.logits`, ``train.logits``).
+- ``__call__(logits, labels, extra)``: the same from the full logits; :class:`Loss` defines it
+  as ``terms`` of their token losses. A loss that needs the logits themselves overrides it
+  instead of ``terms`` (and then always gets the full logits).
 - ``after_step(state)``: after each real optimizer step (never after a branch step): commit
   what the step measured, act on it (CADFT's rewriting).
 - ``diagnostics(state)``: at log steps; the dict is logged under ``"loss"`` when not empty.
@@ -30,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mixtune.losses.core import LossTerms
+from mixtune.losses.core import LossTerms, token_losses
 
 if TYPE_CHECKING:
     from mixtune.engine.state import TrainState
@@ -42,8 +47,11 @@ class Loss:
     Config = None
     """The options dataclass (``None``: the loss takes none); see :mod:`mixtune.registry`."""
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, extra=None) -> LossTerms:
+    def terms(self, nll: torch.Tensor, mask: torch.Tensor, extra=None) -> LossTerms:
         raise NotImplementedError
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, extra=None) -> LossTerms:
+        return self.terms(*token_losses(logits, labels), extra)
 
     def prepare(self, state: TrainState, batches: list[dict]) -> list[dict | None]:
         return [None] * len(batches)

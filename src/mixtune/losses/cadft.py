@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from mixtune.losses.base import Loss
-from mixtune.losses.core import IGNORE, LossTerms, sequence_mean, token_losses
-from mixtune.losses.dft import TokenProbStats, dft
+from mixtune.losses.core import IGNORE, LossTerms, sequence_mean
+from mixtune.losses.dft import TokenProbStats, dft_terms
 from mixtune.losses.generation import RewriterConfig
+from mixtune.losses.logits import token_nll
 from mixtune.losses.rewrite import RewriteConfig, Rewriter
 from mixtune.schema import check
 
@@ -146,9 +147,9 @@ class CADFT(Loss):
             self._add_stat(mu, math.sqrt(max(s[1] / max(s[2], 1.0) - mu * mu, 0.0)), device)
         return extras
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, extra=None) -> LossTerms:
+    def terms(self, nll: torch.Tensor, mask: torch.Tensor, extra=None) -> LossTerms:
         o = self.options
-        terms = dft(logits, labels)
+        terms = dft_terms(nll, mask)
         self.probs.add(terms.token_weights, terms.mask)
         if extra is None or o.stats == "micro_batch":
             c = sequence_mean(terms.per_token.detach(), terms.mask).double()  # (B,)
@@ -277,10 +278,7 @@ def _compatibility(state: TrainState, batch: dict) -> torch.Tensor:
     was_training = model.training
     model.eval()
     with torch.no_grad(), state.acc.autocast():
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits  # (B, T, V)
-        nll, mask = token_losses(logits, batch["labels"])
+        nll, mask = token_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     if was_training:
         model.train()
     return sequence_mean(nll, mask).double()

@@ -29,7 +29,11 @@ if TYPE_CHECKING:
 
 def dft(logits: torch.Tensor, labels: torch.Tensor) -> LossTerms:
     """Cross-entropy with token weights ``sg(p)``, ``p = exp(-nll)`` (0 on masked tokens)."""
-    nll, mask = token_losses(logits, labels)
+    return dft_terms(*token_losses(logits, labels))
+
+
+def dft_terms(nll: torch.Tensor, mask: torch.Tensor) -> LossTerms:
+    """:func:`dft` from per-token NLL and mask."""
     p = torch.exp(-nll.detach()) * mask  # (B, T-1), stop-gradient token probability
     return LossTerms(nll, mask, token_weights=p)
 
@@ -105,13 +109,11 @@ class DFT(Loss):
             return [None] * len(batches)
         return [{"scale": s} for s in micro_batch_scales(state, batches)]
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, extra=None) -> LossTerms:
-        terms = dft(logits, labels)
+    def terms(self, nll: torch.Tensor, mask: torch.Tensor, extra=None) -> LossTerms:
+        terms = dft_terms(nll, mask)
         self.probs.add(terms.token_weights, terms.mask)
         if extra is not None:
-            terms.sample_weights = torch.full(
-                (labels.shape[0],), extra["scale"], device=labels.device
-            )
+            terms.sample_weights = torch.full((mask.shape[0],), extra["scale"], device=mask.device)
         return terms
 
     def after_step(self, state: TrainState) -> None:

@@ -19,7 +19,8 @@ import torch
 from mixtune.data.tokenize import resolve_template
 from mixtune.errors import DataError
 from mixtune.eval.domains import normalize_answer
-from mixtune.losses.core import IGNORE, sequence_mean, token_losses
+from mixtune.losses.core import IGNORE, sequence_mean
+from mixtune.losses.logits import token_nll
 from mixtune.schema import check
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ class TargetGenerator:
                 lora=type(state.model_config.lora)(),
             )
             gtok = build.load_tokenizer(mcfg)
-            model = build.load_model(mcfg, gtok, state.seed, build.pick_dtype("auto"))
+            model = build.load_model(mcfg, gtok, state.seed, build.pick_dtype("auto", frozen=True))
             self._external = (model.to(state.acc.device).eval(), gtok)
         return self._external
 
@@ -198,8 +199,8 @@ def mean_nll(state: TrainState, model, ids: np.ndarray, labels: np.ndarray) -> f
     model.eval()
     device = state.acc.device
     with state.acc.autocast():
-        logits = model(input_ids=torch.as_tensor(ids, device=device)[None]).logits
-        nll, mask = token_losses(logits, torch.as_tensor(labels, device=device)[None])
+        input_ids = torch.as_tensor(ids, device=device)[None]
+        nll, mask = token_nll(model, input_ids, None, torch.as_tensor(labels, device=device)[None])
     if was_training:
         model.train()
     return float(sequence_mean(nll, mask)[0])

@@ -20,5 +20,5 @@ class SFT(Loss):
     def __init__(self, options=None):
         pass
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, extra=None) -> LossTerms:
-        return sft(logits, labels)
+    def terms(self, nll: torch.Tensor, mask: torch.Tensor, extra=None) -> LossTerms:
+        return LossTerms(nll, mask)

@@ -99,8 +99,12 @@ def _continual_run(raw: dict, overrides) -> RunConfig:
     cc = continual_config.load(data={k: v for k, v in raw.items() if k in known})
     mixer = MethodConfig(cc.mixer.name, dict(cc.mixer.params))
     stages = [stage_config(cc, (t.name,), 0, mixer) for t in cc.stages]
-    datasets = {d.name: d for s in stages for d in s.datasets}
-    evals = {e.name: e for s in stages for e in s.evals}
+    # each task's own data and domain first (in stage order), then what every stage shares
+    # (the safety buffer and domain)
+    datasets = {s.datasets[0].name: s.datasets[0] for s in stages}
+    datasets.update({d.name: d for s in stages for d in s.datasets[1:]})
+    evals = {s.evals[0].name: s.evals[0] for s in stages}
+    evals.update({e.name: e for s in stages for e in s.evals[1:]})
     return dataclasses.replace(
         stages[0], datasets=tuple(datasets.values()), evals=tuple(evals.values())
     )
@@ -286,9 +290,9 @@ def table(cfg: RunConfig, entries: list[Entry], color: bool = False) -> str:
     """The human-readable report: one row per dataset and domain, then the examples."""
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
     lines = [
-        f"tokenizer: {cfg.model.tokenizer or cfg.model.name_or_path} (no model weights loaded)"
-        f"   max_length: {cfg.train.max_length}   training batches of {micro} (eval: each "
-        "domain's batch_size), right-padded to the longest",
+        f"tokenizer: {cfg.model.tokenizer or cfg.model.name_or_path} (no model weights loaded)",
+        f"max_length: {cfg.train.max_length}; padding as in batches of {micro} (evaluation: "
+        "each domain's batch_size), right-padded to the longest",
         "",
         f"{'':<8} {'name':<16} {'format':<16} {'records':>8} {'used':>7} {'dropped':>7} "
         f"{'trunc':>6} {'p50':>5} {'p90':>5} {'p99':>5} {'max':>5} {'superv':>7} {'padding':>7}",

@@ -226,3 +226,17 @@ def test_report_says_what_it_is_plotting(tmp_path, caplog):
         caplog.messages[-1].startswith("report: ")
         and str(tmp_path / "report") in caplog.messages[-1]
     )
+
+
+def test_a_streaming_dataset_is_described_by_its_first_block(tmp_path, capsys):
+    from mixtune.data.streaming.dataset import CHUNK
+
+    recs = [{"prompt": f"{i}+1=", "response": str(i + 1)} for i in range(CHUNK + 44)]
+    data = write_jsonl(tmp_path / "d.jsonl", recs)
+    path = _config(tmp_path, [{"name": "s", "path": data, "streaming": True}])
+    (e,) = _inspect(capsys, str(path))["entries"]
+    assert (e["records"], e["selected"], e["streamed"]) == (CHUNK + 44, CHUNK, True)
+    _check_entry(e, 64)
+    assert cli.main(["inspect", str(path), "--no-color"]) == 0
+    assert "first block only" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()

@@ -126,9 +126,8 @@ def inspect_run(cfg: RunConfig, n_examples: int = 1) -> list[Entry]:
         raw[where] = (len(records), _format(records[0], src.format, src.fields))
 
     # Streams are opened below, on their own; domains.build reads the in-memory rest.
-    memory = dataclasses.replace(cfg, datasets=tuple(d for d in cfg.datasets if not d.streaming))
-    if not memory.datasets:  # RunConfig wants one; a stand-in nobody reads past validation
-        memory = _no_datasets(cfg)
+    in_memory = tuple(d for d in cfg.datasets if not d.streaming)
+    memory = dataclasses.replace(cfg, datasets=in_memory) if in_memory else _no_datasets(cfg)
     train, evals = data_domains.build(memory, tokenizer, on_records=seen)
     held = {t.name: t for t in train}
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
@@ -158,8 +157,8 @@ def inspect_run(cfg: RunConfig, n_examples: int = 1) -> list[Entry]:
 
 
 def _no_datasets(cfg: RunConfig):
-    """``cfg`` for :func:`~mixtune.data.domains.build` when every dataset streams: build reads
-    only these fields, and no dataset."""
+    """``cfg`` for :func:`~mixtune.data.domains.build` when every dataset streams (a RunConfig
+    needs one): build reads only these fields, as in :func:`mixtune.data.streaming.build`."""
     from types import SimpleNamespace
 
     return SimpleNamespace(
@@ -180,6 +179,7 @@ def _first_block(cfg: RunConfig, d, k: int, tokenizer) -> tuple[int, Tokenized]:
         labels=[r[1] for r in rows],
         prompt_len=[r[2] for r in rows],
         answers=[r[3] for r in rows],
+        # (a stream keeps no count: an example at exactly max_length is counted as cut)
         n_truncated=sum(len(r[0]) >= cfg.train.max_length for r in rows),
     )
     return s.size, data
@@ -306,8 +306,10 @@ def table(cfg: RunConfig, entries: list[Entry], color: bool = False) -> str:
             f"{e.supervised_share:>7.1%} {e.padding_share:>7.1%}"
         )
     notes = [
-        "records: in the source; used: examples kept after holdout, max_examples, evaluation "
-        "batches and dropping; superv: supervised / all tokens; padding: padded batch area"
+        "records: in the source; used: examples kept (after holdout, max_examples, evaluation "
+        "batches and dropping);",
+        "trunc: cut at max_length (dropped ones included); superv: supervised / all tokens; "
+        "padding: share of the padded batch area",
     ]
     if any(e.streamed for e in entries):
         notes.append("streaming datasets: used, lengths and shares are of the first block only")

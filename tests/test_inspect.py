@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -164,6 +165,20 @@ def test_colour_marks_in_a_terminal():
     assert inspection.render(runs, color=False) == "<|user|>\nhi\n<|assistant|>\n[[yo<|end|>]]"
     coloured = inspection.render(runs, color=True)
     assert coloured == f"<|user|>\nhi\n<|assistant|>\n{inspection.COLOR}yo<|end|>\033[0m"
+
+
+def test_colour_only_in_a_terminal_without_no_color(tmp_path, capsys, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", FORMATS["prompt_response"])
+    path = _config(tmp_path, [{"name": "d", "path": data}])
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert cli.main(["inspect", str(path)]) == 0
+    assert f"{inspection.COLOR}4<|end|>\n{inspection.RESET}" in capsys.readouterr().out
+    assert cli.main(["inspect", str(path), "--no-color"]) == 0
+    assert RENDERED["prompt_response"] in capsys.readouterr().out
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert cli.main(["inspect", str(path)]) == 0
+    assert RENDERED["prompt_response"] in capsys.readouterr().out
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys):

@@ -130,7 +130,8 @@ def inspect_data(args, s: Session) -> None:
     Per training dataset and evaluation domain: the record format detected, counts (records,
     examples used, dropped, truncated at train.max_length), token length percentiles, the
     share of supervised tokens, the share of each batch that would be padding, and rendered
-    examples with the supervised text marked (colour in a terminal, [[...]] otherwise). Loads
+    examples with the supervised text marked (colour in a terminal unless --no-color or NO_COLOR
+    is set, [[...]] otherwise). Loads
     only the tokenizer (no model weights) and writes nothing. Takes run configs, plan configs
     (their run:) and continual configs (every task of stages:).
     """
@@ -138,7 +139,7 @@ def inspect_data(args, s: Session) -> None:
 
     if args.examples < 0:
         raise ConfigError(f"--examples: must be >= 0, got {args.examples}")
-    cfg, _ = inspection.load_config(args.config, args.overrides)
+    cfg = inspection.load_config(args.config, args.overrides)
     entries = inspection.inspect_run(cfg, args.examples)
     if args.json:
         print(json.dumps(inspection.as_json(cfg, entries), indent=1))

@@ -65,11 +65,11 @@ class Entry:
     streamed: bool = False  # described by the stream's first block only
 
 
-def load_config(path: str | Path, overrides=()) -> tuple[RunConfig, str]:
-    """The run config to inspect in a run, plan or continual YAML, and which kind it was."""
+def load_config(path: str | Path, overrides=()) -> RunConfig:
+    """The run config to inspect in a run, plan or continual YAML."""
     raw = rawconfig.read_yaml(path)
     if "stages" in raw:
-        return _continual_run(raw, overrides), "continual"
+        return _continual_run(raw, overrides)
     if "run" in raw and "datasets" not in raw:
         raw = copy.deepcopy(raw)
         if isinstance(raw["run"], str):  # a path, relative to the plan file when not found
@@ -81,8 +81,8 @@ def load_config(path: str | Path, overrides=()) -> tuple[RunConfig, str]:
             rawconfig.apply_override(raw, item)
         if not isinstance(raw["run"], dict):
             raise ConfigError("run: must be a train YAML path or an inline run config")
-        return config_mod.load(data=raw["run"]), "plan"
-    return config_mod.load(path, overrides), "run"
+        return config_mod.load(data=raw["run"])
+    return config_mod.load(path, overrides)
 
 
 def _continual_run(raw: dict, overrides) -> RunConfig:

@@ -61,8 +61,8 @@ def build(
 ) -> tuple[list[TrainSet], list[EvalDomain]]:
     """Read, split, budget and tokenise every dataset and evaluation domain.
 
-    Each tokenised dataset and domain gets an INFO line (examples, time): on a real dataset
-    this is the long silent part before training starts. ``on_records`` is for tools that
+    Each tokenised training dataset gets an INFO line (examples, time): on a real dataset this
+    is the long silent part before training starts. ``on_records`` is for tools that
     describe the raw data (``mixtune inspect``: format and record counts) without reading it
     a second time.
     """
@@ -149,7 +149,9 @@ def _perm(seed: int, name: str, n: int) -> np.ndarray:
 
 
 def _report(tok: Tokenized, where: str, max_len: int, seconds: float) -> None:
-    log.info("%s: %d examples tokenised in %.1f s", where, len(tok), seconds)
+    # Training datasets are the big ones; evaluation domains hold a few batches (DEBUG).
+    level = logging.INFO if where.startswith("datasets.") else logging.DEBUG
+    log.log(level, "%s: %d examples tokenised in %.1f s", where, len(tok), seconds)
     if tok.n_truncated:
         log.warning(
             "%s: %d of %d examples truncated to max_length=%d",

@@ -74,12 +74,13 @@ def from_probes(
     S, S_se = np.zeros((M, K)), np.zeros((M, K))
     for j in range(K):
         log.info(
-            "dynamics: step %d, probing %d/%d: %s (%d steps)",
+            "dynamics: step %d, probing %d/%d: %s (%d step%s)",
             ctx.step,
             j + 1,
             K,
             ctx.datasets[j].name,
             c,
+            "" if c == 1 else "s",
         )
         after = ctx.probe(j, c, batches, accuracy=accuracy, per_example=True)
         for i, d in enumerate(domains):

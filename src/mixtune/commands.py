@@ -131,9 +131,8 @@ def inspect_data(args, s: Session) -> None:
     examples used, dropped, truncated at train.max_length), token length percentiles, the
     share of supervised tokens, the share of each batch that would be padding, and rendered
     examples with the supervised text marked (colour in a terminal unless --no-color or NO_COLOR
-    is set, [[...]] otherwise). Loads
-    only the tokenizer (no model weights) and writes nothing. Takes run configs, plan configs
-    (their run:) and continual configs (every task of stages:).
+    is set, [[...]] otherwise). Loads only the tokenizer (no model weights) and writes nothing.
+    Takes run configs, plan configs (their run:) and continual configs (every task of stages:).
     """
     from mixtune import inspection
 

@@ -63,6 +63,22 @@ COMMANDS: dict[str, Command] = {
     "report": Command(
         commands.report, [arg("run_dir", help="a run directory (holding metrics.jsonl)")]
     ),
+    "inspect": Command(
+        commands.inspect_data,
+        [
+            arg("config", help="run, plan or continual YAML (see configs/)"),
+            overrides(),
+            arg(
+                "--examples",
+                type=int,
+                default=1,
+                metavar="N",
+                help="rendered examples per dataset and domain (default 1)",
+            ),
+            arg("--no-color", action="store_true", help="mark supervised text with [[...]]"),
+            arg("--json", action="store_true", help="print JSON instead of a table"),
+        ],
+    ),
     "plan": Command(
         commands.plan,
         [

@@ -124,6 +124,29 @@ def report(args, s: Session) -> None:
     print(write_report(copy))
 
 
+def inspect_data(args, s: Session) -> None:
+    """show what the data of a config looks like to the model, before training
+
+    Per training dataset and evaluation domain: the record format detected, counts (records,
+    examples used, dropped, truncated at train.max_length), token length percentiles, the
+    share of supervised tokens, the share of each batch that would be padding, and rendered
+    examples with the supervised text marked (colour in a terminal unless --no-color or NO_COLOR
+    is set, [[...]] otherwise). Loads only the tokenizer (no model weights) and writes nothing.
+    Takes run configs, plan configs (their run:) and continual configs (every task of stages:).
+    """
+    from mixtune import inspection
+
+    if args.examples < 0:
+        raise ConfigError(f"--examples: must be >= 0, got {args.examples}")
+    cfg = inspection.load_config(args.config, args.overrides)
+    entries = inspection.inspect_run(cfg, args.examples)
+    if args.json:
+        print(json.dumps(inspection.as_json(cfg, entries), indent=1))
+        return
+    color = sys.stdout.isatty() and not args.no_color and "NO_COLOR" not in os.environ
+    print(inspection.table(cfg, entries, color))
+
+
 def plan(args, s: Session) -> None:
     """offline mixture search: mergemix (experts -> merge weights -> a YAML)
 

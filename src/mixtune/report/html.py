@@ -13,12 +13,15 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 from pathlib import Path
 
 import yaml
 
 from mixtune.engine.rundir import read_metrics
 from mixtune.report import plots
+
+log = logging.getLogger(__name__)
 
 TAGGED = ("target", "constraint")  # evaluation roles tagged in heatmap rows (T, C)
 
@@ -31,6 +34,10 @@ def write_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | No
     out.mkdir(exist_ok=True)
     summary = _load_json(run / "summary.json")
     references = (summary or {}).get("references") or {}
+    # Plotting is the slow part (seconds per figure with matplotlib): say where it is.
+    log.info(
+        "report: %d records read; plotting weights, evaluation and training curves", len(records)
+    )
 
     figures: list[tuple[str, Path | None]] = [
         ("Mixture weights", plots.weights(records, out / "weights.png")),
@@ -48,6 +55,7 @@ def write_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | No
     ]
     tags = {d: role[0].upper() for d, role in _roles(run).items() if role in TAGGED}
     for section in ("mixer", "loss"):
+        log.info("report: plotting what the %s logged", section)
         for i, (key, (step, matrix)) in enumerate(plots.matrices(records, section).items()):
             title = f"{section}: {key} at step {step} (latest)"
             path = out / f"{section}_matrix_{i:02d}.png"
@@ -78,6 +86,7 @@ def write_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | No
         + "</body></html>"
     )
     (out / "index.html").write_text(page)
+    log.info("report: %d figures written to %s", sum(p is not None for _, p in figures), out)
     return out / "index.html"
 
 

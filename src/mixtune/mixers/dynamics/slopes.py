@@ -14,12 +14,16 @@ constraint.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from mixtune.errors import MixtuneError
 from mixtune.eval.constraints import loss_like, native
 from mixtune.eval.domains import loss_se, mean_se
 from mixtune.mixers.base import DomainInfo, MixContext
+
+log = logging.getLogger(__name__)
 
 
 def value(m: dict, d: DomainInfo) -> float:
@@ -62,10 +66,22 @@ def from_probes(
 ) -> tuple[np.ndarray, np.ndarray]:
     """S and its standard errors, (M, K) each, from one probe of ``c`` steps per dataset:
     S_ij = (L_i after − L_i now) / c, with ``now`` the anchors' evaluation and ``L`` their
-    values; each probe evaluates ``batches`` batches per domain, the anchors' examples."""
+    values; each probe evaluates ``batches`` batches per domain, the anchors' examples.
+
+    The probes are the long silent part of an update (K short training runs, each followed by
+    an evaluation): each says which dataset it is on, so a slow update shows where it is."""
     M, K = len(domains), n_datasets
     S, S_se = np.zeros((M, K)), np.zeros((M, K))
     for j in range(K):
+        log.info(
+            "dynamics: step %d, probing %d/%d: %s (%d step%s)",
+            ctx.step,
+            j + 1,
+            K,
+            ctx.datasets[j].name,
+            c,
+            "" if c == 1 else "s",
+        )
         after = ctx.probe(j, c, batches, accuracy=accuracy, per_example=True)
         for i, d in enumerate(domains):
             S[i, j] = (value(after[d.name], d) - L[i]) / c

@@ -33,7 +33,7 @@ from mixtune import config as config_mod
 from mixtune import rawconfig
 from mixtune.config import MethodConfig, RunConfig
 from mixtune.data import domains as data_domains
-from mixtune.data.formats import detect
+from mixtune.data.formats import detect, rename_fields
 from mixtune.data.tokenize import IGNORE, Tokenized, resolve_template
 from mixtune.errors import ConfigError
 
@@ -190,11 +190,7 @@ def _format(first: dict, fmt: str, fields: dict | None) -> str:
     one, or the one detected from the first record after ``fields`` renames it."""
     if fmt != "auto":
         return fmt
-    rec = dict(first)
-    for target, source in (fields or {}).items():
-        if source in rec:
-            rec[target] = rec.pop(source)
-    return detect(rec)
+    return detect(rename_fields(first, fields) if fields else first)
 
 
 def _entry(

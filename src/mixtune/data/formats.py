@@ -83,7 +83,7 @@ def normalize(
     if not records:
         raise DataError(f"{where}: no records; the source is empty")
     if fields:
-        records = [_rename(r, fields) for r in records]
+        records = [rename_fields(r, fields) for r in records]
     detected = fmt == "auto"
     if detected:
         fmt = detect(records[0])
@@ -126,7 +126,7 @@ def normalize(
     return out
 
 
-def _rename(rec: dict, fields: dict) -> dict:
+def rename_fields(rec: dict, fields: dict) -> dict:
     rec = dict(rec)
     for target, source in fields.items():
         if source in rec:

@@ -105,6 +105,15 @@ COMMANDS: dict[str, Command] = {
             overrides(),
         ],
     ),
+    "configs": Command(
+        commands.configs,
+        [
+            arg("name", nargs="?", help="an example to copy out (default: list them)"),
+            arg(
+                "dest", nargs="?", help="where to copy it (a file or directory; default NAME.yaml)"
+            ),
+        ],
+    ),
     "convert-gguf": Command(
         commands.convert_gguf,
         [

@@ -602,8 +602,7 @@ def _drop_stale_options(
     new_name = node.get("name", old_name)
     if new_name == old_name or not isinstance(new_name, str) or new_name not in reg:
         return
-    options_cls = getattr(reg[new_name], "Config", None)
-    known = {f.name for f in dataclasses.fields(options_cls)} if options_cls else set()
+    known = reg.option_names(new_name, section)
     dropped = sorted(
         k for k in file_keys & set(node) if k not in known and f"{section}.{k}" not in overridden
     )

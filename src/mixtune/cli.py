@@ -50,7 +50,10 @@ def overrides(what: str = "applied to the YAML", example: str = "") -> tuple[tup
 COMMANDS: dict[str, Command] = {
     "train": Command(
         commands.train,
-        [arg("config", help="YAML config (see configs/ and the README's reference)"), overrides()],
+        [
+            arg("config", help="YAML config (examples: mixtune configs; the README's reference)"),
+            overrides(),
+        ],
     ),
     "eval": Command(
         commands.evaluate,

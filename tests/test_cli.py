@@ -74,7 +74,7 @@ def _case(name, raw, data_dir, tmp_path):
         return raw, ["mixer.name=doremi"], "unknown mixer 'doremi'"
     if name == "bad_model_path":
         raw["model"] = {"name_or_path": str(tmp_path / "no-model"), "tokenizer": "byte"}
-        return raw, [], "model.name_or_path: cannot load"
+        return raw, [], "model.name_or_path: no such directory"
     if name == "not_a_number_lr":
         return raw, ["train.lr=.nan"], "train.lr: expected a number, got NaN"
     raise AssertionError(name)

@@ -132,7 +132,7 @@ def _cases(root: Path) -> list[Case]:  # noqa: C901  (one flat list is the clear
         ("train.batch_size=[8]", "train.batch_size: expected an integer"),
         ("train.lr=fast", "train.lr: expected a number"),
         ("train.lr=true", "train.lr: expected a number"),
-        ("max_steps=2.5", "max_steps: expected an integer"),
+        ("max_steps=2.5", "max_steps: expected int or null"),
         ("seed=x", "seed: expected an integer"),
         ("progress=maybe", "progress: expected true or false"),
         ("datasets=add.jsonl", "datasets: expected a list"),

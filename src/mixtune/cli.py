@@ -50,7 +50,10 @@ def overrides(what: str = "applied to the YAML", example: str = "") -> tuple[tup
 COMMANDS: dict[str, Command] = {
     "train": Command(
         commands.train,
-        [arg("config", help="YAML config (see configs/ and the README's reference)"), overrides()],
+        [
+            arg("config", help="YAML config (examples: mixtune configs; the README's reference)"),
+            overrides(),
+        ],
     ),
     "eval": Command(
         commands.evaluate,
@@ -119,6 +122,15 @@ COMMANDS: dict[str, Command] = {
             arg("action", choices=["learn", "run"], help="learn a controller, or run"),
             arg("config", help="continual YAML (with stages:), e.g. configs/proxymix.yaml"),
             overrides(),
+        ],
+    ),
+    "configs": Command(
+        commands.configs,
+        [
+            arg("name", nargs="?", help="an example to copy out (default: list them)"),
+            arg(
+                "dest", nargs="?", help="where to copy it (a file or directory; default NAME.yaml)"
+            ),
         ],
     ),
     "convert-gguf": Command(

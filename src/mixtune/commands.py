@@ -239,6 +239,29 @@ def convert_gguf(args, s: Session) -> None:
     print(f"saved: {build.convert_gguf(args.src, args.file, args.out_dir, args.dtype)}")
 
 
+def configs(args, s: Session) -> None:
+    """list the example configs shipped with mixtune, or copy one out
+
+    Without NAME: every example config shipped in the package, with a line about each. With
+    NAME (e.g. static): copy that example to DEST (a file, or a directory; default NAME.yaml
+    here) to edit it. `mixtune train configs/NAME.yaml` also reads the shipped copy when there
+    is no configs/ folder where it runs.
+    """
+    from mixtune import configs as shipped
+
+    if args.name is None:
+        examples = shipped.examples()
+        width = max(map(len, examples))
+        for name, path in examples.items():
+            print(f"{name:<{width}}  {shipped.describe(path, 98 - width)}")
+        print(
+            "\nmixtune configs NAME [DEST] copies one out; each file's header says how to run "
+            "it\n(configs/NAME.yaml in a mixtune command finds the shipped copy from any directory)"
+        )
+        return
+    print(f"wrote {shipped.copy_out(args.name, args.dest)}")
+
+
 def _print_eval(result: dict, infos, source: str | None = None) -> None:
     if not result:
         return

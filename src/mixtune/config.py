@@ -12,6 +12,14 @@ are parsed once, at load, into the ``Config`` class the method declares in its o
 when it is asked for, so this module imports no method. The same load checks that ``mixtune
 train`` can give each method what it ``requires`` (:func:`train_lacks`).
 
+Config hygiene at load, so that a habit from another tool fails at once and says what to write:
+an unknown key names the closest allowed one, and the TRL / transformers spellings of mixtune's
+keys (:data:`SPELLINGS`) say which key they are here; ``~`` and ``$VAR`` expand in every path
+field (an unset variable is an error); a trainer in ``report_to`` must be installed; a local-looking
+``model.name_or_path`` must exist. ``mixer.name=<other>`` on the command line drops the file's
+options the new mixer does not take, with a notice (the same for ``loss``). ``train.epochs``
+becomes a ``max_steps`` once the data is loaded (:func:`resolve_epochs`).
+
 One file, longer than most: it is the whole user-facing schema of a run, every field with its
 documentation, read top to bottom by users and by ``mixtune`` alike; split, it would scatter
 one reference page over several.
@@ -20,10 +28,14 @@ one reference page over several.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import logging
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 
@@ -31,7 +43,73 @@ from mixtune import registry
 from mixtune.errors import ConfigError
 from mixtune.rawconfig import apply_override, read_yaml
 from mixtune.registry import LOSSES, MIXERS
-from mixtune.schema import MethodConfig, build, check, check_name, copy_raw, to_dict, unique
+from mixtune.schema import (
+    DEFAULT_METHODS,
+    MethodConfig,
+    build,
+    check,
+    check_name,
+    copy_raw,
+    expand_path,
+    to_dict,
+    unique,
+)
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# Other tools' spellings
+
+SPELLINGS: dict[str, tuple[str, str]] = {
+    "learning_rate": ("train.lr", ""),
+    "per_device_train_batch_size": (
+        "train.micro_batch_size",
+        "the examples of one forward pass on one device; but mixtune's batch is "
+        "train.batch_size, the global batch of one optimizer step over all devices and "
+        "accumulation steps",
+    ),
+    "gradient_accumulation_steps": (
+        "train.batch_size",
+        "mixtune sets no accumulation count: train.batch_size is the global batch of one "
+        "optimizer step, train.micro_batch_size the examples of one forward pass per process, "
+        "and accumulation = batch_size / (micro_batch_size x processes)",
+    ),
+    "num_train_epochs": ("train.epochs", ""),
+    "num_epochs": ("train.epochs", "num_epochs is the axolotl name"),
+    "max_seq_length": ("train.max_length", ""),
+    "model_max_length": ("train.max_length", ""),
+    "cutoff_len": ("train.max_length", "cutoff_len is the LLaMA-Factory name"),
+    "sequence_len": ("train.max_length", "sequence_len is the axolotl name"),
+    "bf16": ("model.dtype", "mixtune sets the parameter dtype: model.dtype: bfloat16"),
+    "fp16": ("model.dtype", "mixtune has no fp16 training; model.dtype: auto, float32 or bfloat16"),
+    "torch_dtype": ("model.dtype", ""),
+    "logging_steps": ("train.log_every", ""),
+    "save_steps": ("train.save_every", ""),
+    "eval_steps": ("train.eval_every", ""),
+    "eval_strategy": ("train.eval_every", "mixtune evaluates every train.eval_every steps"),
+    "evaluation_strategy": ("train.eval_every", "mixtune evaluates every train.eval_every steps"),
+    "save_strategy": ("train.save_every", "mixtune saves every train.save_every steps"),
+    "save_total_limit": ("train.keep_checkpoints", ""),
+    "lr_scheduler_type": ("train.schedule", "mixtune's schedules: constant, linear, cosine"),
+    "adam_beta1": ("train.betas", "train.betas is the pair [beta1, beta2]"),
+    "adam_beta2": ("train.betas", "train.betas is the pair [beta1, beta2]"),
+    "adam_epsilon": ("train.adam_eps", ""),
+    "model_name_or_path": ("model.name_or_path", ""),
+    "tokenizer_name_or_path": ("model.tokenizer", ""),
+    "tokenizer_name": ("model.tokenizer", ""),
+    "use_peft": ("model.lora.enabled", ""),
+    "lora_r": ("model.lora.r", ""),
+    "lora_alpha": ("model.lora.alpha", ""),
+    "lora_dropout": ("model.lora.dropout", ""),
+    "lora_target_modules": ("model.lora.target_modules", ""),
+    "resume_from_checkpoint": ("resume", ""),
+    "loss_type": ("loss.name", "mixtune's losses: sft, dft, cadft"),
+    "dataset_name": ("datasets", "each datasets entry has a name and a path"),
+}
+"""Other tools' names for mixtune's keys (transformers ``TrainingArguments``, TRL, axolotl,
+LLaMA-Factory): an unknown key found here is answered with ``did you mean <mixtune key>?`` and,
+where the meaning differs, how. Keys of another mixtune section (``warmup_steps`` at the top
+level, ``seed`` under ``train``) are added below the schema."""
 
 # --------------------------------------------------------------------------------------------
 # The schema
@@ -48,6 +126,8 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: str | tuple[str, ...] = "all-linear"
     """Module names to adapt, or ``all-linear``."""
+
+    SPELLINGS: ClassVar[dict] = SPELLINGS
 
     def __post_init__(self):
         check(1 <= self.r <= 2**16, "model.lora.r", "must be in [1, 65536] (usually 4-64)", self.r)
@@ -76,7 +156,11 @@ class ModelConfig:
     ``bfloat16`` = pure bf16 weights, trained ones included (no master copy)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
+    SPELLINGS: ClassVar[dict] = SPELLINGS
+
     def __post_init__(self):
+        for key in ("name_or_path", "tokenizer"):
+            _expand(self, key, f"model.{key}")
         if self.gguf_file is not None:
             check(
                 bool(self.gguf_file.strip()),
@@ -123,6 +207,7 @@ class DatasetConfig:
 
     def __post_init__(self):
         check_name(self.name, "datasets[].name")
+        _expand(self, "path", f"datasets.{self.name}.path")
         check(
             self.shuffle_buffer >= 0,
             f"datasets.{self.name}.shuffle_buffer",
@@ -182,6 +267,7 @@ class EvalConfig:
     def __post_init__(self):
         check_name(self.name, "evals[].name")
         where = f"evals.{self.name}"
+        _expand(self, "path", f"{where}.path")
         if (self.path is None) == (self.from_dataset is None):
             raise ConfigError(f"{where}: give exactly one of 'path' or 'from_dataset'")
         check(
@@ -269,9 +355,22 @@ class TrainConfig:
     ``skipped_nonfinite``)."""
     max_nonfinite: int = 10
     """With ``nonfinite: skip``: stop after this many consecutive skipped steps."""
+    epochs: float | None = None
+    """Run length in passes over the training data, instead of ``max_steps``: max_steps =
+    ceil(epochs x N / batch_size), N = the training examples of all datasets together (after
+    ``max_examples`` and held-out examples). Resolved once the data is loaded and saved as
+    ``max_steps`` in the run's config.yaml (:func:`resolve_epochs`)."""
+
+    SPELLINGS: ClassVar[dict] = SPELLINGS
 
     def __post_init__(self):
         check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
+        check(
+            self.epochs is None or 0 < self.epochs < math.inf,
+            "train.epochs",
+            "must be finite and > 0 (or null)",
+            self.epochs,
+        )
         check(self.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1", self.max_nonfinite)
         check(
             self.micro_batch_size is None or self.micro_batch_size >= 1,
@@ -324,8 +423,8 @@ class RunConfig:
     output_dir: str = "runs/mixtune"
     """Run directory: config, metrics.jsonl, checkpoints, report."""
     seed: int = 0
-    max_steps: int = 100
-    """Optimizer steps."""
+    max_steps: int | None = None
+    """Optimizer steps (default 100); or give ``train.epochs`` instead, not both."""
     resume: str = "auto"
     """``auto``: continue from the latest intact checkpoint in output_dir if any; ``never``:
     refuse to reuse a directory that has checkpoints; or a checkpoint path. A resume must be the
@@ -344,8 +443,24 @@ class RunConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    SPELLINGS: ClassVar[dict] = SPELLINGS
+
     def __post_init__(self):
-        check(self.max_steps >= 1, "max_steps", "must be >= 1", self.max_steps)
+        if self.max_steps is not None and self.train.epochs is not None:
+            raise ConfigError(
+                "max_steps and train.epochs: give one of them (the run length in steps, or in "
+                "passes over the training data), not both"
+            )
+        if self.max_steps is None and self.train.epochs is None:
+            object.__setattr__(self, "max_steps", DEFAULT_MAX_STEPS)
+        check(
+            self.max_steps is None or self.max_steps >= 1,
+            "max_steps",
+            "must be >= 1",
+            self.max_steps,
+        )
+        _expand(self, "output_dir", "output_dir")
+        _expand(self, "resume", "resume")
         check(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)", self.seed)
         check(
             bool(self.output_dir.strip()) and "\0" not in self.output_dir,
@@ -386,6 +501,34 @@ class RunConfig:
             )
 
 
+DEFAULT_MAX_STEPS = 100
+
+# A key of another section written where it does not belong: say where it goes.
+SPELLINGS.update(
+    {
+        f.name: (f"train.{f.name}", f"{f.name} is a train setting")
+        for f in dataclasses.fields(TrainConfig)
+    }
+)
+SPELLINGS.update(
+    {
+        f.name: (f"model.{f.name}", f"{f.name} is a model setting")
+        for f in dataclasses.fields(ModelConfig)
+    }
+)
+SPELLINGS.update(
+    {f.name: (f.name, f"{f.name} is a top-level key") for f in dataclasses.fields(RunConfig)}
+)
+
+
+def _expand(obj, key: str, where: str) -> None:
+    """Expand ``~`` and environment variables in the path field ``key`` of the frozen config
+    ``obj``, in place (``__post_init__``)."""
+    value = getattr(obj, key)
+    if isinstance(value, str):
+        object.__setattr__(obj, key, expand_path(value, where))
+
+
 # --------------------------------------------------------------------------------------------
 # Loading and overrides
 
@@ -399,13 +542,48 @@ def load(
     if data is None:
         data = read_yaml(path) if path is not None else {}
     raw = copy_raw(data)
+    written = {s: _method_section(raw.get(s), s) for s in ("mixer", "loss")}
     for item in overrides:
         apply_override(raw, item)
+    overridden = {item.partition("=")[0].strip() for item in overrides}
+    for section, reg in (("mixer", MIXERS), ("loss", LOSSES)):
+        _drop_stale_options(raw, section, reg, written[section], overridden)
+    _drop_replaced_length(raw, overridden)
     return from_dict(raw)
 
 
 def from_dict(raw: dict) -> RunConfig:
-    return _validate_methods(build(RunConfig, raw, ""))
+    cfg = _validate_methods(build(RunConfig, raw, ""))
+    _check_trackers(cfg.report_to)
+    _check_local_model(cfg.model)
+    return cfg
+
+
+def resolve_epochs(cfg: RunConfig, sizes: list[int]) -> RunConfig:
+    """``cfg`` with ``train.epochs`` turned into ``max_steps`` (unchanged without epochs).
+
+    ``sizes``: the number of training examples of each dataset, as loaded (after
+    ``max_examples`` and held-out examples). One epoch is N = sum(sizes) examples drawn, N /
+    batch_size steps: under the mixture's initial weights, a pass over the data in expectation
+    when they are proportional to the sizes (the default mixer); other weights draw some datasets
+    more often than others. The result is ``max_steps = ceil(epochs * N / batch_size)`` with
+    ``train.epochs`` cleared, so the run's saved config holds the exact length a resume uses.
+    """
+    epochs = cfg.train.epochs
+    if epochs is None:
+        return cfg
+    total = int(sum(sizes))
+    steps = max(1, math.ceil(epochs * total / cfg.train.batch_size))
+    log.info(
+        "train.epochs=%g: %d training examples at train.batch_size=%d -> max_steps=%d",
+        epochs,
+        total,
+        cfg.train.batch_size,
+        steps,
+    )
+    return dataclasses.replace(
+        cfg, max_steps=steps, train=dataclasses.replace(cfg.train, epochs=None)
+    )
 
 
 def save(cfg: RunConfig, path: str | Path) -> None:
@@ -414,6 +592,99 @@ def save(cfg: RunConfig, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(path)
+
+
+def _method_section(section, where: str) -> tuple[str | None, set]:
+    """``(name, option keys)`` of a raw mixer/loss section as written in the file."""
+    if isinstance(section, str):
+        return section, set()
+    if not isinstance(section, dict):
+        return DEFAULT_METHODS.get(where), set()
+    name = section.get("name", DEFAULT_METHODS.get(where))
+    return name, set(section) - {"name"}
+
+
+def _drop_stale_options(
+    raw: dict, section: str, reg: registry.Registry, written: tuple, overridden: set
+) -> None:
+    """After ``<section>.name=<other>`` on the command line, drop the options written in the
+    file for the first method that the new one does not take, with a one-line notice: switching
+    method from the command line should not need the file edited. Options given as overrides,
+    and any option of a method named in the file itself, are still checked (an unknown key)."""
+    old_name, file_keys = written
+    node = raw.get(section)
+    if not isinstance(node, dict) or not file_keys:
+        return
+    new_name = node.get("name", old_name)
+    if new_name == old_name or not isinstance(new_name, str) or new_name not in reg:
+        return
+    known = reg.option_names(new_name, section)
+    dropped = sorted(
+        k for k in file_keys & set(node) if k not in known and f"{section}.{k}" not in overridden
+    )
+    for k in dropped:
+        node.pop(k, None)
+    if dropped:
+        log.warning(
+            "%s: dropped options %s not used by %s '%s'", section, dropped, reg.kind, new_name
+        )
+
+
+def _drop_replaced_length(raw: dict, overridden: set) -> None:
+    """``train.epochs=N`` on the command line replaces the file's ``max_steps``, and
+    ``max_steps=N`` the file's ``train.epochs`` (one notice line), instead of failing on
+    both being set; given both on the command line, they still fail."""
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    given = {"max_steps": raw.get("max_steps"), "train.epochs": train.get("epochs")}
+    for new, old in (("train.epochs", "max_steps"), ("max_steps", "train.epochs")):
+        if new in overridden and old not in overridden and None not in (given[new], given[old]):
+            (train if old == "train.epochs" else raw).pop(old.removeprefix("train."))
+            log.warning(
+                "%s: dropped (%s from the file), %s=%s given", old, given[old], new, given[new]
+            )
+
+
+def _check_trackers(report_to: tuple[str, ...]) -> None:
+    """Every tracker in ``report_to`` must be installed: accelerate would only warn and run
+    without logging anything there."""
+    for name in report_to:
+        modules = ("tensorboard", "tensorboardX") if name == "tensorboard" else (name,)
+        if not any(_installed(m) for m in modules):
+            raise ConfigError(
+                f"report_to: '{name}' is not installed; pip install {name} "
+                f"(or remove it from report_to)"
+            )
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+_HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model or tokenizer name is meant as a local path, not a hub ``org/name``:
+    it starts with ``/``, ``./``, ``../`` or ``~``, or holds a path separator without being of
+    the form ``org/name``."""
+    if name.startswith(("/", "./", "../", "~", "." + os.sep, ".." + os.sep)):
+        return True
+    seps = [c for c in (os.sep, os.altsep) if c]
+    return any(c in name for c in seps) and not _HUB_ID.fullmatch(name)
+
+
+def _check_local_model(model: ModelConfig) -> None:
+    """A local-looking ``model.name_or_path`` / ``model.tokenizer`` must exist; otherwise
+    transformers would take it for a hub name and retry the hub for a minute."""
+    names = [("model.tokenizer", model.tokenizer)]
+    if model.config is None or model.tokenizer is None:  # else name_or_path is not read
+        names.append(("model.name_or_path", model.name_or_path))
+    for where, name in names:
+        if name and looks_local(name) and not Path(name).exists():
+            raise ConfigError(f"{where}: no such directory: {name}")
 
 
 def _validate_methods(cfg: RunConfig) -> RunConfig:

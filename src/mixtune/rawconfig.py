@@ -1,31 +1,81 @@
 """The raw config mapping, before it is typed: a YAML file read safely, dotted overrides.
 
-``read_yaml(path)`` loads a config file's top-level mapping (refusing YAML aliases that expand
-to something huge or self-containing, :func:`check_expanded_size`); ``apply_override(raw,
+``read_yaml(path)`` loads a config file's top-level mapping (refusing a key written twice in one
+mapping, :class:`ConfigLoader`, and YAML aliases that expand to something huge or
+self-containing, :func:`check_expanded_size`; a ``configs/<name>.yaml`` that is not there is
+read from the examples shipped in the package, :mod:`mixtune.configs`); ``apply_override(raw,
 "train.lr=5e-5")`` sets one dotted key in it (list entries by index or by ``name``).
 :func:`mixtune.schema.build` then types and validates the result.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.constructor import ConstructorError
+from yaml.nodes import MappingNode
 
+from mixtune import configs
 from mixtune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping.
+
+    Plain ``safe_load`` keeps the last value, so a second ``train:`` block silently replaces the
+    first. Merge keys (``<<: *defaults``) still work, and a key given both by a merge and
+    explicitly takes the explicit value, as YAML says.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node: MappingNode) -> None:
+        # construct_mapping flattens first, and flattening is what mutates a mapping (it
+        # prepends the merged keys, also into the mappings merged from): so a mapping's keys
+        # are checked here, as written, the first time it is flattened.
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first
+                except TypeError:  # an unhashable (complex) key: construct_mapping refuses it
+                    continue
+                if seen:
+                    raise ConstructorError(
+                        problem=f"duplicate key {key!r} (first given on line {first[key]})",
+                        problem_mark=key_node.start_mark,
+                    )
+                first[key] = key_node.start_mark.line + 1
+        super().flatten_mapping(node)
 
 
 def read_yaml(path: str | Path) -> dict:
     """The top-level mapping of a YAML config file (empty for an empty file); ConfigError for
-    a missing file, a directory, non-UTF-8 text, invalid YAML or a non-mapping top level."""
+    a missing file, a directory, non-UTF-8 text, invalid YAML, a duplicate key or a
+    non-mapping top level. A missing ``configs/<name>.yaml`` (the README's examples, run from
+    outside the repository) is read from the copy shipped in the package, with a log line."""
     p = Path(path)
+    shipped = configs.shipped_copy(p)
+    if shipped is not None:
+        log.info("%s: not here; using the example shipped with mixtune (%s)", p, shipped)
+        p = shipped
     if p.is_dir():
         raise ConfigError(f"config file {p} is a directory; give a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_bytes().decode("utf-8-sig"))
+        data = yaml.load(p.read_bytes().decode("utf-8-sig"), Loader=ConfigLoader)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:

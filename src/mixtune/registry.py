@@ -21,6 +21,7 @@ which it lacks and why (:func:`check`), so no shared module ever names a method.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Iterator, Mapping, MutableMapping
 
@@ -82,6 +83,11 @@ class Registry(MutableMapping):
                 f"{section}.name: unknown {self.kind} '{name}'; registered: {sorted(self)}"
             )
         return self[name]
+
+    def option_names(self, name: str, section: str) -> set[str]:
+        """The options the method ``name`` takes (the fields of its ``Config``; none without)."""
+        options_cls = getattr(self.get_class(name, section), "Config", None)
+        return {f.name for f in dataclasses.fields(options_cls)} if options_cls else set()
 
     def options(self, cfgm: MethodConfig, section: str):
         """The method's validated options dataclass (None when it takes no options)."""

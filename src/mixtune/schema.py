@@ -9,6 +9,11 @@
   from a config dataclass's ``__post_init__``: every message reads ``"<field>: <rule>, got
   <value>"``.
 - ``to_dict`` turns configs back into plain data.
+- ``expand_path(value, where)`` expands ``~`` and ``$VAR`` / ``${VAR}`` in a path field.
+
+An unknown key's error suggests the closest allowed key (``train.lrr`` -> ``train.lr``), and a
+config dataclass may list other tools' spellings of its keys in a ``SPELLINGS`` class variable
+(``{"learning_rate": ("train.lr", "")}``), which the error then explains.
 
 Reading the YAML file and applying ``key=value`` overrides is :mod:`mixtune.rawconfig`.
 """
@@ -16,7 +21,10 @@ Reading the YAML file and applying ``key=value`` overrides is :mod:`mixtune.rawc
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import os
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -65,9 +73,7 @@ def build(cls, raw: Any, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in raw if k not in fields]
     if unknown:
-        raise ConfigError(
-            f"{_join(where, unknown[0])}: unknown key; allowed keys are {sorted(fields)}"
-        )
+        raise ConfigError(_unknown_key(cls, where, unknown[0], sorted(fields)))
     kwargs = {}
     for name, f in fields.items():
         if name in raw:
@@ -75,6 +81,46 @@ def build(cls, raw: Any, where: str):
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(where, name)}: required key is missing")
     return cls(**kwargs)
+
+
+def _unknown_key(cls, where: str, key: Any, allowed: list[str]) -> str:
+    """The one-line error for an unknown ``key`` of section ``where``: the mixtune key when
+    ``cls.SPELLINGS`` knows ``key`` as another tool's spelling (with what differs, if anything),
+    else the closest allowed key (difflib), then the allowed keys."""
+    parts = [f"{_join(where, str(key))}: unknown key"]
+    spelled = getattr(cls, "SPELLINGS", {}).get(key) if isinstance(key, str) else None
+    if spelled is not None:
+        target, note = spelled
+        parts.append(f"did you mean {target}? ({note or f'{key} is the transformers/TRL name'})")
+    else:
+        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        if close:
+            parts.append(f"did you mean {_join(where, close[0])}?")
+    parts.append(f"allowed keys are {allowed}")
+    return "; ".join(parts)
+
+
+_VAR = re.compile(r"\$(?:\{([^}]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def expand_path(value: str | None, where: str) -> str | None:
+    """``value`` with a leading ``~`` (or ``~user``) and every ``$VAR`` / ``${VAR}`` expanded;
+    ConfigError naming the field ``where`` for an environment variable that is not set (an
+    unexpanded ``$HOME`` would silently become a directory of that name). A ``$`` not followed
+    by a name is kept as written."""
+    if value is None:
+        return None
+
+    def var(m: re.Match) -> str:
+        name = m.group(1) if m.group(1) is not None else m.group(2)
+        if name not in os.environ:
+            raise ConfigError(
+                f"{where}: environment variable ${name} is not set (in {_show(value)})"
+            )
+        return os.environ[name]
+
+    expanded = _VAR.sub(var, value)
+    return os.path.expanduser(expanded) if expanded.startswith("~") else expanded
 
 
 DEFAULT_METHODS = {"mixer": "proportional", "loss": "sft"}

@@ -84,6 +84,8 @@ class Trainer:
         self.tokenizer = build.load_tokenizer(cfg.model)
         # (streaming datasets are read lazily: mixtune.data.streaming)
         self.train_sets, self.all_domains = streaming.build(cfg, self.tokenizer)
+        # train.epochs becomes max_steps now that the dataset sizes are known
+        cfg = self.cfg = config_mod.resolve_epochs(cfg, [t.size for t in self.train_sets])
         # What mixers, probes and checkpoint selection see: every domain but the test splits
         # (role: test), which only the scheduled evaluations measure and log.
         self.domains = [d for d in self.all_domains if d.role != "test"]

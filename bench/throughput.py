@@ -42,6 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import loadavg, median, pin_threads, run_worker, table  # noqa: E402
 
 SYSTEMS = ("mixtune", "hf", "trl")
+EXTRA = ("mixtune-shift", "mixtune-packed", "trl-padfree")
+"""Also selectable with ``--systems``: mixtune with train.packing=true, TRL with
+padding_free=True (flattened rows with position_ids, its padding-free collator)."""
 DATASETS = (("arithmetic", 2000), ("code", None), ("dialogue", None))
 MODEL = {
     "hidden_size": 128,
@@ -146,7 +149,7 @@ def final_loss(model, meta, tokens) -> float:
     return float(nll.sum() / mask.sum())
 
 
-def run_mixtune(work: Path, meta: dict, tokens: dict, marks: list, seen: list):
+def run_mixtune(work: Path, meta: dict, tokens: dict, marks: list, seen: list, packing=False):
     from mixtune import config
     from mixtune.engine.loop import Trainer
 
@@ -179,6 +182,7 @@ def run_mixtune(work: Path, meta: dict, tokens: dict, marks: list, seen: list):
             "eval_every": 0,
             "log_every": meta["steps"],
             "save_every": 0,
+            "packing": packing,
         },
     }
     trainer = Timed(config.from_dict(raw))
@@ -266,7 +270,8 @@ def _callbacks(marks: list):
 def _count_collator(collate, seen: list):
     def wrapped(features):
         batch = collate(features)
-        seen.append(int(batch["attention_mask"].sum()))
+        mask = batch.get("attention_mask")  # none in a padding-free batch: no pad tokens
+        seen.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
         return batch
 
     return wrapped
@@ -307,7 +312,7 @@ def run_hf(work: Path, meta: dict, tokens: dict, marks: list, seen: list):
     return trainer.model
 
 
-def run_trl(work: Path, meta: dict, tokens: dict, marks: list, seen: list):
+def run_trl(work: Path, meta: dict, tokens: dict, marks: list, seen: list, padding_free=False):
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -329,9 +334,11 @@ def run_trl(work: Path, meta: dict, tokens: dict, marks: list, seen: list):
         SFTConfig,
         work,
         meta,
-        max_length=meta["max_length"],
+        # The examples are already cut to max_length (checked below); TRL does not enforce it
+        # padding-free without packing, and refuses a max_length then.
+        max_length=None if padding_free else meta["max_length"],
         packing=False,
-        padding_free=False,
+        padding_free=padding_free,
         completion_only_loss=True,
         gradient_checkpointing=False,
         shuffle_dataset=False,
@@ -364,6 +371,8 @@ def worker(system: str, work: Path, threads: int) -> dict:
         "hf": run_hf,
         "trl": run_trl,
         "mixtune-shift": run_mixtune_shift,
+        "mixtune-packed": lambda *a: run_mixtune(*a, packing=True),
+        "trl-padfree": lambda *a: run_trl(*a, padding_free=True),
     }[system](work, meta, tokens, marks, seen)
     n, w = meta["steps"], meta["warmup"]
     assert len(marks) == n, f"{system}: {len(marks)} step marks for {n} steps"
@@ -399,10 +408,11 @@ def main(argv=None) -> None:
         "--systems",
         default=",".join(SYSTEMS),
         help="comma-separated; also mixtune-shift (mixtune with an experimental "
-        "token_losses that shifts labels instead of slicing logits)",
+        "token_losses that shifts labels instead of slicing logits), mixtune-packed "
+        "(train.packing=true), trl-padfree (SFTConfig padding_free=True)",
     )
     ap.add_argument("--json", help="write all measurements here")
-    ap.add_argument("--worker", choices=SYSTEMS + ("mixtune-shift",), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=SYSTEMS + EXTRA, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -455,16 +465,15 @@ def main(argv=None) -> None:
             rows,
         )
     )
-    if "mixtune" in systems:
-        for other in (s for s in systems if s != "mixtune"):
+    for ours in (s for s in ("mixtune", "mixtune-packed") if s in systems):
+        for other in (s for s in systems if not s.startswith("mixtune")):
             paired = median(
-                m["tokens_per_s"] / o["tokens_per_s"]
-                for m, o in zip(results["mixtune"], results[other])
+                m["tokens_per_s"] / o["tokens_per_s"] for m, o in zip(results[ours], results[other])
             )
             print(
-                f"mixtune/{other}: wall: ratio of medians {med['mixtune'] / med[other]:.3f}, "
+                f"{ours}/{other}: wall: ratio of medians {med[ours] / med[other]:.3f}, "
                 f"median of paired ratios {paired:.3f}; CPU time: ratio of medians "
-                f"{cpu['mixtune'] / cpu[other]:.3f}"
+                f"{cpu[ours] / cpu[other]:.3f}"
             )
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=1))

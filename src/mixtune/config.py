@@ -335,6 +335,14 @@ class TrainConfig:
     """Autocast: ``bf16`` runs forward and backward in bf16 over the weights' dtype (fp32
     master weights and optimizer state with ``model.dtype: auto``), HF Trainer's ``bf16=True``;
     ``fp32`` = no autocast; ``auto`` = bf16 on a bf16-capable GPU, fp32 elsewhere."""
+    packing: bool = False
+    """Padding-free training steps: each micro-batch's examples concatenated into one row,
+    positions restarting per example and no attention across examples (transformers'
+    packed-sequence masking, checked at start: a model whose attention cannot keep examples
+    apart is refused). The loss is still normalised by the step's global supervised-token
+    count, so it is the padded step's up to float rounding. Evaluation, probes and look-aheads
+    keep padded rows. Not with losses that weight whole examples on the training step
+    (CADFT)."""
     logits: Literal["auto", "full", "chunked"] = "auto"
     """How the loss gets per-token NLL from the model (mixtune.losses.logits): ``full``
     materialises the (batch, length, vocab) logits; ``chunked`` projects only the supervised
@@ -709,6 +717,10 @@ def train_lacks(cfg: RunConfig) -> dict[str, str]:
     if cfg.train.fsdp:
         lacking["whole_params"] = (
             "train.fsdp shards parameters and gradients over the processes; set train.fsdp=false"
+        )
+    if cfg.train.packing:
+        lacking["padded_rows"] = (
+            "train.packing puts several examples in one row; set train.packing=false"
         )
     streamed = [d.name for d in cfg.datasets if d.streaming]
     if streamed:

@@ -36,6 +36,7 @@ CAPABILITIES = {
     "whole_params": "whole (unsharded) parameters and gradients on every rank",
     "train_losses": "per-dataset training losses",
     "fixed_length": "a run length (max_steps) fixed from the start: not raised on resume",
+    "padded_rows": "one training example per row of a micro-batch (weights per example)",
 }
 
 

@@ -116,6 +116,12 @@ class Trainer:
             logits.configure(model, tc.logits, tc.logits_chunk, sharded=tc.fsdp and self.world > 1)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        problem = logits.packing_problem(model) if tc.packing else None
+        if problem:
+            raise ConfigError(
+                f"train.packing: {problem}; set train.packing=false, or use a model whose "
+                "attention implementation is sdpa, eager or flash_attention_2"
+            )
         # The last check before the run dir is written: what this start trains with against the
         # run's record (run.json); a resume may only amend what cannot change the trajectory.
         self.fingerprint = fingerprint.of_run(

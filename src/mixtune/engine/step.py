@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mixtune.config import TrainConfig
-from mixtune.data.collate import collate
+from mixtune.data.collate import collate, pack
 from mixtune.data.sampler import shard
 from mixtune.engine.process import local, whole
 from mixtune.engine.state import TrainState
@@ -47,12 +47,9 @@ def optimizer_step(
     batches = []
     for sl in shard(len(ds), state.world, state.rank, state.micro):
         d, e = ds[sl], ex[sl]
-        batch = collate(
-            [sets[k].data.input_ids[j] for k, j in zip(d, e)],
-            [sets[k].data.labels[j] for k, j in zip(d, e)],
-            state.pad_token_id,
-            d,
-        )
+        ids = [sets[k].data.input_ids[j] for k, j in zip(d, e)]
+        labels = [sets[k].data.labels[j] for k, j in zip(d, e)]
+        batch = pack(ids, labels, d) if tc.packing else collate(ids, labels, state.pad_token_id, d)
         batch["index"] = torch.as_tensor(e, dtype=torch.long)
         batches.append({k: v.to(device) for k, v in batch.items()})
     # The loss may need the whole step first (statistics over the global batch).
@@ -75,9 +72,14 @@ def optimizer_step(
                 * state.world
             )
             state.acc.backward(loss)
-        seq_nll = (terms.per_token.detach() * terms.mask).sum(-1).double()  # (B,)
-        stats[:, 0].index_add_(0, batch["domain"], seq_nll)
-        stats[:, 1].index_add_(0, batch["domain"], terms.mask.sum(-1).double())
+        if "segment" in batch:  # one packed row: each target token's example -> its dataset
+            where = batch["domain"][batch["segment"][1:]]
+            stats[:, 0].index_add_(0, where, (terms.per_token.detach() * terms.mask)[0].double())
+            stats[:, 1].index_add_(0, where, terms.mask[0].double())
+        else:
+            seq_nll = (terms.per_token.detach() * terms.mask).sum(-1).double()  # (B,)
+            stats[:, 0].index_add_(0, batch["domain"], seq_nll)
+            stats[:, 1].index_add_(0, batch["domain"], terms.mask.sum(-1).double())
     max_norm = tc.max_grad_norm or float("inf")
     grad_norm = whole(state.acc.clip_grad_norm_(state.params, max_norm))
     # Host sync, once per step: a non-finite gradient must never reach the weights.

@@ -86,10 +86,12 @@ class CADFT(Loss):
 
     @staticmethod
     def requires(o: CADFTConfig) -> dict[str, str]:
+        rows = {"padded_rows": "CADFT weights each example of the training step by its row"}
         if not o.rewrite.enabled:
-            return {}
+            return rows
         why = "loss.rewrite.enabled: CADFT rewriting {} (loss.rewrite.enabled=false does not)"
         need = {
+            **rows,
             "random_access": why.format("replaces training examples by index"),
             "whole_params": why.format("generates with the whole model on rank 0"),
         }

@@ -97,31 +97,40 @@ def token_nll(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(nll, mask)``, both (B, T-1), as :func:`~mixtune.losses.core.token_losses` of the
     model's logits; on the chunked path without ever holding them. Runs under the caller's
-    grad mode, autocast and module modes."""
+    grad mode, autocast and module modes. ``position_ids`` (and no attention mask): a packed
+    row (:func:`mixtune.data.collate.pack`)."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:  # no cache: transformers then masks packed examples apart
+        inputs.update(attention_mask=None, position_ids=position_ids, use_cache=False)
     chunk = _CHUNK.get(unwrap(model))
     if chunk is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return token_losses(logits, labels)
+        return token_losses(model(**inputs).logits, labels)
     with _hidden_only(unwrap(model)) as head:
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, H)
+        hidden = model(**inputs).logits  # (B, T, H)
     return chunked_nll(hidden, head.weight, head.bias, labels, chunk)
 
 
 def loss_terms(loss: Loss, model: torch.nn.Module, batch: dict, extra=None) -> LossTerms:
     """The loss's terms for one micro-batch: ``loss.terms`` on :func:`token_nll` where the loss
     defines it, else ``loss(logits, labels, extra)`` on the full logits."""
-    labels = batch["labels"]
+    labels, positions = batch["labels"], batch.get("position_ids")
     if is_chunked(model) and callable(getattr(loss, "terms", None)):
-        nll, mask = token_nll(model, batch["input_ids"], batch["attention_mask"], labels)
+        nll, mask = token_nll(
+            model, batch["input_ids"], batch.get("attention_mask"), labels, positions
+        )
         try:
             return loss.terms(nll, mask, extra)
         except NotImplementedError:  # a loss that only implements __call__(logits, ...)
             pass
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return loss(logits, labels, extra)
+    if positions is None:
+        inputs = {"attention_mask": batch["attention_mask"]}
+    else:
+        inputs = {"position_ids": positions, "use_cache": False}
+    return loss(model(input_ids=batch["input_ids"], **inputs).logits, labels, extra)
 
 
 def chunked_nll(
@@ -238,4 +247,31 @@ def _unsupported(model: torch.nn.Module, head) -> str | None:
         model.train(was_training)
     if again.shape != logits.shape or not torch.allclose(again, logits, rtol=1e-4, atol=1e-4):
         return "the model transforms its logits after the output layer"
+    return None
+
+
+def packing_problem(model: torch.nn.Module) -> str | None:
+    """Why one packed row (:func:`mixtune.data.collate.pack`) would not compute what separate
+    rows do for ``model`` (None: it would), from a check forward of two short sequences."""
+    model = unwrap(model)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    a = torch.arange(1, 6)[None] % vocab
+    b = torch.arange(7, 10)[None] % vocab
+    device = model.get_input_embeddings().weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            sep = [model(input_ids=x.to(device), use_cache=False).logits.float() for x in (a, b)]
+            ids = torch.cat([a, b], 1).to(device)
+            pos = torch.cat([torch.arange(5), torch.arange(3)])[None].to(device)
+            packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
+    except (TypeError, ValueError, RuntimeError) as e:  # e.g. no position_ids argument
+        return f"a packed forward fails ({type(e).__name__}: {str(e)[:120]})"
+    finally:
+        model.train(was_training)
+    together = torch.cat(sep, 1)
+    if packed.shape != together.shape or not torch.allclose(packed, together, atol=1e-3):
+        impl = getattr(model.config, "_attn_implementation", None)
+        return f"the model's attention ({impl}) lets packed examples see each other"
     return None

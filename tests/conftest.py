@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import tempfile
 
 import pytest
 import torch
+
+# The token cache (mixtune.data.token_cache) goes to a directory of this test session, never to
+# the user's ~/.cache; tests that check the cache itself point it elsewhere.
+os.environ["MIXTUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="mixtune-test-cache-")
 
 # Tiny models run fastest on one thread, and the suite must not oversubscribe a shared 2-core box.
 torch.set_num_threads(1)

@@ -102,7 +102,7 @@ def build(
                 "or response to compare against"
             )
         t0 = time.perf_counter()
-        tok = tokenize(exs, tokenizer, max_len, template, where)
+        tok = tokenize(exs, tokenizer, max_len, template, where, cache=True)
         _report(tok, where, max_len, time.perf_counter() - t0)
         evals.append(
             EvalDomain(
@@ -126,7 +126,8 @@ def build(
         if d.max_examples is not None:
             keep = keep[: d.max_examples]
         t0 = time.perf_counter()
-        tok = tokenize([examples[d.name][i] for i in keep], tokenizer, max_len, template, where)
+        exs = [examples[d.name][i] for i in keep]
+        tok = tokenize(exs, tokenizer, max_len, template, where, cache=True)
         _report(tok, where, max_len, time.perf_counter() - t0)
         train.append(TrainSet(d.name, tok, d.repeat, tok.label_counts))
     return train, evals

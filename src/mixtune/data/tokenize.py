@@ -21,11 +21,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import time
 import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from mixtune.data import token_cache
 from mixtune.data.formats import Example
 from mixtune.data.template import DEFAULT_CHAT_TEMPLATE
 from mixtune.data.tools import check_tools
@@ -76,16 +78,49 @@ def resolve_template(tokenizer, override: str | None, quiet: bool = False) -> st
 
 
 def tokenize(
+    examples: list[Example],
+    tokenizer,
+    max_length: int,
+    template: str,
+    where: str,
+    cache: bool = False,
+) -> Tokenized:
+    """Tokenise ``examples``; raises :class:`DataError` when nothing trainable is left.
+
+    ``cache``: reuse (and store) the result in the token cache (:mod:`mixtune.data.token_cache`),
+    keyed by the examples, the tokenizer, the template and ``max_length``."""
+    entry = token_cache.key(examples, tokenizer, template, max_length) if cache else None
+    out = token_cache.load(entry) if entry else None
+    if out is None:
+        out = _tokenize(examples, tokenizer, max_length, template, where)
+        if entry:
+            token_cache.save(entry, out)
+    else:
+        log.debug("%s: %d examples from the token cache", where, len(out))
+    if out.n_dropped:
+        log.warning(
+            "%s: dropped %d example(s) whose prompt fills max_length=%d",
+            where,
+            out.n_dropped,
+            max_length,
+        )
+    return out
+
+
+def _tokenize(
     examples: list[Example], tokenizer, max_length: int, template: str, where: str
 ) -> Tokenized:
-    """Tokenise ``examples``; raises :class:`DataError` when nothing trainable is left."""
     budget = char_budget(tokenizer, max_length)
     capped = [_cap(ex, budget) for ex in examples]
     examples = [ex for ex, _ in capped]
     check_tools(examples, tokenizer, template, where)
-    pieces: list[list[tuple[str, bool]]] = [
-        _segments(ex, tokenizer, template, where) for ex in examples
-    ]
+    pieces: list[list[tuple[str, bool]]] = []
+    t0 = last = time.perf_counter()
+    for i, ex in enumerate(examples):
+        pieces.append(_segments(ex, tokenizer, template, where))
+        if i % 1000 == 999 and (now := time.perf_counter()) - last > 10:  # long work: progress
+            log.info("%s: rendered %d/%d examples (%.0f s)", where, i + 1, len(examples), now - t0)
+            last = now
     flat = [text for segs in pieces for text, _ in segs]
     ids_flat = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
     eos = tokenizer.eos_token_id
@@ -127,13 +162,6 @@ def tokenize(
         raise DataError(
             f"{where}: no example has a response token within train.max_length={max_length} "
             f"(longest prompt: {longest_prompt} tokens); raise train.max_length or shorten prompts"
-        )
-    if out.n_dropped:
-        log.warning(
-            "%s: dropped %d example(s) whose prompt fills max_length=%d",
-            where,
-            out.n_dropped,
-            max_length,
         )
     return out
 
@@ -177,7 +205,9 @@ def _segments(ex: Example, tokenizer, template: str, where: str) -> list[tuple[s
         segs.append((prefix[len(done) :], False))
         segs.append((full[len(prefix) :], True))
         done = full
-    tail = _render(tokenizer, template, msgs, False, ex.tools)[len(done) :]
+    # When the last message is trained, ``done`` already is the whole conversation rendered.
+    last_trained = bool(segs) and _trained(msgs[-1])
+    tail = "" if last_trained else _render(tokenizer, template, msgs, False, ex.tools)[len(done) :]
     if tail:
         segs.append((tail, False))
     return [(t, tr) for t, tr in segs if t or tr]

@@ -101,10 +101,9 @@ def tokenizer_id(tokenizer) -> str:
     return out
 
 
-def load(entry: str):
-    """The cached :class:`~mixtune.data.tokenize.Tokenized` of ``entry``, or None."""
-    from mixtune.data.tokenize import Tokenized
-
+def load(entry: str) -> dict | None:
+    """The fields of the cached :class:`~mixtune.data.tokenize.Tokenized` of ``entry``, or
+    None."""
     where = directory()
     path = None if where is None else where / f"{entry}.npz"
     if path is None or not path.is_file():
@@ -118,14 +117,14 @@ def load(entry: str):
         log.debug("token cache: cannot read %s (%s); tokenising", path, e)
         return None
     starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-    return Tokenized(
-        input_ids=[ids[a:b] for a, b in zip(starts, ends)],
-        labels=[labels[a:b] for a, b in zip(starts, ends)],
-        prompt_len=prompt_len,
-        answers=meta["answers"],
-        n_truncated=meta["n_truncated"],
-        n_dropped=meta["n_dropped"],
-    )
+    return {
+        "input_ids": [ids[a:b] for a, b in zip(starts, ends)],
+        "labels": [labels[a:b] for a, b in zip(starts, ends)],
+        "prompt_len": prompt_len,
+        "answers": meta["answers"],
+        "n_truncated": meta["n_truncated"],
+        "n_dropped": meta["n_dropped"],
+    }
 
 
 def save(entry: str, tok) -> None:

@@ -90,7 +90,8 @@ def tokenize(
     ``cache``: reuse (and store) the result in the token cache (:mod:`mixtune.data.token_cache`),
     keyed by the examples, the tokenizer, the template and ``max_length``."""
     entry = token_cache.key(examples, tokenizer, template, max_length) if cache else None
-    out = token_cache.load(entry) if entry else None
+    hit = token_cache.load(entry) if entry else None
+    out = Tokenized(**hit) if hit is not None else None
     if out is None:
         out = _tokenize(examples, tokenizer, max_length, template, where)
         if entry:

@@ -186,6 +186,40 @@ def select_best_feasible(
     return out
 
 
+def domain_results(
+    step_eval: dict, domains: Sequence, references: dict[str, float]
+) -> dict[str, dict]:
+    """Each domain's value at one evaluated step against its reference (``selection.json``'s
+    ``domains``): ``role``, ``metric``, ``value`` (in its metric); for constraints also
+    ``reference``, ``slack`` (how far inside the reference, in the domain's metric: >= 0 kept,
+    < 0 broken by that much) and ``kept``; null for the other roles.
+
+    Args:
+        step_eval: the ``eval`` section of one metrics record.
+        domains: objects with ``name, role, metric`` (test twins included, if wanted).
+        references: constraint references in native units (``select_best_feasible``'s).
+    """
+    out = {}
+    for d in domains:
+        if d.name not in step_eval:
+            continue
+        try:
+            value = loss_like(step_eval[d.name], d.metric, d.name)
+        except MixtuneError:  # (a monitor whose metric was not evaluated)
+            continue
+        ref = references.get(d.name) if d.role == "constraint" else None
+        slack = None if ref is None else native(ref, d.metric) - value
+        out[d.name] = {
+            "role": d.role,
+            "metric": d.metric,
+            "value": native(value, d.metric),
+            "reference": ref,
+            "slack": slack,
+            "kept": None if slack is None else slack >= -TOL,
+        }
+    return out
+
+
 def best_feasible_for_run(run_dir: str | Path, domains: Sequence) -> dict | None:
     """``select_best_feasible`` on a run directory, with the checkpoint path when it was kept
     (None when no domain is a target or a constraint)."""

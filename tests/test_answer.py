@@ -142,6 +142,7 @@ def test_the_verdict_is_logged(tmp_path, data_dir, caplog):
     said = "\n".join(r.getMessage() for r in caplog.records)
     step = summary["best_feasible"]["step"]
     assert f"answer (best_feasible): step {step} of 8; 1/1 constraints kept" in said
+    assert "the last step (8) broke rev (-" in said
     assert "constraint rev" in said and "vs reference" in said and ": kept (slack +" in said
     assert f"model to use: {tmp_path / 'said' / 'final'}" in said
     assert f"the last step's model: {tmp_path / 'said' / 'final-last'}" in said
@@ -163,6 +164,8 @@ def test_nothing_feasible_keeps_the_base_model(tmp_path, data_dir, caplog):
     base = build.load_model(c.model, build.load_tokenizer(c.model), c.seed, torch.float32)
     final = model_tensors(path / "final")
     assert all(torch.equal(final[n], p.detach()) for n, p in base.named_parameters())
+    said = [r.getMessage() for r in caplog.records]
+    assert any("answer (best_feasible): keep the BASE model: no evaluated step" in m for m in said)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("final/ holds the BASE model" in w for w in warned)
 
@@ -205,7 +208,7 @@ def test_eval_a_chosen_step(runs, capsys):
     assert "the weights of step 6 are not kept; steps kept: [" in capsys.readouterr().err
 
 
-def test_branching_from_a_checkpoint_into_a_new_run(runs, tmp_path):
+def test_branching_from_a_checkpoint_into_a_new_run(runs, tmp_path, capsys):
     """A checkpoint of another run continued into a new output_dir: metrics start where the
     source stopped, the continuation is the source's own, and the answer can still be an
     earlier step of the source (its weights copy comes along)."""
@@ -222,6 +225,9 @@ def test_branching_from_a_checkpoint_into_a_new_run(runs, tmp_path):
             ]
         )
     assert code == 0
+    step = summary["best_feasible"]["step"]
+    said = capsys.readouterr().out  # the table is the last step's, and says so
+    assert f"(the last step's evaluation; final/ holds step {step}: mixtune eval {new})" in said
 
     def records(p):
         out = [json.loads(ln) for ln in (p / "metrics.jsonl").read_text().splitlines()]

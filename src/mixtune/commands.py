@@ -46,6 +46,13 @@ def train(args, s: Session) -> None:
     summary = loop.train(cfg)
     if s.main_rank:
         _print_eval(summary.get("final_eval") or {}, cfg.evals)
+        sel = summary.get("selection")
+        if sel is not None and sel["step"] != summary["steps"]:  # the answer is not the last
+            what = "the base model" if sel["step"] is None else f"step {sel['step']}"
+            print(
+                f"(the last step's evaluation; final/ holds {what}: "
+                f"mixtune eval {summary['output_dir']})"
+            )
         print(f"run directory: {summary['output_dir']}")
 
 

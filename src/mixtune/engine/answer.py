@@ -154,6 +154,8 @@ class Answer:
             step = d.name[len(checkpoint.PREFIX) :]
             if step.isdigit() and int(step) not in needed:
                 shutil.rmtree(d, ignore_errors=True)
+        for d in self.root.glob(".tmp-*"):  # left by a crash mid-copy
+            shutil.rmtree(d, ignore_errors=True)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -246,7 +248,13 @@ class Answer:
             "last_path": str(beside) if use != last_step else str(out),
         }
         self.rundir.write_json("final/selection.json", selection)
-        _say(selection, best)
+        last_eval = self.evals.get(last_step)
+        at_last = (
+            None
+            if last_eval is None or use == last_step
+            else domain_results(last_eval, self.all_domains, best["references"])
+        )
+        _say(selection, best, at_last)
         return best, selection
 
 
@@ -270,17 +278,18 @@ def _substituted(model, full: dict | None, tensors: dict) -> dict:
     return sd
 
 
-def _say(selection: dict, best: dict) -> None:
-    """The verdict, in the terminal (rank 0's log)."""
+def _say(selection: dict, best: dict, at_last: dict | None) -> None:
+    """The verdict, in the terminal (rank 0's log): the answer's step, each constraint there
+    against its reference, and what the last step broke when the answer is another model."""
     cons = {n: r for n, r in selection["domains"].items() if r["role"] == "constraint"}
     targets = {n: r for n, r in selection["domains"].items() if r["role"] == "target"}
-    step = selection["step"]
-    what = "the base model" if step is None else f"step {step}"
-    held = [n for n, r in cons.items() if r["kept"]]
-    lines = [
-        f"answer ({selection['rule']}): {what} of {selection['last_step']}; "
-        f"{len(held)}/{len(cons)} constraints kept"
-    ]
+    step, last = selection["step"], selection["last_step"]
+    if step is None:
+        head = f"keep the BASE model: no evaluated step of {last} was feasible"
+    else:
+        held = sum(1 for r in cons.values() if r["kept"])
+        head = f"step {step} of {last}; {held}/{len(cons)} constraints kept"
+    lines = [f"answer ({selection['rule']}): {head}"]
     for n, r in targets.items():
         lines.append(f"  target     {n:<16} {r['metric']} {r['value']:.4f}")
     for n, r in cons.items():
@@ -291,6 +300,13 @@ def _say(selection: dict, best: dict) -> None:
         )
     if best.get("feasible"):
         lines.append(f"  summed target loss {best['target_reduction']:.1%} below the base model's")
+    if at_last is not None:
+        broken = [f"{n} ({r['slack']:+.4f})" for n, r in at_last.items() if r["kept"] is False]
+        lines.append(
+            f"  the last step ({last}) broke "
+            + (", ".join(broken) if broken else "no constraint")
+            + " (slack in the domain's metric)"
+        )
     lines.append(f"model to use: {selection['path']}")
     if selection["last_path"] != selection["path"]:
         lines.append(f"the last step's model: {selection['last_path']}")

@@ -14,9 +14,9 @@ import logging
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
 from safetensors.torch import load_file
 
+from conftest import tiny_config
 from mixtune import cli, config
 from mixtune.engine import loop
 from mixtune.engine.evaluation import Evaluator
@@ -195,11 +195,13 @@ def test_eval_a_chosen_step(runs, capsys):
         ([str(path), "--step", "6"], 6),
         ([str(path / "checkpoints" / "step-000002")], 2),
         ([str(path)], summary["best_feasible"]["step"]),  # the run's answer by default
+        ([str(path / "checkpoints/weights" / f"step-{summary['selection']['step']:06d}")], None),
     ):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(Evaluator, "scheduled", broken_from(BREAK_FROM))
             assert cli.main(["eval", *args, "--json"]) == 0
         got = json.loads(capsys.readouterr().out)
+        step = summary["selection"]["step"] if step is None else step
         assert got["source"].startswith(f"step {step} (")
         for name in ("add", "rev"):  # (the evaluation in the run had +10 on rev from step 6)
             logged = evals[step][name]["loss"] - (10.0 if name == "rev" and step >= 6 else 0)
@@ -282,3 +284,24 @@ def test_branching_that_changes_the_trajectory_exits_2(runs, tmp_path, capsys):
 def test_config_yaml_round_trip_keeps_final_model(runs):
     saved = yaml.safe_load((runs["kept"][0] / "config.yaml").read_text())
     assert saved["train"]["final_model"] == "best_feasible"
+
+
+def test_a_damaged_answer_copy_leaves_the_last_model_and_says_so(runs, tmp_path, caplog):
+    """Finishing again (the same command on a finished run) with the answer's weights copy
+    damaged: final/ falls back to the last step's model, with a warning naming the file."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(runs["rotated"][0], run)
+    step = runs["rotated"][1]["best_feasible"]["step"]
+    f = run / "checkpoints" / "weights" / f"step-{step:06d}" / "trainable.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    with caplog.at_level(logging.INFO, logger="mixtune"):
+        assert cli.main(["train", str(run / "config.yaml"), f"output_dir={run}"]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"the weights of step {step} are unusable (" in w for w in warned), warned
+    sel = json.loads((run / "final" / "selection.json").read_text())
+    assert (sel["step"], sel["source"], sel["best_feasible_step"]) == (8, "last", step)
+    assert not (run / "final-last").exists()

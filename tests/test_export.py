@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import addition_records, reverse_records, tiny_config, write_jsonl
 from safetensors.torch import load_file
 
+from conftest import addition_records, reverse_records, tiny_config, write_jsonl
 from mixtune import cli, config
 from mixtune.config import ModelConfig
 from mixtune.engine import build, loop

@@ -180,8 +180,8 @@ def model_card(
 ) -> str:
     """README.md of an exported model (see the module docstring)."""
     from mixtune.engine.rundir import read_metrics
-    from mixtune.eval.constraints import domain_results, select_best_feasible
     from mixtune.errors import MixtuneError
+    from mixtune.eval.constraints import domain_results, select_best_feasible
 
     records = read_metrics(run) if (run / "metrics.jsonl").is_file() else []
     names = [d.name for d in cfg.datasets]
@@ -193,7 +193,11 @@ def model_card(
     role = " — the run's answer (final/)" if answer == step else ""
     lines = [
         "---",
-        *(["library_name: peft", f"base_model: {base}"] if base else ["library_name: transformers"]),
+        *(
+            ["library_name: peft", f"base_model: {base}"]
+            if base
+            else ["library_name: transformers"]
+        ),
         "tags: [mixtune]",
         "---",
         f"# {run.name} at step {step}",

@@ -38,7 +38,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from mixtune.engine import build, checkpoint
-from mixtune.engine.integrity import fsync, read, write_manifest
+from mixtune.engine.integrity import fsync, problem, read, write_manifest
 from mixtune.engine.rundir import RunDir, read_metrics
 from mixtune.errors import MixtuneError
 from mixtune.eval.constraints import domain_results, select_best_feasible
@@ -73,9 +73,10 @@ def kept_steps(run_dir: Path) -> list[int]:
     for root in (Path(run_dir) / "checkpoints", weights_root(run_dir)):
         if root.is_dir():
             for d in root.glob(f"{checkpoint.PREFIX}*"):
-                if d.name[len(checkpoint.PREFIX) :].isdigit() and (
-                    d / "trainable.safetensors"
-                ).is_file():
+                if (
+                    d.name[len(checkpoint.PREFIX) :].isdigit()
+                    and (d / "trainable.safetensors").is_file()
+                ):
                     found.add(int(d.name[len(checkpoint.PREFIX) :]))
     return sorted(found)
 
@@ -206,44 +207,47 @@ class Answer:
                     "no step-0 evaluation in this run's record: final/ holds the last step's "
                     "model, no best feasible step was selected"
                 )
-            _fresh(out)
+            shutil.rmtree(out, ignore_errors=True)
             build.save_final(model, tokenizer, out, full, base)
             shutil.rmtree(beside, ignore_errors=True)
             return ({"error": "no step-0 evaluation"} if self.active else None), None
         chosen = None if best["keep_base_model"] else best["step"]
         use = last_step if self.rule == "last" else (0 if chosen is None else chosen)
         kept = None if use == last_step else weights_dir(self.rundir.path, use)
-        if use != last_step and kept is None:
+        bad = "not kept" if kept is None else problem(kept)
+        if use != last_step and bad is not None:
             log.warning(
-                "the weights of step %d are not kept (a run resumed from a checkpoint older "
-                "than weights-only copies): final/ holds the last step's model",
+                "the weights of step %d are unusable (%s; a run resumed from a checkpoint "
+                "older than weights-only copies?): final/ holds the last step's model",
                 use,
+                bad,
             )
-            use = last_step
+            use, kept = last_step, None
         if self.rule == "last" or use == last_step:
             source = "last"
         else:
             source = "base" if chosen is None else "checkpoint"
-        _fresh(out)
+        shutil.rmtree(out, ignore_errors=True)
         if use == last_step:
             build.save_final(model, tokenizer, out, full, base)
             shutil.rmtree(beside, ignore_errors=True)
         else:
-            _fresh(beside)
+            shutil.rmtree(beside, ignore_errors=True)
             build.save_final(model, tokenizer, beside, full, base)
             tensors = read(kept, "trainable.safetensors", "safetensors")
             sd = _substituted(self.acc.unwrap_model(model), full, tensors)
             build.save_final(model, tokenizer, out, sd, base)
         found = weights_dir(self.rundir.path, best["step"]) if best["feasible"] else None
         best["checkpoint"] = None if found is None else str(found)
-        step_eval = self.evals.get(use) or self.evals.get(max(self.evals))
+        evaluated = use if use in self.evals else max(self.evals)  # (a run stopped early)
         selection = {
             "rule": self.rule,
             "step": None if (source == "base") else use,
             "source": source,
             "last_step": last_step,
             "best_feasible_step": chosen,
-            "domains": domain_results(step_eval, self.all_domains, best["references"]),
+            "evaluated_step": evaluated,  # the evaluation "domains" come from
+            "domains": domain_results(self.evals[evaluated], self.all_domains, best["references"]),
             "path": str(out),
             "last_path": str(beside) if use != last_step else str(out),
         }
@@ -256,10 +260,6 @@ class Answer:
         )
         _say(selection, best, at_last)
         return best, selection
-
-
-def _fresh(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _substituted(model, full: dict | None, tensors: dict) -> dict:

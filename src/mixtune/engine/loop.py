@@ -32,6 +32,7 @@ from mixtune import config as config_mod
 from mixtune.config import RunConfig
 from mixtune.data import streaming
 from mixtune.data.sampler import MixtureSampler, SamplerExhausted
+from mixtune.data.tokenize import resolve_template
 from mixtune.engine import build, checkpoint, fingerprint, integrity, lock, probe
 from mixtune.engine.answer import Answer
 from mixtune.engine.evaluation import Evaluator
@@ -49,7 +50,6 @@ from mixtune.engine.process import (  # noqa: F401  (re-exported)
     whole,
 )
 from mixtune.engine.rundir import RunDir
-from mixtune.data.tokenize import resolve_template
 from mixtune.engine.state import TrainState
 from mixtune.engine.step import StepStats, check_finite_params, optimizer_step
 from mixtune.errors import ConfigError

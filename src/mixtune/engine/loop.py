@@ -13,9 +13,10 @@ The loop calls a loss's hooks (:class:`mixtune.losses.base.Loss`) and a mixer's
 (:class:`mixtune.mixers.base.Mixer`) directly. What the step, branch runs and loss hooks may
 read of the run is one :class:`~mixtune.engine.state.TrainState` (:attr:`Trainer.state`).
 The step itself is in :mod:`mixtune.engine.step`, the bookkeeping in
-:mod:`mixtune.engine.metrics`, the evaluations in :mod:`mixtune.engine.evaluation`. What is
-left here (about 390 lines) is kept whole on purpose: building the run, its control flow and
-the points where it calls each component read best as one class, top to bottom.
+:mod:`mixtune.engine.metrics`, the evaluations in :mod:`mixtune.engine.evaluation`, the run's
+answer (what ``final/`` holds) in :mod:`mixtune.engine.answer`. What is left here (about 425
+lines) is kept whole on purpose: building the run, its control flow and the points where it
+calls each component read best as one class, top to bottom.
 """
 
 from __future__ import annotations

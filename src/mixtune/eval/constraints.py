@@ -9,8 +9,8 @@ References and violations are reported in the domain's own metric.
 The run's answer, as in DynaMiCS (Gualdoni et al. 2026): among the evaluated steps after 0
 whose every constraint is at or under its reference and whose summed target value is below the
 base model's, the one with the lowest summed target value; if there is none, keep the base
-model. Only steps that were checkpointed can be loaded back (``train.save_every`` = ``eval_every``
-and a large ``keep_checkpoints`` keep them all).
+model. The weights of the step that wins are kept by :mod:`mixtune.engine.answer`, which writes
+it to the run's ``final/``.
 """
 
 from __future__ import annotations

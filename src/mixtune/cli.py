@@ -58,9 +58,32 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(
         commands.evaluate,
         [
-            arg("target", help="a run directory (holding config.yaml) or a YAML config"),
+            arg(
+                "target",
+                help="a run directory (holding config.yaml), one of its step directories "
+                "(RUN/checkpoints/step-N), or a YAML config",
+            ),
             overrides(),
             arg("--json", action="store_true", help="print JSON instead of a table"),
+            arg(
+                "--step",
+                type=int,
+                help="evaluate this kept step of the run (a checkpoint or an evaluated step's "
+                "weights; 0 = the base model)",
+            ),
+        ],
+    ),
+    "export": Command(
+        commands.export,
+        [
+            arg("run", help="a run directory, or one of its step directories"),
+            arg("out", metavar="OUT", help="new (or empty) output directory"),
+            arg("--step", type=int, help="the step to export (default: the run's answer)"),
+            arg(
+                "--merge-lora",
+                action="store_true",
+                help="merge a LoRA adapter into its base and save the whole model",
+            ),
         ],
     ),
     "report": Command(

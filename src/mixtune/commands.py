@@ -46,26 +46,39 @@ def train(args, s: Session) -> None:
     summary = loop.train(cfg)
     if s.main_rank:
         _print_eval(summary.get("final_eval") or {}, cfg.evals)
+        sel = summary.get("selection")
+        if sel is not None and sel["step"] != summary["steps"]:  # the answer is not the last
+            what = "the base model" if sel["step"] is None else f"step {sel['step']}"
+            print(
+                f"(the last step's evaluation; final/ holds {what}: "
+                f"mixtune eval {summary['output_dir']})"
+            )
         print(f"run directory: {summary['output_dir']}")
 
 
 def evaluate(args, s: Session) -> None:
-    """evaluate a run directory or the model of a config
+    """evaluate a run directory, one of its steps, or the model of a config
 
-    Per-domain loss and accuracy of a finished run (its final model, or its latest
-    checkpoint), or of the model a config names before any training. Prints a table and writes
-    eval.json into the run directory when given one it may write (a read-only run directory is
-    only read).
+    Per-domain loss and accuracy of a run's model: the step --step names (or the step
+    directory given, RUN/checkpoints/step-N), else the run's answer (the step final/ holds,
+    per final/selection.json), else its latest checkpoint; or of the model a config names
+    before any training. Prints a table and writes eval.json into the run directory when given
+    one it may write (a read-only run directory is only read).
     """
     # No s.output_dir: a failure's traceback must not replace the evaluated run's error.log.
     from mixtune import config
     from mixtune.engine import checkpoint
     from mixtune.engine.loop import Trainer
+    from mixtune.export import answer_step, load_step, locate
 
     target = Path(args.target)
-    run_dir = target if target.is_dir() else None
-    if run_dir is not None and not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    run_dir, step = locate(target) if target.is_dir() else (None, None)
+    if args.step is not None:
+        if run_dir is None:
+            raise ConfigError("--step: give a run directory, not a config")
+        step = args.step
+    if run_dir is not None and step is None:
+        step = answer_step(run_dir)
     found = [] if run_dir is None else checkpoint.complete(run_dir / "checkpoints")
     with tempfile.TemporaryDirectory(prefix="mixtune-eval-") as scratch:
         # Nothing is trained: the trainer gets a scratch output_dir (never written), so the
@@ -74,7 +87,10 @@ def evaluate(args, s: Session) -> None:
         cfg = config.load(target if run_dir is None else run_dir / "config.yaml", overrides)
         trainer = Trainer(cfg)
     source = "base model"
-    if found:
+    if step is not None:
+        source = load_step(run_dir, step, trainer.acc.unwrap_model(trainer.model))
+        source = f"step {step} ({source})"
+    elif found:
         checkpoint.load(
             found[-1],
             accelerator=trainer.acc,
@@ -97,6 +113,22 @@ def evaluate(args, s: Session) -> None:
             )
         else:
             print(f"(eval.json not written: {run_dir} is read-only)", file=sys.stderr)
+
+
+def export(args, s: Session) -> None:
+    """write a run's model at one of its steps as a from_pretrained directory
+
+    OUT gets the model (or the LoRA adapter; --merge-lora: merged into its base), the
+    tokenizer with the chat template the run trained with, and a README.md model card: the data
+    mixture (datasets, the weights at the step and their mean), the weights over time, and each
+    evaluation domain against its reference. Default step: the run's answer (what final/
+    holds), else its last checkpoint. An adapter names its base by an absolute path or a hub
+    name, so it loads from anywhere.
+    """
+    from mixtune.export import export as write
+
+    out, step = write(args.run, args.out, args.step, args.merge_lora)
+    print(f"exported step {step} of {args.run}: {out}")
 
 
 def report(args, s: Session) -> None:

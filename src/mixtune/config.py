@@ -330,6 +330,11 @@ class TrainConfig:
     """Checkpoint every N steps (0 = only at the end)."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept (older ones are deleted)."""
+    final_model: Literal["best_feasible", "last"] = "best_feasible"
+    """What ``final/`` holds in a run with target or constraint domains: the best feasible
+    evaluated step (or the base model when none was feasible), like HF's
+    ``load_best_model_at_end``; or the ``last`` step's model. Runs without such domains always
+    keep the last. See engine/answer.py."""
     gradient_checkpointing: bool = False
     mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Autocast: ``bf16`` runs forward and backward in bf16 over the weights' dtype (fp32

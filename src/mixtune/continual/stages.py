@@ -73,7 +73,9 @@ def stage_config(
         evals=tuple(evals),
         mixer=mixer,
         loss=cc.loss,
-        train=cc.train,
+        # The next stage continues from this one's last model (its evaluation is the stage's
+        # result), not from a best feasible step (engine/answer.py).
+        train=dataclasses.replace(cc.train, final_model="last"),
         progress=cc.progress,
     )
     C._validate_methods(cfg)

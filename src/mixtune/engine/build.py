@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 from pathlib import Path
@@ -285,12 +286,37 @@ def pick_mixed_precision(name: str) -> str:
     return {"fp32": "no"}.get(name, name)
 
 
-def save_final(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:
+def save_final(
+    model, tokenizer, out: Path, state_dict: dict | None = None, base: str | None = None
+) -> None:
     """A directory loadable with ``from_pretrained`` (full model, or the LoRA adapter).
-    ``state_dict``: the full tensors when the model holds shards (FSDP2)."""
+
+    Args:
+        state_dict: the tensors to save instead of the model's own (the full tensors when the
+            model holds FSDP2 shards, or another step's weights: engine/answer.py).
+        base: for a LoRA adapter, the base model it records (:func:`base_reference`), so that
+            ``AutoPeftModelForCausalLM`` finds it from any working directory.
+    """
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out)
+    adapter = out / "adapter_config.json"
+    if base is not None and adapter.is_file():
+        config = json.loads(adapter.read_text())
+        config["base_model_name_or_path"] = base
+        adapter.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def base_reference(cfg: ModelConfig) -> str | None:
+    """The base model as a LoRA adapter should name it so that it loads from anywhere: a local
+    directory as an absolute path (``builtin`` and ``package:`` resolved), else the hub name;
+    None when no base loadable by ``from_pretrained`` exists outside the run (``model.config``:
+    built at random; ``model.gguf_file``: a GGUF file)."""
+    if cfg.config is not None or cfg.gguf_file is not None:
+        return None
+    path = _resolve(cfg.name_or_path)
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
 
 
 def convert_gguf(src: str, gguf_file: str, out: str | Path, dtype: str = "float32") -> Path:

@@ -282,24 +282,47 @@ def complete(root: Path) -> list[Path]:
     return []
 
 
-def load(
-    path: Path, *, accelerator, model, optimizer, scheduler, sampler, mixer, loss=None
-) -> tuple[dict, dict]:
-    """Restore every component from ``path``, once it verifies; returns ``(state, rank_state)``.
-    ``optimizer=None, scheduler=None``: the weights (and the rest) without the training state."""
-    verify(path)
-    unwrapped = accelerator.unwrap_model(model)
+def trainable_tensors(model, keep: bool = True) -> dict | None:
+    """The trainable tensors on the CPU by parameter name, as a checkpoint stores them. FSDP2
+    shards are gathered: every rank must call this; ranks with ``keep=False`` take part and
+    get None."""
+    params = trainable(model)
+    if any(isinstance(p, DTensor) for _, p in params):
+        gathered = [(n, _full(p)) for n, p in params]
+        return dict(gathered) if keep else None
+    return {n: p.detach().cpu().contiguous() for n, p in params} if keep else None
+
+
+def load_trainable(path: Path, model, verified: bool = False) -> dict:
+    """Copy ``path/trainable.safetensors`` (a checkpoint, or a weights-only copy of an
+    evaluated step: engine/answer.py) into ``model``'s trainable parameters, once ``path``
+    verifies against its manifest; returns the parameters by name."""
+    if not verified:
+        verify(path)
     tensors = read(path, "trainable.safetensors", "safetensors")
-    params = dict(trainable(unwrapped))
+    params = dict(trainable(model))
     missing = set(params) - set(tensors)
     if missing:
-        raise ValueError(f"checkpoint {path} lacks parameters {sorted(missing)[:3]}...")
+        raise ConfigError(
+            f"checkpoint {path} lacks parameters {sorted(missing)[:3]}...; it was written for "
+            "another model or LoRA setting"
+        )
     with torch.no_grad():
         for name, p in params.items():
             value = tensors[name].to(p.device, p.dtype)
             if isinstance(p, DTensor):  # this rank's shard of the full tensor (no communication)
                 value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
             p.copy_(value)
+    return params
+
+
+def load(
+    path: Path, *, accelerator, model, optimizer, scheduler, sampler, mixer, loss=None
+) -> tuple[dict, dict]:
+    """Restore every component from ``path``, once it verifies; returns ``(state, rank_state)``.
+    ``optimizer=None, scheduler=None``: the weights (and the rest) without the training state."""
+    verify(path)
+    params = load_trainable(path, accelerator.unwrap_model(model), verified=True)
     if optimizer is None:  # weights only (mixtune eval)
         pass
     elif any(isinstance(p, DTensor) for p in params.values()):

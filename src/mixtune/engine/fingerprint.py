@@ -39,6 +39,8 @@ AMENDABLE = frozenset(
         "train.log_every",
         "train.save_every",
         "train.keep_checkpoints",
+        # Only decides which evaluated model final/ holds.
+        "train.final_model",
         # The same update, up to float rounding: a step is normalised by its global token
         # count however it is split into micro-batches or sharded (engine/step.py), and
         # recomputing activations computes the same ones.

@@ -13,9 +13,10 @@ The loop calls a loss's hooks (:class:`mixtune.losses.base.Loss`) and a mixer's
 (:class:`mixtune.mixers.base.Mixer`) directly. What the step, branch runs and loss hooks may
 read of the run is one :class:`~mixtune.engine.state.TrainState` (:attr:`Trainer.state`).
 The step itself is in :mod:`mixtune.engine.step`, the bookkeeping in
-:mod:`mixtune.engine.metrics`, the evaluations in :mod:`mixtune.engine.evaluation`. What is
-left here (about 390 lines) is kept whole on purpose: building the run, its control flow and
-the points where it calls each component read best as one class, top to bottom.
+:mod:`mixtune.engine.metrics`, the evaluations in :mod:`mixtune.engine.evaluation`, the run's
+answer (what ``final/`` holds) in :mod:`mixtune.engine.answer`. What is left here (about 425
+lines) is kept whole on purpose: building the run, its control flow and the points where it
+calls each component read best as one class, top to bottom.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from mixtune import config as config_mod
 from mixtune.config import RunConfig
 from mixtune.data import streaming
 from mixtune.data.sampler import MixtureSampler, SamplerExhausted
+from mixtune.data.tokenize import resolve_template
 from mixtune.engine import build, checkpoint, fingerprint, integrity, lock, probe
+from mixtune.engine.answer import Answer
 from mixtune.engine.evaluation import Evaluator
 from mixtune.engine.metrics import Metrics, data_summary
 from mixtune.engine.process import (  # noqa: F401  (re-exported)
@@ -51,7 +54,6 @@ from mixtune.engine.rundir import RunDir
 from mixtune.engine.state import TrainState
 from mixtune.engine.step import StepStats, check_finite_params, optimizer_step
 from mixtune.errors import ConfigError
-from mixtune.eval.constraints import best_feasible_for_run
 from mixtune.losses import logits
 from mixtune.mixers import DatasetInfo, DomainInfo, MixContext
 from mixtune.registry import LOSSES, MIXERS, build_method
@@ -174,6 +176,14 @@ class Trainer:
         self.evaluator = Evaluator(
             self.model, self.acc, self.tokenizer, self.all_domains, self.domains
         )
+        # The run's answer (final/): the evaluations so far and the weights it may need.
+        self.answer = Answer(
+            self.rundir,
+            self.dom_infos,
+            [DomainInfo(d.name, d.role, d.metric, d.reference) for d in self.all_domains],
+            tc.final_model,
+            self.acc,
+        )
         self.stop_signal: int | None = None
 
     @property
@@ -247,11 +257,16 @@ class Trainer:
             self.step = saved["step"]
             self.metrics.load_state_dict(saved, rank_saved)
             self.evaluator.load_state_dict(saved)
+            source = self.resume_from.resolve().parent.parent
+            self.answer.load_state_dict(saved, self.step, source)
             # Before the first resumed step: what the loss restored may change the training
             # data that step draws.
             self.loss_fn.on_resume(self.state)
         if self.acc.is_main_process:
             resume_step = None if self.resume_from is None else self.step
+            if resume_step is not None and self.rundir.adopt(self.resume_from, resume_step):
+                # Branching: a checkpoint of another run continued into this new directory.
+                self.answer.adopt(self.resume_from.resolve().parent.parent)
             self.rundir.start(cfg, resume_step, self.fingerprint, self.amendments)
             self.rundir.write_json("data.json", data_summary(self.train_sets, self.all_domains))
         self.acc.wait_for_everyone()
@@ -338,6 +353,7 @@ class Trainer:
         if not self.all_domains or not (force or (every and self.step % every == 0)):
             return
         self.record["eval"] = self.evaluator.scheduled(self.step)
+        self.answer.observe(self.step, self.record["eval"], self.model)
 
     def _update_mixer(self) -> None:
         if self.step != 0 and self.step not in self.updates:
@@ -384,9 +400,15 @@ class Trainer:
             mixer=self.mixer,
             loss=self.loss_fn,
             keep=self.cfg.train.keep_checkpoints,
-            state={**self.metrics.state_dict(), **self.evaluator.state_dict()},
+            state={
+                **self.metrics.state_dict(),
+                **self.evaluator.state_dict(),
+                **self.answer.state_dict(),
+            },
             rank_state=self.metrics.rank_state_dict(),
         )
+        if self.acc.is_main_process:
+            self.answer.prune()
 
     def _finish(self, t_start: float, base_elapsed: float) -> dict:
         elapsed = base_elapsed + time.perf_counter() - t_start
@@ -395,11 +417,20 @@ class Trainer:
         model = self.acc.unwrap_model(self.model)
         # FSDP2 shards: every rank takes part in the gather, rank 0 keeps the full tensors
         full = checkpoint.full_state_dict(model, keep=self.acc.is_main_process)
+        cfg_model = self.cfg.model
         if self.acc.is_main_process:
-            best = best_feasible_for_run(self.rundir.path, self.dom_infos)
+            # final/: the run's answer (engine/answer.py), said in the log
+            self.tokenizer.chat_template = resolve_template(
+                self.tokenizer, cfg_model.chat_template, quiet=True
+            )
+            best, selection = self.answer.finish(
+                model, self.tokenizer, full, self.step, build.base_reference(cfg_model)
+            )
             if best is not None:  # the best evaluated step with every constraint kept
                 summary["best_feasible"] = best
-            build.save_final(model, self.tokenizer, self.rundir.path / "final", full)
+            if selection is not None:
+                summary["selection"] = selection
+            self.answer.prune()
             self.rundir.write_json("summary.json", summary)
         self.acc.wait_for_everyone()
         return summary

@@ -161,6 +161,25 @@ class RunDir:
             keep = [ln for ln, rec in _records(self.metrics) if rec.get("step", 0) <= resume_step]
             _atomic_write(self.metrics, "".join(ln + "\n" for ln in keep))
 
+    def adopt(self, ckpt: Path, step: int) -> bool:
+        """Branching: continuing checkpoint ``ckpt`` of another run into this directory, which
+        holds no metrics yet. Copies that run's ``metrics.jsonl`` records up to ``step``, so this
+        run's metrics start where the source stopped and its evaluations (step 0 included) are
+        there for the report. True when this was a branch; the fingerprint checks of both runs
+        were done by :meth:`check_resume`."""
+        ckpt = Path(ckpt).resolve()
+        source = ckpt.parent.parent
+        if ckpt.parent.name != "checkpoints" or source == self.path.resolve():
+            return False
+        if self.metrics.is_file():  # this directory's own run, resumed from a foreign checkpoint
+            return False
+        self.path.mkdir(parents=True, exist_ok=True)
+        lines = []
+        if (source / "metrics.jsonl").is_file():
+            lines = [ln for ln, rec in _records(source / "metrics.jsonl") if rec["step"] <= step]
+        _atomic_write(self.metrics, "".join(ln + "\n" for ln in lines))
+        return True
+
     def append_metrics(self, record: dict) -> None:
         with open(self.metrics, "a") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")

@@ -9,8 +9,8 @@ References and violations are reported in the domain's own metric.
 The run's answer, as in DynaMiCS (Gualdoni et al. 2026): among the evaluated steps after 0
 whose every constraint is at or under its reference and whose summed target value is below the
 base model's, the one with the lowest summed target value; if there is none, keep the base
-model. Only steps that were checkpointed can be loaded back (``train.save_every`` = ``eval_every``
-and a large ``keep_checkpoints`` keep them all).
+model. The weights of the step that wins are kept by :mod:`mixtune.engine.answer`, which writes
+it to the run's ``final/``.
 """
 
 from __future__ import annotations
@@ -183,6 +183,40 @@ def select_best_feasible(
         targets={n: cons.value(m, n) for n in cons.targets},
         max_excess=cons.max_excess(m),
     )
+    return out
+
+
+def domain_results(
+    step_eval: dict, domains: Sequence, references: dict[str, float]
+) -> dict[str, dict]:
+    """Each domain's value at one evaluated step against its reference (``selection.json``'s
+    ``domains``): ``role``, ``metric``, ``value`` (in its metric); for constraints also
+    ``reference``, ``slack`` (how far inside the reference, in the domain's metric: >= 0 kept,
+    < 0 broken by that much) and ``kept``; null for the other roles.
+
+    Args:
+        step_eval: the ``eval`` section of one metrics record.
+        domains: objects with ``name, role, metric`` (test twins included, if wanted).
+        references: constraint references in native units (``select_best_feasible``'s).
+    """
+    out = {}
+    for d in domains:
+        if d.name not in step_eval:
+            continue
+        try:
+            value = loss_like(step_eval[d.name], d.metric, d.name)
+        except MixtuneError:  # (a monitor whose metric was not evaluated)
+            continue
+        ref = references.get(d.name) if d.role == "constraint" else None
+        slack = None if ref is None else native(ref, d.metric) - value
+        out[d.name] = {
+            "role": d.role,
+            "metric": d.metric,
+            "value": native(value, d.metric),
+            "reference": ref,
+            "slack": slack,
+            "kept": None if slack is None else slack >= -TOL,
+        }
     return out
 
 

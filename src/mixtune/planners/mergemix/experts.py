@@ -68,6 +68,7 @@ def expert_config(
         warmup_ratio=0.0,
         eval_every=0,
         save_every=save_every,
+        final_model="last",  # the task vector is the expert's last model (engine/answer.py)
     )
     return config_mod.from_dict(raw)
 

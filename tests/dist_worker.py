@@ -34,11 +34,16 @@ def collect(raw: dict) -> tuple[dict, torch.Tensor, loop.Trainer]:
     trainer = loop.Trainer(config.load(data=raw))
     processed, batches, updates = [], [], []
     real_collate, real_step, real_update = step.collate, trainer.train_step, trainer._update_mixer
+    real_pack = step.pack
 
     def spy_collate(ids, labels, pad_id, domain=None):
         if domain is not None:  # training micro-batches (probes' and evals' have no domain)
             processed.extend((int(d), tuple(int(t) for t in x)) for d, x in zip(domain, ids))
         return real_collate(ids, labels, pad_id, domain)
+
+    def spy_pack(ids, labels, domain=None):  # train.packing: training micro-batches
+        processed.extend((int(d), tuple(int(t) for t in x)) for d, x in zip(domain, ids))
+        return real_pack(ids, labels, domain)
 
     def spy_step(ds, ex):
         data = trainer.train_sets
@@ -61,13 +66,13 @@ def collect(raw: dict) -> tuple[dict, torch.Tensor, loop.Trainer]:
                 }
             )
 
-    step.collate = spy_collate
+    step.collate, step.pack = spy_collate, spy_pack
     trainer.train_step = spy_step
     trainer._update_mixer = spy_update
     try:
         summary = trainer.run()
     finally:
-        step.collate = real_collate
+        step.collate, step.pack = real_collate, real_pack
     # (FSDP2 shards are gathered: every rank then holds the whole vector)
     flat = torch.cat(
         [

@@ -89,6 +89,10 @@ CASES["cadft_fsdp"] = (
 FSDP["cadft_fsdp"] = "cadft_fsdp"
 for _name, _base in list(FSDP.items()):
     CASES.setdefault(_name, CASES[_base])
+# The same with padding-free packing (train.packing): one packed row per micro-batch.
+PACKED = {"dynamixsft_packed": "dynamixsft", "dynamics_packed": "dynamics", "exp3_packed": "exp3"}
+for _name, _base in PACKED.items():
+    CASES.setdefault(_name, CASES[_base])
 DEFAULT = ("dynamixsft", "dynamics")
 # Reward / alignment batches default to micro_batch_size x processes: with the micro-batch
 # pinned that grows with the process count, so the cases set mixer.batch_size (dynamixsft) or
@@ -103,6 +107,8 @@ def case_config(make_config, tmp_path, name: str) -> dict:
         raw["loss"] = loss
     if name in FSDP:
         raw["train"]["fsdp"] = True
+    if name in PACKED:
+        raw["train"]["packing"] = True
     for ev in raw["evals"]:
         ev["role"] = (roles or {}).get(ev["name"], "monitor")
     raw["output_dir"] = str(tmp_path / "dist")
@@ -167,7 +173,8 @@ def test_two_processes_match_one(name, make_config, tmp_path, monkeypatch):
             ]
 
         assert rewrites("dist") and rewrites("dist") == rewrites("single")
-    if name in ("dynamixsft", "dynamics", "exp3", "chase", "proxymix", "cadft_exp3", *FSDP):
+    moving = ("dynamixsft", "dynamics", "exp3", "chase", "proxymix", "cadft_exp3")
+    if name in (*moving, *FSDP, *PACKED):
         assert any(u["weights"] != [0.5, 0.5] for u in rank0), "the mixer never moved"
 
 

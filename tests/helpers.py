@@ -96,3 +96,34 @@ def torchrun(script, *args: str, timeout: float = 900):
         text=True,
         timeout=timeout,
     )
+
+
+def tiny_llama(vocab: int = 100, tie: bool = True, seed: int = 0):
+    """A 2-layer, 32-wide Llama with random weights (seeded)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            tie_word_embeddings=tie,
+        )
+    )
+
+
+def numeric_leaves(tree: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a metrics record, by dotted path (booleans and timings left out)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(numeric_leaves(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and "time" not in k:
+            out[f"{prefix}{k}"] = float(v)
+    return out

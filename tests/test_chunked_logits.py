@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers import numeric_leaves, tiny_llama
 from mixtune import config
 from mixtune.data.tokenize import IGNORE
 from mixtune.engine.loop import Trainer
@@ -41,21 +41,6 @@ def test_chunked_nll_equals_token_losses_in_values_and_gradients(chunk):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def _model(vocab=300, tie=True):
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg)
-
-
 def _batch(vocab=300):
     labels = _labels(3, 12, vocab)
     ids = labels.clamp(min=0)
@@ -66,7 +51,7 @@ def _batch(vocab=300):
 
 @pytest.mark.parametrize("loss_name", ["sft", "dft", "cadft"])
 def test_a_model_on_the_chunked_path_gives_the_full_path_losses_and_gradients(loss_name):
-    model, batch = _model(), _batch()
+    model, batch = tiny_llama(vocab=300), _batch()
     cls = LOSSES[loss_name]
     loss = cls(cls.Config() if cls.Config else None)
 
@@ -91,8 +76,8 @@ def test_a_model_on_the_chunked_path_gives_the_full_path_losses_and_gradients(lo
 
 
 def test_auto_chunks_only_large_vocabularies_and_full_never():
-    assert lg.configure(_model(vocab=300), "auto", 8) is False
-    big = _model(vocab=lg.AUTO_MIN_VOCAB, tie=False)
+    assert lg.configure(tiny_llama(vocab=300), "auto", 8) is False
+    big = tiny_llama(vocab=lg.AUTO_MIN_VOCAB, tie=False)
     assert lg.configure(big, "auto", 8) is True
     assert lg.configure(big, "full", 8) is False and not lg.is_chunked(big)
     assert lg.configure(big, "auto", 8, sharded=True) is False
@@ -100,7 +85,7 @@ def test_auto_chunks_only_large_vocabularies_and_full_never():
 
 def test_a_model_that_soft_caps_its_logits_keeps_the_full_path():
     """Gemma-2-style soft-capping after the output layer: not a projection of hidden states."""
-    model = _model()
+    model = tiny_llama(vocab=300)
 
     def cap(module, args, out):
         out["logits"] = torch.tanh(out.logits / 0.3) * 0.3
@@ -115,7 +100,7 @@ def test_a_wrapped_output_layer_is_refused():
     class Wrapped(torch.nn.Linear):
         pass
 
-    model = _model(tie=False)
+    model = tiny_llama(vocab=300, tie=False)
     old = model.lm_head
     model.lm_head = Wrapped(old.in_features, old.out_features, bias=False)
     with pytest.raises(ValueError, match="not a plain Linear"):
@@ -141,24 +126,14 @@ def test_a_run_on_the_chunked_path_tracks_the_full_path(make_config, tmp_path, l
     for ra, rb in zip(a, b):
         for key in ("train", "eval"):
             if key in ra:
-                flat_a = _numbers(ra[key])
-                flat_b = _numbers(rb[key])
+                flat_a = numeric_leaves(ra[key])
+                flat_b = numeric_leaves(rb[key])
                 assert flat_a.keys() == flat_b.keys()
                 for k in flat_a:
                     assert flat_b[k] == pytest.approx(flat_a[k], rel=1e-4, abs=1e-5), (key, k)
                     n += 1
     assert n > 10
     assert config.load(tmp_path / "chunked/config.yaml").train.logits == "chunked"
-
-
-def _numbers(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_numbers(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and "time" not in k:
-            out[f"{prefix}{k}"] = float(v)
-    return out
 
 
 def test_under_bf16_autocast_the_chunked_path_tracks_the_full_one():

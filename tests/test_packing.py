@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers import numeric_leaves, tiny_llama
 from mixtune import config
 from mixtune.data.collate import collate, pack
 from mixtune.data.tokenize import IGNORE
@@ -44,24 +44,10 @@ def test_pack_restarts_positions_and_never_targets_an_example_start():
     )
 
 
-def _model():
-    cfg = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg)
-
-
 @pytest.mark.parametrize("loss_name", ["sft", "dft"])
 @pytest.mark.parametrize("chunked", [False, True])
 def test_packed_and_padded_give_the_same_per_example_losses_and_gradients(loss_name, chunked):
-    model = _model()
+    model = tiny_llama(tie=False)
     lg.configure(model, "chunked" if chunked else "full", 4)
     cls = LOSSES[loss_name]
     loss = cls(cls.Config() if cls.Config else None)
@@ -85,7 +71,7 @@ def test_packed_and_padded_give_the_same_per_example_losses_and_gradients(loss_n
 
 
 def test_a_model_that_ignores_positions_is_refused():
-    model = _model()
+    model = tiny_llama(tie=False)
     assert lg.packing_problem(model) is None
 
     def drop_positions(module, args, kwargs):
@@ -116,8 +102,9 @@ def test_a_packed_run_tracks_the_padded_run_and_resumes_exactly(make_config, tmp
     for a, b in zip(padded, packed):
         for key in ("train", "eval"):
             if key in a:
-                for k, v in _numbers(a[key]).items():
-                    assert _numbers(b[key])[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (key, k)
+                got = numeric_leaves(b[key])
+                for k, v in numeric_leaves(a[key]).items():
+                    assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (key, k)
                     n += 1
     assert n > 10
     _run(raw, tmp_path, "split", "train.packing=true", stop_after=3)
@@ -128,16 +115,6 @@ def test_a_packed_run_tracks_the_padded_run_and_resumes_exactly(make_config, tmp
 
 def _strip_time(record):
     return {k: v for k, v in record.items() if k != "time"}
-
-
-def _numbers(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_numbers(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and "time" not in k:
-            out[f"{prefix}{k}"] = float(v)
-    return out
 
 
 def test_packing_with_a_loss_that_weights_rows_is_a_config_error(make_config, tmp_path):

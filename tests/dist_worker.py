@@ -41,9 +41,9 @@ def collect(raw: dict) -> tuple[dict, torch.Tensor, loop.Trainer]:
             processed.extend((int(d), tuple(int(t) for t in x)) for d, x in zip(domain, ids))
         return real_collate(ids, labels, pad_id, domain)
 
-    def spy_pack(ids, labels, domain=None):  # train.packing: training micro-batches
+    def spy_pack(ids, labels, domain=None, *args):  # train.packing: training micro-batches
         processed.extend((int(d), tuple(int(t) for t in x)) for d, x in zip(domain, ids))
-        return real_pack(ids, labels, domain)
+        return real_pack(ids, labels, domain, *args)
 
     def spy_step(ds, ex):
         data = trainer.train_sets

@@ -29,12 +29,12 @@ def _examples(seed=0, lengths=(7, 3, 11)):
 
 
 def test_pack_restarts_positions_and_never_targets_an_example_start():
-    ids, labels = _examples()
-    b = pack(ids, labels, np.array([1, 0, 1]))
+    ids, labels = _examples()  # lengths 7, 3, 11
+    b = pack(ids, labels, np.array([1, 0, 1]))  # one row, longest first
     assert b["input_ids"].shape == b["labels"].shape == b["position_ids"].shape == (1, 21)
-    assert b["position_ids"][0].tolist() == [*range(7), *range(3), *range(11)]
-    assert b["segment"].tolist() == [0] * 7 + [1] * 3 + [2] * 11
-    assert b["labels"][0, [0, 7, 10]].tolist() == [IGNORE] * 3
+    assert b["position_ids"][0].tolist() == [*range(11), *range(7), *range(3)]
+    assert b["segment"][0].tolist() == [2] * 11 + [0] * 7 + [1] * 3
+    assert b["labels"][0, [0, 11, 18]].tolist() == [IGNORE] * 3
     assert b["domain"].tolist() == [1, 0, 1]
     assert "attention_mask" not in b
     # Same supervised targets as the padded rows (a row's token 0 is never a target there).
@@ -42,6 +42,18 @@ def test_pack_restarts_positions_and_never_targets_an_example_start():
     assert int((b["labels"][:, 1:] != IGNORE).sum()) == int(
         (padded["labels"][:, 1:] != IGNORE).sum()
     )
+
+
+def test_pack_fills_rows_up_to_the_capacity_first_fit_decreasing():
+    ids, labels = _examples()  # lengths 7, 3, 11
+    b = pack(ids, labels, capacity=12, pad_id=99)
+    assert b["input_ids"].shape == (2, 11)  # [11] and [7, 3] + 1 padding token
+    assert b["segment"].tolist() == [[2] * 11, [0] * 7 + [1] * 3 + [-1]]
+    assert b["position_ids"][1].tolist() == [*range(7), *range(3), 0]
+    assert b["input_ids"][1, -1] == 99 and b["labels"][1, -1] == IGNORE
+    assert b["labels"][1, [0, 7]].tolist() == [IGNORE] * 2
+    # A capacity below the longest example is raised to it (11: rows [11] and [7, 3]).
+    assert pack(ids, labels, capacity=1)["segment"].tolist() == [[2] * 11, [0] * 7 + [1] * 3 + [-1]]
 
 
 @pytest.mark.parametrize("loss_name", ["sft", "dft"])
@@ -54,20 +66,26 @@ def test_packed_and_padded_give_the_same_per_example_losses_and_gradients(loss_n
     ids, labels = _examples(1)
     n_tokens = 13.0
     out = {}
-    for name, batch in {"padded": collate(ids, labels, 0), "packed": pack(ids, labels)}.items():
+    batches = {
+        "padded": collate(ids, labels, 0),
+        "packed": pack(ids, labels),
+        "packed rows": pack(ids, labels, capacity=12),
+    }
+    for name, batch in batches.items():
         model.zero_grad()
         terms = lg.loss_terms(loss, model, batch)
         reduce(terms.per_token, terms.mask, terms.token_weights, None, n_tokens).backward()
         if name == "padded":
             per_example = sequence_mean(terms.per_token.detach(), terms.mask)
-        else:  # per segment of the packed row
-            seg = batch["segment"][1:]
-            nll, m = terms.per_token.detach()[0], terms.mask[0]
+        else:  # per segment of the packed rows
+            seg = batch["segment"][:, 1:]
+            nll, m = terms.per_token.detach(), terms.mask
             per_example = torch.stack([nll[(seg == i) & m].mean() for i in range(len(ids))])
         out[name] = (per_example, [p.grad.clone() for p in model.parameters()])
-    torch.testing.assert_close(out["packed"][0], out["padded"][0], atol=1e-5, rtol=1e-5)
-    for a, b in zip(out["packed"][1], out["padded"][1]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for packed in ("packed", "packed rows"):
+        torch.testing.assert_close(out[packed][0], out["padded"][0], atol=1e-5, rtol=1e-5)
+        for a, b in zip(out[packed][1], out["padded"][1]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_a_model_that_ignores_positions_is_refused():

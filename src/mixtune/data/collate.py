@@ -32,27 +32,59 @@ def collate(
 
 
 def pack(
-    ids: list[np.ndarray], labels: list[np.ndarray], domain: np.ndarray | None = None
+    ids: list[np.ndarray],
+    labels: list[np.ndarray],
+    domain: np.ndarray | None = None,
+    capacity: int | None = None,
+    pad_id: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Concatenate examples into one row, without padding (``train.packing``).
+    """Examples packed into rows without padding between them (``train.packing``).
 
-    Returns input_ids, labels and position_ids (1, N) and ``segment`` (N,), each token's
-    example index. Positions restart at 0 for every example, and with no attention mask the
-    model (transformers' packed-sequence masking) lets no token attend across examples. Each
-    example's first label becomes ``IGNORE``: in a row of one example, token 0 is never a target
-    (position t predicts t+1); in a packed row it would be the previous example's last target.
+    ``capacity``: the most tokens in a row (at least the longest example); examples go into
+    rows first-fit by decreasing length, so attention -- quadratic in the row length under a
+    dense packed-sequence mask -- stays within rows of about ``max_length`` and the only padding
+    is at row ends. None: all examples in one row.
+
+    Returns input_ids, labels and position_ids (R, T) and ``segment`` (R, T): each token's
+    example index, -1 on row-end padding. Positions restart at 0 for every example (and for a
+    row's padding), and with no attention mask the model (transformers' packed-sequence masking)
+    lets no token attend across examples. Each example's first label becomes ``IGNORE``: in a
+    row of one example token 0 is never a target (position t predicts t+1); in a packed row it
+    would be the previous example's last target.
     """
-    n = sum(len(x) for x in ids)
-    input_ids = np.concatenate(ids).astype(np.int64)
-    lab = np.concatenate(labels).astype(np.int64)
-    starts = np.cumsum([0] + [len(x) for x in ids[:-1]])
-    lab[starts] = IGNORE
-    positions = np.concatenate([np.arange(len(x)) for x in ids])
-    segment = np.repeat(np.arange(len(ids)), [len(x) for x in ids])
+    lengths = [len(x) for x in ids]
+    cap = max(capacity or sum(lengths), max(lengths))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(ids)), key=lambda i: -lengths[i]):  # stable: ties keep order
+        r = next((r for r, left in enumerate(room) if left >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            room.append(cap)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    t = max(cap - left for left in room)
+    shape = (len(rows), t)
+    input_ids = np.full(shape, pad_id, np.int64)
+    lab = np.full(shape, IGNORE, np.int64)
+    positions = np.zeros(shape, np.int64)
+    segment = np.full(shape, -1, np.int64)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            n = lengths[i]
+            input_ids[r, at : at + n] = ids[i]
+            lab[r, at : at + n] = labels[i]
+            lab[r, at] = IGNORE
+            positions[r, at : at + n] = np.arange(n)
+            segment[r, at : at + n] = i
+            at += n
+        positions[r, at:] = np.arange(t - at)  # padding: a sequence of its own, never trained
     batch = {
-        "input_ids": torch.from_numpy(input_ids).view(1, n),
-        "labels": torch.from_numpy(lab).view(1, n),
-        "position_ids": torch.from_numpy(positions).view(1, n),
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(lab),
+        "position_ids": torch.from_numpy(positions),
         "segment": torch.from_numpy(segment),
     }
     if domain is not None:

@@ -49,7 +49,10 @@ def optimizer_step(
         d, e = ds[sl], ex[sl]
         ids = [sets[k].data.input_ids[j] for k, j in zip(d, e)]
         labels = [sets[k].data.labels[j] for k, j in zip(d, e)]
-        batch = pack(ids, labels, d) if tc.packing else collate(ids, labels, state.pad_token_id, d)
+        if tc.packing:  # rows of about max_length tokens, no padding between examples
+            batch = pack(ids, labels, d, tc.max_length, state.pad_token_id)
+        else:
+            batch = collate(ids, labels, state.pad_token_id, d)
         batch["index"] = torch.as_tensor(e, dtype=torch.long)
         batches.append({k: v.to(device) for k, v in batch.items()})
     # The loss may need the whole step first (statistics over the global batch).
@@ -72,10 +75,12 @@ def optimizer_step(
                 * state.world
             )
             state.acc.backward(loss)
-        if "segment" in batch:  # one packed row: each target token's example -> its dataset
-            where = batch["domain"][batch["segment"][1:]]
-            stats[:, 0].index_add_(0, where, (terms.per_token.detach() * terms.mask)[0].double())
-            stats[:, 1].index_add_(0, where, terms.mask[0].double())
+        if "segment" in batch:  # packed rows: each target token's example -> its dataset
+            owner = batch["segment"][:, 1:].clamp(min=0)  # padding (-1) is never a target
+            where = batch["domain"][owner].flatten()
+            nll = (terms.per_token.detach() * terms.mask).double().flatten()
+            stats[:, 0].index_add_(0, where, nll)
+            stats[:, 1].index_add_(0, where, terms.mask.double().flatten())
         else:
             seq_nll = (terms.per_token.detach() * terms.mask).sum(-1).double()  # (B,)
             stats[:, 0].index_add_(0, batch["domain"], seq_nll)

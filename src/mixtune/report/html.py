@@ -59,42 +59,12 @@ def write_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | No
         ("Training loss", plots.train_loss(records, out / "train_loss.png", colours)),
     ]
     tags = {d: v["role"][0].upper() for d, v in domains.items() if v["role"] in TAGGED}
+    loss_like_refs = {d: -v for d, v in refs["accuracy"].items()} | refs["loss"]
     folded: list[str] = []
     for section in ("mixer", "loss"):
-        loss_like_refs = {d: -v for d, v in refs["accuracy"].items()} | refs["loss"]
-        pred = plots.predictions(
-            records, section, out / f"{section}_predictions.png", colours, loss_like_refs
-        )
-        figures.append((f"{section}: predicted vs realised", pred))
-        history = plots.matrix_history(records, section)
-        for i, (key, logged) in enumerate(history.items()):
-            step, matrix = logged[-1]
-            title = f"{section}: {key} at step {step} (latest)"
-            path = out / f"{section}_matrix_{i:02d}.png"
-            figures.append((title, plots.heatmap(title, matrix, path, tags, colours)))
-            if len(logged) > 1:
-                title = f"{section}: {key} at each update"
-                path = out / f"{section}_matrix_{i:02d}_history.png"
-                figures.append((title, plots.heatmap_history(title, logged, path, tags, colours)))
-        i, scalars = 0, {}
-        for title, lines in plots.numeric_series(records, section).items():
-            if pred is not None and title in PREDICTION_KEYS:
-                continue
-            if plots.is_flat(lines):
-                folded.append(_flat(section, title, lines))
-            elif list(lines) == [title]:  # one number per record: a small panel
-                scalars[title] = lines[title]
-            else:
-                path = out / f"{section}_{i:02d}.png"
-                i += 1
-                figures.append(
-                    (f"{section}: {title}", plots.series_plot(title, lines, path, colours))
-                )
-        if scalars:
-            title = f"{section}: scalar diagnostics"
-            figures.append(
-                (title, plots.scalar_panels(title, scalars, out / f"{section}_scalars.png"))
-            )
+        drawn, flat = _section_figures(records, section, out, colours, tags, loss_like_refs)
+        figures += drawn
+        folded += flat
 
     parts = [f"<h1>mixtune run report</h1><p><code>{html.escape(str(run.resolve()))}</code></p>"]
     if answer is not None:
@@ -126,6 +96,48 @@ def write_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | No
     )
     (out / "index.html").write_text(page)
     return out / "index.html"
+
+
+def _section_figures(
+    records: list[dict],
+    section: str,
+    out: Path,
+    colours: dict[str, str],
+    tags: dict[str, str],
+    refs: dict[str, float],
+) -> tuple[list[tuple[str, Path | None]], list[str]]:
+    """What a mixer (or a loss) logged under ``section``: its predictions against what
+    happened, each matrix at its latest step and at each step it was logged, its series with
+    more than one line, its scalars as small panels of one figure; returns the figures and the
+    series that never moved (as list items, folded in the page, not drawn)."""
+    pred = plots.predictions(records, section, out / f"{section}_predictions.png", colours, refs)
+    figures = [(f"{section}: predicted vs realised", pred)]
+    for i, (key, logged) in enumerate(plots.matrix_history(records, section).items()):
+        step, matrix = logged[-1]
+        title = f"{section}: {key} at step {step} (latest)"
+        path = out / f"{section}_matrix_{i:02d}.png"
+        figures.append((title, plots.heatmap(title, matrix, path, tags, colours)))
+        if len(logged) > 1:
+            title = f"{section}: {key} at each update"
+            path = out / f"{section}_matrix_{i:02d}_history.png"
+            figures.append((title, plots.heatmap_history(title, logged, path, tags, colours)))
+    folded, scalars, i = [], {}, 0
+    for title, lines in plots.numeric_series(records, section).items():
+        if pred is not None and title in PREDICTION_KEYS:
+            continue
+        if plots.is_flat(lines):
+            folded.append(_flat(section, title, lines))
+        elif list(lines) == [title]:  # one number per record: a small panel
+            scalars[title] = lines[title]
+        else:
+            path = out / f"{section}_{i:02d}.png"
+            i += 1
+            figures.append((f"{section}: {title}", plots.series_plot(title, lines, path, colours)))
+    if scalars:
+        title = f"{section}: scalar diagnostics"
+        path = out / f"{section}_scalars.png"
+        figures.append((title, plots.scalar_panels(title, scalars, path)))
+    return figures, folded
 
 
 def answer_table(answer: Answer) -> str:

@@ -67,7 +67,7 @@ FULL = Budget(
     eval_every=50,
     max_length=192,
     lr=5e-4,
-    update_every=25,
+    update_every=50,
     probe_steps=25,
 )
 QUICK = Budget(
@@ -77,8 +77,8 @@ QUICK = Budget(
     eval_every=20,
     max_length=160,
     lr=1e-3,
-    update_every=10,
-    probe_steps=10,
+    update_every=20,
+    probe_steps=20,
 )
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from mixtune import config
 from mixtune.engine.loop import Trainer
+from mixtune.engine.rundir import read_metrics
 from mixtune.report import write_report
 from mixtune.report.answer import read_answer
 
@@ -68,7 +69,7 @@ FULL = Budget(
     max_length=192,
     lr=5e-4,
     update_every=50,
-    probe_steps=25,
+    probe_steps=12,
 )
 QUICK = Budget(
     40,
@@ -198,7 +199,7 @@ def base_losses(root: Path, budget: Budget, seed: int) -> dict:
 def cell_result(run_dir: Path, summary: dict, answered: bool) -> dict:
     """What the table shows of one cell: the base model's evaluation, the one of the model it
     hands over (the last step; DynaMiCS: its answer) and, for DynaMiCS, the answer itself."""
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     evals = {r["step"]: r["eval"] for r in records if "eval" in r}
     out = {
         "before": evals[0],

@@ -59,7 +59,13 @@ BASE_SHAPE = {
 
 
 def run_config(
-    method: str, seed: int, steps: int, update_every: int, out: Path, random_init: bool
+    method: str,
+    seed: int,
+    steps: int,
+    update_every: int,
+    out: Path,
+    random_init: bool,
+    packing: bool = False,
 ) -> dict:
     mixer = dict(METHODS[method])
     if mixer["name"] == "dynamixsft":
@@ -99,6 +105,7 @@ def run_config(
             "eval_every": 0,
             "log_every": 10,
             "save_every": 0,
+            "packing": packing,
         },
     }
 
@@ -108,7 +115,7 @@ def worker(cfg_path: str, threads: int) -> None:
     """One run; prints a JSON line with final metrics and the split of the wall time."""
     pin_threads(threads)
     from mixtune import config
-    from mixtune.engine import loop
+    from mixtune.engine import evaluation, loop
 
     spent = {"eval": 0.0, "mixer": 0.0, "save": 0.0}
 
@@ -122,7 +129,8 @@ def worker(cfg_path: str, threads: int) -> None:
 
         return wrapper
 
-    loop.evaluate = timed("eval", loop.evaluate)
+    # Every evaluation (scheduled and the mixer's) goes through evaluate_examples.
+    evaluation.evaluate_examples = timed("eval", evaluation.evaluate_examples)
     loop.Trainer._update_mixer = timed("mixer", loop.Trainer._update_mixer)
     loop.Trainer._save = timed("save", loop.Trainer._save)
     loop.Trainer._finish = timed("save", loop.Trainer._finish)
@@ -157,6 +165,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--random-init", action="store_true")
+    ap.add_argument("--packing", action="store_true", help="train.packing=true in every run")
     ap.add_argument("--json", help="also write every run's record here")
     ap.add_argument("--worker", nargs=2, metavar=("CONFIG", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -174,7 +183,7 @@ def main() -> None:
     started = time.time()
     for seed in range(args.seeds):
         for m in methods:  # alternate methods within a seed: ratios are side by side
-            cfg = run_config(m, seed, args.steps, args.update_every, tmp, random_init)
+            cfg = run_config(m, seed, args.steps, args.update_every, tmp, random_init, args.packing)
             path = tmp / f"{m}-s{seed}.json"
             path.write_text(json.dumps(cfg))
             res = run_worker(

@@ -133,7 +133,7 @@ COMMANDS: dict[str, Command] = {
     "demo": Command(
         commands.demo,
         [
-            arg("--quick", action="store_true", help="a short version (about 30 s)"),
+            arg("--quick", action="store_true", help="a short version (about a minute)"),
             arg("--output-dir", default="runs/demo", help="where to write (default runs/demo)"),
             arg("--seed", type=int, default=0, help="random seed (default 0)"),
             arg("--mixtures", help="comma-separated subset of the mixtures to run (default: all)"),

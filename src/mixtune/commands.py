@@ -223,10 +223,12 @@ def demo(args, s: Session) -> None:
     """fine-tune the embedded base model under several mixtures (offline, CPU)
 
     Fine-tunes mixtune's tiny built-in base model toward two new skills (code, word_problems)
-    under several mixtures — targets only, uniform over targets and general data, and the
-    dynamic mixers — and prints a per-domain before/after table marking each constraint kept
-    or broken. About 3 minutes on 2 CPU cores (--quick: about 30 s). Writes
-    OUTPUT_DIR/report.html and one run directory per mixture.
+    under three mixtures — targets only, uniform over targets and general data, and DynaMiCS
+    (mixer dynamics, which hands over its answer: the best step that kept every constraint) —
+    and prints a per-domain before/after table marking each constraint kept or broken, with
+    DynaMiCS's chosen step, target gain and model path. About 3 minutes on 2 CPU cores
+    (--quick: under a minute). Writes OUTPUT_DIR/report.html and one run directory per
+    mixture.
     """
     from mixtune.demo import run_demo
 

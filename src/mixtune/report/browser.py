@@ -1,7 +1,8 @@
 """Render a report page in a real headless browser and save a screenshot.
 
-Used by ``scripts/screenshot_report.py`` (the README's picture) and by a test that checks the
-page renders offline. It needs a Chromium binary (Debian: ``apt-get install chromium``); the
+Used by ``scripts/screenshot_report.py`` (the README's picture) and by tests that check the
+page renders offline (:func:`screenshot`) and what text the rendered page holds
+(:func:`rendered_text`). It needs a Chromium binary (Debian: ``apt-get install chromium``); the
 browser runs with networking off, so a page that needed the network would render broken.
 """
 
@@ -54,3 +55,20 @@ def screenshot(
     if proc.returncode != 0 or not out.is_file():
         raise RuntimeError(f"{browser} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return out
+
+
+def rendered_text(page: str | Path, timeout: float = 120.0) -> str:
+    """The DOM of ``page`` (a local HTML file) as the browser serialises it after rendering.
+
+    Raises ``RuntimeError`` as :func:`screenshot` does.
+    """
+    browser = find_browser()
+    if browser is None:
+        raise RuntimeError("no Chromium-family browser on PATH (Debian: apt-get install chromium)")
+    with tempfile.TemporaryDirectory(prefix="mixtune-browser-") as profile:
+        cmd = [browser, *FLAGS, f"--user-data-dir={profile}", "--dump-dom"]
+        cmd.append(Path(page).resolve().as_uri())
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0 or "<body" not in proc.stdout:
+        raise RuntimeError(f"{browser} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return proc.stdout

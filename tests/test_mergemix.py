@@ -150,6 +150,16 @@ def test_default_picks_a_measured_merge_where_the_surrogate_extrapolates_wrongly
     assert _bowl(picked.alpha)["d"]["loss"] <= best_seed
 
 
+def test_tied_optimum_stays_inside_the_trust_region():
+    """A tree's tied optimum spanning two balls of the (non-convex) trust region: their mean
+    lies in neither, so the proposal is the tied candidate nearest it."""
+    cand = np.array([[1.0, 0, 0], [0, 1.0, 0], [0.5, 0.5, 0]])
+    seen, util, ok = cand[:2], np.array([1.0, 1.0, 0.0]), np.ones(3, bool)
+    assert search._best(cand, util, ok, np.zeros(3))[0].tolist() == [0.5, 0.5, 0]
+    inside, _ = search._best(cand, util, ok, np.zeros(3), seen, 0.1)
+    assert inside.tolist() in seen.tolist()
+
+
 @pytest.mark.parametrize("name", ["gbt", "gp", "quadratic"])
 def test_default_alpha_is_always_a_measured_merge(name):
     res = search.run(

@@ -244,7 +244,7 @@ def run(
                 f"refit round {rnd + 1}",
             )
             continue
-        alpha, ok = _best(cand, util, feasible, viol)
+        alpha, ok = _best(cand, util, feasible, viol, seen, radius)
         proposal, selected = alpha, "surrogate"
         if select == "measured":
             if np.abs(seen - alpha).sum(1).min() > 1e-6:  # measure the proposal, once
@@ -282,15 +282,20 @@ def dirichlet_candidates(k: int, n: int, rng: np.random.Generator) -> np.ndarray
     return np.vstack([sg.dirichlet(k, n, rng), np.eye(k), np.full((1, k), 1.0 / k)])
 
 
-def _best(cand, util, feasible, viol) -> tuple[np.ndarray, bool]:
+def _best(cand, util, feasible, viol, seen=None, radius=None) -> tuple[np.ndarray, bool]:
+    """The mean of the tied best candidates; with a trust region (``seen``, ``radius``: a union
+    of balls, not convex) the tied candidate nearest that mean when the mean falls outside."""
     if feasible.any():
         u = np.where(feasible, util, -np.inf)
         top = u.max()
-        tied = u >= top - 1e-9 * (abs(top) + 1)
-        return cand[tied].mean(0), True
-    low = viol.min()
-    tied = viol <= low + 1e-12
-    return cand[tied].mean(0), False
+        tied, ok = u >= top - 1e-9 * (abs(top) + 1), True
+    else:
+        tied, ok = viol <= viol.min() + 1e-12, False
+    alpha = cand[tied].mean(0)
+    if radius is not None and not within(alpha[None], seen, radius)[0]:
+        pts = cand[tied]
+        alpha = pts[((pts - alpha) ** 2).sum(1).argmin()]
+    return alpha, ok
 
 
 def _top_k(cand, util, feasible, viol, table, k) -> np.ndarray:

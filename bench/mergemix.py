@@ -7,14 +7,17 @@
 Part A (the built-in pretrained base, ``model.name_or_path: builtin``; a random init of the same
 shape with ``--random-init`` or when the base is not built): plan on four built-in datasets
 (arithmetic, word_problems, code, dialogue) with the objective "mean of the target domains'
-losses as ratios to the base model's" (arithmetic, word_problems, code eval splits;
-``objective.normalize: base``), experts of steps/4 constant-LR steps, 20 seed merges, the
-default ``gbt`` surrogate; then train 10 mixtures for real for ``--steps`` steps each --
-MergeMix's α*, the α* the ``gp`` and ``quadratic`` surrogates pick from the same merges, the
-best evaluated merge, uniform, proportional and 4 Dirichlet(1) draws -- and compare: Spearman
-ρ(merged proxy, real) and ρ(surrogate, real) (also per domain); the real objective and rank of
-each named mixture; the search cost against the grid of full runs it replaces (tokens, and
-seconds measured in this process: the grid's seconds = R × the median real run).
+losses" (arithmetic, word_problems, code eval splits) normalised by ``--normalize`` (default
+``spread``: z-scores over the seed merges; ``base``: ratios to the base model), experts of
+steps/4 constant-LR steps, 20 seed merges, the default ``gbt`` surrogate and the default
+selection (``--select measured``: α* is the best measured merge); then train 10 mixtures for
+real for ``--steps`` steps each -- MergeMix's α*, the α* the paper's rule picks from the same
+merges (``mergemix-surrogate``: the gbt optimum over the whole simplex), uniform, proportional
+and Dirichlet(1) draws -- and compare: Spearman ρ(merged proxy, real) and ρ(surrogate, real)
+on the planning objective, on the ``base``-normalised objective, on the plain mean target loss
+and per domain; each domain's share of the objective; the real objective and rank of each named
+mixture; the search cost against the grid of full runs it replaces (tokens, and seconds
+measured in this process: the grid's seconds = R × the median real run).
 
 Part B (cross-scale, both models built from configs, nothing pretrained): the same plan on a
 small random-init Llama (hidden 64, 2 layers); its 10 mixtures trained for real on the small
@@ -68,6 +71,8 @@ def plan_dict(
     batches: int,
     n_seeds: int,
     scales: dict | None = None,
+    normalize: str = "spread",
+    select: str = "measured",
 ) -> dict:
     run = {
         "output_dir": str(out / "train"),
@@ -115,8 +120,8 @@ def plan_dict(
         "output_dir": str(out),
         "progress": False,
         "experts": {"steps": max(1, steps // 4)},
-        "objective": {"normalize": "base"},
-        "search": {"surrogate": "gbt", "n_seeds": n_seeds},
+        "objective": {"normalize": normalize},
+        "search": {"surrogate": "gbt", "n_seeds": n_seeds, "select": select},
         "validate": {"n_mixtures": mixtures, "scales": scales},
     }
 
@@ -132,26 +137,27 @@ def run_part(name: str, raw: dict) -> dict:
     t0 = time.perf_counter()
     planner = Planner(pc, run)
     result = plan(pc, run, planner)
-    # alpha* of the other surrogates on the same seed merges (cached: no new evaluations), and
-    # the best merge actually evaluated (search.select: measured) -- validated alongside
-    K, extra_mix = len(planner.names), []
-    for name_ in ("gp", "quadratic"):
-        res = search.run(
-            planner.evaluator,
-            K,
-            objective=planner.objective,
-            bounds=planner.bounds,
-            surrogate=name_,
-            n_seeds=pc.search.n_seeds,
-            n_candidates=pc.search.n_candidates,
-            seed=run.seed,
-            loo=False,
-        )
-        extra_mix.append(
-            {"label": f"mergemix-{name_}", "weights": dict(zip(planner.names, res.alpha.tolist()))}
-        )
-    best = min(result["table"], key=lambda t: t["objective"])
-    extra_mix.append({"label": "best-merge", "weights": dict(zip(planner.names, best["alpha"]))})
+    # the paper's rule on the same seed merges (cached: no new evaluations): the surrogate's
+    # optimum over the whole simplex, unmeasured -- validated alongside
+    K = len(planner.names)
+    faithful = search.run(
+        planner.evaluator,
+        K,
+        objective=planner.objective,
+        bounds=planner.bounds,
+        surrogate=pc.search.surrogate,
+        n_seeds=pc.search.n_seeds,
+        n_candidates=pc.search.n_candidates,
+        seed=run.seed,
+        loo=False,
+        select="surrogate",
+    )
+    extra_mix = [
+        {
+            "label": "mergemix-surrogate",
+            "weights": dict(zip(planner.names, faithful.alpha.tolist())),
+        }
+    ]
     raw = {**raw, "validate": {**raw["validate"], "mixtures": extra_mix}}
     pc, _ = load(None, data=raw)
     planner.pc = pc
@@ -166,21 +172,27 @@ def run_part(name: str, raw: dict) -> dict:
     for s in ("gbt", "gp", "quadratic"):
         ys = [[t["scores"][d]["loss"] for t in table_] for d in TARGETS]
         loo[s] = [sg.leave_one_out(s, X, y)["r2"] for y in ys]
-    # the plain (unnormalised) mean target loss, from the same runs
+    # the same runs scored with the other objectives: ratios to the base model, plain mean
     from scipy.stats import spearmanr
 
+    base = result["base"]
+    other = {
+        "base-normalised objective": {d: 1.0 / base[d]["loss"] for d in TARGETS},
+        "plain mean target loss": {d: 1.0 for d in TARGETS},
+    }
     extra = []
     for scale, reals in v["real_scores"].items():
-        px = [sum(m["proxy_scores"][d]["loss"] for d in TARGETS) for m in v["mixtures"]]
-        rl = [sum(x[d]["loss"] for d in TARGETS) for x in reals]
-        r = spearmanr(px, rl)
-        extra.append(
-            {
-                "what": f"proxy vs real ({scale}), plain mean target loss",
-                "rho": float(r.statistic),
-                "p": float(r.pvalue),
-            }
-        )
+        for what, w in other.items():
+            px = [sum(w[d] * m["proxy_scores"][d]["loss"] for d in TARGETS) for m in v["mixtures"]]
+            rl = [sum(w[d] * x[d]["loss"] for d in TARGETS) for x in reals]
+            r = spearmanr(px, rl)
+            extra.append(
+                {
+                    "what": f"proxy vs real ({scale}), {what}",
+                    "rho": float(r.statistic),
+                    "p": float(r.pvalue),
+                }
+            )
     real_secs = []
     for scale in v["real"]:
         for m in v["mixtures"]:
@@ -210,8 +222,9 @@ def report(parts: list[dict], args, cmd: str, threads: int, base_kind: str) -> s
         f"{platform.python_version()}.  ",
         f"Part A base model: {base_kind}. Steps per real run: {args.steps}; experts: "
         f"{max(1, args.steps // 4)} constant-LR steps; {args.n_seeds} seed merges; "
-        f"objective: mean of the loss ratios to the base model (`normalize: base`) on "
-        f"{', '.join(TARGETS)} (eval splits, {args.batches}x16 examples each).",
+        f"objective: mean target loss on {', '.join(TARGETS)} (eval splits, "
+        f"{args.batches}x16 examples each), `normalize: {args.normalize}`; "
+        f"`select: {args.select}`; {args.mixtures} mixtures trained for real.",
         "",
     ]
     for p in parts:
@@ -220,7 +233,19 @@ def report(parts: list[dict], args, cmd: str, threads: int, base_kind: str) -> s
         lines += [
             f"## {p['name']}",
             "",
-            "alpha* = " + ", ".join(f"{n} {a:.3f}" for n, a in zip(r["datasets"], r["alpha"])),
+            "alpha* = "
+            + ", ".join(f"{n} {a:.3f}" for n, a in zip(r["datasets"], r["alpha"]))
+            + f" (selected by: {r['selected_by']}; trust radius "
+            + (f"{r['trust_radius']:.3f}" if r.get("trust_radius") else "none")
+            + f"; the surrogate's proposal measured {r['proposal']['measured_objective']:.4f})",
+            "",
+            "Objective share per domain (|w|·sd / Σ|w|·sd): seed merges "
+            + ", ".join(f"{d} {x:.2f}" for d, x in r["objective"]["shares"].items())
+            + "; "
+            + "; ".join(
+                f"{what} " + ", ".join(f"{d} {x:.2f}" for d, x in sh.items())
+                for what, sh in v["shares"].items()
+            ),
             "",
         ]
         lines += [
@@ -260,14 +285,7 @@ def report(parts: list[dict], args, cmd: str, threads: int, base_kind: str) -> s
         for s, ys in v["real"].items():
             order = sorted(range(len(ys)), key=lambda i: ys[i])
             rank = {labels[i]: k + 1 for k, i in enumerate(order)}
-            named = [
-                "mergemix",
-                "mergemix-gp",
-                "mergemix-quadratic",
-                "best-merge",
-                "uniform",
-                "proportional",
-            ]
+            named = ["mergemix", "mergemix-surrogate", "uniform", "proportional"]
             text = ", ".join(
                 f"{x} {ys[labels.index(x)]:.4f} (#{rank[x]})" for x in named if x in labels
             )
@@ -308,6 +326,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=None, help="eval batches of 16 (default 8)")
     ap.add_argument("--random-init", action="store_true")
     ap.add_argument("--no-cross-scale", action="store_true")
+    ap.add_argument("--normalize", default="spread", choices=["spread", "base", "none"])
+    ap.add_argument("--select", default="measured", choices=["measured", "surrogate"])
     ap.add_argument("--out", default="/tmp/mixtune-bench-mergemix")
     ap.add_argument(
         "--results",
@@ -344,7 +364,16 @@ def main() -> None:
     parts = [
         run_part(
             "Part A: proxy fidelity and quality on the built-in base",
-            plan_dict(out / "A", model, args.steps, args.mixtures, args.batches, args.n_seeds),
+            plan_dict(
+                out / "A",
+                model,
+                args.steps,
+                args.mixtures,
+                args.batches,
+                args.n_seeds,
+                normalize=args.normalize,
+                select=args.select,
+            ),
         )
     ]
     if not args.no_cross_scale:
@@ -362,6 +391,8 @@ def main() -> None:
                     args.batches,
                     args.n_seeds,
                     scales={"large": big},
+                    normalize=args.normalize,
+                    select=args.select,
                 ),
             )
         )

@@ -10,7 +10,7 @@ from mixtune import config
 from mixtune.errors import ConfigError
 from mixtune.planners.mergemix import search
 from mixtune.planners.mergemix import surrogate as sg
-from mixtune.planners.mergemix.config import PlanConfig, bounds_of
+from mixtune.planners.mergemix.config import PlanConfig, bounds_of, objective_of
 from mixtune.planners.mergemix.config import load as load_plan
 from mixtune.planners.mergemix.mixture import from_ratios, ratio_scale, to_ratios
 from mixtune.planners.mergemix.planner import Planner, plan
@@ -42,6 +42,7 @@ def test_surrogate_and_search_recover_a_known_optimum(name, rounds, tol, gap):
         top_k=4,
         seed=0,
         loo=False,
+        select="surrogate",
     )
     assert np.isclose(res.alpha.sum(), 1) and np.all(res.alpha >= 0)
     assert np.abs(res.alpha - A0).sum() < tol, res.alpha
@@ -66,6 +67,7 @@ def test_gbt_search_lands_near_a_known_optimum():
             top_k=4,
             seed=seed,
             loo=False,
+            select="surrogate",
         )
         gaps.append(_bowl(res.alpha)["d"]["loss"] - 1.0)
     # a uniformly random alpha averages a gap of ~0.64; the vertices 0.9 to 2.4
@@ -90,6 +92,7 @@ def test_bounds_move_the_optimum_onto_the_feasible_side():
         n_seeds=15,
         n_candidates=20_000,
         loo=False,
+        select="surrogate",
     )
     bound = search.Bound("c", "loss", 0.25, upper=True)
     tied = search.run(
@@ -101,9 +104,126 @@ def test_bounds_move_the_optimum_onto_the_feasible_side():
         n_seeds=15,
         n_candidates=20_000,
         loo=False,
+        select="surrogate",
     )
     assert free.alpha[0] > 0.45 and tied.feasible
     assert 0.2 < tied.alpha[0] <= 0.25 + 1e-6
+    # the default picks the best *measured* merge that respects the bound
+    picked = search.run(
+        two, 3, objective=obj, bounds=[bound], surrogate="quadratic", n_seeds=15, loo=False
+    )
+    ok = [t for t in picked.table if t["scores"]["c"]["loss"] <= 0.25]
+    assert picked.feasible and picked.alpha[0] <= 0.25
+    assert two(picked.alpha)["t"]["loss"] == min(t["scores"]["t"]["loss"] for t in ok)
+
+
+class _Overshoot:
+    """A surrogate exact at the measured merges and ever more optimistic away from them: the
+    extrapolation failure of the benchmark (a corner predicted at 0.600 that measured 0.874)."""
+
+    def fit(self, X, y):
+        self.X, self.y = np.asarray(X, float), np.asarray(y, float)
+        return self
+
+    def predict(self, X):
+        d = np.sqrt(((np.asarray(X, float)[:, None] - self.X[None]) ** 2).sum(-1))
+        return self.y[d.argmin(1)] - 5.0 * d.min(1)
+
+
+def test_default_picks_a_measured_merge_where_the_surrogate_extrapolates_wrongly(monkeypatch):
+    monkeypatch.setattr(sg, "make", lambda name: _Overshoot())
+    kw = dict(objective=search.Objective({"d": 1.0}), bounds=[], n_seeds=12, loo=False)
+    faithful = search.run(_bowl, 3, n_candidates=5000, select="surrogate", **kw)
+    seeds = np.array([t["alpha"] for t in faithful.table])
+    best_seed = min(t["scores"]["d"]["loss"] for t in faithful.table)
+    far = np.sqrt(((seeds - faithful.alpha) ** 2).sum(1)).min()
+    # the faithful pick is an unmeasured point far from the data, and truly worse
+    assert far > search.auto_radius(seeds) and _bowl(faithful.alpha)["d"]["loss"] > best_seed + 0.1
+    picked = search.run(_bowl, 3, n_candidates=5000, **kw)
+    # default: the proposal stays in the trust region, and alpha* is a measured merge
+    assert picked.trust_radius == pytest.approx(search.auto_radius(seeds))
+    assert np.sqrt(((seeds - picked.proposal) ** 2).sum(1)).min() <= picked.trust_radius + 1e-9
+    assert [t["source"] for t in picked.table] == ["seed"] * 12 + ["proposal"]
+    measured = [t["alpha"] for t in picked.table]
+    assert picked.alpha.tolist() in measured and picked.selected.startswith("measured merge #")
+    assert _bowl(picked.alpha)["d"]["loss"] == min(t["scores"]["d"]["loss"] for t in picked.table)
+    assert _bowl(picked.alpha)["d"]["loss"] <= best_seed
+
+
+def test_tied_optimum_stays_inside_the_trust_region():
+    """A tree's tied optimum spanning two balls of the (non-convex) trust region: their mean
+    lies in neither, so the proposal is the tied candidate nearest it."""
+    cand = np.array([[1.0, 0, 0], [0, 1.0, 0], [0.5, 0.5, 0]])
+    seen, util, ok = cand[:2], np.array([1.0, 1.0, 0.0]), np.ones(3, bool)
+    assert search._best(cand, util, ok, np.zeros(3))[0].tolist() == [0.5, 0.5, 0]
+    inside, _ = search._best(cand, util, ok, np.zeros(3), seen, 0.1)
+    assert inside.tolist() in seen.tolist()
+
+
+@pytest.mark.parametrize("name", ["gbt", "gp", "quadratic"])
+def test_default_alpha_is_always_a_measured_merge(name):
+    res = search.run(
+        _bowl,
+        3,
+        objective=search.Objective({"d": 1.0}),
+        bounds=[],
+        surrogate=name,
+        n_seeds=12,
+        n_candidates=5000,
+        refit_rounds=1,
+        top_k=3,
+        loo=False,
+    )
+    assert res.alpha.tolist() in [t["alpha"] for t in res.table]
+    assert _bowl(res.alpha)["d"]["loss"] == min(t["scores"]["d"]["loss"] for t in res.table)
+    assert all(r["trust_radius"] > 0 for r in res.rounds)
+
+
+def _two_scales(alpha, source=""):
+    """'a' has a tiny loss (a base ratio swings wildly), 'b' a large one that barely moves."""
+    a = np.asarray(alpha)
+    return {
+        "a": {"loss": float(0.05 + 0.4 * a[0] ** 2)},
+        "b": {"loss": float(3.0 + 0.1 * (1 - a[0]) + 0.05 * a[1])},
+    }
+
+
+def test_spread_normalisation_keeps_each_domains_share_at_its_weight(make_config):
+    run = make_config()
+    run["evals"][0]["name"], run["evals"][1]["name"] = "a", "b"
+    base = _two_scales([0.0, 0.5, 0.5])
+    table = [
+        {"alpha": list(x), "scores": _two_scales(x)}
+        for x in sg.seed_points(3, 20, np.random.default_rng(0))
+    ]
+
+    def shares(**objective):
+        pc, rc = load_plan(None, data={"run": run, "objective": objective})
+        obj = objective_of(pc, rc, base)
+        return search.shares(search.by_spread(obj, table) if obj.spread else obj, table)
+
+    # normalize: base lets the small-loss domain decide the ranking; none lets the other one
+    assert shares(normalize="base")["a"] > 0.9
+    assert shares(normalize="none")["a"] > 0.7
+    assert shares()["a"] == pytest.approx(0.5) and shares()["b"] == pytest.approx(0.5)
+    # ... unless asked: the weights are the shares
+    assert shares(weights={"a": 3, "b": 1})["a"] == pytest.approx(0.75)
+    # the search resolves the normalisation on the seed merges: z-scores, centred there
+    res = search.run(
+        _two_scales,
+        3,
+        objective=search.Objective({"a": 0.5, "b": 0.5}, spread=True),
+        bounds=[],
+        surrogate="quadratic",
+        n_seeds=20,
+        n_candidates=2000,
+        loo=False,
+    )
+    seeds = [t for t in res.table if t["source"] == "seed"]
+    assert not res.objective.spread
+    assert search.shares(res.objective, seeds) == pytest.approx({"a": 0.5, "b": 0.5})
+    zs = res.objective.value({q: search._column(seeds, *q) for q in [("a", "loss"), ("b", "loss")]})
+    assert abs(zs.mean()) < 1e-9
 
 
 def test_gbt_single_stump_matches_brute_force():
@@ -347,6 +467,15 @@ def test_lora_plan_validates_against_real_runs_and_another_scale(make_config, tm
     whats = {row["what"] for row in v["rank"]}
     assert {"proxy vs real (base)", "proxy vs real (deep)", "real (base) vs real (deep)"} <= whats
     assert all(-1 <= row["rho"] <= 1 for row in v["rank"])
+    # rho per domain as well as on the objective, and each domain's share of the objective
+    per_domain = {row["what"] for row in v["rank_by_domain"]}
+    assert {f"proxy vs real ({s}), {d} loss" for s in ("base", "deep") for d in ("add", "rev")} == (
+        per_domain
+    )
+    assert set(v["shares"]) == {"proxy", "real (base)", "real (deep)"}
+    assert sum(r["objective"]["shares"].values()) == pytest.approx(1.0)
+    assert r["selected_by"].startswith("measured merge #")
+    assert r["alpha"] in [t["alpha"] for t in r["table"]]
     deep = config.load(tmp_path / "plan/validate/deep/uniform/config.yaml")
     assert deep.model.config["num_hidden_layers"] == 3 and deep.max_steps == 6
     assert (tmp_path / "plan/validate/validate.png").stat().st_size > 0

@@ -12,15 +12,18 @@ The method in plain text:
    (vertices, centroid, Dirichlet(1) samples) on the evaluation domains.
 3. Fit one surrogate per evaluation domain, α -> metric; pick α* optimising the weighted
    objective over a dense simplex sample, subject to per-domain bounds; optionally evaluate the
-   top-k, refit, repeat.
+   top-k, refit, repeat. (By default here the surrogate only proposes and α* is the best
+   *measured* merge: option 5 below.)
 4. Map α* to data ratios and write a ready-to-run ``mixtune train`` YAML (a ``fixed`` mixer).
 
 Where the paper note marks a detail PROPOSAL, it is an option here (defaults in brackets):
 
 1. Objective [mean loss of the ``target`` evaluation domains, or of all domains when none is a
-   target]: per-domain weights, ``metric: accuracy`` and ``normalize: base`` (each domain as a
-   ratio to the base model) are options. The paper optimises downstream benchmark accuracy; at
-   tiny scale, losses are the less noisy signal.
+   target, each as a z-score over the seed merges (``normalize: spread``), so each domain's
+   share of the objective is its weight]: per-domain weights, ``metric: accuracy``,
+   ``normalize: base`` (each domain as a ratio to the base model; lets a domain with a small
+   base value dominate) and ``none`` are options. The paper optimises downstream benchmark
+   accuracy; at tiny scale, losses are the less noisy signal.
 2. Surrogate [``gbt``: a numpy gradient-boosted tree ensemble with LightGBM's growth rule and
    the note's settings]; ``lightgbm`` (if installed), ``gp`` and ``quadratic`` are alternatives.
 3. Constraints [every ``constraint``-role domain keeps its metric at its reference, null = the
@@ -30,8 +33,10 @@ Where the paper note marks a detail PROPOSAL, it is an option here (defaults in 
    trained on). ``ratio_units`` [``examples``] says whether r are example shares (mixtune's
    weights) or token shares (converted with each dataset's mean supervised tokens per example).
 5. Budgets [expert: ``run.max_steps // 4`` steps, or ``experts.tokens``]; seeds [max(20, 5K)];
-   candidates [1e5]; refit rounds [0]; α* [the surrogate's optimum; ``search.select: measured``
-   takes the best merge actually evaluated instead].
+   candidates [1e5]; refit rounds [0]; α* [``search.select: measured``: the best merge actually
+   evaluated, the surrogate proposing only inside a trust region around measured merges, its
+   proposal measured too, so α* is never an unmeasured extrapolation;
+   ``search.select: surrogate`` is the paper's rule, the surrogate's optimum, kept faithful].
 
 Deliberate simplifications: (1) a tree surrogate's optimum is a flat region, α* is the mean of
 its tied candidates (:mod:`~mixtune.planners.mergemix.search`); (2) merged models are scored

@@ -48,9 +48,12 @@ class ObjectiveConfig:
     """Minimise the weighted loss, or maximise the weighted accuracy."""
     weights: dict | None = None
     """Per-domain weights (default: the target domains equally; all domains if none)."""
-    normalize: Literal["none", "base"] = "none"
-    """``base``: divide each domain's metric by the base model's value, so domains on different
-    scales count alike (the objective is then a weighted mean of ratios to the base; 1 = base)."""
+    normalize: Literal["spread", "base", "none"] = "spread"
+    """``spread``: each domain's metric as a z-score over the seed merges (centred, divided by
+    its standard deviation there), so each domain's share of the objective's spread is its
+    weight and no domain dominates unless weighted to; ``base``: divided by the base model's
+    value (a weighted mean of ratios to the base; 1 = base), which lets a domain with a small
+    base value dominate; ``none``: the raw weighted metric."""
 
 
 @dataclass(frozen=True)
@@ -67,11 +70,18 @@ class SearchConfig:
     """Evaluation batches per domain and merge (default: every fixed batch of the domain)."""
     seed: int | None = None
     """Seed of the simplex sampling (default: the run's seed)."""
-    select: Literal["surrogate", "measured"] = "surrogate"
-    """α*: the surrogate's optimum (the paper), or the best merge actually evaluated
-    (including the surrogate's optimum) on measured scores within the bounds."""
+    select: Literal["measured", "surrogate"] = "measured"
+    """α*: the best merge actually evaluated, on measured scores within the bounds (the
+    surrogate proposes its trust-region optimum, which is measured too), or ``surrogate``: the
+    surrogate's optimum (the paper's rule, faithful; unmeasured, may extrapolate)."""
+    trust_radius: float | None = None
+    """Surrogate candidates only within this Euclidean distance of a measured merge (default:
+    the median nearest-neighbour distance of the measured merges with ``select: measured``,
+    the whole simplex with ``select: surrogate``)."""
 
     def __post_init__(self):
+        if self.trust_radius is not None and not self.trust_radius > 0:
+            raise ConfigError(f"search.trust_radius: must be > 0, got {self.trust_radius}")
         if self.n_seeds is not None and self.n_seeds < 3:
             raise ConfigError(f"search.n_seeds: must be >= 3, got {self.n_seeds}")
         for key in ("n_candidates", "top_k"):
@@ -164,7 +174,9 @@ def load(
 
 
 def objective_of(pc: PlanConfig, run: RunConfig, base: dict | None = None) -> search.Objective:
-    """The weighted objective; with ``normalize: base`` pass the base model's ``base`` scores."""
+    """The weighted objective; with ``normalize: base`` pass the base model's ``base`` scores.
+    With ``normalize: spread`` the objective is marked for normalisation on the seed merges
+    (:func:`mixtune.planners.mergemix.search.by_spread`, applied by the search)."""
     w = pc.objective.weights
     if w is None:
         targets = [e.name for e in run.evals if e.role == "target"]
@@ -181,7 +193,7 @@ def objective_of(pc: PlanConfig, run: RunConfig, base: dict | None = None) -> se
                     "use normalize: none"
                 )
             w[d] /= abs(base[d][metric])
-    return search.Objective(w, metric)
+    return search.Objective(w, metric, spread=pc.objective.normalize == "spread")
 
 
 def bound_specs(pc: PlanConfig, run: RunConfig) -> list[tuple[str, str, dict]]:

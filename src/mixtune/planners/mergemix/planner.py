@@ -142,16 +142,13 @@ def plan(pc: PlanConfig, run: RunConfig, planner: Planner | None = None) -> dict
         top_k=s.top_k,
         seed=run.seed if s.seed is None else s.seed,
         progress=pc.progress,
+        select=s.select,
+        trust_radius=s.trust_radius,
     )
-    measured = p.evaluator(res.alpha, "alpha*")
+    p.objective = res.objective  # spread normalisation resolved on the seed merges
+    measured = p.evaluator(res.alpha, "alpha*")  # cached when alpha* is a measured merge
+    proposal = p.evaluator(res.proposal, "proposal")
     p.evaluator.restore()
-    chosen = "surrogate"
-    if s.select == "measured":
-        best = _best_measured(
-            p, [(res.alpha, measured)] + [(np.asarray(t["alpha"]), t["scores"]) for t in res.table]
-        )
-        if best is not None and best[0] is not res.alpha:
-            res.alpha, measured, chosen = best[0], best[1], "measured"
     weights = dict(zip(p.names, to_ratios(res.alpha, p.c).tolist()))
     mix_path = p.out / "mixture.yaml"
     header = (
@@ -167,11 +164,19 @@ def plan(pc: PlanConfig, run: RunConfig, planner: Planner | None = None) -> dict
         "weights": weights,
         "ratio_rule": pc.ratio_rule,
         "ratio_units": pc.ratio_units,
-        "selected_by": chosen,
+        "selected_by": res.selected,
+        "trust_radius": res.trust_radius,
+        "proposal": {
+            "alpha": res.proposal.tolist(),
+            "measured": proposal,
+            "measured_objective": p.value(proposal),
+        },
         "objective": {
             "metric": p.objective.metric,
             "weights": p.objective.weights,
+            "center": p.objective.center,
             "normalize": pc.objective.normalize,
+            "shares": search.shares(p.objective, res.table),
         },
         "bounds": [vars(b) for b in p.bounds],
         "feasible": res.feasible,
@@ -201,18 +206,6 @@ def plan(pc: PlanConfig, run: RunConfig, planner: Planner | None = None) -> dict
     (p.out / "plan.json").write_text(json.dumps(result, indent=1))
     report.write(p.out, result)
     return result
-
-
-def _best_measured(p: Planner, points: list) -> tuple | None:
-    """The best measured point within the bounds (None when none is)."""
-    best = None
-    for alpha, scores in points:
-        if any(b.violation(np.array([scores[b.domain][b.metric]]))[0] > 0 for b in p.bounds):
-            continue
-        u = p.value(scores) * (1 if p.objective.metric == "loss" else -1)
-        if best is None or u < best[0]:
-            best = (u, alpha, scores)
-    return None if best is None else best[1:]
 
 
 def cost(pc: PlanConfig, run: RunConfig, p: Planner, wall: float) -> dict:

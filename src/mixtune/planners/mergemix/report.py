@@ -28,6 +28,11 @@ def write(out: Path, r: dict) -> None:
     terms = " + ".join(f"{w:.3g}·{d}" for d, w in obj["weights"].items())
     if obj.get("normalize") == "base":
         terms += " (weights divided by the base model's values)"
+    elif obj.get("normalize") == "spread":
+        terms = " + ".join(
+            f"{w:.3g}·({d} − {obj['center'][d]:.4g})" for d, w in obj["weights"].items()
+        )
+        terms += " (z-scores: centred on the seed merges' mean, divided by their sd)"
     lines = [
         f"# MergeMix plan: {out}",
         "",
@@ -35,6 +40,14 @@ def write(out: Path, r: dict) -> None:
         f"ratio rule `{r['ratio_rule']}` in {r['ratio_units']}.",
         "",
     ]
+    if obj.get("shares"):
+        lines += [
+            "Each domain's share of the objective's spread over the measured merges "
+            "(|w|·sd / Σ|w|·sd): "
+            + ", ".join(f"{d} {v:.2f}" for d, v in obj["shares"].items())
+            + ".",
+            "",
+        ]
     if r["bounds"]:
         lines += [
             "Bounds (on the surrogate predictions): "
@@ -56,11 +69,13 @@ def write(out: Path, r: dict) -> None:
     )
     lines += [
         "",
-        f"alpha* selected by the {r['selected_by']} scores. Objective at the "
-        f"surrogate's optimum: predicted {_f(r['predicted_objective'])}; at alpha*: "
-        f"measured on the merged model {_f(r['measured_objective'])}; base model "
-        f"{_f(r['base_objective'])}; best evaluated merge "
-        f"{_f(_best(r)['objective'])}.",
+        f"alpha* selected by: {r['selected_by']}. Objective at alpha*: predicted by the "
+        f"surrogate {_f(r['predicted_objective'])}, measured on the merged model "
+        f"{_f(r['measured_objective'])}; the surrogate's proposal "
+        f"({', '.join(_f(a, 3) for a in r['proposal']['alpha'])}; trust radius "
+        f"{_f(r.get('trust_radius'), 3) if r.get('trust_radius') else 'none'}) measured "
+        f"{_f(r['proposal']['measured_objective'])}; base model {_f(r['base_objective'])}; "
+        f"best evaluated merge {_f(_best(r)['objective'])}.",
         "",
         f"Ready-to-run config: `{r['mixture_yaml']}`.",
         "",
@@ -182,6 +197,11 @@ def write_validation(out: Path, v: dict) -> None:
     for row in v["rank"] + v.get("rank_by_domain", []):
         lines.append(f"| {row['what']} | {_f(row['rho'], 3)} | {_f(row['p'], 3)} |")
     lines += [""]
+    for what, sh in v.get("shares", {}).items():
+        lines.append(
+            f"- objective share per domain, {what}: "
+            + ", ".join(f"{d} {x:.2f}" for d, x in sh.items())
+        )
     for s, q in v["quality"].items():
         lines.append(
             f"- real objective at scale {s}: "

@@ -91,6 +91,8 @@ def validate_plan(
         result = plan(pc, run, p)
     if not p.ready:
         p.prepare()
+    o = result["objective"]  # the objective the plan used (spread normalisation resolved)
+    p.objective = search.Objective(o["weights"], o["metric"], o.get("center"))
     mix = mixtures(p, result)
     need = search.quantities(p.objective, [])
     models = search.fit_all(pc.search.surrogate, result["table"], need)
@@ -170,6 +172,14 @@ def validate_plan(
         "rank": rank,
         "rank_by_domain": by_domain,
         "quality": quality,
+        # each domain's share of the objective's spread over the validated mixtures
+        "shares": {
+            "proxy": search.shares(p.objective, [{"scores": x} for x in proxy_scores]),
+            **{
+                f"real ({s})": search.shares(p.objective, [{"scores": x} for x in real_scores[s]])
+                for s in scales
+            },
+        },
     }
     out = Path(pc.output_dir) / "validate"
     out.mkdir(parents=True, exist_ok=True)

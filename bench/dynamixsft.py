@@ -129,7 +129,7 @@ def worker(cfg_path: str, threads: int) -> None:
 
         return wrapper
 
-    # Every evaluation (scheduled and the mixer's) goes through evaluate_examples.
+    # Scheduled evaluations go through evaluate_examples (look-aheads do not: mixer time).
     evaluation.evaluate_examples = timed("eval", evaluation.evaluate_examples)
     loop.Trainer._update_mixer = timed("mixer", loop.Trainer._update_mixer)
     loop.Trainer._save = timed("save", loop.Trainer._save)

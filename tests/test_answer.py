@@ -305,3 +305,21 @@ def test_a_damaged_answer_copy_leaves_the_last_model_and_says_so(runs, tmp_path,
     sel = json.loads((run / "final" / "selection.json").read_text())
     assert (sel["step"], sel["source"], sel["best_feasible_step"]) == (8, "last", step)
     assert not (run / "final-last").exists()
+
+
+def test_keep_evaluated_all_makes_every_evaluated_step_exportable(tmp_path, data_dir, capsys):
+    """With rotation keeping one checkpoint, every evaluated step still has its weights (and
+    no optimizer state): eval --step and export --step work on each."""
+    cfg = constrained(tmp_path, data_dir, "all", keep_checkpoints=1, keep_evaluated="all")
+    run(cfg)
+    path = tmp_path / "all"
+    assert [p.name for p in sorted((path / "checkpoints").glob("step-*"))] == ["step-000008"]
+    copies = sorted(p.name for p in (path / "checkpoints/weights").glob("step-*"))
+    assert copies == [f"step-{s:06d}" for s in (0, 2, 4, 6, 8)]
+    assert not list((path / "checkpoints/weights").rglob("optimizer*"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Evaluator, "scheduled", broken_from(BREAK_FROM))
+        assert cli.main(["eval", str(path), "--step", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["source"].startswith("step 4 (")
+    assert cli.main(["export", str(path), "--step", "2", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()

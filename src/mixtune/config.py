@@ -335,19 +335,25 @@ class TrainConfig:
     evaluated step (or the base model when none was feasible), like HF's
     ``load_best_model_at_end``; or the ``last`` step's model. Runs without such domains always
     keep the last. See engine/answer.py."""
+    keep_evaluated: Literal["best", "all"] = "best"
+    """Weights-only copies of evaluated steps (``checkpoints/weights/``, no optimizer state),
+    which ``mixtune eval --step`` and ``mixtune export --step`` read: ``best`` keeps only the
+    best step so far (what ``final/`` needs); ``all`` keeps every evaluated step, so any of them
+    can be evaluated and exported after rotation deleted its checkpoint (one copy of the
+    trainable weights per evaluation: a few MB each for LoRA)."""
     gradient_checkpointing: bool = False
     mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Autocast: ``bf16`` runs forward and backward in bf16 over the weights' dtype (fp32
     master weights and optimizer state with ``model.dtype: auto``), HF Trainer's ``bf16=True``;
     ``fp32`` = no autocast; ``auto`` = bf16 on a bf16-capable GPU, fp32 elsewhere."""
     packing: bool = False
-    """Padding-free training steps: each micro-batch's examples concatenated into one row,
-    positions restarting per example and no attention across examples (transformers'
-    packed-sequence masking, checked at start: a model whose attention cannot keep examples
-    apart is refused). The loss is still normalised by the step's global supervised-token
-    count, so it is the padded step's up to float rounding. Evaluation, probes and look-aheads
-    keep padded rows. Not with losses that weight whole examples on the training step
-    (CADFT)."""
+    """Padding-free training steps: each micro-batch's examples concatenated into rows of about
+    ``max_length`` tokens (first-fit decreasing), positions restarting per example and no
+    attention across examples (transformers' packed-sequence masking, checked at start: a model
+    whose attention cannot keep examples apart is refused). The loss is still normalised by the
+    step's global supervised-token count, so it is the padded step's up to float rounding.
+    Evaluation, probes and look-aheads keep padded rows. Not with losses that weight whole
+    examples on the training step (CADFT)."""
     logits: Literal["auto", "full", "chunked"] = "auto"
     """How the loss gets per-token NLL from the model (mixtune.losses.logits): ``full``
     materialises the (batch, length, vocab) logits; ``chunked`` projects only the supervised

@@ -92,9 +92,17 @@ class Answer:
         acc: the accelerator (rank 0 writes).
     """
 
-    def __init__(self, rundir: RunDir, domains: Sequence, all_domains: Sequence, rule: str, acc):
+    def __init__(
+        self,
+        rundir: RunDir,
+        domains: Sequence,
+        all_domains: Sequence,
+        rule: str,
+        acc,
+        keep_all: bool = False,
+    ):
         self.rundir, self.domains, self.all_domains = rundir, list(domains), list(all_domains)
-        self.rule, self.acc = rule, acc
+        self.rule, self.acc, self.keep_all = rule, acc, keep_all
         self.active = any(d.role in ("target", "constraint") for d in self.domains)
         self.evals: dict[int, dict] = {}  # step -> eval section of its metrics record
         self.best: int | None = None  # the best step so far (0: the base model)
@@ -104,7 +112,9 @@ class Answer:
     def observe(self, step: int, result: dict, model) -> None:
         """After the scheduled evaluation ``result`` of ``step`` (every rank calls this: with
         FSDP2 the copy is a gather). Keeps a weights-only copy when this step is the best so
-        far."""
+        far (every evaluated step with ``train.keep_evaluated: all``)."""
+        if self.keep_all:
+            self._write(step, model)
         if not self.active:
             return
         self.evals[step] = result
@@ -112,7 +122,7 @@ class Answer:
         if best is None or best["step"] == self.best:
             return
         self.best = best["step"]
-        if self.best == step:
+        if self.best == step and not self.keep_all:
             self._write(step, model)
 
     def _select(self) -> dict | None:
@@ -143,7 +153,7 @@ class Answer:
     def prune(self) -> None:
         """Delete the copies that neither the best so far nor a kept checkpoint needs (rank
         0, after each checkpoint save)."""
-        if not self.active or not self.root.is_dir():
+        if not self.active or not self.root.is_dir() or self.keep_all:
             return
         needed = {self.best}
         for ckpt in checkpoint.listed(self.rundir.checkpoints):

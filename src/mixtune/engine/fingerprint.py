@@ -39,6 +39,7 @@ AMENDABLE = frozenset(
         "train.log_every",
         "train.save_every",
         "train.keep_checkpoints",
+        "train.keep_evaluated",
         # Only decides which evaluated model final/ holds.
         "train.final_model",
         # The same update, up to float rounding: a step is normalised by its global token

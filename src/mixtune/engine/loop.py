@@ -183,6 +183,7 @@ class Trainer:
             [DomainInfo(d.name, d.role, d.metric, d.reference) for d in self.all_domains],
             tc.final_model,
             self.acc,
+            keep_all=tc.keep_evaluated == "all",
         )
         self.stop_signal: int | None = None
 

@@ -142,6 +142,7 @@ def scenario(
             "log_every": 10,
             "save_every": budget.eval_every if answered else 0,
             "keep_checkpoints": budget.steps // budget.eval_every + 1,
+            "packing": True,  # padding-free steps: the same losses, about half the time here
         },
     }
 

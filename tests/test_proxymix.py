@@ -12,6 +12,13 @@ from mixtune.errors import ConfigError
 from mixtune.mixers import DatasetInfo, DomainInfo, LookaheadResult, MixContext
 from mixtune.mixers.proxymix import controller as ctl
 from mixtune.mixers.proxymix.features import FEATURES, GLOBALS, Tracker, masked_policy
+from mixtune.mixers.proxymix.episodes import (
+    EpisodeSpec,
+    episode_return,
+    faithful,
+    held_out_specs,
+    update_specs,
+)
 from mixtune.mixers.proxymix.reinforce import Learner, train
 from mixtune.mixers.proxymix.setting import LearnConfig
 from mixtune.mixers.proxymix.toy import ToyEnv
@@ -290,3 +297,93 @@ def test_rank_correlation_of_vulnerability_rankings():
     reverse = {k: -v for k, v in proxy.items()}
     assert rank_correlation(proxy, reverse, "kendall")[0] == pytest.approx(-1.0)
     assert rank_correlation(proxy, {"a": 1.0, "b": 2.0})[0] is None  # < 3 shared: inconclusive
+
+
+# --------------------------------------------------------------------------------------------
+# Learning under noise (issue 21): batches of episodes, antithetic pairs, a batch baseline
+
+NOISY = dict(
+    episodes=240,
+    lr=1e-2,
+    sigma=0.5,
+    episodes_per_update=8,
+    antithetic=True,
+    baseline="batch",
+    vary_data_seed=True,
+    eval_every=30,
+    eval_episodes=48,
+)
+
+
+def test_toy_noise_has_the_benchmark_sd_and_keeps_the_optimum():
+    env, lc = ToyEnv(noise=0.65), LearnConfig()
+    net = Learner(lc, 0).net
+    specs = [EpisodeSpec(k, 0, k, k, 0.0) for k in range(200)]
+    r = [episode_return(env.play(net, s), lc) for s in specs]
+    assert 0.55 < np.std(r) < 0.75
+    assert env.value(env.oracle_act) == ToyEnv().value(ToyEnv().oracle_act)  # dynamics unchanged
+    twin = [env.bonus(EpisodeSpec(3, 0, 7, 3, 0.5, mirror=m)) for m in (False, True)]
+    assert twin[0] != twin[1]  # twins share the data part only
+
+
+def test_batched_antithetic_learner_improves_the_greedy_return_under_benchmark_noise(tmp_path):
+    env = ToyEnv(noise=0.65)
+    learner = train(env, LearnConfig(**NOISY), 0, tmp_path, echo=lambda s: None)
+    first, last = learner.greedy[0], learner.greedy[-1]
+    assert first["episodes"] == 0 and "gain" not in first and last["episodes"] == 240
+    assert last["gain"] > 2 * last["gain_se"]  # held-out, greedy, paired with the untrained
+    second = env.rollout(env.controller_act(learner.net, 0.0))[1]  # one buffer: replay 2/3
+    assert np.mean([1 - o["weights"][0] for o in second[:-1]]) > 0.5  # untrained: 0.35
+    for name in ("greedy.json", "greedy.csv", "greedy.png"):
+        assert (tmp_path / name).is_file()
+
+
+def test_update_specs_share_data_and_mirror_the_noise_of_pairs():
+    lc = LearnConfig(**{**NOISY, "episodes": 16})
+    specs = update_specs(1, lc, 3)
+    assert [s.index for s in specs] == list(range(8, 16))
+    assert {s.data_seed for s in specs} == {1}  # common random numbers within an update
+    for a, b in zip(specs[::2], specs[1::2]):
+        assert (a.order, a.explore_seed, a.mirror) == (b.order, b.explore_seed, not b.mirror)
+    env, net = ToyEnv(), ctl.new(0)
+    first = [env.play(net, s)["trajectories"][1][0]["action"] for s in specs[:2]]
+    greedy = env.play(net, EpisodeSpec(0, 0, 1, 0, 0.0))["trajectories"][1][0]["action"]
+    np.testing.assert_allclose(np.add(*first) / 2, greedy, atol=1e-12)  # z + eps, z - eps
+    assert not np.allclose(first[0], greedy)
+    held = held_out_specs(lc, 3)
+    assert all(s.sigma == 0 and s.data_seed >= 1_000_000 for s in held)
+    assert faithful(5, LearnConfig(), 3) == EpisodeSpec(5, 2, None, 5, 0.5)
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "ppo"])
+def test_batched_learning_is_deterministic_and_resumes(tmp_path, algorithm):
+    env = ToyEnv(noise=0.65)
+    kw = {**NOISY, "episodes": 24, "eval_every": 1, "eval_episodes": 4, "algorithm": algorithm}
+    full = train(env, LearnConfig(**kw), 0, tmp_path / "full", echo=lambda s: None)
+    train(env, LearnConfig(**{**kw, "episodes": 8}), 0, tmp_path / "split", echo=lambda s: None)
+    msgs = []
+    resumed = train(env, LearnConfig(**kw), 0, tmp_path / "split", echo=msgs.append)
+    assert msgs[0].startswith("[learn] resuming at episode 9/24")
+    for x, y in zip(full.net.state_dict().values(), resumed.net.state_dict().values()):
+        assert torch.equal(x, y)
+    assert [p["returns"] for p in full.greedy] == [p["returns"] for p in resumed.greedy]
+    assert len(full.greedy) == 4 and len(full.history) == 24
+    assert any(
+        not torch.equal(x, y)
+        for x, y in zip(full.net.state_dict().values(), ctl.new(0).state_dict().values())
+    )
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"episodes": 10, "episodes_per_update": 4}, "multiple"),
+        ({"episodes": 6, "episodes_per_update": 3, "antithetic": True}, "even"),
+        ({"baseline": "batch"}, "batch needs"),
+        ({"eval_episodes": 1}, "eval_episodes"),
+        ({"ppo_clip": 1.5}, "ppo_clip"),
+    ],
+)
+def test_bad_learn_options_are_config_errors(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        LearnConfig(**kw)

@@ -21,8 +21,7 @@ import numpy as np
 from mixtune.config import MethodConfig
 from mixtune.continual.driver import run_sequence, warmup
 from mixtune.mixers.proxymix import controller as ctl
-from mixtune.mixers.proxymix import episodes
-from mixtune.mixers.proxymix import transfer
+from mixtune.mixers.proxymix import episodes, transfer
 from mixtune.mixers.proxymix.reinforce import Learner, terminal, train
 from mixtune.mixers.proxymix.setting import ProxyMixSetting, proxy_setting
 
@@ -123,11 +122,13 @@ def learn(cc: ProxyMixSetting, echo=print) -> Path:
             "train_flops_per_episode": learner.cost["train_flops"] / n,
         },
         "returns": [h["return"] for h in learner.history],
+        "greedy": learner.greedy,
     }
     vulnerability = probe.get("vulnerability") or learner.mean_vulnerability()
     path = ctl.save(lc.controller or ldir / "controller.pt", learner.net, vulnerability, meta)
     plot_returns(learner.history, ldir / "returns.png")
-    echo(f"[learn] frozen controller: {path} (returns: {ldir / 'returns.png'})")
+    curve = f", greedy held-out curve: {ldir / 'greedy.png'}" if learner.greedy else ""
+    echo(f"[learn] frozen controller: {path} (returns: {ldir / 'returns.png'}{curve})")
     return path
 
 

@@ -80,16 +80,6 @@ def held_out_specs(lc, n_orders: int, round_: int = 0) -> list[EpisodeSpec]:
     ]
 
 
-def episode_return(ep: dict, lc) -> float:
-    """The return the learner maximises: the decisions' rewards plus the weighted bonus."""
-    from mixtune.mixers.proxymix.reinforce import decisions
-
-    return float(
-        sum(d.reward for d in decisions(ep["trajectories"], lc))
-        + lc.terminal_weight * ep["terminal"]
-    )
-
-
 def greedy_point(returns: list[float], untrained: list[float] | None, update: int, episodes: int):
     """One point of the held-out curve: mean return, its standard error, and the paired
     improvement over the untrained controller with its standard error."""

@@ -107,6 +107,14 @@ def terminal(result: dict, lc: LearnConfig) -> float:
     )
 
 
+def episode_return(ep: dict, lc: LearnConfig) -> float:
+    """The return the learner maximises: the decisions' rewards plus the weighted bonus."""
+    return float(
+        sum(d.reward for d in decisions(ep["trajectories"], lc))
+        + lc.terminal_weight * ep["terminal"]
+    )
+
+
 def returns_to_go(r: np.ndarray, gamma: float) -> np.ndarray:
     G = np.zeros_like(r)
     acc = 0.0
@@ -289,7 +297,7 @@ def evaluate_greedy(env, learner: Learner, update: int, echo=print) -> dict:
     """Play the held-out episodes greedily; append (and return) a point of the curve."""
     lc, t0 = learner.lc, time.perf_counter()
     specs = eps.held_out_specs(lc, len(env.orders), len(learner.greedy))
-    returns = [eps.episode_return(env.play(learner.net, s), lc) for s in specs]
+    returns = [episode_return(env.play(learner.net, s), lc) for s in specs]
     untrained = learner.greedy[0]["returns"] if learner.greedy else None
     point = eps.greedy_point(returns, untrained, update, learner.episode)
     learner.greedy.append(point)
@@ -350,7 +358,7 @@ def train(env, lc: LearnConfig, seed: int, ldir: str | Path, echo=print) -> Lear
             learner.cost["seconds"] += cost.get("seconds", seconds)
             learner.cost["train_flops"] += cost.get("train_flops", 0.0)
             learner.cost["params"] = cost.get("params", learner.cost["params"])
-            ret = stats["return"] if learner.faithful else eps.episode_return(ep, lc)
+            ret = stats["return"] if learner.faithful else episode_return(ep, lc)
             entry = {
                 "episode": spec.index,
                 "update": u,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -205,6 +206,7 @@ def main() -> None:
         "greedy": greedy,
         "controller": controller,
         "learner": args.learner,
+        "argv": " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "learn_wall": learn_wall,
         "total_wall": total,
         "proxymix_reports": reports.get("ProxyMix", []),
@@ -288,10 +290,14 @@ def report(res: dict, args) -> str:
     lines = [
         "# ProxyMix benchmark",
         "",
-        f"Command: `python bench/proxymix.py{' --quick' if res['quick'] else ''}` "
+        f"Command: `python bench/proxymix.py {res['argv']}` "
         f"(threads {args.threads}). Machine: 2-core CPU, torch 2.13, shared with other jobs "
         f"(load at the end: {res['load']}). Total wall time {res['total_wall'] / 60:.1f} min, "
-        f"of which controller learning {res['learn_wall'] / 60:.1f} min.",
+        + (
+            "no controller learning (the shipped one)."
+            if res["controller"] == "builtin"
+            else f"of which controller learning {res['learn_wall'] / 60:.1f} min."
+        ),
         "",
         f"Setting: `configs/proxymix.yaml`{' with the --quick overrides' if res['quick'] else ''}"
         f" (sequences {[' > '.join(o) for o in res['setting']['orders']]}; safety eval + "

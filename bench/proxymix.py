@@ -2,6 +2,10 @@
 
     python bench/proxymix.py            # full: 3 sequences x 2 seeds, ~30 min on 2 cores
     python bench/proxymix.py --quick    # smoke version, a few minutes
+    python bench/proxymix.py --ship     # learn the shipped controller (mixer.controller:
+                                        #   builtin) with the batched learner, write its card
+    python bench/proxymix.py --controller builtin --methods ProxyMix 'untrained controller' \
+        'fixed 20%' 'fixed 50%'         # the shipped controller on the target, no learning
 
 Setting: configs/proxymix.yaml -- tasks arithmetic, word_problems, trivia (three orders), safety
 evaluation + an always-accessible safety buffer, replay buffers of 100 examples. Proxy: a
@@ -9,7 +13,12 @@ evaluation + an always-accessible safety buffer, replay buffers of 100 examples.
 target: the built-in 1.6M-parameter base. One controller is learned (seed 0) and frozen; each
 method then runs every sequence on the target with seeds 0 and 1. Methods: no replay, fixed
 replay 10/20/50% (uniform over buffers), the loss-increase heuristic, and ProxyMix (with the
-pre-transfer check; if the check falls back, the controller is also run without it).
+pre-transfer check; if the check falls back, the controller is also run without it), and an
+untrained controller (``policy: random``, seeded by the run seed) to show whether learning moved
+the policy. ``--learner batched`` (default) learns with the variance-reduced learner
+(LEARNER["batched"]: 10-step proxy stages, 4 episodes per update in antithetic pairs on a
+shared data seed, the batch baseline, clipped PPO, a greedy held-out curve on 12 episodes);
+``--learner faithful`` with the config's one-episode REINFORCE.
 Results: bench/results/proxymix.md (and the raw numbers in WORK/bench.json).
 """
 
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -36,6 +46,25 @@ BASELINES = [
     ("loss-increase heuristic", ["mixer.policy=loss_increase"]),
 ]
 ORDER = ["no replay", "fixed 20%", "fixed 50%", "fixed 10%", "loss-increase heuristic"]
+UNTRAINED = ("untrained controller", ["mixer.policy=random"])
+LEARNER = {
+    "faithful": [],
+    "batched": [  # a cheaper proxy episode (10-step stages, 2 eval batches) affords 40
+        "learn.proxy.steps_per_stage=10",
+        "learn.proxy.eval_batches=2",
+        "learn.episodes=40",
+        "learn.episodes_per_update=4",
+        "learn.antithetic=true",
+        "learn.baseline=batch",
+        "learn.vary_data_seed=true",
+        "learn.algorithm=ppo",
+        "learn.ppo_epochs=4",
+        "learn.lr=1e-2",
+        "learn.eval_every=5",
+        "learn.eval_episodes=12",
+    ],
+}
+BUILTIN = ROOT / "src/mixtune/mixers/proxymix/builtin"
 
 
 def main() -> None:
@@ -56,6 +85,18 @@ def main() -> None:
     )
     ap.add_argument(
         "--target", default="builtin", help="target model directory (default: the built-in base)"
+    )
+    ap.add_argument("--learner", choices=sorted(LEARNER), default="batched")
+    ap.add_argument(
+        "--controller",
+        choices=["learn", "builtin"],
+        default="learn",
+        help="learn a controller (default) or use the one shipped with mixtune",
+    )
+    ap.add_argument(
+        "--ship",
+        action="store_true",
+        help="learn, then install the controller and its card as mixer.controller: builtin",
     )
     args = ap.parse_args()
     pin_threads(args.threads)
@@ -82,22 +123,40 @@ def main() -> None:
             "mixer.decisions=2",
             "sequences=[[word_problems,arithmetic,trivia]]",
         ]
-    episodes = args.episodes or (2 if args.quick else raw["learn"]["episodes"])
+    learner = list(LEARNER[args.learner])
+    if args.episodes:
+        learner.append(f"learn.episodes={args.episodes}")
+    elif args.quick:
+        learner = [*[o for o in learner if not o.startswith("learn.e")], "learn.episodes=2"]
+        learner += ["learn.episodes_per_update=2"] if args.learner == "batched" else []
     t0 = time.perf_counter()
-    learn_cc = pxs.load(
-        data=raw, overrides=[*common, f"output_dir={work}/learn", f"learn.episodes={episodes}"]
-    )
-    controller = learn(learn_cc)
+    learn_cc = pxs.load(data=raw, overrides=[*common, f"output_dir={work}/learn", *learner])
+    episodes = learn_cc.learn.episodes
+    returns, greedy = [], []
+    if args.controller == "builtin":
+        controller = "builtin"
+        card = json.loads((BUILTIN / "card.json").read_text())
+        returns, greedy = card["returns"], card["greedy"]
+    else:
+        controller = learn(learn_cc)
+        ldir = work / "learn/learn"
+        returns = [
+            json.loads(ln) for ln in (ldir / "returns.jsonl").read_text().splitlines() if ln.strip()
+        ]
+        if (ldir / "greedy.json").is_file():
+            greedy = json.loads((ldir / "greedy.json").read_text())
+        if args.ship:
+            ship(controller, ldir, learn_cc, [*common, *learner], args)
+            return
     learn_wall = time.perf_counter() - t0
-    returns = [
-        json.loads(ln)
-        for ln in (work / "learn/learn/returns.jsonl").read_text().splitlines()
-        if ln.strip()
-    ]
 
     methods = [("ProxyMix", ["mixer.policy=controller", f"mixer.controller={controller}"])]
-    methods += sorted(BASELINES, key=lambda m: ORDER.index(m[0]))
-    wanted = args.methods or (["ProxyMix", "no replay", "fixed 20%"] if args.quick else None)
+    methods += sorted(BASELINES, key=lambda m: ORDER.index(m[0])) + [UNTRAINED]
+    wanted = args.methods or (
+        ["ProxyMix", "no replay", "fixed 20%"]
+        if args.quick
+        else ["ProxyMix", *[n for n, _ in BASELINES], UNTRAINED[0]]
+    )
     if wanted:
         methods = [m for m in methods if m[0] in wanted]
     rows: dict[str, list[dict]] = {}
@@ -144,6 +203,10 @@ def main() -> None:
         "setting": setting,
         "rows": rows,
         "returns": returns,
+        "greedy": greedy,
+        "controller": controller,
+        "learner": args.learner,
+        "argv": " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "learn_wall": learn_wall,
         "total_wall": total,
         "proxymix_reports": reports.get("ProxyMix", []),
@@ -215,7 +278,7 @@ def report(res: dict, args) -> str:
                 f"{np.median([r['seconds'] for r in rs]):.0f}",
             ]
         )
-    base_names = [n for n, _ in BASELINES if n in rows]
+    base_names = [n for n, _ in BASELINES if n in rows] or ["ProxyMix"]
     fixed = [n for n in base_names if n.startswith("fixed")]
     best_fixed = max(fixed, key=lambda n: _stats(rows[n], "AA")[0]) if fixed else None
     strongest = max(base_names, key=lambda n: _stats(rows[n], "AA")[0])
@@ -227,10 +290,14 @@ def report(res: dict, args) -> str:
     lines = [
         "# ProxyMix benchmark",
         "",
-        f"Command: `python bench/proxymix.py{' --quick' if res['quick'] else ''}` "
+        f"Command: `python bench/proxymix.py {res['argv']}` "
         f"(threads {args.threads}). Machine: 2-core CPU, torch 2.13, shared with other jobs "
         f"(load at the end: {res['load']}). Total wall time {res['total_wall'] / 60:.1f} min, "
-        f"of which controller learning {res['learn_wall'] / 60:.1f} min.",
+        + (
+            "no controller learning (the shipped one)."
+            if res["controller"] == "builtin"
+            else f"of which controller learning {res['learn_wall'] / 60:.1f} min."
+        ),
         "",
         f"Setting: `configs/proxymix.yaml`{' with the --quick overrides' if res['quick'] else ''}"
         f" (sequences {[' > '.join(o) for o in res['setting']['orders']]}; safety eval + "
@@ -239,9 +306,15 @@ def report(res: dict, args) -> str:
         f"{res['setting']['decisions']} decisions per stage). Target: {res['setting']['target']}"
         f" ({res['setting']['target_params'] / 1e6:.2f}M params). Proxy: "
         f"{res['setting']['proxy']} ({res['setting']['proxy_params'] / 1e6:.2f}M params) after"
-        f" a {res['setting']['warmup']}-step warm-up. One controller learned (seed 0, "
-        f"{res['episodes']} episodes), frozen; every method on the target with seeds "
-        f"{res['seeds']}.",
+        f" a {res['setting']['warmup']}-step warm-up. "
+        + (
+            "Controller: the one shipped with mixtune (`mixer.controller: builtin`, see "
+            "src/mixtune/mixers/proxymix/builtin/CARD.md)"
+            if res["controller"] == "builtin"
+            else f"One controller learned ({res['learner']} learner, seed 0, "
+            f"{res['episodes']} episodes)"
+        )
+        + f", frozen; every method on the target with seeds {res['seeds']}.",
         "",
         "Accuracy = greedy exact match on 32 held-out examples per task; AA = mean final "
         "accuracy over the three tasks; F = mean (best - final) accuracy of the first two "
@@ -284,6 +357,10 @@ def report(res: dict, args) -> str:
             f"{c.get('ratio_flops', float('nan')):.1f}x by training FLOPs "
             f"(paper: ~50x vs Oracle Target RL)."
         )
+    if "untrained controller" in rows and pm:
+        lines += ["", replay_comparison(pm, rows["untrained controller"])]
+    if res["greedy"]:
+        lines += ["", greedy_table(res["greedy"])]
     rets = [r["return"] for r in res["returns"]]
     if rets:
         k = max(1, len(rets) // 3)
@@ -294,6 +371,138 @@ def report(res: dict, args) -> str:
             f"(returns per episode: {[round(x, 3) for x in rets]}).",
         ]
     return "\n".join(lines) + "\n"
+
+
+def replay_comparison(pm: list[dict], untrained: list[dict]) -> str:
+    """Replay shares per stage of the transferred controller vs the untrained ones."""
+
+    def per_stage(rows):
+        return np.array([[x or 0.0 for x in r["replay"]] for r in rows]).mean(0)
+
+    a, b = per_stage(pm), per_stage(untrained)
+    return (
+        "Replay share per stage (mean over sequences x seeds): transferred controller "
+        f"{[round(float(x), 3) for x in a]}, untrained controller (policy random, seeded by "
+        f"the run seed) {[round(float(x), 3) for x in b]}; difference in stages 2-3 "
+        f"{float(np.mean(a[1:]) - np.mean(b[1:])):+.3f}."
+    )
+
+
+def greedy_table(points: list[dict]) -> str:
+    """The greedy policy's held-out learning curve on the proxy."""
+    body = [
+        [
+            p["episodes"],
+            f"{p['mean']:+.3f}",
+            "-" if p.get("se") is None else f"{p['se']:.3f}",
+            "-" if "gain" not in p else f"{p['gain']:+.3f}",
+            "-" if p.get("gain_se") is None else f"{p['gain_se']:.3f}",
+        ]
+        for p in points
+    ]
+    last = points[-1]
+    verdict = ""
+    if last.get("gain_se"):
+        z = last["gain"] / last["gain_se"]
+        verdict = (
+            f" Final gain over the untrained controller: {last['gain']:+.3f} = {z:+.1f} "
+            f"standard errors ({'meets' if z > 2 else 'misses'} the issue's > 2 se)."
+        )
+    return (
+        "Greedy policy (no exploration) on held-out proxy episodes (the same "
+        f"{len(last['returns'])} episodes, unseen data seeds, at every point; gain = paired "
+        "difference to the untrained controller, evaluation 0):"
+        + verdict
+        + "\n\n"
+        + table(["training episodes", "return", "se", "gain", "gain se"], body)
+    )
+
+
+def ship(controller: Path, ldir: Path, cc, overrides: list[str], args) -> None:
+    """Install ``controller`` as ``mixer.controller: builtin`` with its card."""
+    write_card(controller, ldir, cc, "python bench/proxymix.py --ship", overrides)
+    print(f"shipped {BUILTIN / 'controller.pt'} (card: {BUILTIN / 'CARD.md'})")
+
+
+def write_card(controller: Path, ldir: Path, cc, command: str, overrides: list[str]) -> None:
+    """Copy the controller into the package and write card.json / CARD.md next to it."""
+    from mixtune.mixers.proxymix import controller as ctl
+    from mixtune.mixers.proxymix.setting import proxy_setting
+
+    BUILTIN.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(controller, BUILTIN / "controller.pt")
+    _, info = ctl.load(BUILTIN / "controller.pt")
+    pc = proxy_setting(cc)
+    greedy = json.loads((ldir / "greedy.json").read_text())
+    returns = [json.loads(ln) for ln in (ldir / "returns.jsonl").read_text().splitlines() if ln]
+    card = {
+        "command": command,
+        "overrides": overrides,
+        "config": "configs/proxymix.yaml",
+        "proxy_model": pc.model.config,
+        "proxy_warmup_steps": pc.warmup.steps,
+        "proxy_steps_per_stage": pc.steps_per_stage,
+        "sequences": cc.orders(),
+        "learn": {k: getattr(cc.learn, k) for k in LEARN_KEYS},
+        "vulnerability": info["vulnerability"],
+        "cost": info["meta"].get("cost"),
+        "greedy": greedy,
+        "returns": returns,
+    }
+    (BUILTIN / "card.json").write_text(json.dumps(card, indent=1, default=str))
+    shutil.copyfile(ldir / "greedy.png", BUILTIN / "greedy.png")
+    last = greedy[-1]
+    z = last["gain"] / last["gain_se"] if last.get("gain_se") else float("nan")
+    lines = [
+        "# The built-in ProxyMix controller (`mixer.controller: builtin`)",
+        "",
+        "Learned by `mixtune proxymix learn` on a proxy of the built-in continual sequences of "
+        "`configs/proxymix.yaml` (tasks arithmetic, word_problems, trivia in three orders; "
+        "safety eval and safety buffer; replay buffers of 100 examples), frozen, shipped.",
+        "",
+        f"- Reproduce: `{command}` (overrides of configs/proxymix.yaml: "
+        f"`{' '.join(overrides)}`); 2-core CPU, about "
+        f"{_minutes(info['meta']['cost']):.0f}"
+        " min after the proxy's warm-up (cached; about 7 min once).",
+        f"- Proxy: llama {pc.model.config} from scratch, {pc.warmup.steps}-step warm-up, "
+        f"{pc.steps_per_stage} steps per stage, losses only; "
+        f"{info['meta'].get('proxy_params', 0) / 1e6:.2f}M parameters.",
+        f"- Learner: {cc.learn.episodes} episodes, {cc.learn.episodes_per_update} per update "
+        f"(antithetic {cc.learn.antithetic}, baseline {cc.learn.baseline}, lr {cc.learn.lr}, "
+        f"sigma {cc.learn.sigma}, algorithm {cc.learn.algorithm}); returns per episode in "
+        "card.json.",
+        f"- Proxy vulnerability ranking (for the pre-transfer check): {info['ranking']}.",
+        "",
+        f"Greedy held-out curve ({len(last['returns'])} episodes on unseen data, paired with "
+        f"the untrained controller): final gain {last['gain']:+.3f} ({z:+.1f} se) -- "
+        f"{'meets' if z > 2 else 'MISSES'} the issue's > 2 se. See greedy.png.",
+        "",
+        greedy_table(greedy),
+        "",
+        "Transfer check and target numbers: BENCHMARKS.md (ProxyMix) and "
+        "bench/results/proxymix_builtin.md (`python bench/proxymix.py --controller builtin ...`).",
+    ]
+    (BUILTIN / "CARD.md").write_text("\n".join(lines) + "\n")
+
+
+def _minutes(cost: dict) -> float:
+    return (cost["seconds"] + cost.get("eval_seconds", 0.0)) / 60
+
+
+LEARN_KEYS = (
+    "episodes",
+    "episodes_per_update",
+    "antithetic",
+    "baseline",
+    "vary_data_seed",
+    "lr",
+    "sigma",
+    "gamma",
+    "algorithm",
+    "terminal_metric",
+    "eval_every",
+    "eval_episodes",
+)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from mixtune.errors import ConfigError
 from mixtune.mixers.proxymix.features import FEATURE_VERSION, FEATURES, GLOBALS
 
 FORMAT = "mixtune-proxymix-controller"
+BUILTIN = Path(__file__).parent / "builtin" / "controller.pt"
+"""The controller shipped with mixtune (``mixer.controller: builtin``); see builtin/CARD.md."""
 
 
 class Controller(nn.Module):
@@ -81,8 +83,9 @@ def save(
 
 
 def load(path: str | Path, where: str = "mixer.controller") -> tuple[Controller, dict]:
-    """-> (controller in eval mode, the file's other contents). Checks the feature spec."""
-    p = Path(path)
+    """-> (controller in eval mode, the file's other contents). Checks the feature spec.
+    ``path`` ``builtin`` is the controller shipped with the package (:data:`BUILTIN`)."""
+    p = BUILTIN if str(path) == "builtin" else Path(path)
     if not p.is_file():
         raise ConfigError(
             f"{where}: controller file not found: {p} (learn one with "

@@ -21,7 +21,7 @@ import numpy as np
 from mixtune.config import MethodConfig
 from mixtune.continual.driver import run_sequence, warmup
 from mixtune.mixers.proxymix import controller as ctl
-from mixtune.mixers.proxymix import transfer
+from mixtune.mixers.proxymix import episodes, transfer
 from mixtune.mixers.proxymix.reinforce import Learner, terminal, train
 from mixtune.mixers.proxymix.setting import ProxyMixSetting, proxy_setting
 
@@ -41,36 +41,43 @@ class LMEnv:
         }
 
     def episode(self, learner: Learner, e: int) -> dict:
-        policy = ctl.save(self.ldir / "policy.pt", learner.net)
-        order = self.orders[e % len(self.orders)]
-        edir = self.ldir / "episodes" / f"ep-{e:04d}"
+        """Episode ``e`` of the faithful learner (one episode per update)."""
+        return self.play(learner.net, episodes.faithful(e, learner.lc, len(self.orders)))
+
+    def play(self, net, spec: episodes.EpisodeSpec) -> dict:
+        """One continual run of the proxy with ``net`` as the controller, as ``spec`` says."""
+        policy = ctl.save(self.ldir / "policy.pt", net)
+        order = self.orders[spec.order]
+        edir = self.ldir / "episodes" / f"ep-{spec.index:04d}{'-m' if spec.mirror else ''}"
         shutil.rmtree(edir, ignore_errors=True)  # a half-done episode is redone from scratch
-        lc, seed = learner.lc, episode_seed(self.pc.seed, e)
+        lc = self.pc.learn
         mixer = MethodConfig(
             "proxymix",
             {
                 **self.params,
                 "policy": "controller",
                 "controller": str(policy),
-                "explore_sigma": lc.sigma,
-                "explore_seed": seed,
+                "explore_sigma": spec.sigma,
+                "explore_seed": episode_seed(self.pc.seed, spec.explore_seed),
+                "explore_mirror": spec.mirror,
             },
         )
+        data = None if spec.data_seed is None else episode_seed(self.pc.seed, spec.data_seed)
         res = run_sequence(
             self.pc,
             order,
             edir,
             mixer=mixer,
-            seed=seed if lc.vary_data_seed else self.pc.seed,
+            seed=self.pc.seed if data is None else data,
             start_model=self.start,
         )
-        if not learner.lc.keep_episodes:
+        if not lc.keep_episodes:
             shutil.rmtree(edir, ignore_errors=True)
         saf = res.get("safety") or {}
         return {
             "order": order,
             "trajectories": [r["trajectory"] for r in res["records"]],
-            "terminal": terminal(res, learner.lc),
+            "terminal": terminal(res, lc),
             "vulnerability": res["vulnerability"],
             "cost": res["cost"],
             "metrics": {
@@ -115,11 +122,13 @@ def learn(cc: ProxyMixSetting, echo=print) -> Path:
             "train_flops_per_episode": learner.cost["train_flops"] / n,
         },
         "returns": [h["return"] for h in learner.history],
+        "greedy": learner.greedy,
     }
     vulnerability = probe.get("vulnerability") or learner.mean_vulnerability()
     path = ctl.save(lc.controller or ldir / "controller.pt", learner.net, vulnerability, meta)
     plot_returns(learner.history, ldir / "returns.png")
-    echo(f"[learn] frozen controller: {path} (returns: {ldir / 'returns.png'})")
+    curve = f", greedy held-out curve: {ldir / 'greedy.png'}" if learner.greedy else ""
+    echo(f"[learn] frozen controller: {path} (returns: {ldir / 'returns.png'}{curve})")
     return path
 
 

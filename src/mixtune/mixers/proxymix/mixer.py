@@ -61,7 +61,9 @@ class ProxyMixConfig:
     policy: Literal["controller", "random", "fixed", "loss_increase", "loss"] = "controller"
     """Who decides: the frozen ``controller``, or a baseline (see the module docstring)."""
     controller: str | None = None
-    """Frozen controller file from ``mixtune proxymix learn`` (policy controller)."""
+    """Frozen controller file from ``mixtune proxymix learn`` (policy controller), or
+    ``builtin``: the controller shipped with mixtune, learned on a proxy of the built-in
+    continual sequences (``mixtune/mixers/proxymix/builtin/CARD.md``)."""
     decisions: int = 10
     """Decisions per stage, evenly spaced (a fraction of a stage, so it transfers)."""
     update_every: int | None = None
@@ -84,6 +86,8 @@ class ProxyMixConfig:
     """Std of Gaussian noise on the logits (RL episodes only; 0 = deterministic)."""
     explore_seed: int | None = None
     """Seed of the exploration noise (null: the run's seed)."""
+    explore_mirror: bool = False
+    """Negate the exploration noise (RL only: the antithetic twin of an episode)."""
     accessible: tuple[str, ...] | None = None
     """Datasets the mixer may weight (null: all); any other dataset always gets 0."""
     safety_domain: str = "safety"
@@ -198,7 +202,8 @@ class ProxyMix(StageAware):
             if o.explore_sigma > 0:
                 seed = self.seed if o.explore_seed is None else o.explore_seed
                 rng = np.random.default_rng([seed, self.stage.index, ctx.step, 0x9E37])
-                z = z + o.explore_sigma * torch.as_tensor(rng.standard_normal(len(z)))
+                sign = -1.0 if o.explore_mirror else 1.0
+                z = z + sign * o.explore_sigma * torch.as_tensor(rng.standard_normal(len(z)))
             action = z.tolist()
             p = masked_policy(z, mask, self.cur, o.p_min, o.temperature).numpy()
         else:

@@ -31,13 +31,34 @@ class LearnConfig:
     """Learner directory (null: ``<output_dir>/learn``); holds learner state for resuming."""
     controller: str | None = None
     """Where the frozen controller is written (null: ``<learn dir>/controller.pt``)."""
-    algorithm: Literal["reinforce"] = "reinforce"
-    """REINFORCE with a baseline (PPO is not implemented)."""
+    algorithm: Literal["reinforce", "ppo"] = "reinforce"
+    """REINFORCE with a baseline, or (a deviation) clipped PPO over each update's batch."""
+    episodes_per_update: int = 1
+    """Episodes per policy update (1: the faithful one-episode step). > 1 is a deviation for
+    variance reduction: the episodes of an update share one data seed (common random numbers)
+    and one step is taken on their mean loss. ``episodes`` must be a multiple of it."""
+    antithetic: bool = False
+    """Deviation: the episodes of an update come in pairs with mirrored exploration noise
+    (eps, -eps) on the same order and data (needs an even ``episodes_per_update``)."""
+    normalize_rewards: bool = False
+    """Deviation: divide rewards by the running std of the episode returns."""
+    ppo_epochs: int = 4
+    """Algorithm ppo: optimisation steps on each update's batch."""
+    ppo_clip: float = 0.2
+    """Algorithm ppo: clip range of the probability ratio."""
+    eval_every: int = 0
+    """Evaluate the greedy policy (no exploration) on held-out episodes before the first
+    update, every this many updates and after the last (0: never); ``greedy.json/.csv/.png``."""
+    eval_episodes: int = 6
+    """Held-out episodes per greedy evaluation (orders rotate; data seeds never trained on)."""
     lr: float = 1e-3
     sigma: float = 0.5
     """Std of the Gaussian noise on the controller's logits while exploring."""
     gamma: float = 0.99
-    baseline: Literal["moving_average", "none"] = "moving_average"
+    baseline: Literal["moving_average", "batch", "none"] = "moving_average"
+    """moving_average (per sequence and decision index, faithful); batch (a deviation: the mean
+    return of the update's episodes of the same sequence, which share state and data; needs
+    ``episodes_per_update`` >= 2); none (the episode's mean return)."""
     baseline_momentum: float = 0.8
     """Per-decision moving-average baseline of the return (weight of the old value)."""
     normalize_advantages: bool = True
@@ -59,6 +80,32 @@ class LearnConfig:
     def __post_init__(self):
         schema.check(self.episodes >= 1, "learn.episodes", "must be >= 1", self.episodes)
         schema.check(self.lr > 0, "learn.lr", "must be > 0", self.lr)
+        B = self.episodes_per_update
+        schema.check(B >= 1, "learn.episodes_per_update", "must be >= 1", B)
+        schema.check(
+            self.episodes % B == 0,
+            "learn.episodes",
+            f"must be a multiple of learn.episodes_per_update ({B})",
+            self.episodes,
+        )
+        schema.check(
+            not self.antithetic or B % 2 == 0,
+            "learn.antithetic",
+            "needs an even learn.episodes_per_update",
+            B,
+        )
+        schema.check(
+            self.baseline != "batch" or B >= 2,
+            "learn.baseline",
+            "batch needs learn.episodes_per_update >= 2",
+            B,
+        )
+        schema.check(self.ppo_epochs >= 1, "learn.ppo_epochs", "must be >= 1", self.ppo_epochs)
+        schema.check(0 < self.ppo_clip < 1, "learn.ppo_clip", "must be in (0, 1)", self.ppo_clip)
+        schema.check(self.eval_every >= 0, "learn.eval_every", "must be >= 0", self.eval_every)
+        schema.check(
+            self.eval_episodes >= 2, "learn.eval_episodes", "must be >= 2", self.eval_episodes
+        )
         schema.check(self.sigma > 0, "learn.sigma", "must be > 0", self.sigma)
         schema.check(0 <= self.gamma <= 1, "learn.gamma", "must be in [0, 1]", self.gamma)
         schema.check(

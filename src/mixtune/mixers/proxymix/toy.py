@@ -6,7 +6,15 @@ decisions. With weights pi at a decision, losses move by (k = ``rate``, refs L^r
     current task:  L_c <- L_c - k g pi_c L_c^ref                     (learning)
     buffer i:      L_i <- L_i + k L_i^ref (v pi_c - rho pi_i)         (forgetting vs. replay)
 
-so the ProxyMix reward of a decision (features.reward, lambda_forget = 1) is
+With ``noise`` > 0 the episode's terminal bonus gets a zero-mean term
+noise * (sqrt(c) eps_data + sqrt(1 - c) eps_own) (c = ``shared``): eps_data depends only on the
+episode's data seed (what common random numbers can hold fixed), eps_own on the episode itself
+(the part that differs even on the same data, as a real model's trajectory diverges once its
+mixture differs). It enters every decision's return-to-go, as the benchmark proxy's end-of-
+sequence noise does, and leaves the expected return of every policy (so the optimum) unchanged;
+``noise=0.65`` is the proxy's measured episode return sd (issue 21).
+
+Without noise, the ProxyMix reward of a decision (features.reward, lambda_forget = 1) is
 k [g pi_c - sum_i max(0, v pi_c - rho pi_i)]. With g < n_b v + rho (n_b buffers) it is
 maximised by equal buffer shares and pi_c* = max(p_min, rho / (n_b v + rho)): with the defaults
 (g = 2, v = 2, rho = 1) that is a replay share of 2/3 with one buffer and 0.7 with two.
@@ -40,10 +48,13 @@ class ToyEnv:
         p_min: float = 0.3,
         beta: float = 0.9,
         seed: int = 0,
+        noise: float = 0.0,
+        shared: float = 0.5,
     ):
         self.S, self.D = stages, decisions
         self.g, self.v, self.rho, self.k = gain, vulnerability, recovery, rate
         self.p_min, self.beta, self.seed = p_min, beta, seed
+        self.noise, self.shared = noise, shared
         self.orders = [tuple(f"t{i}" for i in range(stages))]
 
     def best_weights(self, n_buffers: int) -> np.ndarray:
@@ -53,8 +64,9 @@ class ToyEnv:
         pc = max(self.p_min, self.rho / (n_buffers * self.v + self.rho))
         return np.array([pc] + [(1 - pc) / n_buffers] * n_buffers)
 
-    def rollout(self, act, e: int = 0) -> list[list[dict]]:
-        """One episode; ``act(obs, rng) -> (weights, action logits or None)``."""
+    def rollout(self, act, e: int = 0, data_seed: int | None = None) -> list[list[dict]]:
+        """One episode; ``act(obs, rng) -> (weights, action logits or None)``; ``e`` keys the
+        exploration noise (the dynamics are noise-free; ``data_seed`` is unused by them)."""
         names = list(self.orders[0])
         tracker = Tracker(self.beta)
         loss = {n: 2.0 + 0.25 * i for i, n in enumerate(names)}  # arbitrary scales
@@ -94,7 +106,9 @@ class ToyEnv:
             trajs.append(traj)
         return trajs
 
-    def controller_act(self, net, sigma: float):
+    def controller_act(self, net, sigma: float, mirror: bool = False):
+        sign = -1.0 if mirror else 1.0
+
         def act(obs, rng):
             x = torch.as_tensor(np.asarray(obs["x"], np.float32))
             g = torch.as_tensor(np.asarray(obs["g"], np.float32))
@@ -102,7 +116,7 @@ class ToyEnv:
             with torch.no_grad():
                 z = net(x, g, mask).double()
             if sigma > 0:
-                z = z + sigma * torch.as_tensor(rng.standard_normal(len(z)))
+                z = z + sign * sigma * torch.as_tensor(rng.standard_normal(len(z)))
             return masked_policy(z, mask, 0, self.p_min).numpy(), z.tolist()
 
         return act
@@ -110,14 +124,32 @@ class ToyEnv:
     def oracle_act(self, obs, rng):
         return self.best_weights(len(obs["slots"]) - 1), None
 
-    def episode(self, learner, e: int) -> dict:
-        trajs = self.rollout(self.controller_act(learner.net, learner.lc.sigma), e)
-        return {"order": self.orders[0], "trajectories": trajs, "terminal": 0.0}
+    def play(self, net, spec) -> dict:
+        """An episode of :class:`~mixtune.mixers.proxymix.episodes.EpisodeSpec` ``spec``."""
+        act = self.controller_act(net, spec.sigma, spec.mirror)
+        trajs = self.rollout(act, spec.explore_seed, spec.data_seed)
+        return {"order": self.orders[0], "trajectories": trajs, "terminal": self.bonus(spec)}
 
-    def value(self, act, lambda_forget: float = 1.0) -> float:
+    def bonus(self, spec) -> float:
+        """The terminal noise of an episode (0 without ``noise``)."""
+        if self.noise == 0:
+            return 0.0
+        d = -1 if spec.data_seed is None else spec.data_seed
+        a = np.random.default_rng([self.seed, 1, d + 1]).standard_normal()
+        own = [self.seed, 2, spec.index, spec.explore_seed, int(spec.mirror)]
+        b = np.random.default_rng(own).standard_normal()
+        return float(self.noise * (np.sqrt(self.shared) * a + np.sqrt(1 - self.shared) * b))
+
+    def episode(self, learner, e: int) -> dict:
+        """Episode ``e`` of the faithful learner."""
+        from mixtune.mixers.proxymix.episodes import faithful
+
+        return self.play(learner.net, faithful(e, learner.lc, len(self.orders)))
+
+    def value(self, act, lambda_forget: float = 1.0, **rollout) -> float:
         """Total reward of the decisions with a choice (stages >= 1) under ``act``."""
         total = 0.0
-        for traj in self.rollout(act):
+        for traj in self.rollout(act, **rollout):
             for prev, now in zip(traj, traj[1:]):
                 if len(prev["slots"]) > 1:
                     total += reward(prev, now, lambda_forget, 0.0)

@@ -23,7 +23,11 @@ the table). It is the same rule DynaMiCS is given, so its verdict and the table'
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,23 +161,35 @@ def run_demo(
     budget = QUICK if quick else FULL
     root = Path(output_dir)
     cells = {k: v for k, v in mixtures(quick).items() if not only or k in only}
-    results: dict[str, dict] = {}
     t0 = time.perf_counter()
-    for i, (name, mixer) in enumerate(cells.items(), 1):
-        print(f"[{i}/{len(cells)}] mixture '{name}' ({budget.steps} steps)", flush=True)
-        run_dir = root / name
-        if run_dir.exists():  # a demo run is cheap: start each cell fresh
-            import shutil
-
-            shutil.rmtree(run_dir)
-        refs = None
-        if name == ANSWERED:  # DynaMiCS is told the table's rule: base loss + TOLERANCE
-            base = next(iter(results.values()))["before"] if results else None
-            refs = references(base or base_losses(root, budget, seed))
-        cfg = config.load(data=scenario(run_dir, mixer, budget, seed, refs))
-        summary = Trainer(cfg).run()
-        write_report(run_dir)
-        results[name] = cell_result(run_dir, summary, answered=name == ANSWERED)
+    for name in cells:
+        if (root / name).exists():  # a demo run is cheap: start each cell fresh
+            shutil.rmtree(root / name)
+    # DynaMiCS is told the table's rule (base loss + TOLERANCE) before any cell trains, so the
+    # cells are independent and run side by side, one process and one thread each: the tiny
+    # model gains nothing from a second thread, and the machine's cores do the cells at once.
+    refs = references(base_losses(root, budget, seed)) if ANSWERED in cells else None
+    raws = {
+        name: scenario(root / name, mixer, budget, seed, refs if name == ANSWERED else None)
+        for name, mixer in cells.items()
+    }
+    for name, raw in raws.items():  # one progress bar (the longest cell), not interleaved ones
+        raw["progress"] = raw.get("progress", True) and name == next(iter(_longest_first(raws)))
+    workers = max(1, min(len(cells), os.cpu_count() or 1))
+    print(
+        f"{len(cells)} mixtures x {budget.steps} steps, {workers} at a time: " + ", ".join(cells),
+        flush=True,
+    )
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # The longest cell (DynaMiCS, with its probes) first, so it never waits for a core.
+        futures = {name: pool.submit(_run_cell, raws[name]) for name in _longest_first(raws)}
+        summaries = {}
+        for name in cells:
+            summaries[name] = futures[name].result()
+            print(f"  done: {name} ({summaries[name]['seconds']:.0f} s)", flush=True)
+    results = {
+        name: cell_result(root / name, summaries[name], answered=name == ANSWERED) for name in cells
+    }
     table = comparison_table(results)
     print(table)
     (root / "results.json").write_text(json.dumps(results, indent=1))
@@ -185,14 +201,29 @@ def run_demo(
     return results
 
 
+def _longest_first(cells) -> list[str]:
+    """Cell names, DynaMiCS (probes: the longest) first."""
+    return sorted(cells, key=lambda name: name != ANSWERED)
+
+
+def _run_cell(raw: dict) -> dict:
+    """One cell, in a worker process: train, write its report; its summary."""
+    import torch
+
+    torch.set_num_threads(1)
+    summary = Trainer(config.load(data=raw)).run()
+    write_report(Path(raw["output_dir"]))
+    return summary
+
+
 def references(base: dict) -> dict[str, float]:
     """Each constraint's reference: the base model's loss plus ``TOLERANCE``."""
     return {d: base[d]["loss"] + TOLERANCE for d, role, _ in EVALS if role == "constraint"}
 
 
 def base_losses(root: Path, budget: Budget, seed: int) -> dict:
-    """The base model's evaluation (losses) on the demo's examples, measured without training:
-    for ``--mixtures dynamics`` alone, when no other cell has evaluated the base model."""
+    """The base model's evaluation (losses) on the demo's examples, measured without training
+    (DynaMiCS's references, set before the cells run side by side)."""
     raw = scenario(root / "_base", {"name": "uniform"}, budget, seed)
     return Trainer(config.load(data=raw)).evaluate(accuracy=False, use_cache=False)
 

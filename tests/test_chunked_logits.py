@@ -156,3 +156,25 @@ def test_under_bf16_autocast_the_chunked_path_tracks_the_full_one():
     torch.testing.assert_close(out["chunked"][0], out["full"][0], atol=2e-2, rtol=2e-2)
     for a, b in zip(out["chunked"][1], out["full"][1]):
         torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+
+
+def test_a_loss_that_needs_the_logits_gets_them_on_the_chunked_path_in_one_forward():
+    from mixtune.losses.base import Loss
+
+    seen = []
+
+    class NeedsLogits(Loss):
+        def __call__(self, logits, labels, extra=None):
+            seen.append(logits.shape[-1])
+            return LOSSES["sft"]()(logits, labels, extra)
+
+    model, batch = tiny_llama(vocab=300), _batch()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    assert lg.configure(model, "chunked", 4)
+    calls.clear()  # (configure's check forwards)
+    lg.loss_terms(NeedsLogits(), model, batch)
+    assert seen == [300] and len(calls) == 1
+    calls.clear()
+    lg.loss_terms(LOSSES["sft"](), model, batch)  # per-token NLL: chunked, one forward
+    assert len(calls) == 1 and seen == [300]

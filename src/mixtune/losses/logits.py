@@ -30,16 +30,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from mixtune.data.tokenize import IGNORE
+from mixtune.losses.base import Loss
 from mixtune.losses.core import LossTerms, token_losses
-
-if TYPE_CHECKING:
-    from mixtune.losses.base import Loss
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +100,7 @@ def token_nll(
     model's logits; on the chunked path without ever holding them. Runs under the caller's
     grad mode, autocast and module modes. ``position_ids`` (and no attention mask): a packed
     row (:func:`mixtune.data.collate.pack`)."""
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if position_ids is not None:  # no cache: transformers then masks packed examples apart
-        inputs.update(attention_mask=None, position_ids=position_ids, use_cache=False)
+    inputs = _inputs(input_ids, attention_mask, position_ids)
     chunk = _CHUNK.get(unwrap(model))
     if chunk is None:
         return token_losses(model(**inputs).logits, labels)
@@ -115,22 +110,33 @@ def token_nll(
 
 
 def loss_terms(loss: Loss, model: torch.nn.Module, batch: dict, extra=None) -> LossTerms:
-    """The loss's terms for one micro-batch: ``loss.terms`` on :func:`token_nll` where the loss
-    defines it, else ``loss(logits, labels, extra)`` on the full logits."""
-    labels, positions = batch["labels"], batch.get("position_ids")
-    if is_chunked(model) and callable(getattr(loss, "terms", None)):
-        nll, mask = token_nll(
-            model, batch["input_ids"], batch.get("attention_mask"), labels, positions
-        )
-        try:
-            return loss.terms(nll, mask, extra)
-        except NotImplementedError:  # a loss that only implements __call__(logits, ...)
-            pass
-    if positions is None:
-        inputs = {"attention_mask": batch["attention_mask"]}
-    else:
-        inputs = {"position_ids": positions, "use_cache": False}
-    return loss(model(input_ids=batch["input_ids"], **inputs).logits, labels, extra)
+    """The loss's terms for one micro-batch: ``loss.terms`` on :func:`token_nll` on the chunked
+    path where the loss scores per-token NLL, else ``loss(logits, labels, extra)`` on the full
+    logits (one forward either way)."""
+    ids, labels, positions = batch["input_ids"], batch["labels"], batch.get("position_ids")
+    if is_chunked(model) and _scores_nll(loss):
+        nll, mask = token_nll(model, ids, batch.get("attention_mask"), labels, positions)
+        return loss.terms(nll, mask, extra)
+    logits = model(**_inputs(ids, batch.get("attention_mask"), positions)).logits
+    return loss(logits, labels, extra)
+
+
+def _scores_nll(loss) -> bool:
+    """Whether ``loss`` computes its terms from per-token NLL (``terms``) rather than from the
+    logits themselves (a loss that overrides ``__call__``)."""
+    cls = type(loss)
+    if isinstance(loss, Loss) and cls.__call__ is not Loss.__call__:
+        return False
+    terms = getattr(cls, "terms", None)
+    return terms is not None and terms is not Loss.terms
+
+
+def _inputs(input_ids, attention_mask, position_ids) -> dict:
+    """Forward arguments: padded rows, or packed ones (positions and no cache: transformers
+    then masks packed examples apart)."""
+    if position_ids is None:
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    return {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
 
 
 def chunked_nll(

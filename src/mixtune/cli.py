@@ -11,10 +11,12 @@ finishes the current step and writes a checkpoint; rerun to resume).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import logging
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -244,11 +246,19 @@ def _run(command: Command, args: argparse.Namespace, s: Session) -> int:
         if s.main_rank:  # every rank stops after the same step; one of them says so
             print(f"mixtune: {e or 'interrupted'}", file=sys.stderr)
         return 128 + getattr(e, "signum", 2)
-    except Exception:
+    except Exception as e:
+        from mixtune.engine import safewrite
+
+        problem = safewrite.disk_problem(e)
+        if problem is not None:  # a write the disk refused where no safewrite.writing named it
+            what = getattr(e, "filename", None) or "the run's files"
+            run = None if s.output_dir is None else Path(s.output_dir)
+            print(f"mixtune: error: {safewrite.message(problem, what, None, run)}", file=sys.stderr)
+            return 1
         text = traceback.format_exc()
         where = _keep_traceback(s.output_dir, text)
         last = text.strip().splitlines()[-1]
-        print(f"mixtune: unexpected failure: {last}\n(traceback in {where})", file=sys.stderr)
+        print(f"mixtune: unexpected failure: {last}\n({where})", file=sys.stderr)
         return 1
 
 
@@ -272,21 +282,29 @@ def _leave_process_group(ok: bool) -> bool:
 
 
 def _keep_traceback(output_dir: str | None, text: str) -> str:
+    """Keep a failure's traceback in ``<output_dir>/logs/``, else the temporary directory, else
+    print it (a full or read-only disk, an unusable TMPDIR); says where it went. Never raises:
+    the handler must not bury the failure under its own."""
     # One file per rank: when one rank fails the others fail next ("connection reset"), and
     # their tracebacks must not overwrite the one that explains the failure.
     rank = os.environ.get("RANK", "0")
     name = "error.log" if rank in ("", "0") else f"error-rank{rank}.log"
-    if output_dir:
+    places = [] if not output_dir else [(Path(output_dir) / "logs", name)]
+    try:
+        places.append((Path(tempfile.gettempdir()), f"mixtune-{name}"))
+    except (OSError, ValueError):  # no usable temporary directory at all
+        pass
+    for folder, file in places:
+        path = folder / file
         try:
-            logs = Path(output_dir) / "logs"
-            logs.mkdir(parents=True, exist_ok=True)
-            (logs / name).write_text(text)
-            return str(logs / name)
-        except (OSError, ValueError):  # unwritable, or not a usable path
-            pass
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"mixtune-{name}"
-    path.write_text(text)
-    return str(path)
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            return f"traceback in {path}"
+        except (OSError, ValueError):  # unwritable, full, or not a usable path
+            with contextlib.suppress(OSError, ValueError):
+                path.unlink()  # (no 0-byte or cut-short log left behind)
+    sys.stderr.write(text)
+    return "traceback above: no writable place to keep it"
 
 
 if __name__ == "__main__":

@@ -67,9 +67,8 @@ def evaluate(args, s: Session) -> None:
     """
     # No s.output_dir: a failure's traceback must not replace the evaluated run's error.log.
     from mixtune import config
-    from mixtune.engine import checkpoint
     from mixtune.engine.loop import Trainer
-    from mixtune.export import answer_step, load_step, locate
+    from mixtune.export import answer_step, load_newest, load_step, locate
 
     target = Path(args.target)
     run_dir, step = locate(target) if target.is_dir() else (None, None)
@@ -79,28 +78,19 @@ def evaluate(args, s: Session) -> None:
         step = args.step
     if run_dir is not None and step is None:
         step = answer_step(run_dir)
-    found = [] if run_dir is None else checkpoint.complete(run_dir / "checkpoints")
     with tempfile.TemporaryDirectory(prefix="mixtune-eval-") as scratch:
-        # Nothing is trained: the trainer gets a scratch output_dir (never written), so the
-        # evaluated run directory, or the one a config names, is only read.
+        # A reader: no lock, and the run directory (or the one a config names) is only read;
+        # the trainer's own output_dir is a scratch directory it never writes.
         overrides = [*args.overrides, "resume=never", f"output_dir={scratch}/run"]
         cfg = config.load(target if run_dir is None else run_dir / "config.yaml", overrides)
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, writer=False)
+    model = trainer.acc.unwrap_model(trainer.model)
     source = "base model"
     if step is not None:
-        source = load_step(run_dir, step, trainer.acc.unwrap_model(trainer.model))
-        source = f"step {step} ({source})"
-    elif found:
-        checkpoint.load(
-            found[-1],
-            accelerator=trainer.acc,
-            model=trainer.model,
-            optimizer=None,
-            scheduler=None,
-            sampler=trainer.sampler,
-            mixer=trainer.mixer,
-        )
-        source = str(found[-1])
+        source = f"step {step} ({load_step(run_dir, step, model)})"
+    elif run_dir is not None:
+        # The newest checkpoint that verifies, read whole even while a train rotates them away.
+        source = load_newest(run_dir, model) or source
     result = trainer.evaluate(use_cache=False, include_test=True)
     if args.json:
         print(json.dumps({"source": source, "eval": result}, indent=1))
@@ -108,9 +98,12 @@ def evaluate(args, s: Session) -> None:
         _print_eval(result, trainer.all_domains, source)
     if run_dir is not None and trainer.acc.is_main_process:
         if _writable(run_dir):
-            (run_dir / "eval.json").write_text(
-                json.dumps({"source": source, "eval": result}, indent=1)
-            )
+            from mixtune.engine import safewrite
+
+            # Whole or not at all, even with two evals writing it at once (the last one wins).
+            text = json.dumps({"source": source, "eval": result}, indent=1)
+            with safewrite.writing("eval.json", run_dir):
+                safewrite.atomic_text(run_dir / "eval.json", text)
         else:
             print(f"(eval.json not written: {run_dir} is read-only)", file=sys.stderr)
 

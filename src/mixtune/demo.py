@@ -225,7 +225,8 @@ def base_losses(root: Path, budget: Budget, seed: int) -> dict:
     """The base model's evaluation (losses) on the demo's examples, measured without training
     (DynaMiCS's references, set before the cells run side by side)."""
     raw = scenario(root / "_base", {"name": "uniform"}, budget, seed)
-    return Trainer(config.load(data=raw)).evaluate(accuracy=False, use_cache=False)
+    trainer = Trainer(config.load(data=raw), writer=False)  # evaluates only: no lock
+    return trainer.evaluate(accuracy=False, use_cache=False)
 
 
 def cell_result(run_dir: Path, summary: dict, answered: bool) -> dict:

@@ -76,9 +76,7 @@ def load_step(run: Path, step: int, model) -> str:
     """Copy the trainable weights of ``step`` of ``run`` into ``model`` (built from the run's
     config); returns where they came from. Step 0 without a kept copy is the base model as
     built."""
-    from mixtune.engine import checkpoint
-
-    found = weights_dir(run, step)
+    found = _read_whole(run, lambda: weights_dir(run, step), model)
     if found is None and step == 0:
         return "base model"
     if found is None:
@@ -86,8 +84,47 @@ def load_step(run: Path, step: int, model) -> str:
             f"{run}: the weights of step {step} are not kept; steps kept: {kept_steps(run)} "
             "(evaluated steps keep theirs when best so far; set train.save_every to keep more)"
         )
-    checkpoint.load_trainable(found, model)
     return str(found)
+
+
+def load_newest(run: Path, model) -> str | None:
+    """Copy the trainable weights of ``run``'s newest intact checkpoint into ``model``; returns
+    its path (None: the run has no checkpoint)."""
+    from mixtune.engine import checkpoint
+
+    found = _read_whole(run, lambda: ([None, *checkpoint.complete(run / "checkpoints")])[-1], model)
+    return None if found is None else str(found)
+
+
+TRIES = 5
+"""How many times a reader chooses again when a train rotates its choice away mid-read."""
+
+
+def _read_whole(run: Path, choose, model) -> Path | None:
+    """Load the weights of the directory ``choose()`` names into ``model``, as a reader running
+    beside a train that rotates its checkpoints: a directory deleted under the read (rotation
+    renames it away first, so it is whole or gone) is chosen again, up to :data:`TRIES` times.
+    A directory still there that fails is bad input, as always (exit 2, one line)."""
+    from mixtune.engine import checkpoint
+
+    for _ in range(TRIES):
+        path = None
+        try:
+            path = choose()
+            if path is not None:
+                checkpoint.load_trainable(path, model)
+            return path
+        except (ConfigError, OSError) as e:
+            if path is None or not path.is_dir():
+                continue  # rotated away under the read: choose again
+            if isinstance(e, ConfigError):
+                raise  # damaged in place
+            raise ConfigError(f"{path}: cannot be read ({e})") from None
+    raise ConfigError(
+        f"{run}: the weights chosen were deleted while being read, {TRIES} times (a train "
+        "rotating checkpoints faster than they can be read); retry, or raise its "
+        "train.keep_checkpoints"
+    )
 
 
 def run_config(run: Path):
@@ -104,7 +141,7 @@ def export(target: str | Path, out: str | Path, step: int | None = None, merge_l
     (default: the step the path names, else the run's answer) to the new directory ``out``;
     returns ``(out, step)``."""
     from mixtune.data.tokenize import resolve_template
-    from mixtune.engine import build
+    from mixtune.engine import build, safewrite
 
     run, named = locate(target)
     step = step if step is not None else named if named is not None else default_step(run)
@@ -129,9 +166,11 @@ def export(target: str | Path, out: str | Path, step: int | None = None, merge_l
     if lora and merge_lora:
         model = model.merge_and_unload()
     tokenizer.chat_template = resolve_template(tokenizer, cfg.model.chat_template, quiet=True)
-    build.save_final(model, tokenizer, out, base=base)
     card = model_card(run, cfg, step, source, lora=lora, merged=merge_lora, base=base)
-    (out / "README.md").write_text(card)
+    # Whole or not at all: written beside OUT and renamed into place.
+    with safewrite.writing("the exported model", out), safewrite.atomic_dir(out) as tmp:
+        build.save_final(model, tokenizer, tmp, base=base)
+        (tmp / "README.md").write_text(card)
     return out, step
 
 

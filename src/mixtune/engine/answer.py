@@ -37,9 +37,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from mixtune.engine import build, checkpoint
+from mixtune.engine import build, checkpoint, safewrite
 from mixtune.engine.integrity import fsync, problem, read, write_manifest
-from mixtune.engine.rundir import RunDir, read_metrics
+from mixtune.engine.rundir import RunDir, jsonable, read_metrics
+from mixtune.engine.safewrite import atomic_dir, discard
 from mixtune.errors import MixtuneError
 from mixtune.eval.constraints import domain_results, select_best_feasible
 
@@ -139,15 +140,13 @@ class Answer:
         if not self.acc.is_main_process:
             return
         final = step_dir(self.root, step)
-        tmp = final.with_name(f".tmp-{final.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / "trainable.safetensors"))
-        fsync(tmp / "trainable.safetensors")
-        write_manifest(tmp)
-        if final.exists():  # the same step again (a resumed run replays it)
-            shutil.rmtree(final)
-        tmp.rename(final)
+        what = f"the weights-only copy of step {step}"
+        # Whole or absent: a reader (mixtune eval / export) never sees it half-written; the same
+        # step again (a resumed run replays it) replaces it in one rename.
+        with safewrite.writing(what, self.root, self.rundir.path), atomic_dir(final) as tmp:
+            save_file(tensors, str(tmp / "trainable.safetensors"))
+            fsync(tmp / "trainable.safetensors")
+            write_manifest(tmp)
         fsync(self.root)
 
     def prune(self) -> None:
@@ -164,7 +163,7 @@ class Answer:
         for d in self.root.glob(f"{checkpoint.PREFIX}*"):
             step = d.name[len(checkpoint.PREFIX) :]
             if step.isdigit() and int(step) not in needed:
-                shutil.rmtree(d, ignore_errors=True)
+                discard(d)  # renamed away first: a reader finds it whole or gone
         for d in self.root.glob(".tmp-*"):  # left by a crash mid-copy
             shutil.rmtree(d, ignore_errors=True)
 
@@ -200,8 +199,9 @@ class Answer:
         src = step_dir(weights_root(source_run), self.best)
         dst = step_dir(self.root, self.best)
         if src.is_dir() and not dst.exists():
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(src, dst)
+            what = f"the weights-only copy of step {self.best}"
+            with safewrite.writing(what, self.root, self.rundir.path), atomic_dir(dst) as tmp:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
 
     # -- at the end ----------------------------------------------------------------------------
     def finish(self, model, tokenizer, full: dict | None, last_step: int, base: str | None):
@@ -210,6 +210,12 @@ class Answer:
         run without target or constraint domains."""
         out = self.rundir.path / "final"
         beside = self.rundir.path / "final-last"
+        # final/ and final-last/ are written beside and renamed into place (safewrite): a full
+        # disk, a crash or a signal leaves the previous ones (or none), never half a model.
+        with safewrite.writing("the final model (final/)", out, self.rundir.path):
+            return self._finish(out, beside, model, tokenizer, full, last_step, base)
+
+    def _finish(self, out, beside, model, tokenizer, full, last_step, base):
         best = self._select() if self.active else None
         if best is None:
             if self.active:
@@ -217,9 +223,9 @@ class Answer:
                     "no step-0 evaluation in this run's record: final/ holds the last step's "
                     "model, no best feasible step was selected"
                 )
-            shutil.rmtree(out, ignore_errors=True)
-            build.save_final(model, tokenizer, out, full, base)
-            shutil.rmtree(beside, ignore_errors=True)
+            with atomic_dir(out) as tmp:
+                build.save_final(model, tokenizer, tmp, full, base)
+            discard(beside)
             return ({"error": "no step-0 evaluation"} if self.active else None), None
         chosen = None if best["keep_base_model"] else best["step"]
         use = last_step if self.rule == "last" else (0 if chosen is None else chosen)
@@ -237,16 +243,6 @@ class Answer:
             source = "last"
         else:
             source = "base" if chosen is None else "checkpoint"
-        shutil.rmtree(out, ignore_errors=True)
-        if use == last_step:
-            build.save_final(model, tokenizer, out, full, base)
-            shutil.rmtree(beside, ignore_errors=True)
-        else:
-            shutil.rmtree(beside, ignore_errors=True)
-            build.save_final(model, tokenizer, beside, full, base)
-            tensors = read(kept, "trainable.safetensors", "safetensors")
-            sd = _substituted(self.acc.unwrap_model(model), full, tensors)
-            build.save_final(model, tokenizer, out, sd, base)
         found = weights_dir(self.rundir.path, best["step"]) if best["feasible"] else None
         best["checkpoint"] = None if found is None else str(found)
         evaluated = use if use in self.evals else max(self.evals)  # (a run stopped early)
@@ -261,7 +257,17 @@ class Answer:
             "path": str(out),
             "last_path": str(beside) if use != last_step else str(out),
         }
-        self.rundir.write_json("final/selection.json", selection)
+        sd = full
+        if use != last_step:
+            with atomic_dir(beside) as tmp:
+                build.save_final(model, tokenizer, tmp, full, base)
+            tensors = read(kept, "trainable.safetensors", "safetensors")
+            sd = _substituted(self.acc.unwrap_model(model), full, tensors)
+        with atomic_dir(out) as tmp:
+            build.save_final(model, tokenizer, tmp, sd, base)
+            safewrite.atomic_text(tmp / "selection.json", json.dumps(jsonable(selection), indent=1))
+        if use == last_step:
+            discard(beside)
         last_eval = self.evals.get(last_step)
         at_last = (
             None

@@ -1,7 +1,9 @@
 """The run directory's lock: one ``mixtune train`` writes a run directory at a time.
 
-:meth:`Trainer.run <mixtune.engine.loop.Trainer.run>` takes it before it writes anything there
-(config.yaml, metrics.jsonl, checkpoints) and holds it until it returns or raises. It is an
+:class:`Trainer(cfg) <mixtune.engine.loop.Trainer>` (a writer, the default) takes it when it is
+built, before anything reads or writes the run directory (the resume checks, checkpoint selection,
+config.yaml, metrics.jsonl, checkpoints), and :meth:`Trainer.run` releases it when it returns or
+raises (:meth:`Trainer.close` when it is never run). It is an
 exclusive ``fcntl.flock`` on ``<output_dir>/train.lock``, which the kernel drops when the holder
 dies, however it dies. The file says who holds it (pid, host, since when), for the one-line
 error a second writer gets (exit 2). A clean release removes the file, so a lock file found
@@ -9,8 +11,9 @@ unlocked was left by a killed process: it is taken over, and the log says so.
 
 In a distributed run only the main process (the one that writes the run directory) holds it,
 and every rank learns whether it got it, so that all of them stop together. Readers (``mixtune
-eval``, ``report``) never take it. On NFS, Linux emulates flock with a whole-file POSIX lock,
-which holds across machines where the server supports locking.
+eval``, ``export``, ``report``; ``Trainer(cfg, writer=False)``) never take it. On NFS, Linux
+emulates flock with a whole-file POSIX lock, which holds across machines where the server
+supports locking.
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ class RunLock:
             except OSError:  # not empty: the run wrote something
                 break
             d = d.parent
+
+    def __del__(self):  # a holder dropped without release (never relied on: a safety net)
+        with contextlib.suppress(Exception):
+            self.release()
 
 
 def acquire(run_dir: Path) -> RunLock:
@@ -117,10 +124,10 @@ def _describe(info: dict | None) -> str:
     return f"mixtune train pid {pid} on {host} (since {since})"
 
 
-@contextlib.contextmanager
-def hold(run_dir: Path, accelerator):
-    """Hold ``run_dir``'s lock for the body: the main process takes it, and every rank stops if
-    it could not (:class:`RunDirLocked`). Released on any exit."""
+def take(run_dir: Path, accelerator) -> RunLock | None:
+    """Take ``run_dir``'s lock on the main process (returned; None on the other ranks); every
+    rank raises :class:`RunDirLocked` if it could not be taken (a collective when distributed,
+    so that no rank goes on alone or hangs)."""
     lock, failed = None, None
     if accelerator.is_main_process:
         try:
@@ -140,6 +147,18 @@ def hold(run_dir: Path, accelerator):
                 )
         if failed is not None:
             raise failed
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
+
+
+@contextlib.contextmanager
+def hold(run_dir: Path, accelerator):
+    """Hold ``run_dir``'s lock for the body (:func:`take`); released on any exit."""
+    lock = take(run_dir, accelerator)
+    try:
         yield lock
     finally:
         if lock is not None:

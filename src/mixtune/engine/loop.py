@@ -25,6 +25,7 @@ import logging
 import signal
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from mixtune.config import RunConfig
 from mixtune.data import streaming
 from mixtune.data.sampler import MixtureSampler, SamplerExhausted
 from mixtune.data.tokenize import resolve_template
-from mixtune.engine import build, checkpoint, fingerprint, integrity, lock, probe
+from mixtune.engine import build, checkpoint, fingerprint, integrity, lock, probe, safewrite
 from mixtune.engine.answer import Answer
 from mixtune.engine.evaluation import Evaluator
 from mixtune.engine.metrics import Metrics, data_summary
@@ -69,9 +70,30 @@ class Trainer:
     runs and the loss's hooks; :attr:`step` lives there.
     """
 
-    def __init__(self, cfg: RunConfig, accelerator=None):
-        self.cfg = cfg
+    def __init__(self, cfg: RunConfig, accelerator=None, writer: bool = True):
+        """``writer``: this trainer will train into ``cfg.output_dir``, so it takes the run
+        directory's lock now (engine/lock.py), before anything reads or writes the directory:
+        a second writer stops here, having read nothing. ``writer=False`` (evaluation only:
+        ``mixtune eval``, base-model references) takes no lock and reads nothing there."""
         self.acc = accelerator or make_accelerator(cfg)
+        self.writer, self._lock = writer, None
+        if writer:
+            check_writable(Path(cfg.output_dir))  # (the lock creates the directory)
+            self._lock = lock.take(Path(cfg.output_dir), self.acc)
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory's lock (idempotent; :meth:`run` does it when it ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _build(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
         seed_everything(cfg.seed)
         tc = cfg.train
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
@@ -107,8 +129,8 @@ class Trainer:
             streaming.streams_of(self.train_sets),
         )
         self.rundir = RunDir(cfg.output_dir)
-        check_writable(self.rundir.path)
-        self.resume_from = self.rundir.resume_point(cfg.resume)
+        # A reader never trains: nothing of the run directory is read for a resume.
+        self.resume_from = self.rundir.resume_point(cfg.resume) if self.writer else None
         if self.resume_from is not None:  # an explicit resume=<dir> may be damaged
             integrity.verify(self.resume_from)
 
@@ -126,10 +148,12 @@ class Trainer:
             )
         # The last check before the run dir is written: what this start trains with against the
         # run's record (run.json); a resume may only amend what cannot change the trajectory.
-        self.fingerprint = fingerprint.of_run(
-            cfg, self.tokenizer, self.train_sets, self.all_domains
-        )
-        self.amendments = self.rundir.check_resume(cfg, self.fingerprint, self.resume_from)
+        self.fingerprint, self.amendments = None, []
+        if self.writer:
+            self.fingerprint = fingerprint.of_run(
+                cfg, self.tokenizer, self.train_sets, self.all_domains
+            )
+            self.amendments = self.rundir.check_resume(cfg, self.fingerprint, self.resume_from)
         if tc.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.optimizer = build.make_optimizer(model, tc)
@@ -237,10 +261,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> dict:
-        """Train to ``max_steps`` (or checkpoint and return after step ``stop_after``)."""
-        # One writer per run directory, from before its first write to the end (engine/lock.py).
-        with lock.hold(self.rundir.path, self.acc):
+        """Train to ``max_steps`` (or checkpoint and return after step ``stop_after``); the
+        run directory's lock, taken when this trainer was built, is released when it ends."""
+        if not self.writer:
+            raise ValueError("Trainer(writer=False) evaluates only; build a writer to train")
+        if self._lock is None:  # released by an earlier run(): one writer again
+            self._lock = lock.take(self.rundir.path, self.acc)
+        try:
             return self._start(stop_after)
+        finally:
+            self.close()
 
     def _start(self, stop_after: int | None) -> dict:
         cfg = self.cfg
@@ -390,6 +420,16 @@ class Trainer:
     def _save(self, t_start: float, base_elapsed: float) -> None:
         check_finite_params(self.state, self.cfg.train)  # never over a good checkpoint
         self.counters["elapsed"] = base_elapsed + time.perf_counter() - t_start
+        # A disk that refuses the write, however torch or safetensors say so: one line, and
+        # the half-written directory gone (engine/safewrite.py).
+        root, step = self.rundir.checkpoints, self.step
+        tmp = root / f".tmp-{checkpoint.PREFIX}{step:06d}"
+        with safewrite.writing(f"checkpoint step {step}", root, self.rundir.path, cleanup=tmp):
+            self._save_checkpoint()
+        if self.acc.is_main_process:
+            self.answer.prune()
+
+    def _save_checkpoint(self) -> None:
         checkpoint.save(
             self.rundir.checkpoints,
             self.step,
@@ -408,8 +448,6 @@ class Trainer:
             },
             rank_state=self.metrics.rank_state_dict(),
         )
-        if self.acc.is_main_process:
-            self.answer.prune()
 
     def _finish(self, t_start: float, base_elapsed: float) -> dict:
         elapsed = base_elapsed + time.perf_counter() - t_start

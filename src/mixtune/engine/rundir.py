@@ -13,16 +13,16 @@ never touches an existing run's files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
 from mixtune import config as config_mod
-from mixtune.engine import checkpoint, fingerprint
+from mixtune.engine import checkpoint, fingerprint, safewrite
 from mixtune.errors import ConfigError, MixtuneError
 
 WAYS_FORWARD = "resume with the settings and data it was started with, or use a new output_dir"
@@ -139,6 +139,10 @@ class RunDir:
     ) -> None:
         """Create the directory and record the run (a first start: ``config.yaml`` and
         ``run.json``; a resume: its amendments), and cut metrics back to the resume point."""
+        with safewrite.writing("the run's record (config.yaml, run.json)", self.path, self.path):
+            self._record(cfg, resume_step, fp, amendments)
+
+    def _record(self, cfg, resume_step, fp, amendments) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         saved = self.path / "config.yaml"
@@ -181,11 +185,23 @@ class RunDir:
         return True
 
     def append_metrics(self, record: dict) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(_jsonable(record)) + "\n")
+        """Append one record; a write the disk refuses is cut back off (no partial line) and
+        said in one line (:mod:`~mixtune.engine.safewrite`)."""
+        line = json.dumps(jsonable(record)) + "\n"
+        with safewrite.writing("metrics.jsonl", self.path, self.path), open(self.metrics, "a") as f:
+            size = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+            except OSError:
+                with contextlib.suppress(OSError):
+                    f.truncate(size)
+                raise
 
     def write_json(self, name: str, data) -> None:
-        _atomic_write(self.path / name, json.dumps(_jsonable(data), indent=1))
+        """Write ``name`` (whole or not at all)."""
+        with safewrite.writing(name, self.path, self.path):
+            _atomic_write(self.path / name, json.dumps(jsonable(data), indent=1))
 
     def _amendments(self) -> list[dict]:
         if not self.amendments.is_file():
@@ -244,19 +260,17 @@ def _parse(line: str) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+_atomic_write = safewrite.atomic_text
 
 
-def _jsonable(x):
+def jsonable(x):
+    """``x`` as plain JSON data (arrays as lists, non-finite floats as null)."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if hasattr(x, "tolist"):
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x

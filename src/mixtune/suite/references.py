@@ -71,7 +71,7 @@ def references(suite: Suite, todo) -> dict | None:
         try:
             for sc, seed, fp in missing:
                 cfg = config.load(data=_reference_raw(suite, sc, seed), overrides=sc.overrides)
-                metrics = Trainer(cfg).evaluate(accuracy=False, use_cache=False)
+                metrics = Trainer(cfg, writer=False).evaluate(accuracy=False, use_cache=False)
                 cache.setdefault(sc.name, {})[str(seed)] = {
                     "fingerprint": fp,
                     "loss": {d: float(v["loss"]) for d, v in metrics.items()},

@@ -48,7 +48,7 @@ class Planner:
             report_to=[],
             evals=experts.eval_raw(run, self.accuracy),
         )
-        self.trainer = Trainer(config_mod.from_dict(raw))
+        self.trainer = Trainer(config_mod.from_dict(raw), writer=False)  # scores merges only
         module = self.trainer.acc.unwrap_model(self.trainer.model)
         self.base = {k: v.detach().clone() for k, v in module.state_dict().items()}
         self.infos = self.trainer.infos

@@ -159,3 +159,78 @@ def test_every_rank_of_a_distributed_train_stops_on_a_locked_dir(make_config, tm
     assert text.count(f"is in use by mixtune train pid {os.getpid()}") == 1, text[-3000:]
     assert text.count("mixtune: error: output_dir") == 2, text[-3000:]  # both ranks, no hang
     assert not run.exists()
+
+
+def _bytes_tree(path: Path) -> str:
+    """One hash of every name (files, directories, links) and every file's bytes under
+    ``path``, lock file and temporary directories included: nothing excluded."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode() + b"\0")
+        if p.is_file() and not p.is_symlink():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_a_second_train_while_the_first_trains_exits_2_and_leaves_the_dir_byte_identical(
+    make_config, tmp_path
+):
+    cfg, run = _write(make_config, tmp_path, max_steps=4)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["train"]["save_every"] = 1
+    cfg.write_text(yaml.safe_dump(raw))
+    first = _train(cfg, {"MIXTUNE_TEST_CHECKPOINT_PAUSE": "60"})  # parked in its first save
+    try:
+        t0 = time.monotonic()
+        while not any(run.glob("checkpoints/.tmp-step-*/rank0.pt")):
+            assert first.poll() is None and time.monotonic() - t0 < 300, first.communicate()
+            time.sleep(0.05)
+        before = _bytes_tree(run)
+        second = _train(cfg)
+        out, err = second.communicate(timeout=300)
+        assert second.returncode == 2, (out, err)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"mixtune: error: output_dir {run} is in use by ")
+        assert f"mixtune train pid {first.pid} on {socket.gethostname()}" in lines[0]
+        assert _bytes_tree(run) == before
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+
+
+def test_the_lock_is_taken_when_a_writer_is_built_before_the_run_dir_is_read(
+    make_config, tmp_path, monkeypatch
+):
+    """Construction, not run(), takes it: a second writer stops before it looks for a resume
+    point; a reader (writer=False) takes no lock at all."""
+    from mixtune.engine import rundir
+
+    cfg, run = _write(make_config, tmp_path, max_steps=2)
+    writer = Trainer(config.load(cfg))
+    assert (run / lock.LOCK_FILE).is_file()
+    read = []
+    monkeypatch.setattr(rundir.RunDir, "resume_point", lambda self, r: read.append(r))
+    with pytest.raises(lock.RunDirLocked, match=f"pid {os.getpid()}"):
+        Trainer(config.load(cfg))
+    assert read == []  # refused before reading the run directory
+    reader = Trainer(config.load(cfg), writer=False)  # evaluation only: no lock, no resume
+    assert reader.resume_from is None and read == []
+    with pytest.raises(ValueError, match="evaluates only"):
+        reader.run()
+    monkeypatch.undo()
+    writer.close()
+    assert not (run / lock.LOCK_FILE).exists()
+    assert Trainer(config.load(cfg)).run()["steps"] == 2  # free again; run() releases it
+    assert not (run / lock.LOCK_FILE).exists()
+
+
+def test_a_writer_that_fails_while_being_built_releases_the_lock(make_config, tmp_path):
+    from mixtune.errors import DataError
+
+    cfg, run = _write(make_config, tmp_path, max_steps=2)
+    cfg_obj = config.load(cfg)
+    Path(cfg_obj.datasets[0].path).write_text("{not json\n")  # found only when data is read
+    with pytest.raises(DataError):
+        Trainer(cfg_obj)
+    assert not run.exists()  # the lock created the directory, and its release removed it

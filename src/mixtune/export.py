@@ -61,15 +61,10 @@ def answer_step(run: Path) -> int | None:
     return 0 if step is None else int(step)
 
 
-def default_step(run: Path) -> int:
-    """What ``export`` without ``--step`` takes: the run's answer, else its last kept step."""
-    step = answer_step(run)
-    if step is not None:
-        return step
+def newest_kept(run: Path) -> Path | None:
+    """Where the weights of the run's last kept step are (None: it keeps none)."""
     kept = kept_steps(run)
-    if not kept:
-        raise ConfigError(f"{run} keeps no weights (no checkpoints/): nothing to export")
-    return kept[-1]
+    return weights_dir(run, kept[-1]) if kept else None
 
 
 def load_step(run: Path, step: int, model) -> str:
@@ -144,7 +139,8 @@ def export(target: str | Path, out: str | Path, step: int | None = None, merge_l
     from mixtune.engine import build, safewrite
 
     run, named = locate(target)
-    step = step if step is not None else named if named is not None else default_step(run)
+    # Default: the run's answer, else its last kept step (chosen when read, below).
+    step = step if step is not None else named if named is not None else answer_step(run)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output directory {out} exists and is not an empty directory")
@@ -162,7 +158,13 @@ def export(target: str | Path, out: str | Path, step: int | None = None, merge_l
             raise ConfigError(_no_base(cfg.model, run))
     tokenizer = build.load_tokenizer(cfg.model)
     model = build.load_model(cfg.model, tokenizer, cfg.seed, build.pick_dtype(cfg.model.dtype))
-    source = load_step(run, step, model)
+    if step is not None:
+        source = load_step(run, step, model)
+    else:  # the newest kept step, chosen again if a train rotates it away under the read
+        found = _read_whole(run, lambda: newest_kept(run), model)
+        if found is None:
+            raise ConfigError(f"{run} keeps no weights (no checkpoints/): nothing to export")
+        step, source = int(found.name[len(PREFIX) :]), str(found)
     if lora and merge_lora:
         model = model.merge_and_unload()
     tokenizer.chat_template = resolve_template(tokenizer, cfg.model.chat_template, quiet=True)

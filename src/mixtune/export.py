@@ -57,8 +57,14 @@ def answer_step(run: Path) -> int | None:
     path = run / "final" / "selection.json"
     if not path.is_file():
         return None
-    step = json.loads(path.read_text())["step"]
-    return 0 if step is None else int(step)
+    try:
+        step = json.loads(path.read_text())["step"]
+        return 0 if step is None else int(step)
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(
+            f"{path} is not a selection record (damaged, or edited by hand); name the step "
+            "with --step N"
+        ) from None
 
 
 def newest_kept(run: Path) -> Path | None:
@@ -115,11 +121,20 @@ def _read_whole(run: Path, choose, model) -> Path | None:
             if isinstance(e, ConfigError):
                 raise  # damaged in place
             raise ConfigError(f"{path}: cannot be read ({e})") from None
+        except RuntimeError as e:  # a tensor of another shape: not the model config.yaml builds
+            raise ConfigError(
+                f"{path} does not fit the model {run / 'config.yaml'} describes ({_first(e)}); "
+                "was config.yaml edited? restore it"
+            ) from None
     raise ConfigError(
         f"{run}: the weights chosen were deleted while being read, {TRIES} times (a train "
         "rotating checkpoints faster than they can be read); retry, or raise its "
         "train.keep_checkpoints"
     )
+
+
+def _first(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def run_config(run: Path):

@@ -25,6 +25,12 @@ from mixtune import config as config_mod
 from mixtune.engine import checkpoint, fingerprint, safewrite
 from mixtune.errors import ConfigError, MixtuneError
 
+FILES = ("config.yaml", "run.json", "metrics.jsonl", "summary.json", "data.json")
+FILES += ("amendments.jsonl", "eval.json")
+"""Entries of a run directory that are files ..."""
+DIRS = ("checkpoints", "logs", "final", "final-last", "checkpoints/weights")
+"""... and those that are directories (:meth:`RunDir.check_layout`)."""
+
 WAYS_FORWARD = "resume with the settings and data it was started with, or use a new output_dir"
 
 
@@ -54,12 +60,36 @@ class RunDir:
             raise ConfigError(f"resume: '{resume}' is not a complete checkpoint directory")
         return p
 
+    def check_layout(self) -> None:
+        """Refuse (:class:`ConfigError`) a run directory whose own entries are of the wrong kind
+        (``metrics.jsonl`` a directory, ``checkpoints`` a file, ...): found before anything is
+        written, instead of a failure in the middle of the run."""
+        for name in FILES + DIRS:
+            p = self.path / name
+            if p.exists() or p.is_symlink():
+                want = "a file" if name in FILES else "a directory"
+                ok = p.is_file() if name in FILES else p.is_dir()
+                if not ok:
+                    raise ConfigError(
+                        f"{p} should be {want} and is not; restore it (or move it away), or use "
+                        "a new output_dir"
+                    )
+
     def check_compatible(self, cfg: config_mod.RunConfig) -> None:
         """Refuse to resume a run whose datasets differ from this config's."""
         saved = self.path / "config.yaml"
         if not saved.is_file():
             return
-        old = yaml.safe_load(saved.read_text()) or {}
+        try:
+            old = yaml.safe_load(saved.read_text()) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
+            raise ConfigError(
+                f"{saved} is not valid YAML (line {line}; edited by hand?); restore the config "
+                "the run was started with, or use a new output_dir"
+            ) from None
+        if not isinstance(old, dict):
+            raise ConfigError(f"{saved} is not a config (edited by hand?); restore it")
         old_names = [d.get("name") for d in old.get("datasets", [])]
         new_names = [d.name for d in cfg.datasets]
         if old_names != new_names:
@@ -74,6 +104,7 @@ class RunDir:
         """Refuse (:class:`ConfigError`, nothing written) a start that cannot honour what this
         directory records, or what the run that wrote ``resume_from`` records; ``fp`` is this
         start's fingerprint. Returns the changes the resume records as amendments."""
+        self.check_layout()
         if (self.path / "summary.json").is_file() and not checkpoint.complete(self.checkpoints):
             raise ConfigError(
                 f"output_dir {self.path} holds a finished run (summary.json) whose checkpoints "

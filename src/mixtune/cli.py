@@ -244,7 +244,7 @@ def _run(command: Command, args: argparse.Namespace, s: Session) -> int:
         return 1
     except KeyboardInterrupt as e:  # loop.Interrupted: a graceful stop with a checkpoint
         if s.main_rank:  # every rank stops after the same step; one of them says so
-            print(f"mixtune: {e or 'interrupted'}", file=sys.stderr)
+            print(f"mixtune: {str(e) or _interrupted(s.output_dir)}", file=sys.stderr)
         return 128 + getattr(e, "signum", 2)
     except Exception as e:
         from mixtune.engine import safewrite
@@ -260,6 +260,17 @@ def _run(command: Command, args: argparse.Namespace, s: Session) -> int:
         last = text.strip().splitlines()[-1]
         print(f"mixtune: unexpected failure: {last}\n({where})", file=sys.stderr)
         return 1
+
+
+def _interrupted(output_dir: str | None) -> str:
+    """What a bare Ctrl-C (outside training's own handler: while saving final/, loading, ...)
+    leaves: the last complete checkpoint, from which the same command resumes."""
+    if output_dir is None:
+        return "interrupted"
+    from mixtune.engine.safewrite import last_checkpoint
+
+    last = last_checkpoint(Path(output_dir))
+    return f"interrupted; the last complete checkpoint is {last}: run the same command to resume"
 
 
 def _leave_process_group(ok: bool) -> bool:

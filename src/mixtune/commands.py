@@ -137,6 +137,14 @@ def report(args, s: Session) -> None:
     run = Path(args.run_dir)
     if not (run / "metrics.jsonl").is_file():
         raise ConfigError(f"{args.run_dir} is not a run directory (no metrics.jsonl)")
+    for name in ("summary.json", "final/selection.json"):  # what the report reads besides
+        try:
+            if (run / name).is_file():
+                json.loads((run / name).read_text())
+        except ValueError:
+            raise ConfigError(
+                f"{run / name} is not JSON (damaged, or edited by hand); restore or delete it"
+            ) from None
     if _writable(run) and (not (run / "report").exists() or _writable(run / "report")):
         print(write_report(run))
         return

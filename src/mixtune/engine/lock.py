@@ -65,8 +65,11 @@ class RunLock:
             d = d.parent
 
     def __del__(self):  # a holder dropped without release (never relied on: a safety net)
-        with contextlib.suppress(Exception):
-            self.release()
+        if self._fd is not None:
+            try:
+                self.release()
+            except Exception:  # (at interpreter exit, modules may be gone already)
+                pass
 
 
 def acquire(run_dir: Path) -> RunLock:

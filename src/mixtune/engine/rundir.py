@@ -54,6 +54,13 @@ class RunDir:
             return None
         if resume == "auto":
             found = checkpoint.complete(self.checkpoints)
+            if not found and checkpoint.listed(self.checkpoints):
+                # Starting over would overwrite the run's history: its checkpoints are damaged
+                # (each named in the log), not absent.
+                raise ConfigError(
+                    f"output_dir {self.path} holds checkpoints but none verifies (each is "
+                    "named in the log above); restore one, or use a new output_dir"
+                )
             return found[-1] if found else None
         p = Path(resume)
         if not (p / "state.json").is_file():

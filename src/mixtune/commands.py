@@ -97,7 +97,11 @@ def evaluate(args, s: Session) -> None:
     else:
         _print_eval(result, trainer.all_domains, source)
     if run_dir is not None and trainer.acc.is_main_process:
-        if _writable(run_dir):
+        if (run_dir / "eval.json").is_dir():
+            print(
+                f"(eval.json not written: {run_dir / 'eval.json'} is a directory)", file=sys.stderr
+            )
+        elif _writable(run_dir):
             from mixtune.engine import safewrite
 
             # Whole or not at all, even with two evals writing it at once (the last one wins).

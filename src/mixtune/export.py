@@ -18,6 +18,7 @@ no such name: such adapters are exported merged (``--merge-lora``) or refused.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -157,8 +158,13 @@ def export(target: str | Path, out: str | Path, step: int | None = None, merge_l
     # Default: the run's answer, else its last kept step (chosen when read, below).
     step = step if step is not None else named if named is not None else answer_step(run)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output directory {out} is a file; choose a new directory")
+    if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output directory {out} exists and is not an empty directory")
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output directory {out}: {parent} is not writable")
     cfg = run_config(run)
     lora = cfg.model.lora.enabled
     if merge_lora and not lora:

@@ -77,6 +77,8 @@ def last_checkpoint(run_dir: Path | None) -> str:
 def message(problem: str, what: str, where: Path | str | None, run_dir: Path | None) -> str:
     """The one line: what the disk refused, what was being written, where, and the way on."""
     at = f" in {where}" if where else ""
+    if run_dir is None:  # not a training run (export, eval.json, a report)
+        return f"{problem} while writing {what}{at}; make room (or make it writable) and retry"
     return (
         f"{problem} while writing {what}{at}; the last complete checkpoint is "
         f"{last_checkpoint(run_dir)}: make room (or make it writable) and run the same command "

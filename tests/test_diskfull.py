@@ -231,8 +231,8 @@ def test_the_error_handler_degrades_to_stderr_when_nothing_is_writable(root, mon
     from mixtune.engine.loop import Trainer
 
     cfg = _config(root, "nowhere")
-    (root / "nowhere").mkdir()
-    (root / "nowhere" / "logs").write_text("a file where logs/ should be")
+    denied = OSError(errno.EACCES, "Permission denied")
+    _fail(monkeypatch, pathlib.Path, "write_text", lambda p, *a: "error" in p.name, denied)
 
     def boom(self, stop_after):
         raise RuntimeError("boom")
@@ -246,7 +246,7 @@ def test_the_error_handler_degrades_to_stderr_when_nothing_is_writable(root, mon
     assert "traceback above: no writable place to keep it" in err
     assert err.count("Traceback (most recent call last)") == 1, err
     assert "During handling of the above exception" not in err
-    assert not list((root / "base.yaml").parent.glob("mixtune-error.log"))
+    assert not (root / "nowhere" / "logs" / "error.log").exists()
 
 
 # -- a real full disk ------------------------------------------------------------------------------

@@ -185,7 +185,9 @@ def test_a_second_train_while_the_first_trains_exits_2_and_leaves_the_dir_byte_i
         while not any(run.glob("checkpoints/.tmp-step-*/rank0.pt")):
             assert first.poll() is None and time.monotonic() - t0 < 300, first.communicate()
             time.sleep(0.05)
-        before = _bytes_tree(run)
+        before = None  # the first save writes its files, then parks: wait until it has
+        while before != (before := _bytes_tree(run)):
+            time.sleep(1.0)
         second = _train(cfg)
         out, err = second.communicate(timeout=300)
         assert second.returncode == 2, (out, err)

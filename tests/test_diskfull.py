@@ -116,7 +116,7 @@ def _metrics_full(monkeypatch):
 
     def opener(path, mode="r", *a, **kw):
         f = open(path, mode, *a, **kw)
-        if mode == "a" and Path(path).name == "metrics.jsonl":
+        if mode.startswith("a") and Path(path).name == "metrics.jsonl":
             appends.append(path)
             if len(appends) == 3:  # the record of step 4 (after 0 and 2)
                 return _HalfWriter(f)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -225,12 +226,16 @@ class RunDir:
     def append_metrics(self, record: dict) -> None:
         """Append one record; a write the disk refuses is cut back off (no partial line) and
         said in one line (:mod:`~mixtune.engine.safewrite`)."""
-        line = json.dumps(jsonable(record)) + "\n"
-        with safewrite.writing("metrics.jsonl", self.path, self.path), open(self.metrics, "a") as f:
-            size = f.tell()
+        data = memoryview((json.dumps(jsonable(record)) + "\n").encode())
+        # Unbuffered: a refused write surfaces here, and the cut-back needs no flush first.
+        with (
+            safewrite.writing("metrics.jsonl", self.path, self.path),
+            open(self.metrics, "ab", buffering=0) as f,
+        ):
+            size = os.fstat(f.fileno()).st_size
             try:
-                f.write(line)
-                f.flush()
+                while data:
+                    data = data[f.write(data) :]
             except OSError:
                 with contextlib.suppress(OSError):
                     f.truncate(size)

@@ -139,3 +139,26 @@ def test_packing_with_a_loss_that_weights_rows_is_a_config_error(make_config, tm
     raw = make_config(loss={"name": "cadft"})
     with pytest.raises(ConfigError, match="padded_rows|train.packing"):
         config.load(data=raw, overrides=["train.packing=true"])
+
+
+def test_packed_evaluation_scores_every_example_as_padded_rows_do(make_config, tmp_path):
+    """Evaluation of a packed run (every domain's batches in packed rows, one row or several)
+    gives each example's summed NLL and supervised tokens of the padded rows, and the same
+    accuracy; a packed run's evaluations go through it (Evaluator.pack_rows)."""
+    from mixtune.eval.domains import evaluate_examples
+
+    raw = make_config(max_steps=2)
+    cfg = config.load(data=raw, overrides=[f"output_dir={tmp_path}/r", "train.packing=true"])
+    t = Trainer(cfg)
+    assert t.evaluator.pack_rows == cfg.train.max_length
+    args = (t.model, t.acc, t.all_domains, t.tokenizer)
+    padded = evaluate_examples(*args)
+    lengths = [len(x) for d in t.all_domains for x in d.data.input_ids]
+    for rows in (cfg.train.max_length, max(lengths)):  # few rows; one example's length
+        packed = evaluate_examples(*args, pack_rows=rows)
+        for name, sc in padded.items():
+            assert (packed[name].tokens == sc.tokens).all()
+            np.testing.assert_allclose(packed[name].nll, sc.nll, rtol=1e-5, atol=1e-4)
+            if sc.correct is not None:
+                assert (packed[name].correct == sc.correct).all()
+    assert any(sc.tokens.sum() > 0 for sc in padded.values())

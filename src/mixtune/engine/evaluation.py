@@ -6,7 +6,9 @@ gets a paired standard error (``change_se``: the same examples at both steps), s
 tell a real move from evaluation noise. Mixers, probes and checkpoint selection ask for metrics
 at other moments (:meth:`Evaluator.evaluate`, test splits left out unless asked); at a step
 whose scheduled evaluation covers the request, its per-example scores are reused instead of
-running the model again (evaluation recycling).
+running the model again (evaluation recycling). ``pack_rows`` (a packed run's
+``max_length``): every evaluation packs its batches' examples into rows without padding, so the
+scheduled evaluation, a probe and a look-ahead all score examples the same way.
 """
 
 from __future__ import annotations
@@ -27,15 +29,19 @@ class Evaluator:
         tokenizer,
         all_domains: Sequence[EvalDomain],
         domains: Sequence[EvalDomain],
+        pack_rows: int | None = None,
     ):
         self.model, self.acc, self.tokenizer = model, acc, tokenizer
+        self.pack_rows = pack_rows
         self.all_domains, self.domains = all_domains, domains
         self.cache: dict | None = None  # the latest scheduled evaluation (JSON form)
         self.base_scores: dict | None = None  # step 0's per-example scores (JSON form)
 
     def scheduled(self, step: int) -> dict[str, dict]:
         """Every domain's metrics at ``step`` over all its examples; kept for recycling."""
-        scores = evaluate_examples(self.model, self.acc, self.all_domains, self.tokenizer)
+        scores = evaluate_examples(
+            self.model, self.acc, self.all_domains, self.tokenizer, pack_rows=self.pack_rows
+        )
         result = summarize(scores, self.all_domains)
         if step == 0:
             self.base_scores = {k: v.to_json() for k, v in scores.items()}
@@ -91,7 +97,7 @@ class Evaluator:
                 scores = {k: Scores(v.nll, v.tokens) for k, v in scores.items()}
         if scores is None:
             scores = evaluate_examples(
-                self.model, self.acc, domains, self.tokenizer, n_batches, accuracy
+                self.model, self.acc, domains, self.tokenizer, n_batches, accuracy, self.pack_rows
             )
         scores = {d.name: first_batches(scores[d.name], d, n_batches) for d in domains}
         result = summarize(scores, domains)

@@ -198,7 +198,12 @@ class Trainer:
         )
         self.metrics = Metrics(self.train_sets, self._lengths, self.acc, self.rundir, cfg)
         self.evaluator = Evaluator(
-            self.model, self.acc, self.tokenizer, self.all_domains, self.domains
+            self.model,
+            self.acc,
+            self.tokenizer,
+            self.all_domains,
+            self.domains,
+            pack_rows=tc.max_length if tc.packing else None,
         )
         # The run's answer (final/): the evaluations so far and the weights it may need.
         self.answer = Answer(

@@ -6,7 +6,10 @@ numbers, so a subset of batches (a probe's budget) or a paired difference (befor
 probe) can be computed later on exactly the same examples. Accuracy is
 greedy generation from the prompt, compared with the reference answer after
 :func:`normalize_answer` (exact match). Batches are spread over ranks (batch b on rank
-b mod world) and the sums are all-reduced, so every rank gets the same numbers.
+b mod world) and the sums are all-reduced, so every rank gets the same numbers. With
+``pack_rows`` (runs with ``train.packing``) a batch's examples are packed into rows without
+padding (:func:`mixtune.data.collate.pack`) and each example's sums are gathered from its
+segment: the padded computation's numbers up to float rounding, without the padding's compute.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mixtune.data.collate import collate, collate_prompts
+from mixtune.data.collate import collate, collate_prompts, pack
 from mixtune.data.domains import EvalDomain
 from mixtune.losses.logits import token_nll
 
@@ -129,8 +132,13 @@ def evaluate_examples(
     tokenizer,
     n_batches: int | None = None,
     accuracy: bool = True,
+    pack_rows: int | None = None,
 ) -> dict[str, Scores]:
-    """Per-example :class:`Scores` of every domain over its first ``n_batches`` batches."""
+    """Per-example :class:`Scores` of every domain over its first ``n_batches`` batches.
+
+    ``pack_rows``: pack each batch's examples into rows of at most that many tokens (at least
+    the longest example) instead of right-padding them; generation for accuracy stays padded.
+    """
     pad_id = tokenizer.pad_token_id
     was_training = model.training
     model.eval()
@@ -161,10 +169,8 @@ def evaluate_examples(
                 if keep
                 else (0, min(dom.batch_size, len(dom.data)))
             )
-            batch = collate(dom.data.input_ids[lo:hi], dom.data.labels[lo:hi], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            nll, mask = token_nll(
-                model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+            nll_sum, n_tok = _example_sums(
+                model, dom.data.input_ids[lo:hi], dom.data.labels[lo:hi], pad_id, device, pack_rows
             )
             if accuracy and dom.accuracy:
                 correct = _generate_and_score(
@@ -173,8 +179,8 @@ def evaluate_examples(
             if not keep:
                 continue
             at = slice(int(offsets[d]) + lo, int(offsets[d]) + hi)
-            flat[0, at] = (nll * mask).sum(1).double()
-            flat[1, at] = mask.sum(1).double()
+            flat[0, at] = nll_sum
+            flat[1, at] = n_tok
             if accuracy and dom.accuracy:
                 flat[2, at] = torch.tensor(correct, dtype=torch.float64, device=device)
     if world > 1:
@@ -190,6 +196,24 @@ def evaluate_examples(
             flat[0, at].copy(), flat[1, at].copy(), flat[2, at].copy() if scored else None
         )
     return out
+
+
+def _example_sums(
+    model, ids: list, labels: list, pad_id: int, device, pack_rows: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL and supervised tokens of each example (float64, (n,)), from one batch in
+    padded rows, or in packed rows gathered by each target token's example."""
+    if pack_rows is None:
+        batch = {k: v.to(device) for k, v in collate(ids, labels, pad_id).items()}
+        nll, mask = token_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return (nll * mask).sum(1).double(), mask.sum(1).double()
+    batch = {k: v.to(device) for k, v in pack(ids, labels, None, pack_rows, pad_id).items()}
+    nll, mask = token_nll(model, batch["input_ids"], None, batch["labels"], batch["position_ids"])
+    owner = batch["segment"][:, 1:].clamp(min=0).flatten()  # row-end padding is never a target
+    sums = torch.zeros(2, len(ids), dtype=torch.float64, device=device)
+    sums[0].index_add_(0, owner, (nll * mask).double().flatten())
+    sums[1].index_add_(0, owner, mask.double().flatten())
+    return sums[0], sums[1]
 
 
 def _generate_and_score(

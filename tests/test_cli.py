@@ -153,3 +153,18 @@ def test_help_lists_commands(capsys):
         cli.main(["train", "--help"])
     assert e.value.code == 0
     assert "key=value" in capsys.readouterr().out
+
+
+def test_overrides_may_follow_options():
+    """``mixtune bench SUITE --check k=v``: overrides after an option are still overrides; an
+    unknown option is still refused (exit 2)."""
+    from mixtune.cli import _parse
+
+    args = _parse(["bench", "quick", "--check", "seeds=[0,1]", "parallel=2"])
+    assert args.check and args.suite == "quick"
+    assert args.overrides == ["seeds=[0,1]", "parallel=2"]
+    args = _parse(["bench", "quick", "seeds=[0]", "--check", "parallel=2"])
+    assert args.overrides == ["seeds=[0]", "parallel=2"]
+    with pytest.raises(SystemExit) as e:
+        _parse(["bench", "quick", "--check", "--nope"])
+    assert e.value.code == 2

@@ -199,11 +199,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides accepted after options too
+    (``mixtune bench SUITE --check seeds=[0,1]``), not only before them."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and not any(x.startswith("-") for x in extra):
+            args.overrides = [*(args.overrides or []), *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     # Idle OpenMP threads sleep instead of spinning: on a shared or busy CPU, spinning threads
     # slow small-model training several times over. Must be set before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     # Under torchrun / accelerate launch every rank runs this: only rank 0 reports progress and
     # results (warnings and errors still come from every rank).
     main_rank = os.environ.get("RANK", "0") in ("", "0")

@@ -6,7 +6,8 @@ An entry is keyed by everything that decides the result of
 answers after format detection, field renaming and selection, so a changed data file, format
 option, holdout or ``max_examples`` is a different key), the tokenizer (its serialised model
 and special tokens), the chat template, ``max_length``, the tokenisation code's version and the
-installed ``transformers`` / ``tokenizers`` versions. Nothing is looked up by file name or date.
+installed ``transformers`` / ``tokenizers`` / ``jinja2`` versions (jinja renders the template).
+Nothing is looked up by file name or date.
 
 Entries live in ``$MIXTUNE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/mixtune/tokens``, i.e.
 ``~/.cache/mixtune/tokens``); ``MIXTUNE_CACHE_DIR=off`` turns the cache off. Each entry is one
@@ -80,6 +81,7 @@ def tokenizer_id(tokenizer) -> str:
         return _TOKENIZER_IDS[tokenizer]
     except (KeyError, TypeError):
         pass
+    import jinja2
     import tokenizers
     import transformers
 
@@ -91,7 +93,7 @@ def tokenizer_id(tokenizer) -> str:
         "special": _text(getattr(tokenizer, "special_tokens_map", {})),
         "bos": [getattr(tokenizer, "add_bos_token", None), tokenizer.bos_token_id],
         "eos": tokenizer.eos_token_id,
-        "versions": [transformers.__version__, tokenizers.__version__],
+        "versions": [transformers.__version__, tokenizers.__version__, jinja2.__version__],
     }
     out = hashlib.blake2b(_text(parts).encode(), digest_size=16).hexdigest()
     try:

@@ -390,3 +390,26 @@ def test_the_tokenising_code_is_part_of_the_cache_key(builtin_tok, monkeypatch, 
         lambda self: real(edited) if self.name == "tokenize.py" else real(self),
     )
     assert token_cache.key(exs, builtin_tok, DEFAULT_CHAT_TEMPLATE, 64) != base
+
+
+def test_label_counts_count_supervised_positions():
+    labels = [[5, 6, -100, 7], [], [-100], [1, -100], [-100, -100, 3]]
+    t = tk.Tokenized(labels=[np.asarray(x, np.int64) for x in labels])
+    want = [sum(1 for v in x[1:] if v != tk.IGNORE) for x in labels]
+    assert t.label_counts.tolist() == want == [2, 0, 0, 0, 1]
+    assert tk.Tokenized().label_counts.tolist() == []
+
+
+def test_the_cache_key_does_not_depend_on_which_objects_are_shared(builtin_tok):
+    def key(user, answer):
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        return token_cache.key([Example(msgs, None, None)], builtin_tok, "t", 64)
+
+    shared = "same text"
+    assert key(shared, shared) == key("same " + "text", "".join(["same", " text"]))
+    assert key(shared, shared) != key(shared, "other text")
+
+    class Text(str):  # not plain data: keyed through JSON instead
+        pass
+
+    assert key(Text(shared), shared) == key(Text(shared), shared) != key(shared, shared)

@@ -73,7 +73,16 @@ class Tokenized:
     @property
     def label_counts(self) -> np.ndarray:
         """Supervised tokens per example (positions t >= 1 with a label), the loss normaliser."""
-        return np.array([int((lab[1:] != IGNORE).sum()) for lab in self.labels], np.int64)
+        if not self.labels:
+            return np.zeros(0, np.int64)
+        # All examples at once (a loop over 100,000 examples costs a third of a second).
+        lengths = np.fromiter(map(len, self.labels), np.int64, len(self.labels))
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        trained = np.concatenate(self.labels) != IGNORE
+        trained[starts[starts < ends]] = False  # position 0 predicts nothing
+        total = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
+        return total[ends] - total[starts]
 
 
 def resolve_template(tokenizer, override: str | None, quiet: bool = False) -> str:

@@ -413,3 +413,24 @@ def test_the_cache_key_does_not_depend_on_which_objects_are_shared(builtin_tok):
         pass
 
     assert key(Text(shared), shared) == key(Text(shared), shared) != key(shared, shared)
+
+
+def test_only_plain_data_takes_the_compiled_path(builtin_tok):
+    r = tk.Renderer(builtin_tok, DEFAULT_CHAT_TEMPLATE)
+    call = {"function": {"name": "f", "arguments": {"x": [1, 2.5, True, None]}}}
+    ok = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a", "weight": 1, "tool_calls": [call]},
+    ]
+    assert r.accepts(Example(ok, None, None, tools=[{"type": "function"}]))
+    # what apply_chat_template would convert first (drop, copy, alias) goes through it instead
+    for bad in (
+        {"content": None},
+        {"content": ("a",)},
+        {"thinking": "t"},
+        {"content": np.str_("a")},
+    ):
+        assert not r.accepts(Example([ok[0], {**ok[1], **bad}], None, None)), bad
+    assert not r.accepts(Example(ok, None, None, tools=[{"type": "function", "f": len}]))
+    named = tk.Renderer(builtin_tok, {"default": DEFAULT_CHAT_TEMPLATE})  # not one string
+    assert named.compiled is None and not named.accepts(Example(ok, None, None))

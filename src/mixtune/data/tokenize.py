@@ -495,10 +495,11 @@ class Renderer:
         if self.compiled is None:
             return False
         for m in ex.messages or ():
-            if type(m) is not dict or not _plain(m) or not m.keys().isdisjoint(_REASONING):
+            if type(m) is not dict or not m.keys().isdisjoint(_REASONING):
                 return False
-            if any(v is None for v in m.values()):
-                return False
+            for k, v in m.items():  # string values (the common case) checked inline
+                if type(k) is not str or v is None or (type(v) is not str and not _plain(v)):
+                    return False
         return ex.tools is None or _plain(ex.tools)
 
     def _render(self, msgs: list[dict], gen: bool, tools) -> str:

@@ -434,3 +434,19 @@ def test_only_plain_data_takes_the_compiled_path(builtin_tok):
     assert not r.accepts(Example(ok, None, None, tools=[{"type": "function", "f": len}]))
     named = tk.Renderer(builtin_tok, {"default": DEFAULT_CHAT_TEMPLATE})  # not one string
     assert named.compiled is None and not named.accepts(Example(ok, None, None))
+
+
+def test_a_trainer_forks_workers_and_gets_the_same_data(make_config, monkeypatch, small_chunks):
+    from mixtune import config
+    from mixtune.engine.loop import Trainer
+
+    monkeypatch.setenv("MIXTUNE_CACHE_DIR", "off")
+    raw = make_config(max_steps=1)
+    runs = {}
+    for workers in ("1", "2"):
+        monkeypatch.setenv("MIXTUNE_TOKENIZE_WORKERS", workers)
+        t = Trainer(config.load(data=raw))  # torch, accelerate and the model loaded: then forked
+        runs[workers] = [
+            tk.digest(s.data.input_ids, s.data.labels, s.data.answers) for s in t.train_sets
+        ]
+    assert runs["1"] == runs["2"]

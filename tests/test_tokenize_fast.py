@@ -9,6 +9,7 @@ in one process and in worker processes, and must agree array for array.
 
 import importlib.util
 import logging
+import os
 import threading
 
 import numpy as np
@@ -339,8 +340,21 @@ def test_a_template_error_names_the_example(builtin_tok, small_chunks):
     )
     with pytest.raises(DataError, match="^t: example 0: the chat template does not render"):
         tk.tokenize(exs[:1], builtin_tok, 64, changing, "t", workers=1)
-    with pytest.raises(DataError, match="does not compile"):
+    with pytest.raises(DataError, match="^t: the chat template does not compile"):
         tk.tokenize(exs[:1], builtin_tok, 64, "{% for %}", "t", workers=1)
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(builtin_tok, small_chunks, monkeypatch):
+    real = tk._chunk
+
+    def dying(job, start, stop):  # runs in the forked workers
+        if start >= tk.CHUNK:
+            os._exit(1)
+        return real(job, start, stop)
+
+    monkeypatch.setattr(tk, "_chunk", dying)
+    with pytest.raises(RuntimeError, match="^t: a tokenising worker process died"):
+        tk.tokenize(_chats(), builtin_tok, 64, DEFAULT_CHAT_TEMPLATE, "t", workers=2)
 
 
 def test_progress_is_logged_while_tokenising(builtin_tok, small_chunks, monkeypatch, caplog):

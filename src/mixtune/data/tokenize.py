@@ -34,6 +34,8 @@ import os
 import threading
 import time
 import weakref
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,7 +148,7 @@ def _tokenize(
     job = _Job(
         examples=examples,
         lost=[lost for _, lost in capped],
-        render=Renderer(tokenizer, template),
+        render=Renderer(tokenizer, template, where),
         tokenizer=tokenizer,
         max_length=max_length,
         where=where,
@@ -342,8 +344,8 @@ def pool_size(n_examples: int, workers: int | None = None) -> int:
             workers = int(env)
         else:
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-            ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-            workers = max(1, cpus // max(1, ranks))
+            ranks = os.environ.get("LOCAL_WORLD_SIZE", "")
+            workers = max(1, cpus // max(1, int(ranks) if ranks.isdigit() else 1))
     if workers < 1:
         raise ConfigError(f"tokenize workers: expected a whole number >= 1, got {workers}")
     if (
@@ -364,21 +366,27 @@ def _run(job: _Job, workers: int):
         return
     global _FORKED
     _FORKED = job
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
     # ``tokenizers`` warns in a forked child once its thread pool has been used, unless
     # TOKENIZERS_PARALLELISM is set; each worker tokenises on one thread anyway.
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        pool = multiprocessing.get_context("fork").Pool(workers)  # the workers fork here
+        parts = pool.map(_forked_chunk, spans)  # submits every span: the workers fork here
     finally:
         if saved is None:
             del os.environ["TOKENIZERS_PARALLELISM"]
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
     try:
-        with pool:
-            yield from pool.imap(_forked_chunk, spans)
+        yield from parts
+    except BrokenProcessPool:
+        raise RuntimeError(
+            f"{job.where}: a tokenising worker process died (out of memory?); "
+            "MIXTUNE_TOKENIZE_WORKERS=1 tokenises in this process"
+        ) from None
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         _FORKED = None
 
 
@@ -465,7 +473,7 @@ class Renderer:
     ``apply_chat_template`` itself.
     """
 
-    def __init__(self, tokenizer, template):
+    def __init__(self, tokenizer, template, where: str = "data"):
         self.tokenizer = tokenizer
         self.template = template
         self.compiled = None
@@ -484,7 +492,9 @@ class Renderer:
             self.compiled = _compile_jinja_template(template)
         except Exception as e:
             why = f"{type(e).__name__}: {e}"
-            raise DataError(f"the chat template does not compile ({why})") from None
+            raise DataError(
+                f"{where}: the chat template does not compile ({why}); fix model.chat_template"
+            ) from None
         # Template.render(**kw) merges the template's globals (a ChainMap) into a new dict on
         # every call, a third of a short render: merge them once and render a shared context.
         self.globals = dict(self.compiled.globals)

@@ -12,8 +12,9 @@ entry), a warm start (the entry read back, as a resume or ``mixtune eval`` does)
 ``mixtune`` package found under that directory (e.g. ``git archive <commit> src | tar -x -C
 /tmp/old``), for a before/after measured side by side. With ``--reps`` the cases alternate and
 medians are printed. CPU time counts this process and its worker processes; on a shared
-machine it is steadier than wall time. Records: a user question and a short assistant answer,
-like the built-in domains.
+machine it is steadier than wall time. The part spent in the main process is printed too (with
+workers, the rest is shared among them). Records: a user question and a short assistant
+answer, like the built-in domains.
 """
 
 from __future__ import annotations
@@ -55,9 +56,16 @@ def one(n: int) -> dict:
     t0, c0 = time.perf_counter(), os.times()
     out = tk.tokenize(exs, tok, 512, template, "bench", cache=True)
     wall, c1 = time.perf_counter() - t0, os.times()
-    cpu = sum(c1[:4]) - sum(c0[:4])  # user + system, of this process and its reaped workers
+    own = sum(c1[:2]) - sum(c0[:2])  # user + system of this process
+    children = sum(c1[2:4]) - sum(c0[2:4])  # ... and of its (reaped) worker processes
     workers = tk.pool_size(n) if hasattr(tk, "pool_size") else 1
-    return {"seconds": wall, "cpu": cpu, "examples": len(out), "workers": workers}
+    return {
+        "seconds": wall,
+        "cpu": own + children,
+        "own": own,
+        "examples": len(out),
+        "workers": workers,
+    }
 
 
 def main() -> None:
@@ -104,8 +112,9 @@ def main() -> None:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results[label].append(r)
             print(
-                f"[{rep + 1}] {label:22s} {r['seconds']:7.2f} s wall {r['cpu']:7.2f} s CPU  "
-                f"{r['workers']} process(es), {r['examples']} examples",
+                f"[{rep + 1}] {label:22s} {r['seconds']:7.2f} s wall {r['cpu']:7.2f} s CPU "
+                f"({r['own']:.2f} s in the main process)  {r['workers']} process(es), "
+                f"{r['examples']} examples",
                 flush=True,
             )
     print(f"medians over {a.reps} rep(s); load average now {os.getloadavg()}")

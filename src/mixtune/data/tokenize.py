@@ -12,13 +12,14 @@ A record far longer than ``max_length`` is cut at the character level first
 (:func:`char_budget`): the tokens it keeps are the same, but a 50 MB line costs what a
 ``max_length`` one does.
 
-Speed (100,000 short chat records tokenise in a few seconds, BENCHMARKS.md): the template is
-compiled once and rendered directly (:class:`Renderer`: the same text as
-``apply_chat_template``, without its per-call overhead); the segments of each chunk of
-:data:`CHUNK` examples are tokenised in one batched call (:func:`encode`); and a large input is
-shared among worker processes (:func:`pool_size`, ``$MIXTUNE_TOKENIZE_WORKERS``), whose parts
-come back in order, so the result never depends on the count. A progress line is logged every
-:data:`PROGRESS_SECONDS`; an error names the example (its position in ``examples``).
+Speed (half the CPU time of rendering each prefix through ``apply_chat_template``, and shared
+among processes; BENCHMARKS.md): the template is compiled once and rendered directly
+(:class:`Renderer`: the same text as ``apply_chat_template``, without its per-call overhead);
+the segments of each chunk of :data:`CHUNK` examples are tokenised in one batched call
+(:func:`encode`); and a large input is shared among worker processes (:func:`pool_size`,
+``$MIXTUNE_TOKENIZE_WORKERS``), whose parts come back in order, so the result never depends on
+the count. A progress line is logged every :data:`PROGRESS_SECONDS`; an error names the example
+(its position in ``examples``).
 
 When the tokenizer has no chat template, :data:`mixtune.data.template.DEFAULT_CHAT_TEMPLATE`
 is used (a warning says so); ``model.chat_template`` overrides both.

@@ -262,7 +262,7 @@ def test_worker_processes_give_the_same_result(builtin_tok, small_chunks):
 def test_tools_and_formats_as_the_reference():
     tok = byte_tokenizer()
     records = [
-        OPENAI_TOOLS,  # content None, tool_calls with parsed arguments, a tool turn, tools
+        OPENAI_TOOLS,  # tool_calls with parsed arguments, a tool turn, tool definitions
         {"prompt": "Q", "completion": "A"},
         {
             "prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],

@@ -21,6 +21,7 @@ calls each component read best as one class, top to bottom.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -76,7 +77,12 @@ class Trainer:
         tc = cfg.train
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.micro = tc.micro_batch_size or max(1, tc.batch_size // self.world)
-        if tc.batch_size % (self.micro * self.world):
+        if tc.micro_batch_tokens is not None and tc.batch_size % self.world:
+            raise ConfigError(  # micro-batches filled by tokens from equal shares (step.py)
+                f"train.batch_size={tc.batch_size} must be a multiple of the processes "
+                f"({self.world}) with train.micro_batch_tokens"
+            )
+        if tc.micro_batch_tokens is None and tc.batch_size % (self.micro * self.world):
             raise ConfigError(
                 f"train.batch_size={tc.batch_size} must be a multiple of micro_batch_size "
                 f"({self.micro}) x processes ({self.world})"
@@ -118,12 +124,14 @@ class Trainer:
             logits.configure(model, tc.logits, tc.logits_chunk, sharded=tc.fsdp and self.world > 1)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        problem = logits.packing_problem(model) if tc.packing else None
-        if problem:
-            raise ConfigError(
-                f"train.packing: {problem}; set train.packing=false, or use a model whose "
-                "attention implementation is sdpa, eager or flash_attention_2"
-            )
+        # train.packing=auto resolved (engine/build.py); the run records the resolved value.
+        packing, why = build.resolve_packing(cfg, model)
+        if why:
+            log.info("train.packing=auto: padded rows, because %s", why)
+        cfg = self.cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, packing=packing)
+        )
+        tc = cfg.train
         # The last check before the run dir is written: what this start trains with against the
         # run's record (run.json); a resume may only amend what cannot change the trajectory.
         self.fingerprint = fingerprint.of_run(

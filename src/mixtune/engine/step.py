@@ -20,7 +20,7 @@ import torch
 
 from mixtune.config import TrainConfig
 from mixtune.data.collate import collate, pack
-from mixtune.data.sampler import shard
+from mixtune.data.sampler import shard, token_shard
 from mixtune.engine.process import local, whole
 from mixtune.engine.state import TrainState
 from mixtune.errors import TrainingError
@@ -45,11 +45,13 @@ def optimizer_step(
     n_tokens = float(sum(sets[k].label_counts[e] for k, e in zip(ds, ex)))
     stats = torch.zeros(K, 2, dtype=torch.float64, device=device)
     batches = []
-    for sl in shard(len(ds), state.world, state.rank, state.micro):
+    for sl in micro_batches(state, ds, ex, tc):
         d, e = ds[sl], ex[sl]
         ids = [sets[k].data.input_ids[j] for k, j in zip(d, e)]
         labels = [sets[k].data.labels[j] for k, j in zip(d, e)]
-        if tc.packing:  # rows of about max_length tokens, no padding between examples
+        # Packed rows of about max_length tokens, no padding between examples; examples of one
+        # length have no padding to remove, and plain rows spare the packed attention mask.
+        if tc.packing is True and len({len(x) for x in ids}) > 1:
             batch = pack(ids, labels, d, tc.max_length, state.pad_token_id)
         else:
             batch = collate(ids, labels, state.pad_token_id, d)
@@ -102,6 +104,20 @@ def optimizer_step(
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     return StepStats(stats, grad_norm.detach().double())
+
+
+def micro_batches(
+    state: TrainState, ds: np.ndarray, ex: np.ndarray, tc: TrainConfig
+) -> list[slice] | list[np.ndarray]:
+    """This rank's micro-batches of the global batch: ``state.micro`` examples each, or filled by
+    the token budget ``train.micro_batch_tokens`` (:func:`mixtune.data.sampler.token_shard`)."""
+    if tc.micro_batch_tokens is None:
+        return shard(len(ds), state.world, state.rank, state.micro)
+    sets = state.train_sets
+    lengths = [len(sets[k].data.input_ids[j]) for k, j in zip(ds, ex)]
+    return token_shard(
+        lengths, state.world, state.rank, tc.micro_batch_tokens, packed=tc.packing is True
+    )
 
 
 def check_finite_params(state: TrainState, tc: TrainConfig) -> None:

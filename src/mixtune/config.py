@@ -502,6 +502,12 @@ class RunConfig:
             )
         if self.max_steps is None and self.train.epochs is None:
             object.__setattr__(self, "max_steps", DEFAULT_MAX_STEPS)
+        if self.train.mixed_precision == "fp16" and self.model.dtype == "bfloat16":
+            raise ConfigError(
+                "train.mixed_precision: fp16 autocast over model.dtype=bfloat16 weights mixes two "
+                "16-bit formats; use model.dtype=auto (fp32 master weights) or "
+                "train.mixed_precision=bf16"
+            )
         check(
             self.max_steps is None or self.max_steps >= 1,
             "max_steps",

@@ -275,7 +275,8 @@ def pick_dtype(name: str, frozen: bool = False) -> torch.dtype:
 
 def pick_mixed_precision(name: str) -> str:
     """``train.mixed_precision`` resolved for accelerate: ``bf16`` (autocast over the weights'
-    dtype) or ``no`` (``fp32``: none).
+    dtype) or ``no`` (``fp32``: none; ``fp16``: mixtune's own autocast and loss scaler,
+    :mod:`mixtune.engine.precision`, on CPUs too, where accelerate would not).
 
     ``auto`` is bf16 on a bf16-capable GPU -- HF Trainer's ``bf16=True`` over fp32 master
     weights -- and no autocast elsewhere (on CPUs bf16 autocast is usually slower, so it is
@@ -283,7 +284,7 @@ def pick_mixed_precision(name: str) -> str:
     """
     if name == "auto":
         return "bf16" if bf16_device() else "no"
-    return {"fp32": "no"}.get(name, name)
+    return {"fp32": "no", "fp16": "no"}.get(name, name)
 
 
 def resolve_packing(cfg: RunConfig, model) -> tuple[bool, str | None]:

@@ -35,7 +35,7 @@ from mixtune.config import RunConfig
 from mixtune.data import streaming
 from mixtune.data.sampler import MixtureSampler, SamplerExhausted
 from mixtune.data.tokenize import resolve_template
-from mixtune.engine import build, checkpoint, fingerprint, integrity, lock, probe
+from mixtune.engine import build, checkpoint, fingerprint, integrity, lock, precision, probe
 from mixtune.engine.answer import Answer
 from mixtune.engine.evaluation import Evaluator
 from mixtune.engine.metrics import Metrics, data_summary
@@ -150,6 +150,7 @@ class Trainer:
             self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.model.train()
         self.params = [p for _, p in build.trainable(self.model)]
+        self.scaler = precision.setup(self.acc, tc.mixed_precision)  # fp16 only
         # Membership tests only (never iterated): max_steps may be huge (mixers.base.Steps).
         self.updates = self.mixer.update_steps(cfg.max_steps)
         # Sequence lengths as flat arrays, for per-step token counts without a sync.
@@ -179,6 +180,7 @@ class Trainer:
             train_step=lambda ds, ex: self.train_step(ds, ex),
             evaluate=lambda *args, **kwargs: self.evaluate(*args, **kwargs),
             replace_example=self.replace_example,
+            scaler=self.scaler,
         )
         self.metrics = Metrics(self.train_sets, self._lengths, self.acc, self.rundir, cfg)
         self.evaluator = Evaluator(
@@ -266,6 +268,8 @@ class Trainer:
             self.step = saved["step"]
             self.metrics.load_state_dict(saved, rank_saved)
             self.evaluator.load_state_dict(saved)
+            if self.scaler is not None:
+                self.scaler.load_state_dict(saved)
             source = self.resume_from.resolve().parent.parent
             self.answer.load_state_dict(saved, self.step, source)
             # Before the first resumed step: what the loss restored may change the training
@@ -413,6 +417,7 @@ class Trainer:
                 **self.metrics.state_dict(),
                 **self.evaluator.state_dict(),
                 **self.answer.state_dict(),
+                **(self.scaler.state_dict() if self.scaler is not None else {}),
             },
             rank_state=self.metrics.rank_state_dict(),
         )

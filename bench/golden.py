@@ -1,6 +1,6 @@
 """Golden runs: the same configs must give bit-identical metrics and parameters across a refactor.
 
-    python bench/golden.py record          # writes bench/results/golden.json
+    python bench/golden.py record [CASE..] # writes bench/results/golden.json (named cases only)
     python bench/golden.py check           # re-runs and compares; exit 1 on any difference
 
 Each case is one of the example configs (configs/<method>.yaml) cut down to a few steps with
@@ -141,9 +141,10 @@ def main(argv: list[str]) -> int:
     names = argv[1:] or list(CASES)
     with tempfile.TemporaryDirectory() as d:
         got = {n: run_case(n, Path(d)) for n in names}
-    if argv[0] == "record":
+    if argv[0] == "record":  # the named cases replace theirs; the others are kept
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-        GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+        kept = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
+        GOLDEN.write_text(json.dumps({**kept, **got}, indent=1, sort_keys=True) + "\n")
         print(f"recorded {len(got)} cases -> {GOLDEN}")
         return 0
     want = json.loads(GOLDEN.read_text())

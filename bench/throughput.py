@@ -3,6 +3,7 @@
     python bench/throughput.py                 # 5 repetitions x 3 systems, 40 steps each
     python bench/throughput.py --quick         # smoke test: 1 repetition, 8 steps
     python bench/throughput.py --threads 2 --reps 7 --json out.json
+    python bench/throughput.py --fixed-length 128 --systems mixtune,hf --reps 3
 
 Identical in all three: the initial weights (one tiny Llama, hidden 128, 4 layers, 4 heads,
 intermediate 512, random init, saved once and loaded with ``from_pretrained``), the tokenizer
@@ -24,6 +25,12 @@ bookkeeping, and excludes imports, data loading/tokenisation, model construction
 save. Each worker is a fresh process; systems alternate A B C A B C ... Also reported:
 tokens per second of CPU time (``time.process_time`` over the same window), which a busy
 shared machine disturbs much less than wall time.
+
+``--fixed-length N``: every example exactly N tokens, so there is no padding for any system to
+waste or remove and the comparison is of the training step alone. Only records whose whole
+conversation has at least N tokens and whose prompt leaves at least 2 response tokens are kept
+(datasets left with too few are dropped), and max_length is N: every system cuts each example
+to the same N tokens (checked as above).
 """
 
 from __future__ import annotations
@@ -71,7 +78,15 @@ def tokenise(tok, prompt: str, response: str, max_length: int) -> tuple[list, li
     return (p + c)[:max_length], ([-100] * len(p) + c)[:max_length]
 
 
-def prepare(work: Path, steps: int, batch: int, lr: float, max_length: int, warmup: int) -> None:
+def prepare(
+    work: Path,
+    steps: int,
+    batch: int,
+    lr: float,
+    max_length: int,
+    warmup: int,
+    fixed: int | None = None,
+) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -80,11 +95,23 @@ def prepare(work: Path, steps: int, batch: int, lr: float, max_length: int, warm
 
     tok = AutoTokenizer.from_pretrained(str(base_model_path()))
     names, sizes, tokens, records = [], [], {}, {}
+    if fixed is not None:
+        max_length = fixed
     for name, n in DATASETS:
         recs = [
             {"prompt": r["prompt"], "response": r["response"]}
             for r in load_domain(name, "train", n=n, seed=0)
         ]
+        if fixed is not None:  # exactly `fixed` tokens each after the cut, >= 2 supervised
+            full = [tokenise(tok, r["prompt"], r["response"], 10**9) for r in recs]
+            recs = [
+                r
+                for r, (ids, labels) in zip(recs, full)
+                if len(ids) >= fixed and sum(x != -100 for x in labels[:fixed]) >= 2
+            ]
+            if len(recs) < batch:
+                print(f"--fixed-length {fixed}: {name} has {len(recs)} such records; left out")
+                continue
         with open(work / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs)
         # mixtune indexes a dataset's examples through a seeded permutation of the file: use
@@ -120,6 +147,7 @@ def prepare(work: Path, steps: int, batch: int, lr: float, max_length: int, warm
         "order": order,
         "step_tokens": step_tokens,
         "pad_id": tok.pad_token_id,
+        "fixed": fixed,
     }
     (work / "meta.json").write_text(json.dumps(meta))
     (work / "tokens.json").write_text(json.dumps(tokens))
@@ -377,6 +405,8 @@ def worker(system: str, work: Path, threads: int) -> dict:
     n, w = meta["steps"], meta["warmup"]
     assert len(marks) == n, f"{system}: {len(marks)} step marks for {n} steps"
     assert seen == meta["step_tokens"], f"{system}: per-step non-pad tokens differ"
+    if meta.get("fixed"):
+        assert set(meta["step_tokens"]) == {meta["fixed"] * meta["batch"]}, "lengths not fixed"
     tok = sum(meta["step_tokens"][w:])
     wall, cpu = np.array(marks)[w - 1 :].T
     secs, cpu_secs = wall[-1] - wall[0], cpu[-1] - cpu[0]
@@ -403,6 +433,12 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument(
+        "--fixed-length",
+        type=int,
+        default=None,
+        help="every example exactly this many tokens (<= 256): no padding for anyone",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--systems",
@@ -423,7 +459,10 @@ def main(argv=None) -> None:
     systems = a.systems.split(",")
     work = Path(tempfile.mkdtemp(prefix="mixtune-bench-"))
     print(f"work dir {work}; load before: {loadavg()}", flush=True)
-    prepare(work, a.steps, a.batch_size, a.lr, a.max_length, a.warmup)
+    prepare(work, a.steps, a.batch_size, a.lr, a.max_length, a.warmup, a.fixed_length)
+    meta = json.loads((work / "meta.json").read_text())
+    if a.fixed_length:
+        print(f"fixed length {a.fixed_length}: datasets {dict(zip(meta['names'], meta['sizes']))}")
     results: dict[str, list[dict]] = {s: [] for s in systems}
     for rep in range(a.reps):
         for s in systems:

@@ -93,6 +93,12 @@ for _name, _base in list(FSDP.items()):
 PACKED = {"dynamixsft_packed": "dynamixsft", "dynamics_packed": "dynamics", "exp3_packed": "exp3"}
 for _name, _base in PACKED.items():
     CASES.setdefault(_name, CASES[_base])
+# Micro-batches filled by tokens (train.micro_batch_tokens): ranks cut their shares differently
+# but must run as many forwards (FSDP2 would hang otherwise).
+TOKENS = {"exp3_tokens": "exp3", "exp3_tokens_fsdp": "exp3"}
+FSDP["exp3_tokens_fsdp"] = "exp3"
+for _name, _base in TOKENS.items():
+    CASES.setdefault(_name, CASES[_base])
 DEFAULT = ("dynamixsft", "dynamics")
 # Reward / alignment batches default to micro_batch_size x processes: with the micro-batch
 # pinned that grows with the process count, so the cases set mixer.batch_size (dynamixsft) or
@@ -107,8 +113,10 @@ def case_config(make_config, tmp_path, name: str) -> dict:
         raw["loss"] = loss
     if name in FSDP:
         raw["train"]["fsdp"] = True
-    if name in PACKED:
-        raw["train"]["packing"] = True
+    raw["train"]["packing"] = name in PACKED  # the other cases keep padded rows covered
+    if name in TOKENS:
+        del raw["train"]["micro_batch_size"]
+        raw["train"]["micro_batch_tokens"] = 40
     for ev in raw["evals"]:
         ev["role"] = (roles or {}).get(ev["name"], "monitor")
     raw["output_dir"] = str(tmp_path / "dist")
@@ -174,7 +182,7 @@ def test_two_processes_match_one(name, make_config, tmp_path, monkeypatch):
 
         assert rewrites("dist") and rewrites("dist") == rewrites("single")
     moving = ("dynamixsft", "dynamics", "exp3", "chase", "proxymix", "cadft_exp3")
-    if name in (*moving, *FSDP, *PACKED):
+    if name in (*moving, *FSDP, *PACKED, *TOKENS):
         assert any(u["weights"] != [0.5, 0.5] for u in rank0), "the mixer never moved"
 
 

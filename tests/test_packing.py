@@ -1,4 +1,5 @@
-"""Padding-free packing (train.packing): one row per micro-batch, the padded step's numbers."""
+"""Padding-free packing (train.packing): one row per micro-batch, the padded step's numbers;
+on by default (auto) where it is exact."""
 
 import numpy as np
 import pytest
@@ -113,7 +114,7 @@ def test_a_packed_run_tracks_the_padded_run_and_resumes_exactly(make_config, tmp
     raw = make_config(max_steps=6)
     raw["train"]["micro_batch_size"] = 2
     raw["train"]["save_every"] = 3
-    padded = _run(raw, tmp_path, "padded")
+    padded = _run(raw, tmp_path, "padded", "train.packing=false")
     packed = _run(raw, tmp_path, "packed", "train.packing=true")
     assert [r.get("step") for r in padded] == [r.get("step") for r in packed]
     n = 0
@@ -162,3 +163,44 @@ def test_packed_evaluation_scores_every_example_as_padded_rows_do(make_config, t
             if sc.correct is not None:
                 assert (packed[name].correct == sc.correct).all()
     assert any(sc.tokens.sum() > 0 for sc in padded.values())
+
+
+def test_auto_packs_by_default_and_records_the_resolved_value(make_config, tmp_path):
+    raw = make_config(max_steps=1, output_dir=str(tmp_path / "auto"))
+    trainer = Trainer(config.load(data=raw))
+    assert trainer.cfg.train.packing is True
+    assert trainer.fingerprint["train.packing"] is True  # what run.json records
+    trainer.run()
+    saved = config.load(tmp_path / "auto" / "config.yaml")
+    assert saved.train.packing is True
+
+
+def test_auto_falls_back_to_padded_rows_for_a_loss_that_weights_rows(make_config, tmp_path, caplog):
+    raw = make_config(max_steps=1, loss={"name": "cadft"})
+    with caplog.at_level("INFO", logger="mixtune.engine.loop"):
+        trainer = Trainer(config.load(data=raw))
+    assert trainer.cfg.train.packing is False
+    lines = [r.getMessage() for r in caplog.records if "train.packing=auto" in r.getMessage()]
+    assert len(lines) == 1 and "CADFT weights each example" in lines[0]
+
+
+def test_auto_falls_back_when_attention_mixes_packed_examples(make_config, monkeypatch, caplog):
+    monkeypatch.setattr(lg, "packing_problem", lambda model: "attention (x) mixes examples")
+    raw = make_config(max_steps=1)
+    with caplog.at_level("INFO", logger="mixtune.engine.loop"):
+        assert Trainer(config.load(data=raw)).cfg.train.packing is False
+    assert any("attention (x) mixes examples" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match="train.packing: attention .x. mixes examples; set"):
+        Trainer(config.load(data=raw, overrides=["train.packing=true"]))
+
+
+def test_a_run_recorded_padded_resumes_under_auto_as_an_amendment(make_config, tmp_path):
+    """Runs recorded before packing was the default (train.packing: false) resume under
+    ``auto``: packed and padded steps are the same up to float rounding, like another
+    micro_batch_size, so the change is recorded, not refused."""
+    raw = make_config(max_steps=4)
+    raw["train"]["save_every"] = 2
+    _run(raw, tmp_path, "old", "train.packing=false", stop_after=2)
+    _run(raw, tmp_path, "old")  # auto -> true
+    amended = (tmp_path / "old" / "amendments.jsonl").read_text()
+    assert "train.packing" in amended

@@ -75,3 +75,16 @@ def test_bf16_autocast_keeps_fp32_master_weights_that_take_every_small_update(
     for ra, rb in zip(a, b):
         for dom in ra:
             assert rb[dom]["loss"] == pytest.approx(ra[dom]["loss"], rel=0.02)
+
+
+def test_fp16_keeps_fp32_master_weights_that_take_every_small_update(make_config, tmp_path):
+    share, trainer, _ = _moved_share(make_config, tmp_path, "fp16", "train.mixed_precision=fp16")
+    assert trainer.scaler is not None  # float16 autocast with loss scaling, on this CPU too
+    assert all(p.dtype == torch.float32 for p in trainer.params)
+    assert share == 1.0
+
+
+def test_fp16_is_mixtunes_own_autocast_not_accelerates():
+    """accelerate would train fp32 on a CPU under mixed_precision=fp16; mixtune builds it with
+    none and autocasts itself (engine/precision.py)."""
+    assert build.pick_mixed_precision("fp16") == "no"

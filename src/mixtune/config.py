@@ -342,18 +342,38 @@ class TrainConfig:
     can be evaluated and exported after rotation deleted its checkpoint (one copy of the
     trainable weights per evaluation: a few MB each for LoRA)."""
     gradient_checkpointing: bool = False
-    mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    mixed_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast: ``bf16`` runs forward and backward in bf16 over the weights' dtype (fp32
     master weights and optimizer state with ``model.dtype: auto``), HF Trainer's ``bf16=True``;
-    ``fp32`` = no autocast; ``auto`` = bf16 on a bf16-capable GPU, fp32 elsewhere."""
-    packing: bool = False
+    ``fp16`` the same in float16 with dynamic loss scaling (HF Trainer's ``fp16=True``): the
+    loss is multiplied by a scale before backward and the gradients divided by it before
+    clipping; a step whose gradients overflow is skipped (no optimizer or LR-schedule step,
+    logged as ``skipped_overflow``) and the scale halved, and it doubles after 2,000 clean steps;
+    a non-finite *loss*, or an overflow at a scale below 1, is real divergence for
+    ``train.nonfinite``. The scale is checkpointed, snapshotted by probes and look-aheads. A
+    device without float16 autocast falls back to fp32 with a warning. ``fp32`` = no autocast;
+    ``auto`` = bf16 on a bf16-capable GPU, fp32 elsewhere."""
+    packing: Literal["auto"] | bool = "auto"
     """Padding-free training steps: each micro-batch's examples concatenated into rows of about
     ``max_length`` tokens (first-fit decreasing), positions restarting per example and no
-    attention across examples (transformers' packed-sequence masking, checked at start: a model
-    whose attention cannot keep examples apart is refused). The loss is still normalised by the
-    step's global supervised-token count, so it is the padded step's up to float rounding.
-    Evaluation, probes and look-aheads keep padded rows. Not with losses that weight whole
-    examples on the training step (CADFT)."""
+    attention across examples (transformers' packed-sequence masking). The loss is still
+    normalised by the step's global supervised-token count, so it is the padded step's up to
+    float rounding. A micro-batch whose examples all have one length has no padding to remove and
+    keeps plain rows (no packed mask). Evaluations (scheduled, probes', look-aheads') pack each
+    evaluation batch the same way and gather every example's sums from its segment: the padded
+    numbers up to float rounding. ``auto`` (default): on, unless the mixer or loss weights whole rows (capability
+    ``padded_rows``, e.g. CADFT) or the model's attention cannot keep packed examples apart
+    (checked at start with a packed forward): then padded rows, said in one info line. ``true``
+    refuses those cases (exit 2); ``false``: padded rows. The run records the resolved value."""
+    micro_batch_tokens: int | None = None
+    """Fill micro-batches by a token budget instead of ``micro_batch_size`` examples: a rank's
+    share of the step (``batch_size`` / processes examples, in order) is cut into micro-batches
+    whose tokens -- packed: the sum of the lengths; padded: rows x the longest -- stay within
+    this budget (an example longer than it goes alone). Every rank runs as many micro-batches as
+    the rank that needs most (all ranks know the global batch; a rank with fewer splits its
+    largest ones), so DDP and FSDP stay in step. The loss is still normalised by the step's
+    global supervised-token count: the same update as one micro-batch, up to float rounding.
+    null: ``micro_batch_size`` examples per micro-batch."""
     logits: Literal["auto", "full", "chunked"] = "auto"
     """How the loss gets per-token NLL from the model (mixtune.losses.logits): ``full``
     materialises the (batch, length, vocab) logits; ``chunked`` projects only the supervised
@@ -429,6 +449,17 @@ class TrainConfig:
             check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0", getattr(self, key))
         check(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
         check(self.logits_chunk >= 1, "train.logits_chunk", "must be >= 1", self.logits_chunk)
+        if self.micro_batch_tokens is not None and self.micro_batch_size is not None:
+            raise ConfigError(
+                "train.micro_batch_tokens and train.micro_batch_size: give one of them "
+                "(micro-batches filled by tokens, or of a fixed number of examples)"
+            )
+        check(
+            self.micro_batch_tokens is None or self.micro_batch_tokens >= 1,
+            "train.micro_batch_tokens",
+            "must be >= 1 (or null)",
+            self.micro_batch_tokens,
+        )
         check(
             self.keep_checkpoints >= 1,
             "train.keep_checkpoints",
@@ -472,6 +503,12 @@ class RunConfig:
             )
         if self.max_steps is None and self.train.epochs is None:
             object.__setattr__(self, "max_steps", DEFAULT_MAX_STEPS)
+        if self.train.mixed_precision == "fp16" and self.model.dtype == "bfloat16":
+            raise ConfigError(
+                "train.mixed_precision: fp16 autocast over model.dtype=bfloat16 weights mixes two "
+                "16-bit formats; use model.dtype=auto (fp32 master weights) or "
+                "train.mixed_precision=bf16"
+            )
         check(
             self.max_steps is None or self.max_steps >= 1,
             "max_steps",
@@ -729,9 +766,13 @@ def train_lacks(cfg: RunConfig) -> dict[str, str]:
         lacking["whole_params"] = (
             "train.fsdp shards parameters and gradients over the processes; set train.fsdp=false"
         )
-    if cfg.train.packing:
+    if cfg.train.packing is True:  # auto falls back to padded rows (engine/build.py)
         lacking["padded_rows"] = (
-            "train.packing puts several examples in one row; set train.packing=false"
+            "train.packing=true puts several examples in one row; set train.packing=auto or false"
+        )
+    if cfg.train.micro_batch_tokens is not None:
+        lacking["padded_rows"] = (
+            "train.micro_batch_tokens cuts micro-batches by tokens, not examples; set it to null"
         )
     streamed = [d.name for d in cfg.datasets if d.streaming]
     if streamed:

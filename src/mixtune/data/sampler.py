@@ -267,3 +267,44 @@ def shard(n_global: int, world: int, rank: int, micro: int) -> list[slice]:
         slice((m * world + rank) * micro, (m * world + rank + 1) * micro)
         for m in range(per_rank_steps)
     ]
+
+
+def token_shard(
+    lengths: Sequence[int], world: int, rank: int, budget: int, packed: bool
+) -> list[np.ndarray]:
+    """Positions in the global batch that ``rank`` processes, one array per micro-batch, the
+    micro-batches filled by a token budget (``train.micro_batch_tokens``).
+
+    Rank ``r`` takes the ``r``-th contiguous block of ``len(lengths) / world`` examples and cuts
+    it, in order, into micro-batches whose tokens stay within ``budget``: packed (``packed``),
+    the sum of their lengths; padded, rows x the longest. An example longer than the budget goes
+    alone. Every rank must run the same number of forwards (DDP broadcasts buffers at each
+    forward, FSDP gathers parameters), so each rank computes every rank's cut -- all ranks know
+    the global batch -- and, while it has fewer than the most, halves its micro-batch with the
+    most examples (the first of them). A rank's block has at least as many examples as any
+    rank's micro-batches, so this always ends, within the budget and deterministically.
+    """
+    per = len(lengths) // world
+    cuts = [_fill(range(r * per, (r + 1) * per), lengths, budget, packed) for r in range(world)]
+    most = max(len(c) for c in cuts)
+    mine = cuts[rank]
+    while len(mine) < most:
+        i = max(range(len(mine)), key=lambda j: (len(mine[j]), -j))
+        half = (len(mine[i]) + 1) // 2
+        mine[i : i + 1] = [mine[i][:half], mine[i][half:]]
+    return [np.asarray(m, dtype=np.int64) for m in mine]
+
+
+def _fill(positions, lengths: Sequence[int], budget: int, packed: bool) -> list[list[int]]:
+    """``positions`` in order, cut into micro-batches of at most ``budget`` tokens."""
+    out: list[list[int]] = [[]]
+    total = longest = 0
+    for i in positions:
+        n = int(lengths[i])
+        cost = total + n if packed else (len(out[-1]) + 1) * max(longest, n)
+        if out[-1] and cost > budget:
+            out.append([])
+            total = longest = 0
+        out[-1].append(i)
+        total, longest = total + n, max(longest, n)
+    return out

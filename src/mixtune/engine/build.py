@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mixtune.config import ModelConfig, TrainConfig
+from mixtune.config import ModelConfig, RunConfig, TrainConfig
 from mixtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,8 @@ def pick_dtype(name: str, frozen: bool = False) -> torch.dtype:
 
 def pick_mixed_precision(name: str) -> str:
     """``train.mixed_precision`` resolved for accelerate: ``bf16`` (autocast over the weights'
-    dtype) or ``no`` (``fp32``: none).
+    dtype) or ``no`` (``fp32``: none; ``fp16``: mixtune's own autocast and loss scaler,
+    :mod:`mixtune.engine.precision`, on CPUs too, where accelerate would not).
 
     ``auto`` is bf16 on a bf16-capable GPU -- HF Trainer's ``bf16=True`` over fp32 master
     weights -- and no autocast elsewhere (on CPUs bf16 autocast is usually slower, so it is
@@ -283,7 +284,37 @@ def pick_mixed_precision(name: str) -> str:
     """
     if name == "auto":
         return "bf16" if bf16_device() else "no"
-    return {"fp32": "no"}.get(name, name)
+    return {"fp32": "no", "fp16": "no"}.get(name, name)
+
+
+def resolve_packing(cfg: RunConfig, model) -> tuple[bool, str | None]:
+    """``train.packing`` for this run as a bool, and why ``auto`` chose padded rows (or None).
+
+    ``auto`` packs unless the mixer or the loss needs one example per row (capability
+    ``padded_rows``) or a packed check forward of ``model`` shows its attention letting packed
+    examples see each other (:func:`mixtune.losses.logits.packing_problem`); an explicit
+    ``true`` is refused in that last case with the fix (the first is refused at config load).
+    The answer depends only on the config and the model's code, so a resume resolves it again
+    the same way; the run records the resolved value.
+    """
+    from mixtune import registry
+    from mixtune.losses import logits
+
+    choice = cfg.train.packing
+    if choice is False:
+        return False, None
+    if choice == "auto":
+        for reg, section in ((registry.MIXERS, cfg.mixer), (registry.LOSSES, cfg.loss)):
+            why = registry.requirements(reg[section.name], section.options).get("padded_rows")
+            if why:
+                return False, why
+    problem = logits.packing_problem(model)
+    if problem and choice is True:
+        raise ConfigError(
+            f"train.packing: {problem}; set train.packing=auto or false, or use a model whose "
+            "attention implementation is sdpa, eager or flash_attention_2"
+        )
+    return (False, problem) if problem else (True, None)
 
 
 def save_final(

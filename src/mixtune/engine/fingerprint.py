@@ -46,6 +46,10 @@ AMENDABLE = frozenset(
         # count however it is split into micro-batches or sharded (engine/step.py), and
         # recomputing activations computes the same ones.
         "train.micro_batch_size",
+        "train.micro_batch_tokens",
+        # Packed or padded rows (recorded resolved: train.packing=auto -> true/false): the same
+        # per-token losses up to float rounding (tests/test_packing.py).
+        "train.packing",
         "train.gradient_checkpointing",
         # Where the per-token NLL comes from (full or chunked logits): the same values.
         "train.logits",

@@ -21,6 +21,7 @@ calls each component read best as one class, top to bottom.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -35,7 +36,16 @@ from mixtune.config import RunConfig
 from mixtune.data import streaming
 from mixtune.data.sampler import MixtureSampler, SamplerExhausted
 from mixtune.data.tokenize import resolve_template
-from mixtune.engine import build, checkpoint, fingerprint, integrity, lock, probe, safewrite
+from mixtune.engine import (
+    build,
+    checkpoint,
+    fingerprint,
+    integrity,
+    lock,
+    precision,
+    probe,
+    safewrite,
+)
 from mixtune.engine.answer import Answer
 from mixtune.engine.evaluation import Evaluator
 from mixtune.engine.metrics import Metrics, data_summary
@@ -98,7 +108,12 @@ class Trainer:
         tc = cfg.train
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.micro = tc.micro_batch_size or max(1, tc.batch_size // self.world)
-        if tc.batch_size % (self.micro * self.world):
+        if tc.micro_batch_tokens is not None and tc.batch_size % self.world:
+            raise ConfigError(  # micro-batches filled by tokens from equal shares (step.py)
+                f"train.batch_size={tc.batch_size} must be a multiple of the processes "
+                f"({self.world}) with train.micro_batch_tokens"
+            )
+        if tc.micro_batch_tokens is None and tc.batch_size % (self.micro * self.world):
             raise ConfigError(
                 f"train.batch_size={tc.batch_size} must be a multiple of micro_batch_size "
                 f"({self.micro}) x processes ({self.world})"
@@ -140,12 +155,14 @@ class Trainer:
             logits.configure(model, tc.logits, tc.logits_chunk, sharded=tc.fsdp and self.world > 1)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        problem = logits.packing_problem(model) if tc.packing else None
-        if problem:
-            raise ConfigError(
-                f"train.packing: {problem}; set train.packing=false, or use a model whose "
-                "attention implementation is sdpa, eager or flash_attention_2"
-            )
+        # train.packing=auto resolved (engine/build.py); the run records the resolved value.
+        packing, why = build.resolve_packing(cfg, model)
+        if why:
+            log.info("train.packing=auto: padded rows, because %s", why)
+        cfg = self.cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, packing=packing)
+        )
+        tc = cfg.train
         # The last check before the run dir is written: what this start trains with against the
         # run's record (run.json); a resume may only amend what cannot change the trajectory.
         self.fingerprint, self.amendments = None, []
@@ -166,6 +183,7 @@ class Trainer:
             self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.model.train()
         self.params = [p for _, p in build.trainable(self.model)]
+        self.scaler = precision.setup(self.acc, tc.mixed_precision)  # fp16 only
         # Membership tests only (never iterated): max_steps may be huge (mixers.base.Steps).
         self.updates = self.mixer.update_steps(cfg.max_steps)
         # Sequence lengths as flat arrays, for per-step token counts without a sync.
@@ -195,6 +213,7 @@ class Trainer:
             train_step=lambda ds, ex: self.train_step(ds, ex),
             evaluate=lambda *args, **kwargs: self.evaluate(*args, **kwargs),
             replace_example=self.replace_example,
+            scaler=self.scaler,
         )
         self.metrics = Metrics(self.train_sets, self._lengths, self.acc, self.rundir, cfg)
         self.evaluator = Evaluator(
@@ -293,6 +312,8 @@ class Trainer:
             self.step = saved["step"]
             self.metrics.load_state_dict(saved, rank_saved)
             self.evaluator.load_state_dict(saved)
+            if self.scaler is not None:
+                self.scaler.load_state_dict(saved)
             source = self.resume_from.resolve().parent.parent
             self.answer.load_state_dict(saved, self.step, source)
             # Before the first resumed step: what the loss restored may change the training
@@ -450,6 +471,7 @@ class Trainer:
                 **self.metrics.state_dict(),
                 **self.evaluator.state_dict(),
                 **self.answer.state_dict(),
+                **(self.scaler.state_dict() if self.scaler is not None else {}),
             },
             rank_state=self.metrics.rank_state_dict(),
         )

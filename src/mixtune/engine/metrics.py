@@ -57,6 +57,16 @@ class Metrics:
         """Add step ``step``'s batch ``(ds, ex)`` and its statistics. Too many non-finite steps
         in a row stop the run (``train.max_nonfinite``)."""
         c = self.counters
+        if stats.overflow:  # fp16: the loss scaler skipped the step and halved its scale
+            c["skipped_overflow"] = c.get("skipped_overflow", 0) + 1
+            self.record["skipped_overflow"] = c["skipped_overflow"]
+            self.record["loss_scale"] = stats.loss_scale
+            log.info(
+                "step %d: fp16 gradient overflow; update skipped, loss scale now %g",
+                step,
+                stats.loss_scale,
+            )
+            return
         if stats.skipped:
             c["skipped_nonfinite"] += 1
             c["nonfinite_streak"] += 1

@@ -1,10 +1,10 @@
 """Snapshot: the trainable state of a run, taken before a branch run and restored after it.
 
 A :class:`Snapshot` holds the trainable tensors (for LoRA only the adapter; under FSDP2 this
-rank's shards), the optimizer state and hyper-parameters, the LR scheduler, every RNG, and the
-sampler position. ``restore()`` copies them back in place, so after a probe or a look-ahead
-(:mod:`mixtune.engine.probe`) the run continues bit-identically, as if the branch had never
-happened. Memory is proportional to the trainable parameters, not the model.
+rank's shards), the optimizer state and hyper-parameters, the LR scheduler, every RNG, the fp16
+loss scale, and the sampler position. ``restore()`` copies them back in place, so after a
+probe or a look-ahead (:mod:`mixtune.engine.probe`) the run continues bit-identically, as if
+the branch had never happened. Memory is proportional to the trainable parameters, not the model.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class Snapshot:
             ]
             self.sched = copy.deepcopy(state.scheduler.state_dict())
         self.rng = rng_state()
+        self.scaler = state.scaler.state_dict() if state.scaler is not None else None
         self.sampler = copy.deepcopy(state.sampler.state_dict())
         self.repeat = state.sampler.repeat.copy()
 
@@ -70,6 +71,8 @@ class Snapshot:
             state.scheduler.load_state_dict(copy.deepcopy(self.sched))
         _drop_gathered(state.model)
         set_rng_state(self.rng)
+        if self.scaler is not None:  # fp16: a branch's overflows must not change the scale
+            state.scaler.load_state_dict(self.scaler)
         state.sampler.repeat = self.repeat.copy()
         state.sampler.load_state_dict(copy.deepcopy(self.sampler))
 

@@ -89,5 +89,7 @@ class TrainState:
     """Per-domain metrics now (``Trainer.evaluate``'s signature)."""
     replace_example: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None
     """Swap training example ``(dataset, index)`` for new ``(input_ids, labels)``."""
+    scaler: Any = None
+    """The fp16 loss scaler (:class:`mixtune.engine.precision.LossScaler`), None otherwise."""
     step: int = 0
     """Completed optimizer steps: the one field that changes during a run."""

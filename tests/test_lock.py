@@ -236,3 +236,14 @@ def test_a_writer_that_fails_while_being_built_releases_the_lock(make_config, tm
     with pytest.raises(DataError):
         Trainer(cfg_obj)
     assert not run.exists()  # the lock created the directory, and its release removed it
+
+
+def test_a_second_trainer_in_one_process_is_told_to_close_the_first(make_config, tmp_path):
+    """A notebook or script that builds two Trainers on one output_dir: the second is refused
+    naming this process and the fix (close() the first); after close() it starts."""
+    raw = make_config(max_steps=1, output_dir=str(tmp_path / "run"))
+    first = Trainer(config.load(data=raw))
+    with pytest.raises(lock.RunDirLocked, match="another Trainer of this process .*close"):
+        Trainer(config.load(data=raw))
+    first.close()
+    Trainer(config.load(data=raw)).close()

@@ -188,7 +188,9 @@ def test_auto_falls_back_when_attention_mixes_packed_examples(make_config, monke
     monkeypatch.setattr(lg, "packing_problem", lambda model: "attention (x) mixes examples")
     raw = make_config(max_steps=1)
     with caplog.at_level("INFO", logger="mixtune.engine.loop"):
-        assert Trainer(config.load(data=raw)).cfg.train.packing is False
+        trainer = Trainer(config.load(data=raw))
+    assert trainer.cfg.train.packing is False
+    trainer.close()  # releases the run directory's lock for the next start
     assert any("attention (x) mixes examples" in r.getMessage() for r in caplog.records)
     with pytest.raises(ConfigError, match="train.packing: attention .x. mixes examples; set"):
         Trainer(config.load(data=raw, overrides=["train.packing=true"]))

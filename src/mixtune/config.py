@@ -361,10 +361,11 @@ class TrainConfig:
     float rounding. A micro-batch whose examples all have one length has no padding to remove and
     keeps plain rows (no packed mask). Evaluations (scheduled, probes', look-aheads') pack each
     evaluation batch the same way and gather every example's sums from its segment: the padded
-    numbers up to float rounding. ``auto`` (default): on, unless the mixer or loss weights whole rows (capability
-    ``padded_rows``, e.g. CADFT) or the model's attention cannot keep packed examples apart
-    (checked at start with a packed forward): then padded rows, said in one info line. ``true``
-    refuses those cases (exit 2); ``false``: padded rows. The run records the resolved value."""
+    numbers up to float rounding. ``auto`` (default): on, unless the mixer or loss weights
+    whole rows (capability ``padded_rows``, e.g. CADFT) or the model's attention cannot keep
+    packed examples apart (checked at start with a packed forward): then padded rows, said in
+    one info line. ``true`` refuses those cases (exit 2); ``false``: padded rows. The run
+    records the resolved value."""
     micro_batch_tokens: int | None = None
     """Fill micro-batches by a token budget instead of ``micro_batch_size`` examples: a rank's
     share of the step (``batch_size`` / processes examples, in order) is cut into micro-batches

@@ -130,6 +130,12 @@ def _describe(info: dict | None) -> str:
     if not info:
         return "another mixtune train (it has not recorded its pid yet)"
     pid, host, since = (info.get(k, "?") for k in ("pid", "host", "since"))
+    if pid == os.getpid() and host == socket.gethostname():
+        # A second Trainer in one process (a notebook, a script): the first still holds it.
+        return (
+            f"another Trainer of this process (pid {pid}, since {since}); call its close(), "
+            "or let its run() finish, before starting a new one here"
+        )
     return f"mixtune train pid {pid} on {host} (since {since})"
 
 

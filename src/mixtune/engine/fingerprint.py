@@ -7,15 +7,22 @@ A fingerprint is a flat mapping of dotted keys to JSON values:
   (defaults included), the optimizer and schedule (``train.lr``, ``train.schedule``, ...),
   ``train.batch_size``, ``train.max_length``, and every dataset's and evaluation domain's
   options, keyed by name (``datasets.add.max_examples``);
-- what the data turned out to be: ``model.chat_template`` (a hash of the template in use) and,
-  per dataset and evaluation domain, ``.examples`` (how many were selected) and ``.digest``
-  (a hash of the selected, tokenised examples; a streaming dataset hashes its first block).
+- what the inputs turned out to be: ``model.content`` (what the base model's files hold, see
+  :func:`of_model`), ``model.chat_template`` (a hash of the template in use) and, per dataset
+  and evaluation domain, ``.examples`` (how many were selected) and ``.digest`` (a hash of the
+  selected, tokenised examples; a streaming dataset hashes its first block, and ``.files`` the
+  bytes of every local file it streams, so an edit anywhere in them is seen).
+
+File contents are hashed through :mod:`mixtune.filehash`, cached by (path, size, mtime, ctime):
+a multi-GB model is read once, not at every start.
 
 Some keys may differ on resume because they cannot change what was or will be computed
 (:data:`AMENDABLE`); ``max_steps`` may be raised when the learning-rate schedule does not depend
 on it. Every other difference is refused: a resumed run would silently ignore it (the optimizer
 state restores the old learning rate), apply it mid-run (a new seed re-draws the data subsets)
-or fail halfway.
+or fail halfway. A content key a run's record predates (:data:`INTRODUCED`: recorded since
+this check exists) is accepted with a logged notice and recorded as an amendment, so existing
+runs still resume and later resumes check it.
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+from pathlib import Path
 from typing import NamedTuple
 
 from mixtune import config as config_mod
-from mixtune import registry
+from mixtune import filehash, registry
 from mixtune.data import streaming
 from mixtune.data.tokenize import digest, resolve_template
 from mixtune.schema import MethodConfig
@@ -58,6 +67,8 @@ AMENDABLE = frozenset(
 )
 """Keys a resume may change; the change is recorded as an amendment (``amendments.jsonl``)."""
 
+log = logging.getLogger(__name__)
+
 UNRECORDED = ("output_dir", "resume")
 """Where the run lives and how it was started: not part of what it computes."""
 
@@ -69,6 +80,15 @@ class Change(NamedTuple):
 
 
 ABSENT = "(absent)"
+
+INTRODUCED = ("model.content", "datasets.*.files")
+"""Content keys recorded since run.json first existed: a record without one accepts the resume
+(with a notice) instead of refusing it, and the value is recorded as an amendment."""
+
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+CONFIGS = (".json", ".model", ".tiktoken", "merges.txt", "vocab.txt")
+"""What a model directory's content means: its weight files and the files that configure the
+model and its tokenizer (``config.json``, ``tokenizer.json``, ``tokenizer.model``, ...)."""
 
 
 def of_settings(cfg: config_mod.RunConfig) -> dict:
@@ -99,9 +119,15 @@ def of_run(cfg: config_mod.RunConfig, tokenizer, train_sets, domains) -> dict:
     if not isinstance(template, str):  # a tokenizer may hold several named templates
         template = json.dumps(template, sort_keys=True, default=str)
     out["model.chat_template"] = hashlib.blake2b(template.encode(), digest_size=8).hexdigest()
+    content = of_model(cfg.model)
+    if content is not None:
+        out["model.content"] = content
     for t in train_sets:
         out[f"datasets.{t.name}.examples"] = int(t.size)
         out[f"datasets.{t.name}.digest"] = streaming.content_digest(t)
+        files = streaming.content_files(t)
+        if files:
+            out[f"datasets.{t.name}.files"] = _short(filehash.of_files(files))
     for d in domains:
         out[f"evals.{d.name}.examples"] = len(d.data)
         out[f"evals.{d.name}.digest"] = digest(d.data.input_ids, d.data.labels, d.data.answers)
@@ -121,6 +147,14 @@ def compare(
         if a == b or (key not in old and b == _default(cfg, key)):
             continue
         change = Change(key, a, b)
+        if key not in old and _introduced(key):
+            log.warning(
+                "the run's record predates the %s check: resuming without it (recorded now, so "
+                "later resumes check it)",
+                key,
+            )
+            amended.append(change)
+            continue
         moved = (
             data_checked
             and key.startswith(("datasets.", "evals."))
@@ -133,6 +167,52 @@ def compare(
         else:
             refused.append(change)
     return refused, amended
+
+
+def of_model(m: config_mod.ModelConfig) -> str | None:
+    """What the base model's files hold, or None for a model built at random (``model.config``:
+    its settings and the seed say it all).
+
+    A local directory (``builtin`` and ``package:`` resolved) or file: ``sha256:`` and a digest
+    of the names, sizes and SHA-256s of its weight and configuration files (:data:`WEIGHTS`,
+    :data:`CONFIGS`; with ``model.gguf_file`` only that weight file). A hub name: the snapshot
+    commit the local hub cache resolves it to (the model was loaded before this, so it is
+    cached), else the name alone (``unresolved``)."""
+    from mixtune.engine.build import _resolve
+
+    if m.config is not None:
+        return None
+    name = _resolve(m.name_or_path)
+    local = Path(name).expanduser()
+    if local.is_file():
+        return "sha256:" + _short(filehash.of_files([(local.name, local)]))
+    if local.is_dir():
+        files = [(f.name, f) for f in sorted(local.iterdir()) if f.is_file() and _counts(f, m)]
+        return "sha256:" + _short(filehash.of_files(files))
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, m.gguf_file or "config.json")
+    except Exception:  # (an id the hub library rejects, or no hub library)
+        found = None
+    if isinstance(found, str):  # .../snapshots/<commit>/<file>
+        return f"hub:{name}@{Path(found).parent.name}"
+    return f"hub:{name} (unresolved)"
+
+
+def _counts(f: Path, m: config_mod.ModelConfig) -> bool:
+    """Whether file ``f`` of a model directory is part of the model's content."""
+    if f.name.endswith(WEIGHTS):
+        return f.name == m.gguf_file if m.gguf_file else not f.name.endswith(".gguf")
+    return f.name.endswith(CONFIGS)
+
+
+def _introduced(key: str) -> bool:
+    return key == "model.content" or (key.startswith("datasets.") and key.endswith(".files"))
+
+
+def _short(hexdigest: str) -> str:
+    return hexdigest[:16]
 
 
 def length_bound(cfg: config_mod.RunConfig) -> str | None:

@@ -434,3 +434,65 @@ def test_file_hashes_are_cached_by_path_size_and_times(tmp_path, monkeypatch):
     assert filehash.sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest()
     monkeypatch.setenv("MIXTUNE_CACHE_DIR", "off")
     assert filehash.sha256(f) == filehash.sha256(f) and len(reads) == 5
+
+
+def test_a_record_with_per_example_digests_is_still_checked_exactly(base, capsys):
+    """Runs recorded before examples_digest hold tokenize.digest values: the resume computes
+    those (once) and compares like with like; the new digests are then recorded."""
+    from mixtune import config
+    from mixtune.data import domains
+    from mixtune.data.bytetok import byte_tokenizer
+    from mixtune.data.tokenize import digest
+
+    root, path = base
+    run = root / "legacy-digests"
+    shutil.copytree(root / "run", run)
+    train, evals = domains.build(config.load(path), byte_tokenizer())
+    record = json.loads((run / "run.json").read_text())
+    fp = record["fingerprint"]
+    for where, t in [
+        *((f"datasets.{t.name}", t) for t in train),
+        *((f"evals.{d.name}", d) for d in evals),
+    ]:
+        assert fp[f"{where}.digest"].startswith("v2:")
+        fp[f"{where}.digest"] = digest(t.data.input_ids, t.data.labels, t.data.answers)
+    (run / "run.json").write_text(json.dumps(record))
+    before = _tree(run)
+    saved = (root / "data" / "add.jsonl").read_bytes()
+    try:
+        _edit_records(root / "data")
+        _refused(*_train(path, capsys, f"output_dir={run}"), "datasets.add.digest")
+    finally:
+        (root / "data" / "add.jsonl").write_bytes(saved)
+    assert _tree(run) == before
+    code, lines = _train(path, capsys, f"output_dir={run}")
+    assert code == 0, lines
+    amended = [json.loads(ln) for ln in (run / "amendments.jsonl").read_text().splitlines()]
+    assert {a["key"] for a in amended} == {
+        "datasets.add.digest",
+        "datasets.rev.digest",
+        "evals.add.digest",
+        "evals.rev.digest",
+    }
+    assert all(a["new"].startswith("v2:") and not a["old"].startswith("v2:") for a in amended)
+
+
+def test_examples_digest_sees_every_part_of_an_example():
+    import numpy as np
+
+    from mixtune.engine.content import examples_digest
+
+    ids = [np.array([1, 2, 3]), np.array([4, 5])]
+    labels = [np.array([-100, 2, 3]), np.array([-100, 5])]
+    base = examples_digest(ids, labels, ["a", None])
+    assert base.startswith("v2:") and base == examples_digest(ids, labels, ["a", None])
+    variants = {
+        "token": ([np.array([1, 2, 3]), np.array([4, 6])], labels, ["a", None]),
+        "label": (ids, [np.array([1, 2, 3]), np.array([-100, 5])], ["a", None]),
+        "answer": (ids, labels, ["a", ""]),
+        "boundary": ([np.array([1, 2]), np.array([3, 4, 5])], labels, ["a", None]),
+        "order": (ids[::-1], labels[::-1], [None, "a"]),
+        "one less": (ids[:1], labels[:1], ["a"]),
+    }
+    for name, args in variants.items():
+        assert examples_digest(*args) != base, name

@@ -13,8 +13,10 @@ A fingerprint is a flat mapping of dotted keys to JSON values:
   selected, tokenised examples; a streaming dataset hashes its first block, and ``.files`` the
   bytes of every local file it streams, so an edit anywhere in them is seen).
 
-File contents are hashed through :mod:`mixtune.filehash`, cached by (path, size, mtime, ctime):
-a multi-GB model is read once, not at every start.
+The content keys are computed by :mod:`mixtune.engine.content`: files through
+:mod:`mixtune.filehash`, cached by (path, size, mtime, ctime), so a multi-GB model is read once,
+not at every start; the examples with a few whole-array hashes (a million examples in well under
+a second, ``bench/fingerprint_cost.py``).
 
 Some keys may differ on resume because they cannot change what was or will be computed
 (:data:`AMENDABLE`); ``max_steps`` may be raised when the learning-rate schedule does not depend
@@ -31,13 +33,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-from pathlib import Path
 from typing import NamedTuple
 
 from mixtune import config as config_mod
 from mixtune import filehash, registry
 from mixtune.data import streaming
-from mixtune.data.tokenize import digest, resolve_template
+from mixtune.data.tokenize import resolve_template
+from mixtune.engine import content as content_mod
 from mixtune.schema import MethodConfig
 
 AMENDABLE = frozenset(
@@ -85,11 +87,6 @@ INTRODUCED = ("model.content", "datasets.*.files")
 """Content keys recorded since run.json first existed: a record without one accepts the resume
 (with a notice) instead of refusing it, and the value is recorded as an amendment."""
 
-WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-CONFIGS = (".json", ".model", ".tiktoken", "merges.txt", "vocab.txt")
-"""What a model directory's content means: its weight files and the files that configure the
-model and its tokenizer (``config.json``, ``tokenizer.json``, ``tokenizer.model``, ...)."""
-
 
 def of_settings(cfg: config_mod.RunConfig) -> dict:
     """The settings part of the fingerprint: what ``cfg`` alone says."""
@@ -107,8 +104,17 @@ def of_settings(cfg: config_mod.RunConfig) -> dict:
     return _plain(out)
 
 
-def of_run(cfg: config_mod.RunConfig, tokenizer, train_sets, domains) -> dict:
-    """The whole fingerprint of a run about to start: settings plus what the data holds."""
+class Fingerprint(dict):
+    """A run's fingerprint (a plain mapping, as ``run.json`` stores it) and, in ``legacy``, how
+    to compute a content key the way older records did (``{key: () -> value}``): the digests
+    of the examples, which :func:`compare` computes only against a record that holds the old
+    kind."""
+
+    legacy: dict = {}
+
+
+def of_run(cfg: config_mod.RunConfig, tokenizer, train_sets, domains) -> Fingerprint:
+    """The whole fingerprint of a run about to start: settings plus what the inputs hold."""
     from mixtune.engine.build import pick_dtype
 
     out = of_settings(cfg)
@@ -119,19 +125,26 @@ def of_run(cfg: config_mod.RunConfig, tokenizer, train_sets, domains) -> dict:
     if not isinstance(template, str):  # a tokenizer may hold several named templates
         template = json.dumps(template, sort_keys=True, default=str)
     out["model.chat_template"] = hashlib.blake2b(template.encode(), digest_size=8).hexdigest()
-    content = of_model(cfg.model)
-    if content is not None:
-        out["model.content"] = content
-    for t in train_sets:
-        out[f"datasets.{t.name}.examples"] = int(t.size)
-        out[f"datasets.{t.name}.digest"] = streaming.content_digest(t)
+    model = content_mod.of_model(cfg.model)
+    if model is not None:
+        out["model.content"] = model
+    legacy = {}
+    sets = [(f"datasets.{t.name}", t) for t in train_sets]
+    sets += [(f"evals.{d.name}", d) for d in domains]
+    for where, t in sets:
+        out[f"{where}.examples"] = int(t.size) if where.startswith("datasets.") else len(t.data)
         files = streaming.content_files(t)
         if files:
-            out[f"datasets.{t.name}.files"] = _short(filehash.of_files(files))
-    for d in domains:
-        out[f"evals.{d.name}.examples"] = len(d.data)
-        out[f"evals.{d.name}.digest"] = digest(d.data.input_ids, d.data.labels, d.data.answers)
-    return _plain(out)
+            out[f"{where}.files"] = content_mod.short(filehash.of_files(files))
+        if isinstance(t, streaming.StreamSet):  # its first block (as ever: small)
+            out[f"{where}.digest"] = streaming.content_digest(t)
+            continue
+        columns = (t.data.input_ids, t.data.labels, t.data.answers)
+        out[f"{where}.digest"] = content_mod.examples_digest(*columns)
+        legacy[f"{where}.digest"] = lambda columns=columns: content_mod.legacy_digest(*columns)
+    fp = Fingerprint(_plain(out))
+    fp.legacy = legacy
+    return fp
 
 
 def compare(
@@ -147,6 +160,14 @@ def compare(
         if a == b or (key not in old and b == _default(cfg, key)):
             continue
         change = Change(key, a, b)
+        if _older_digest(a, b) and key in getattr(new, "legacy", {}):
+            # Recorded with the per-example digest: compute that one (once; the new kind is
+            # recorded as an amendment), and compare like with like.
+            if new.legacy[key]() == a:
+                amended.append(change)
+            else:
+                refused.append(change)
+            continue
         if key not in old and _introduced(key):
             log.warning(
                 "the run's record predates the %s check: resuming without it (recorded now, so "
@@ -169,50 +190,20 @@ def compare(
     return refused, amended
 
 
-def of_model(m: config_mod.ModelConfig) -> str | None:
-    """What the base model's files hold, or None for a model built at random (``model.config``:
-    its settings and the seed say it all).
-
-    A local directory (``builtin`` and ``package:`` resolved) or file: ``sha256:`` and a digest
-    of the names, sizes and SHA-256s of its weight and configuration files (:data:`WEIGHTS`,
-    :data:`CONFIGS`; with ``model.gguf_file`` only that weight file). A hub name: the snapshot
-    commit the local hub cache resolves it to (the model was loaded before this, so it is
-    cached), else the name alone (``unresolved``)."""
-    from mixtune.engine.build import _resolve
-
-    if m.config is not None:
-        return None
-    name = _resolve(m.name_or_path)
-    local = Path(name).expanduser()
-    if local.is_file():
-        return "sha256:" + _short(filehash.of_files([(local.name, local)]))
-    if local.is_dir():
-        files = [(f.name, f) for f in sorted(local.iterdir()) if f.is_file() and _counts(f, m)]
-        return "sha256:" + _short(filehash.of_files(files))
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(name, m.gguf_file or "config.json")
-    except Exception:  # (an id the hub library rejects, or no hub library)
-        found = None
-    if isinstance(found, str):  # .../snapshots/<commit>/<file>
-        return f"hub:{name}@{Path(found).parent.name}"
-    return f"hub:{name} (unresolved)"
-
-
-def _counts(f: Path, m: config_mod.ModelConfig) -> bool:
-    """Whether file ``f`` of a model directory is part of the model's content."""
-    if f.name.endswith(WEIGHTS):
-        return f.name == m.gguf_file if m.gguf_file else not f.name.endswith(".gguf")
-    return f.name.endswith(CONFIGS)
+def _older_digest(old, new) -> bool:
+    """An examples digest recorded before :func:`content.examples_digest`, against one made by
+    it."""
+    v2 = content_mod.V2
+    return (
+        isinstance(old, str)
+        and isinstance(new, str)
+        and new.startswith(v2)
+        and not (old.startswith(v2))
+    )
 
 
 def _introduced(key: str) -> bool:
     return key == "model.content" or (key.startswith("datasets.") and key.endswith(".files"))
-
-
-def _short(hexdigest: str) -> str:
-    return hexdigest[:16]
 
 
 def length_bound(cfg: config_mod.RunConfig) -> str | None:

@@ -14,7 +14,8 @@ hits all three alike):
 
 Each with the files fsync'd (what a save does) and again with fsync switched off (page-cache
 writes only: the CPU cost alone, without the disk's latency, which on a shared disk varies far
-more than the hashing costs). Wall-clock and process CPU time, medians. Then
+more than the hashing costs). Wall-clock and process CPU time (one torch thread while timing),
+medians. Then
 ``integrity.problem`` (the verification a resume does) on the saved checkpoint.
 """
 
@@ -30,6 +31,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
+
+import torch
 
 from mixtune import config
 from mixtune.engine import checkpoint, integrity
@@ -82,6 +85,9 @@ def main() -> None:
         t.run()
         ckpt = checkpoint.complete(t.rundir.checkpoints)[-1]
         size = sum(f.stat().st_size for f in ckpt.iterdir())
+        # One thread while timing: idle intra-op threads spinning after training would be
+        # counted as this process's CPU time (a save copies tensors, it computes nothing).
+        torch.set_num_threads(1)
         wall = {(m, s): [] for m in modes for s in (True, False)}
         cpu = {k: [] for k in wall}
         for _ in range(args.repeats):

@@ -4,7 +4,8 @@
 model, or only the LoRA adapter), ``optimizer.pt``, ``scheduler.pt``, ``sampler.json``,
 ``mixer.pt``, ``loss.pt`` (the loss's ``state_dict``), one ``rank<r>.pt`` per process (RNG
 states and that rank's running sums), ``state.json`` (step, counters, elapsed time) and, written
-last, ``manifest.json``: the size and SHA-256 of every other file. It is written into
+last, ``manifest.json``: the size and SHA-256 of every other file (each hashed on its way to the
+disk, :class:`~mixtune.engine.integrity.Writer`, not read back). It is written into
 ``.tmp-step-000123`` and renamed into place only once complete (every file, the directory and
 the rename fsync'd), so a crash never leaves a half-written checkpoint as the latest one;
 directories with neither ``state.json`` nor a manifest are ignored. Old checkpoints are first

@@ -1,8 +1,9 @@
 """Checkpoint integrity: a manifest that vouches for every file, and loading that runs no code.
 
 A checkpoint is used only if every file matches its ``manifest.json`` (size and SHA-256, written
-last, :func:`write_manifest`), so a truncated, missing or bit-flipped file is found before
-anything is loaded (:func:`problem`, :func:`verify`). Checkpoints written before manifests
+last, :func:`write_manifest`, from the hashes :class:`Writer` computed while writing the files),
+so a truncated, missing or bit-flipped file is found before anything is loaded (:func:`problem`,
+:func:`verify`). Checkpoints written before manifests
 existed have none: they pass when their ``state.json`` is there, and load unverified.
 
 The ``.pt`` files are read with ``torch.load(weights_only=True)`` (:func:`read`), which rebuilds

@@ -127,3 +127,41 @@ def numeric_leaves(tree: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(v, (int, float)) and not isinstance(v, bool) and "time" not in k:
             out[f"{prefix}{k}"] = float(v)
     return out
+
+
+FP32_EPS = 2.0**-23
+"""``torch.finfo(torch.float32).eps``: the relative spacing of float32 numbers (about 1.19e-7)."""
+
+
+def fp32_tol(n_ops: float, scale: float = 1.0) -> dict:
+    """``assert_close`` tolerances (``rtol``, ``atol``) for two float32 results of the same
+    maths that round differently: another summation order (micro-batching, chunking, padding,
+    sharding) or another kernel (a new torch or transformers version).
+
+    Each rounding moves a value by at most one ``eps`` relative to its size; over ``n_ops``
+    roundings that can add up (a sum of n terms, a chain of n steps) the worst case grows
+    linearly, so ``|a - b| <= n_ops * eps * size``. ``scale`` is the size to use where the
+    compared value itself may be near zero (``atol``): e.g. the most training can move a
+    weight. A fixed ``atol=1e-6`` is not derived from anything and fails as soon as a library
+    sums in another order (``test_dft_run_accumulation_exact_and_logged`` did, by 1.6e-6, with
+    transformers 5.24). Not for exactness promises (resume, probes): those compare with
+    ``rtol=0, atol=0`` or ``torch.equal``."""
+    return {"rtol": n_ops * FP32_EPS, "atol": n_ops * FP32_EPS * scale}
+
+
+ADAM_GROWTH = 2**13
+"""``n_ops`` for weights after a few AdamW steps whose gradients were summed in another order.
+Adam divides each gradient element by its running RMS, so an element summed with cancellation
+carries a relative rounding error that no ``n * eps`` bounds, and it becomes part of an update
+of about ``lr``. Measured on the tiny test models (3 steps, lr 3e-3, 1 or 2 vs 8 micro-batches):
+at most about 1,500 ``eps * lr * steps`` (1.2e-6 here; 1.6e-6 in the issue's environment); 2**13
+leaves a margin of about 5, while a wrong normaliser (per micro-batch instead of per step)
+moves the weights by about 1e7 of these units (1.2e-2)."""
+
+
+def adam_tol(lr: float, steps: int) -> dict:
+    """Tolerances for weights after ``steps`` AdamW steps at ``lr`` whose gradients were summed
+    in another order (gradient accumulation, sharding): :data:`ADAM_GROWTH` eps on the scale of
+    what training moved (``lr * steps``), whatever the weight's size, plus one rounding of the
+    weight itself per step (``rtol``)."""
+    return {"rtol": steps * FP32_EPS, "atol": fp32_tol(ADAM_GROWTH, scale=lr * steps)["atol"]}

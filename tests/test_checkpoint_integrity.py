@@ -227,14 +227,21 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_the_latest(
     import errno
 
     run = _fresh(runs)
-    real = checkpoint.save_file
+    real = integrity._HashingFile.write
 
-    def full(tensors, path, *a, **kw):
-        if "000006" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(tensors, path, *a, **kw)
+    class Full:  # a file on a full disk
+        def __init__(self, name):
+            self.name = name
 
-    monkeypatch.setattr(checkpoint, "save_file", full)
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device", self.name)
+
+    def full(self, b):  # the first file of step 6 (written by torch.save) finds the disk full
+        if "000006" in self.f.name:
+            self.f = Full(self.f.name)
+        return real(self, b)
+
+    monkeypatch.setattr(integrity._HashingFile, "write", full)
     capsys.readouterr()
     assert cli.main(["train", str(runs / "run.yaml")]) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("mixtune")]
@@ -245,7 +252,7 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_the_latest(
         "step-000002",
         "step-000004",
     ]
-    monkeypatch.setattr(checkpoint, "save_file", real)
+    monkeypatch.setattr(integrity._HashingFile, "write", real)
     assert cli.main(["train", str(runs / "run.yaml")]) == 0
     a, b = _params(run), _params(runs / "ref")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL
+from helpers import adam_tol
 from mixtune import config
 from mixtune.engine.loop import Trainer
 from mixtune.errors import ConfigError
@@ -132,8 +133,10 @@ def test_dft_run_accumulation_exact_and_logged(make_config, tmp_path):
         )
         trainer.run()
         runs[micro] = trainer
+    # The same update up to float rounding (the step's gradient summed in another order).
+    tol = adam_tol(raw["train"]["lr"], steps=3)
     for a, b in zip(runs[1].params, runs[8].params):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, **tol)
     from mixtune.engine.rundir import read_metrics
 
     rec = read_metrics(tmp_path / "m8")[-1]

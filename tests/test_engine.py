@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from helpers import ChaseLoss
+from helpers import ChaseLoss, adam_tol
 from mixtune import config
 from mixtune.engine.loop import Trainer
 from mixtune.engine.rundir import read_metrics
@@ -61,8 +61,9 @@ def test_gradient_accumulation_is_exact(make_config, tmp_path, micro):
         )
     )
     acc.run()
+    # The same update up to float rounding (the step's gradient summed in another order).
     for a, b in zip(_params(ref), _params(acc)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, **adam_tol(raw["train"]["lr"], steps=3))
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(make_config, tmp_path):

@@ -317,3 +317,182 @@ def test_raising_max_steps_is_refused_when_a_method_depends_on_it(make_config, t
     before = _tree(tmp_path / "scaled")
     assert cli.main(["train", str(path), "max_steps=40"]) == 2
     assert _tree(tmp_path / "scaled") == before
+
+
+# ----------------------------------------------------------------------------------------------
+# Content, not only settings: the base model's files and every byte a stream reads.
+
+
+def _save_model(where: Path, seed: int) -> None:
+    """A tiny Llama with the byte tokenizer saved as a local model directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import TINY_MODEL
+    from mixtune.data.bytetok import byte_tokenizer
+
+    tok = byte_tokenizer()
+    spec = dict(TINY_MODEL)
+    hf_cfg = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tok), **spec)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(where)
+    tok.save_pretrained(where)
+
+
+def test_a_model_replaced_in_place_is_refused_and_a_touched_one_is_not(
+    make_config, tmp_path, capsys
+):
+    model = tmp_path / "base-model"
+    _save_model(model, seed=0)
+    raw = make_config(max_steps=2)
+    raw["model"] = {"name_or_path": str(model)}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert _train(path, capsys)[0] == 0
+    run = tmp_path / "run"
+    recorded = json.loads((run / "run.json").read_text())["fingerprint"]["model.content"]
+    assert recorded.startswith("sha256:")
+    weights = model / "model.safetensors"
+    original = weights.read_bytes()
+    before = _tree(run)
+
+    _save_model(model, seed=1)  # other weights, same path, same size
+    assert weights.stat().st_size == len(original) and weights.read_bytes() != original
+    line = _refused(*_train(path, capsys), "model.content")
+    assert f"model.content {recorded} -> sha256:" in line
+    assert _tree(run) == before
+
+    weights.write_bytes(original)  # the same bytes again, with a new mtime: still the model
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    code, lines = _train(path, capsys)
+    assert code == 0, lines
+    assert not (run / "amendments.jsonl").exists()
+
+
+def test_a_record_without_model_content_resumes_and_records_it(make_config, tmp_path, capsys):
+    """Runs recorded before the model's content was: accepted with a notice, then checked."""
+    model = tmp_path / "base-model"
+    _save_model(model, seed=0)
+    raw = make_config(max_steps=2)
+    raw["model"] = {"name_or_path": str(model)}
+    raw["train"]["schedule"] = "constant"
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert _train(path, capsys)[0] == 0
+    run = tmp_path / "run"
+    record = json.loads((run / "run.json").read_text())
+    content = record["fingerprint"].pop("model.content")
+    (run / "run.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    code, lines = _train(path, capsys, "max_steps=3")
+    assert code == 0, lines
+    amendments = [json.loads(ln) for ln in (run / "amendments.jsonl").read_text().splitlines()]
+    assert {"step": 2, "key": "model.content", "old": "(absent)", "new": content} in amendments
+    # From now on the content is checked.
+    _save_model(model, seed=1)
+    before = _tree(run)
+    _refused(*_train(path, capsys, "max_steps=4"), "model.content")
+    assert _tree(run) == before
+
+
+def test_a_stream_edited_past_its_first_block_is_refused(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    recs = addition_records(700)  # a stream reads 256 records per block without a buffer
+    write_jsonl(data / "add.jsonl", recs)
+    write_jsonl(data / "rev.jsonl", reverse_records(120))
+    raw = tiny_config(tmp_path, data, max_steps=2)
+    raw["datasets"][0]["streaming"] = True
+    raw["evals"] = []
+    raw["train"]["eval_every"] = 0
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert _train(path, capsys)[0] == 0
+    run = tmp_path / "run"
+    before = _tree(run)
+    recs[600]["response"] = recs[600]["response"] + "0"  # far past the first block
+    write_jsonl(data / "add.jsonl", recs)
+    line = _refused(*_train(path, capsys), "datasets.add.files")
+    assert "datasets.add.digest" not in line and "datasets.add.examples" not in line
+    assert _tree(run) == before
+
+
+def test_file_hashes_are_cached_by_path_size_and_times(tmp_path, monkeypatch):
+    from mixtune import filehash
+
+    monkeypatch.setenv("MIXTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    reads = []
+    real = filehash._read_hash
+    monkeypatch.setattr(filehash, "_read_hash", lambda p: reads.append(p) or real(p))
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x" * 3_000_000)
+    want = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert filehash.sha256(f) == want and filehash.sha256(f) == want
+    assert len(reads) == 1  # the second time from the cache
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert filehash.sha256(f) == want and len(reads) == 2  # touched: hashed again, same bytes
+    f.write_bytes(b"y" * 3_000_000)
+    assert filehash.sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+    monkeypatch.setenv("MIXTUNE_CACHE_DIR", "off")
+    assert filehash.sha256(f) == filehash.sha256(f) and len(reads) == 5
+
+
+def test_a_record_with_per_example_digests_is_still_checked_exactly(base, capsys):
+    """Runs recorded before examples_digest hold tokenize.digest values: the resume computes
+    those (once) and compares like with like; the new digests are then recorded."""
+    from mixtune import config
+    from mixtune.data import domains
+    from mixtune.data.bytetok import byte_tokenizer
+    from mixtune.data.tokenize import digest
+
+    root, path = base
+    run = root / "legacy-digests"
+    shutil.copytree(root / "run", run)
+    train, evals = domains.build(config.load(path), byte_tokenizer())
+    record = json.loads((run / "run.json").read_text())
+    fp = record["fingerprint"]
+    for where, t in [
+        *((f"datasets.{t.name}", t) for t in train),
+        *((f"evals.{d.name}", d) for d in evals),
+    ]:
+        assert fp[f"{where}.digest"].startswith("v2:")
+        fp[f"{where}.digest"] = digest(t.data.input_ids, t.data.labels, t.data.answers)
+    (run / "run.json").write_text(json.dumps(record))
+    before = _tree(run)
+    saved = (root / "data" / "add.jsonl").read_bytes()
+    try:
+        _edit_records(root / "data")
+        _refused(*_train(path, capsys, f"output_dir={run}"), "datasets.add.digest")
+    finally:
+        (root / "data" / "add.jsonl").write_bytes(saved)
+    assert _tree(run) == before
+    code, lines = _train(path, capsys, f"output_dir={run}")
+    assert code == 0, lines
+    amended = [json.loads(ln) for ln in (run / "amendments.jsonl").read_text().splitlines()]
+    assert {a["key"] for a in amended} == {
+        "datasets.add.digest",
+        "datasets.rev.digest",
+        "evals.add.digest",
+        "evals.rev.digest",
+    }
+    assert all(a["new"].startswith("v2:") and not a["old"].startswith("v2:") for a in amended)
+
+
+def test_examples_digest_sees_every_part_of_an_example():
+    import numpy as np
+
+    from mixtune.engine.content import examples_digest
+
+    ids = [np.array([1, 2, 3]), np.array([4, 5])]
+    labels = [np.array([-100, 2, 3]), np.array([-100, 5])]
+    base = examples_digest(ids, labels, ["a", None])
+    assert base.startswith("v2:") and base == examples_digest(ids, labels, ["a", None])
+    variants = {
+        "token": ([np.array([1, 2, 3]), np.array([4, 6])], labels, ["a", None]),
+        "label": (ids, [np.array([1, 2, 3]), np.array([-100, 5])], ["a", None]),
+        "answer": (ids, labels, ["a", ""]),
+        "boundary": ([np.array([1, 2]), np.array([3, 4, 5])], labels, ["a", None]),
+        "order": (ids[::-1], labels[::-1], [None, "a"]),
+        "one less": (ids[:1], labels[:1], ["a"]),
+    }
+    for name, args in variants.items():
+        assert examples_digest(*args) != base, name

@@ -4,7 +4,8 @@
 model, or only the LoRA adapter), ``optimizer.pt``, ``scheduler.pt``, ``sampler.json``,
 ``mixer.pt``, ``loss.pt`` (the loss's ``state_dict``), one ``rank<r>.pt`` per process (RNG
 states and that rank's running sums), ``state.json`` (step, counters, elapsed time) and, written
-last, ``manifest.json``: the size and SHA-256 of every other file. It is written into
+last, ``manifest.json``: the size and SHA-256 of every other file (each hashed on its way to the
+disk, :class:`~mixtune.engine.integrity.Writer`, not read back). It is written into
 ``.tmp-step-000123`` and renamed into place only once complete (every file, the directory and
 the rename fsync'd), so a crash never leaves a half-written checkpoint as the latest one;
 directories with neither ``state.json`` nor a manifest are ignored. Old checkpoints are first
@@ -45,11 +46,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mixtune.engine.build import trainable
-from mixtune.engine.integrity import MANIFEST, check, fsync, read, verify, write_manifest
+from mixtune.engine.integrity import (
+    MANIFEST,
+    Writer,
+    check,
+    fsync,
+    read,
+    verify,
+    write_manifest,
+)
 from mixtune.errors import ConfigError, OutOfSpace
 
 log = logging.getLogger(__name__)
@@ -107,8 +115,10 @@ def save(
             tmp.mkdir()
         accelerator.wait_for_everyone()
         rank = accelerator.process_index
-        torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{rank}.pt")
-        fsync(tmp / f"rank{rank}.pt")
+        # Every file is fsync'd as it is written and hashed on its way out (the manifest's
+        # SHA-256s, without reading the files back; other ranks' files are read by rank 0).
+        out = Writer(tmp)
+        out.torch({**rank_state, "rng": rng_state()}, f"rank{rank}.pt")
         unwrapped = accelerator.unwrap_model(model)
         params = trainable(unwrapped)
         sharded = any(isinstance(p, DTensor) for _, p in params)
@@ -116,22 +126,17 @@ def save(
             # writes its own optimizer shard
             main = accelerator.is_main_process
             tensors = {n: t for n, t in ((n, _full(p)) for n, p in params) if main}
-            name = f"optimizer-rank{rank}.pt"
-            torch.save(_local_optimizer_state(optimizer), tmp / name)
-            fsync(tmp / name)
+            out.torch(_local_optimizer_state(optimizer), f"optimizer-rank{rank}.pt")
         if accelerator.is_main_process:
             if not sharded:
                 tensors = {n: p.detach().cpu().contiguous() for n, p in params}
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            save_file(tensors, str(tmp / "trainable.safetensors"))
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "sampler.json").write_text(json.dumps(sampler.state_dict()))
-            torch.save(mixer.state_dict(), tmp / "mixer.pt")
+                out.torch(optimizer.state_dict(), "optimizer.pt")
+            out.safetensors(tensors, "trainable.safetensors")
+            out.torch(scheduler.state_dict(), "scheduler.pt")
+            out.bytes(json.dumps(sampler.state_dict()).encode(), "sampler.json")
+            out.torch(mixer.state_dict(), "mixer.pt")
             if loss is not None:
-                torch.save(loss.state_dict(), tmp / "loss.pt")
-            for f in tmp.iterdir():
-                if not f.name.startswith("rank"):
-                    fsync(f)
+                out.torch(loss.state_dict(), "loss.pt")
         pause = float(os.environ.get("MIXTUNE_TEST_CHECKPOINT_PAUSE") or 0)
         if pause:
             time.sleep(pause)
@@ -139,10 +144,9 @@ def save(
         if accelerator.is_main_process:
             # "manifest": a manifest.json deleted later is then missed, not taken for an old format
             record = {**state, "step": step, "manifest": MANIFEST}
-            (tmp / "state.json").write_text(json.dumps(record, indent=1))
-            fsync(tmp / "state.json")
+            out.bytes(json.dumps(record, indent=1).encode(), "state.json")
             # The manifest last: sizes and hashes of every file, each rank's included.
-            write_manifest(tmp)
+            write_manifest(tmp, out.hashed)
             fsync(tmp)
             if final.exists():  # re-saving a step (resume from an older checkpoint)
                 _discard(final)

@@ -7,15 +7,24 @@ A fingerprint is a flat mapping of dotted keys to JSON values:
   (defaults included), the optimizer and schedule (``train.lr``, ``train.schedule``, ...),
   ``train.batch_size``, ``train.max_length``, and every dataset's and evaluation domain's
   options, keyed by name (``datasets.add.max_examples``);
-- what the data turned out to be: ``model.chat_template`` (a hash of the template in use) and,
-  per dataset and evaluation domain, ``.examples`` (how many were selected) and ``.digest``
-  (a hash of the selected, tokenised examples; a streaming dataset hashes its first block).
+- what the inputs turned out to be: ``model.content`` (what the base model's files hold, see
+  :func:`of_model`), ``model.chat_template`` (a hash of the template in use) and, per dataset
+  and evaluation domain, ``.examples`` (how many were selected) and ``.digest`` (a hash of the
+  selected, tokenised examples; a streaming dataset hashes its first block, and ``.files`` the
+  bytes of every local file it streams, so an edit anywhere in them is seen).
+
+The content keys are computed by :mod:`mixtune.engine.content`: files through
+:mod:`mixtune.filehash`, cached by (path, size, mtime, ctime), so a multi-GB model is read once,
+not at every start; the examples with a few whole-array hashes (a million examples in well under
+a second, ``bench/fingerprint_cost.py``).
 
 Some keys may differ on resume because they cannot change what was or will be computed
 (:data:`AMENDABLE`); ``max_steps`` may be raised when the learning-rate schedule does not depend
 on it. Every other difference is refused: a resumed run would silently ignore it (the optimizer
 state restores the old learning rate), apply it mid-run (a new seed re-draws the data subsets)
-or fail halfway.
+or fail halfway. A content key a run's record predates (:data:`INTRODUCED`: recorded since
+this check exists) is accepted with a logged notice and recorded as an amendment, so existing
+runs still resume and later resumes check it.
 """
 
 from __future__ import annotations
@@ -23,12 +32,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from typing import NamedTuple
 
 from mixtune import config as config_mod
-from mixtune import registry
+from mixtune import filehash, registry
 from mixtune.data import streaming
-from mixtune.data.tokenize import digest, resolve_template
+from mixtune.data.tokenize import resolve_template
+from mixtune.engine import content as content_mod
 from mixtune.schema import MethodConfig
 
 AMENDABLE = frozenset(
@@ -62,6 +73,8 @@ AMENDABLE = frozenset(
 )
 """Keys a resume may change; the change is recorded as an amendment (``amendments.jsonl``)."""
 
+log = logging.getLogger(__name__)
+
 UNRECORDED = ("output_dir", "resume")
 """Where the run lives and how it was started: not part of what it computes."""
 
@@ -73,6 +86,10 @@ class Change(NamedTuple):
 
 
 ABSENT = "(absent)"
+
+INTRODUCED = ("model.content", "datasets.*.files")
+"""Content keys recorded since run.json first existed: a record without one accepts the resume
+(with a notice) instead of refusing it, and the value is recorded as an amendment."""
 
 
 def of_settings(cfg: config_mod.RunConfig) -> dict:
@@ -91,8 +108,17 @@ def of_settings(cfg: config_mod.RunConfig) -> dict:
     return _plain(out)
 
 
-def of_run(cfg: config_mod.RunConfig, tokenizer, train_sets, domains) -> dict:
-    """The whole fingerprint of a run about to start: settings plus what the data holds."""
+class Fingerprint(dict):
+    """A run's fingerprint (a plain mapping, as ``run.json`` stores it) and, in ``legacy``, how
+    to compute a content key the way older records did (``{key: () -> value}``): the digests
+    of the examples, which :func:`compare` computes only against a record that holds the old
+    kind."""
+
+    legacy: dict = {}
+
+
+def of_run(cfg: config_mod.RunConfig, tokenizer, train_sets, domains) -> Fingerprint:
+    """The whole fingerprint of a run about to start: settings plus what the inputs hold."""
     from mixtune.engine.build import pick_dtype
 
     out = of_settings(cfg)
@@ -103,13 +129,26 @@ def of_run(cfg: config_mod.RunConfig, tokenizer, train_sets, domains) -> dict:
     if not isinstance(template, str):  # a tokenizer may hold several named templates
         template = json.dumps(template, sort_keys=True, default=str)
     out["model.chat_template"] = hashlib.blake2b(template.encode(), digest_size=8).hexdigest()
-    for t in train_sets:
-        out[f"datasets.{t.name}.examples"] = int(t.size)
-        out[f"datasets.{t.name}.digest"] = streaming.content_digest(t)
-    for d in domains:
-        out[f"evals.{d.name}.examples"] = len(d.data)
-        out[f"evals.{d.name}.digest"] = digest(d.data.input_ids, d.data.labels, d.data.answers)
-    return _plain(out)
+    model = content_mod.of_model(cfg.model)
+    if model is not None:
+        out["model.content"] = model
+    legacy = {}
+    sets = [(f"datasets.{t.name}", t) for t in train_sets]
+    sets += [(f"evals.{d.name}", d) for d in domains]
+    for where, t in sets:
+        out[f"{where}.examples"] = int(t.size) if where.startswith("datasets.") else len(t.data)
+        files = streaming.content_files(t)
+        if files:
+            out[f"{where}.files"] = content_mod.short(filehash.of_files(files))
+        if isinstance(t, streaming.StreamSet):  # its first block (as ever: small)
+            out[f"{where}.digest"] = streaming.content_digest(t)
+            continue
+        columns = (t.data.input_ids, t.data.labels, t.data.answers)
+        out[f"{where}.digest"] = content_mod.examples_digest(*columns)
+        legacy[f"{where}.digest"] = lambda columns=columns: content_mod.legacy_digest(*columns)
+    fp = Fingerprint(_plain(out))
+    fp.legacy = legacy
+    return fp
 
 
 def compare(
@@ -125,6 +164,22 @@ def compare(
         if a == b or (key not in old and b == _default(cfg, key)):
             continue
         change = Change(key, a, b)
+        if _older_digest(a, b) and key in getattr(new, "legacy", {}):
+            # Recorded with the per-example digest: compute that one (once; the new kind is
+            # recorded as an amendment), and compare like with like.
+            if new.legacy[key]() == a:
+                amended.append(change)
+            else:
+                refused.append(change)
+            continue
+        if key not in old and _introduced(key):
+            log.warning(
+                "the run's record predates the %s check: resuming without it (recorded now, so "
+                "later resumes check it)",
+                key,
+            )
+            amended.append(change)
+            continue
         moved = (
             data_checked
             and key.startswith(("datasets.", "evals."))
@@ -137,6 +192,22 @@ def compare(
         else:
             refused.append(change)
     return refused, amended
+
+
+def _older_digest(old, new) -> bool:
+    """An examples digest recorded before :func:`content.examples_digest`, against one made by
+    it."""
+    v2 = content_mod.V2
+    return (
+        isinstance(old, str)
+        and isinstance(new, str)
+        and new.startswith(v2)
+        and not (old.startswith(v2))
+    )
+
+
+def _introduced(key: str) -> bool:
+    return key == "model.content" or (key.startswith("datasets.") and key.endswith(".files"))
 
 
 def length_bound(cfg: config_mod.RunConfig) -> str | None:

@@ -1,8 +1,9 @@
 """Checkpoint integrity: a manifest that vouches for every file, and loading that runs no code.
 
 A checkpoint is used only if every file matches its ``manifest.json`` (size and SHA-256, written
-last, :func:`write_manifest`), so a truncated, missing or bit-flipped file is found before
-anything is loaded (:func:`problem`, :func:`verify`). Checkpoints written before manifests
+last, :func:`write_manifest`, from the hashes :class:`Writer` computed while writing the files),
+so a truncated, missing or bit-flipped file is found before anything is loaded (:func:`problem`,
+:func:`verify`). Checkpoints written before manifests
 existed have none: they pass when their ``state.json`` is there, and load unverified.
 
 The ``.pt`` files are read with ``torch.load(weights_only=True)`` (:func:`read`), which rebuilds
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save, save_file
 
 from mixtune.errors import ConfigError
 
@@ -133,11 +134,87 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(tmp: Path) -> None:
-    files = sorted(f for f in tmp.iterdir() if f.is_file() and f.name != MANIFEST)
-    entries = {f.name: {"size": f.stat().st_size, "sha256": sha256(f)} for f in files}
+def write_manifest(tmp: Path, known: dict[str, tuple[int, str]] | None = None) -> None:
+    """Write ``tmp/manifest.json``: the size and SHA-256 of every other file in ``tmp``.
+    ``known``: ``{name: (size, sha256)}`` hashed while the files were written (:class:`Writer`),
+    used when the size still matches; any other file (another rank's) is read and hashed."""
+    known = known or {}
+    entries = {}
+    for f in sorted(f for f in tmp.iterdir() if f.is_file() and f.name != MANIFEST):
+        size = f.stat().st_size
+        seen = known.get(f.name)
+        digest = seen[1] if seen is not None and seen[0] == size else sha256(f)
+        entries[f.name] = {"size": size, "sha256": digest}
     (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": entries}, indent=1))
     fsync(tmp / MANIFEST)
+
+
+class Writer:
+    """Writes the files of a checkpoint directory, each flushed to the disk (fsync'd), hashing
+    the bytes on their way out, so that :func:`write_manifest` need not read them back
+    (``hashed``: ``{name: (size, sha256)}``). The on-disk formats are the usual ones:
+    ``torch.save`` writes through a file object that hashes what passes, JSON is hashed as
+    bytes, and safetensors up to :attr:`IN_MEMORY` bytes are serialised in memory, hashed and
+    written once (larger ones, e.g. a multi-GB full fine-tune, are written by ``save_file``
+    and hashed from the file: an in-memory copy would double the host memory a save needs)."""
+
+    IN_MEMORY = 1 << 30
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.hashed: dict[str, tuple[int, str]] = {}
+
+    def torch(self, obj, name: str) -> None:
+        with open(self.folder / name, "wb") as f:
+            out = _HashingFile(f)
+            try:
+                torch.save(obj, out)
+            except RuntimeError:  # torch's writer hides why a write failed ("unexpected pos")
+                if out.error is not None:
+                    raise out.error from None  # e.g. ENOSPC: the caller reports a full disk
+                raise
+            self._done(f, name, out.size, out.hash)
+
+    def bytes(self, data: bytes, name: str) -> None:
+        with open(self.folder / name, "wb") as f:
+            f.write(data)
+            self._done(f, name, len(data), hashlib.sha256(data))
+
+    def safetensors(self, tensors: dict, name: str) -> None:
+        if sum(t.nbytes for t in tensors.values()) > self.IN_MEMORY:
+            save_file(tensors, str(self.folder / name))
+            fsync(self.folder / name)
+            return
+        self.bytes(save(tensors), name)
+
+    def _done(self, f, name: str, size: int, h) -> None:
+        f.flush()
+        try:
+            os.fsync(f.fileno())
+        except OSError:  # (file systems that refuse fsync: best effort, as fsync())
+            pass
+        self.hashed[name] = (size, h.hexdigest())
+
+
+class _HashingFile:
+    """A write-only file object that passes bytes to ``f`` and hashes them on the way."""
+
+    def __init__(self, f):
+        self.f, self.hash, self.size = f, hashlib.sha256(), 0
+        self.error: OSError | None = None
+
+    def write(self, b) -> int:
+        try:
+            n = self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+        self.hash.update(b)
+        self.size += len(b) if isinstance(b, bytes) else memoryview(b).nbytes
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def verify(path: Path) -> None:

@@ -10,6 +10,7 @@ the examples, for either kind of dataset.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -108,8 +109,9 @@ def lengths(train_set) -> object:
 
 def content_digest(train_set) -> str:
     """A hash of what a training dataset holds (:func:`mixtune.data.tokenize.digest`): every
-    selected example in memory; for a stream, its first block (reading all of it is what
-    streaming avoids; its size is recorded next to the digest)."""
+    selected example in memory; for a stream, its first block (tokenising all of it is what
+    streaming avoids; its size is recorded next to the digest, and the bytes of its files are
+    hashed whole from :func:`content_files`)."""
     if isinstance(train_set, StreamSet):
         stream = train_set.stream
         first = stream.loaded(0)
@@ -117,6 +119,15 @@ def content_digest(train_set) -> str:
         return digest([r[0] for r in rows], [r[1] for r in rows], [r[3] for r in rows])
     data = train_set.data
     return digest(data.input_ids, data.labels, data.answers)
+
+
+def content_files(train_set) -> list[tuple[str, Path]]:
+    """The local files a streaming dataset reads, in reading order and named by position (so
+    a moved dataset with the same bytes is the same content); empty for an in-memory dataset
+    (:func:`content_digest` covers all of it) and for a hub stream."""
+    if not isinstance(train_set, StreamSet):
+        return []
+    return [(str(i), f) for i, f in enumerate(getattr(train_set.stream.source, "files", []))]
 
 
 def open_stream(d, k: int, seed: int, tokenizer, template: str, max_len: int) -> StreamSet:

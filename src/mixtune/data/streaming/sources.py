@@ -29,6 +29,7 @@ class JsonlSource:
 
     def __init__(self, shards: list[Path], where: str, key: tuple, shuffle: bool):
         self.shards, self.where, self.key, self.shuffle = shards, where, key, shuffle
+        self.files = list(shards)  # what the stream reads, for the run's fingerprint
         self._f = None  # (shard, open file)
 
     def order(self, epoch: int) -> list[int]:
@@ -96,6 +97,9 @@ class HubSource:
 
     def __init__(self, factory, where: str, split: str = "train", size: int | None = None):
         self.factory, self.where, self.split, self.size = factory, where, split, size
+        # The local files the stream reads (set by open_source), for the run's fingerprint;
+        # empty for a hub dataset (its first block is all the fingerprint holds of it).
+        self.files: list[Path] = []
         self._ds = self._it = self._at = None
 
     def count(self) -> int:
@@ -140,8 +144,11 @@ def open_source(d, where: str, key: tuple, shuffle: bool):
             return JsonlSource(shards, where, key, shuffle)
         if is_saved(p):
             ds = load_saved(p, d.split, where)  # streamed from its memory-mapped Arrow files
-            return HubSource(lambda: ds.to_iterable_dataset(), where, d.split, size=len(ds))
-        return _hub(where, d.split, str(p), d.subset)
+            source = HubSource(lambda: ds.to_iterable_dataset(), where, d.split, size=len(ds))
+        else:
+            source = _hub(where, d.split, str(p), d.subset)
+        source.files = _files_under(p)
+        return source
     if _is_jsonl(p):
         if not p.is_file():
             raise DataError(f"{where}: file not found: {p}")
@@ -149,7 +156,9 @@ def open_source(d, where: str, key: tuple, shuffle: bool):
     if p.suffix in HUB_BUILDERS:
         if not p.is_file():
             raise DataError(f"{where}: file not found: {p}")
-        return _hub(where, "train", HUB_BUILDERS[p.suffix], data_files=str(p))
+        source = _hub(where, "train", HUB_BUILDERS[p.suffix], data_files=str(p))
+        source.files = [p]
+        return source
     return _hub(where, d.split, path, d.subset)
 
 
@@ -166,6 +175,12 @@ def _hub(where: str, split: str, *args, **kw) -> HubSource:
             ) from None
 
     return HubSource(factory, where, split)
+
+
+def _files_under(root: Path) -> list[Path]:
+    """Every file under ``root``, sorted, leaving out hidden ones (``.git``, ``.cache``)."""
+    found = (x for x in root.rglob("*") if x.is_file())
+    return sorted(x for x in found if not any(s.startswith(".") for s in x.relative_to(root).parts))
 
 
 def _is_jsonl(p: Path) -> bool:

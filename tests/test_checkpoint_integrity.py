@@ -256,3 +256,23 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_the_latest(
     assert cli.main(["train", str(runs / "run.yaml")]) == 0
     a, b = _params(run), _params(runs / "ref")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rotating_a_checkpoint_that_is_a_symlink_removes_the_link_and_leaves_nothing(tmp_path):
+    """A checkpoint directory symlinked elsewhere: rotation removes the link (its target is the
+    user's) and leaves no ``.tmp-del-`` entry behind."""
+    from mixtune.engine.checkpoint import _discard
+
+    target = tmp_path / "elsewhere" / "step-000002"
+    target.mkdir(parents=True)
+    (target / "state.json").write_text("{}")
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "step-000002").symlink_to(target, target_is_directory=True)
+    real = ckpts / "step-000001"
+    real.mkdir()
+    (real / "state.json").write_text("{}")
+    _discard(ckpts / "step-000002")
+    _discard(real)
+    assert list(ckpts.iterdir()) == []
+    assert (target / "state.json").is_file()

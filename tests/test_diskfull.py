@@ -148,7 +148,11 @@ CASES = {
     ),
     "checkpoint (torch)": (
         lambda mp: _fail(
-            mp, torch, "save", lambda obj, f, *a: ".tmp-step-000004" in str(f), TORCH_FULL
+            mp,
+            torch,
+            "save",
+            lambda obj, f, *a: ".tmp-step-000004" in str(getattr(f, "name", f)),
+            TORCH_FULL,
         ),
         "while writing checkpoint step 4 in",
         "step-000002",

@@ -243,7 +243,7 @@ def test_a_second_trainer_in_one_process_is_told_to_close_the_first(make_config,
     naming this process and the fix (close() the first); after close() it starts."""
     raw = make_config(max_steps=1, output_dir=str(tmp_path / "run"))
     first = Trainer(config.load(data=raw))
-    with pytest.raises(lock.RunDirLocked, match="another Trainer of this process .*close"):
+    with pytest.raises(lock.RunDirLocked, match=r"this very process: close\(\) its other Trainer"):
         Trainer(config.load(data=raw))
     first.close()
     Trainer(config.load(data=raw)).close()

@@ -463,4 +463,5 @@ def test_a_trainer_forks_workers_and_gets_the_same_data(make_config, monkeypatch
         runs[workers] = [
             tk.digest(s.data.input_ids, s.data.labels, s.data.answers) for s in t.train_sets
         ]
+        t.close()  # the run directory's lock, for the next Trainer
     assert runs["1"] == runs["2"]

@@ -245,9 +245,18 @@ def _load_local_optimizer_state(optimizer, path: Path, accelerator) -> None:
 def _discard(path: Path) -> None:
     """Delete a checkpoint: one atomic rename out of the ``step-`` namespace, then the files."""
     gone = path.with_name(f".tmp-del-{path.name}")
-    shutil.rmtree(gone, ignore_errors=True)
+    _remove(gone)
     path.rename(gone)
-    shutil.rmtree(gone, ignore_errors=True)
+    _remove(gone)
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory tree, or just the link when ``path`` is a symlink to one (a checkpoint
+    kept on another disk: its target is the user's, and rmtree refuses links)."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def listed(root: Path) -> list[Path]:

@@ -216,6 +216,10 @@ class _HashingFile:
     def flush(self) -> None:
         self.f.flush()
 
+    @property
+    def name(self) -> str:  # the file's path, as a real file object has it
+        return self.f.name
+
 
 def verify(path: Path) -> None:
     """Raise :class:`ConfigError` naming the damaged file unless checkpoint ``path`` is intact."""

@@ -130,13 +130,10 @@ def _describe(info: dict | None) -> str:
     if not info:
         return "another mixtune train (it has not recorded its pid yet)"
     pid, host, since = (info.get(k, "?") for k in ("pid", "host", "since"))
-    if pid == os.getpid() and host == socket.gethostname():
-        # A second Trainer in one process (a notebook, a script): the first still holds it.
-        return (
-            f"another Trainer of this process (pid {pid}, since {since}); call its close(), "
-            "or let its run() finish, before starting a new one here"
-        )
-    return f"mixtune train pid {pid} on {host} (since {since})"
+    mine = pid == os.getpid() and host == socket.gethostname()
+    # A second Trainer in one process (a notebook, a script): the first still holds the lock.
+    hint = " -- this very process: close() its other Trainer first" if mine else ""
+    return f"mixtune train pid {pid} on {host} (since {since}){hint}"
 
 
 def take(run_dir: Path, accelerator) -> RunLock | None:

@@ -86,10 +86,12 @@ class Trainer:
         a second writer stops here, having read nothing. ``writer=False`` (evaluation only:
         ``mixtune eval``, base-model references) takes no lock and reads nothing there."""
         self.acc = accelerator or make_accelerator(cfg)
-        self.writer, self._lock = writer, None
+        # _lock: the lock object (main process only; None on the other ranks); _locked: whether
+        # this trainer holds it, on every rank alike (taking it again is a collective).
+        self.writer, self._lock, self._locked = writer, None, False
         if writer:
             check_writable(Path(cfg.output_dir))  # (the lock creates the directory)
-            self._lock = lock.take(Path(cfg.output_dir), self.acc)
+            self._lock, self._locked = lock.take(Path(cfg.output_dir), self.acc), True
         try:
             self._build(cfg)
         except BaseException:
@@ -100,7 +102,7 @@ class Trainer:
         """Release the run directory's lock (idempotent; :meth:`run` does it when it ends)."""
         if self._lock is not None:
             self._lock.release()
-            self._lock = None
+        self._lock, self._locked = None, False
 
     def _build(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -289,8 +291,8 @@ class Trainer:
         run directory's lock, taken when this trainer was built, is released when it ends."""
         if not self.writer:
             raise ValueError("Trainer(writer=False) evaluates only; build a writer to train")
-        if self._lock is None:  # released by an earlier run(): one writer again
-            self._lock = lock.take(self.rundir.path, self.acc)
+        if not self._locked:  # released by an earlier run(): one writer again
+            self._lock, self._locked = lock.take(self.rundir.path, self.acc), True
         try:
             return self._start(stop_after)
         finally:

@@ -114,6 +114,10 @@ def _check_same(cfg: RunConfig) -> None:
     new = config_mod.to_dict(cfg)
     for d in (old, new):
         d.pop("progress", None)
+    # A run records train.packing resolved (auto -> true/false); packed and padded steps are
+    # the same up to rounding, and a resume may change it (like micro_batch_size).
+    for d in (old, new):
+        d.get("train", {}).pop("packing", None)
     if json.dumps(old, sort_keys=True, default=str) != json.dumps(new, sort_keys=True, default=str):
         raise ConfigError(
             f"{cfg.output_dir} holds an expert trained with other settings; use a "

@@ -165,3 +165,19 @@ def adam_tol(lr: float, steps: int) -> dict:
     what training moved (``lr * steps``), whatever the weight's size, plus one rounding of the
     weight itself per step (``rtol``)."""
     return {"rtol": steps * FP32_EPS, "atol": fp32_tol(ADAM_GROWTH, scale=lr * steps)["atol"]}
+
+
+def tree_digest(path) -> str:
+    """One SHA-256 of every name (files, directories, links) and every file's bytes under
+    ``path``, lock file and temporary directories included: nothing excluded. Equal digests:
+    the directory is byte-identical."""
+    import hashlib
+    from pathlib import Path
+
+    path = Path(path)
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode() + b"\0")
+        if p.is_file() and not p.is_symlink():
+            h.update(p.read_bytes())
+    return h.hexdigest()

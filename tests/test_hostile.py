@@ -4,7 +4,6 @@ as it was; an interruption leaves nothing half-written and the same command resu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import addition_records, reverse_records, tiny_config, write_jsonl
+from helpers import tree_digest
 from mixtune import cli, config
 from mixtune.engine import build, lock
 from mixtune.engine.loop import Trainer
@@ -49,26 +49,16 @@ def _copy(runs: Path, which: str, tmp_path: Path) -> tuple[Path, Path]:
     return run, tmp_path / "run.yaml"
 
 
-def _tree(path: Path) -> str:
-    """Every name and every file's bytes under ``path``, nothing excluded."""
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        h.update(str(p.relative_to(path)).encode() + b"\0")
-        if p.is_file() and not p.is_symlink():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 def _refused(argv: list, capsys, watch: Path | None = None, code: int = 2) -> str:
     """Run the CLI; it must exit ``code`` with exactly one ``mixtune:`` line (returned), and
     leave ``watch`` byte-identical."""
-    before = None if watch is None else _tree(watch)
+    before = None if watch is None else tree_digest(watch)
     capsys.readouterr()
     assert cli.main([str(a) for a in argv]) == code
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("mixtune")]
     assert len(err) == 1, err
     if watch is not None:
-        assert _tree(watch) == before
+        assert tree_digest(watch) == before
     return err[0]
 
 

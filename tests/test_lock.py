@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import tree_digest
 from mixtune import cli, config
 from mixtune.engine import lock
 from mixtune.engine.loop import Trainer
@@ -161,17 +162,6 @@ def test_every_rank_of_a_distributed_train_stops_on_a_locked_dir(make_config, tm
     assert not run.exists()
 
 
-def _bytes_tree(path: Path) -> str:
-    """One hash of every name (files, directories, links) and every file's bytes under
-    ``path``, lock file and temporary directories included: nothing excluded."""
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        h.update(str(p.relative_to(path)).encode() + b"\0")
-        if p.is_file() and not p.is_symlink():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 def test_a_second_train_while_the_first_trains_exits_2_and_leaves_the_dir_byte_identical(
     make_config, tmp_path
 ):
@@ -186,7 +176,7 @@ def test_a_second_train_while_the_first_trains_exits_2_and_leaves_the_dir_byte_i
             assert first.poll() is None and time.monotonic() - t0 < 300, first.communicate()
             time.sleep(0.05)
         before = None  # the first save writes its files, then parks: wait until it has
-        while before != (before := _bytes_tree(run)):
+        while before != (before := tree_digest(run)):
             time.sleep(1.0)
         second = _train(cfg)
         out, err = second.communicate(timeout=300)
@@ -195,7 +185,7 @@ def test_a_second_train_while_the_first_trains_exits_2_and_leaves_the_dir_byte_i
         assert len(lines) == 1, lines
         assert lines[0].startswith(f"mixtune: error: output_dir {run} is in use by ")
         assert f"mixtune train pid {first.pid} on {socket.gethostname()}" in lines[0]
-        assert _bytes_tree(run) == before
+        assert tree_digest(run) == before
     finally:
         first.kill()
         first.communicate(timeout=60)

@@ -153,3 +153,25 @@ def test_fp16_over_bf16_weights_is_a_config_error(make_config):
             data=make_config(),
             overrides=["train.mixed_precision=fp16", "model.dtype=bfloat16"],
         )
+
+
+def test_an_fp16_lookahead_is_loss_scaled_and_skips_on_overflow(make_config, tmp_path):
+    """DynamixSFT's look-ahead under fp16 scales its backward with the run's scale and
+    unscales before the virtual step (the step equals the one without scaling: powers of two),
+    and a gradient that overflows takes no virtual step (post = pre, nothing NaN); the scaler
+    is left as it was."""
+    from mixtune.engine import probe
+
+    t = _trainer(make_config, tmp_path, "ahead", "train.mixed_precision=fp16")
+    scaled = probe.lookahead(t.state, 0, key=3, batch_size=4)
+    scaler, t.state.scaler = t.state.scaler, None
+    plain = probe.lookahead(t.state, 0, key=3, batch_size=4)
+    t.state.scaler = scaler
+    assert (scaled.pre == plain.pre).all()
+    assert abs(scaled.post - scaled.pre).max() > 1e-4  # the virtual step moved the losses
+    assert scaled.post == pytest.approx(plain.post, rel=1e-5, abs=1e-6)
+    scaler.scale = 1e38  # loss x scale overflows: every gradient inf/NaN
+    over = probe.lookahead(t.state, 0, key=3, batch_size=4)
+    assert scaler.scale == 1e38 and scaler.good_steps == 0
+    assert (over.post == over.pre).all() and (over.post == scaled.pre).all()
+    t.close()

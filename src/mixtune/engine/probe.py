@@ -37,6 +37,7 @@ from mixtune.data.collate import collate
 from mixtune.data.sampler import shard
 from mixtune.engine.alignment import grad_alignment
 from mixtune.engine.checkpoint import rng_state, set_rng_state
+from mixtune.engine.process import local
 from mixtune.engine.snapshot import Snapshot, unwrap_optimizer
 from mixtune.engine.state import TrainState
 from mixtune.losses.core import reduce, sequence_mean
@@ -110,6 +111,11 @@ def lookahead(
        both modes compute the same, so L_pre is read off the back-propagated forward as before:
        same cost, same bits. Every rank holds the same modules and takes the same branch (FSDP2
        needs that); the train-mode forward's masks come from the RNG, which the restore resets.
+
+    2. fp16 (``train.mixed_precision: fp16``): the virtual step's backward is loss-scaled with
+       the run's current scale and unscaled before the step, as the real step is, so small
+       gradients do not flush to zero in float16; a gradient that overflows there takes no
+       virtual step (the real step would be skipped too). The scaler itself is not changed.
     """
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"lookahead optimizer must be 'sgd' or 'adam', got {optimizer!r}")
@@ -128,8 +134,11 @@ def lookahead(
             )
             if not noisy:
                 pre = sequence_mean(nll.detach(), mask)  # (b,)
-            state.acc.backward(reduce(nll, mask, n_tokens=n_tokens) * state.world)
-        if optimizer == "sgd":
+            loss = reduce(nll, mask, n_tokens=n_tokens) * state.world
+            state.acc.backward(loss if state.scaler is None else state.scaler.scale_loss(loss))
+        if state.scaler is not None and not _unscaled_finite(state):
+            state.optimizer.zero_grad(set_to_none=True)  # fp16 overflow: no virtual step,
+        if optimizer == "sgd":  # as the real step would skip (post = the unchanged model)
             lr = unwrap_optimizer(state.optimizer).param_groups[0]["lr"]
             with torch.no_grad():
                 for p in state.params:
@@ -148,6 +157,17 @@ def lookahead(
     return LookaheadResult(
         pre.double().cpu().numpy(), post.double().cpu().numpy(), time.perf_counter() - t0
     )
+
+
+def _unscaled_finite(state: TrainState) -> bool:
+    """Unscale the look-ahead's fp16 gradients in place; whether all are finite on every rank
+    (one host sync, fp16 runs only)."""
+    state.scaler.unscale_(state.params)
+    grads = [p.grad for p in state.params if p.grad is not None]
+    bad = torch.stack([~torch.isfinite(local(g)).all() for g in grads]).sum().double()
+    if state.world > 1:
+        bad = state.acc.reduce(bad, reduction="sum")
+    return not bad.item()
 
 
 def example_losses(

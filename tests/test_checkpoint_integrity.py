@@ -276,3 +276,22 @@ def test_rotating_a_checkpoint_that_is_a_symlink_removes_the_link_and_leaves_not
     _discard(real)
     assert list(ckpts.iterdir()) == []
     assert (target / "state.json").is_file()
+
+
+def test_a_checkpoint_from_a_newer_format_is_named_as_such(runs, capsys):
+    """A checkpoint whose manifest says a newer format: an explicit resume exits 2 saying so
+    (upgrade mixtune), the run directory untouched."""
+    import json
+
+    run = _fresh(runs)
+    ckpt = run / LATEST
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["format"] = 99
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    before = _tree(run)
+    code = cli.main(["train", str(runs / "run.yaml"), f"resume={ckpt}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and "written by a newer mixtune (checkpoint format 99" in err[0], err
+    assert "upgrade mixtune" in err[0]
+    assert _tree(run) == before

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save, save_file
 from mixtune.errors import ConfigError
 
 MANIFEST = "manifest.json"
+FORMAT = 1  # the checkpoint layout this version writes and reads (manifest.json's "format")
 
 
 def _numpy_globals() -> list:
@@ -109,10 +110,17 @@ def _problem(path: Path) -> str | None:
             return "state.json is unreadable (not a JSON object)"
         return f"{MANIFEST} is missing" if "manifest" in state else None
     try:
-        files = json.loads(manifest.read_text())["files"]
+        data = json.loads(manifest.read_text())
+        fmt = data.get("format", 1)
+        files = data["files"]
         want = {name: (int(e["size"]), str(e["sha256"])) for name, e in files.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
+    if not isinstance(fmt, int) or fmt > FORMAT:
+        return (
+            f"written by a newer mixtune (checkpoint format {fmt!r}; this version reads "
+            f"{FORMAT}); upgrade mixtune to resume from it"
+        )
     for name, (size, _) in want.items():
         try:
             actual = (path / name).stat().st_size
@@ -145,7 +153,7 @@ def write_manifest(tmp: Path, known: dict[str, tuple[int, str]] | None = None) -
         seen = known.get(f.name)
         digest = seen[1] if seen is not None and seen[0] == size else sha256(f)
         entries[f.name] = {"size": size, "sha256": digest}
-    (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": entries}, indent=1))
+    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": entries}, indent=1))
     fsync(tmp / MANIFEST)
 
 

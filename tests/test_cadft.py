@@ -144,8 +144,7 @@ def test_bad_options_name_the_field(make_config, bad, field):
 # -- in the training loop ------------------------------------------------------------------------
 def _run(make_config, tmp_path, name, loss, micro=8, steps=3):
     raw = make_config(max_steps=steps, loss=loss, evals=[])
-    # Padded rows in every run (CADFT's own default under train.packing=auto), so a DFT run
-    # is bit-comparable with it.
+    # Padded rows in every run, so a DFT run is bit-comparable with it.
     raw["train"].update(eval_every=0, log_every=1, micro_batch_size=micro, packing=False)
     trainer = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/{name}"]))
     trainer.run()

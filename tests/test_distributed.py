@@ -90,7 +90,12 @@ FSDP["cadft_fsdp"] = "cadft_fsdp"
 for _name, _base in list(FSDP.items()):
     CASES.setdefault(_name, CASES[_base])
 # The same with padding-free packing (train.packing): one packed row per micro-batch.
-PACKED = {"dynamixsft_packed": "dynamixsft", "dynamics_packed": "dynamics", "exp3_packed": "exp3"}
+PACKED = {
+    "dynamixsft_packed": "dynamixsft",
+    "dynamics_packed": "dynamics",
+    "exp3_packed": "exp3",
+    "cadft_packed": "cadft_exp3",  # per-example weights on packed tokens, rewriting on
+}
 for _name, _base in PACKED.items():
     CASES.setdefault(_name, CASES[_base])
 # Micro-batches filled by tokens (train.micro_batch_tokens): ranks cut their shares differently

@@ -136,8 +136,18 @@ def _strip_time(record):
     return {k: v for k, v in record.items() if k != "time"}
 
 
-def test_packing_with_a_loss_that_weights_rows_is_a_config_error(make_config, tmp_path):
-    raw = make_config(loss={"name": "cadft"})
+def _rows_only(monkeypatch):
+    """CADFT made to declare ``padded_rows`` (no built-in method needs it any more): what a
+    method weighting whole rows would declare."""
+    from mixtune.losses.cadft import CADFT
+
+    need = {"padded_rows": "CADFT weights each example by its row (test)"}
+    monkeypatch.setattr(CADFT, "requires", staticmethod(lambda o: need))
+
+
+def test_packing_with_a_loss_that_weights_rows_is_a_config_error(make_config, monkeypatch):
+    _rows_only(monkeypatch)
+    raw = make_config(loss={"name": "cadft", "rewrite": {"enabled": False}})
     with pytest.raises(ConfigError, match="padded_rows|train.packing"):
         config.load(data=raw, overrides=["train.packing=true"])
 
@@ -175,8 +185,11 @@ def test_auto_packs_by_default_and_records_the_resolved_value(make_config, tmp_p
     assert saved.train.packing is True
 
 
-def test_auto_falls_back_to_padded_rows_for_a_loss_that_weights_rows(make_config, tmp_path, caplog):
-    raw = make_config(max_steps=1, loss={"name": "cadft"})
+def test_auto_falls_back_to_padded_rows_for_a_loss_that_weights_rows(
+    make_config, tmp_path, caplog, monkeypatch
+):
+    _rows_only(monkeypatch)
+    raw = make_config(max_steps=1, loss={"name": "cadft", "rewrite": {"enabled": False}})
     with caplog.at_level("INFO", logger="mixtune.engine.loop"):
         trainer = Trainer(config.load(data=raw))
     assert trainer.cfg.train.packing is False
@@ -206,3 +219,37 @@ def test_a_run_recorded_padded_resumes_under_auto_as_an_amendment(make_config, t
     _run(raw, tmp_path, "old")  # auto -> true
     amended = (tmp_path / "old" / "amendments.jsonl").read_text()
     assert "train.packing" in amended
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"reduction": "sample_mean", "rewrite": {"enabled": False}}]
+)
+def test_cadft_packed_equals_padded_with_accumulation(make_config, tmp_path, options):
+    """CADFT on packed rows (train.packing: auto packs it): its per-example compatibilities,
+    z-scores and weights, per-dataset losses, diagnostics and the trained parameters equal the
+    padded run's within float rounding, with micro-batches of 2 (gradient accumulation) and
+    rewriting on (its bookkeeping per example)."""
+    raw = make_config(max_steps=4, loss={"name": "cadft", **options})
+    raw["train"].update(micro_batch_size=2, log_every=1, eval_every=2)
+    out = {}
+    for packing in ("false", "auto"):
+        cfg = config.load(
+            data=raw, overrides=[f"output_dir={tmp_path}/{packing}", f"train.packing={packing}"]
+        )
+        t = Trainer(cfg)
+        assert t.cfg.train.packing is (packing == "auto")
+        t.run()
+        out[packing] = (read_metrics(tmp_path / packing), [p.detach().clone() for p in t.params])
+    (a, pa), (b, pb) = out["false"], out["auto"]
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    n = 0
+    for ra, rb in zip(a, b):
+        for key in ("train", "eval", "loss"):
+            if key in ra:
+                got = numeric_leaves(rb[key])
+                for k, v in numeric_leaves(ra[key]).items():
+                    assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (key, k)
+                    n += 1
+    assert n > 20
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-4)

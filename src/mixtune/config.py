@@ -362,7 +362,7 @@ class TrainConfig:
     keeps plain rows (no packed mask). Evaluations (scheduled, probes', look-aheads') pack each
     evaluation batch the same way and gather every example's sums from its segment: the padded
     numbers up to float rounding. ``auto`` (default): on, unless the mixer or loss weights
-    whole rows (capability ``padded_rows``, e.g. CADFT) or the model's attention cannot keep
+    whole rows (capability ``padded_rows``) or the model's attention cannot keep
     packed examples apart (checked at start with a packed forward): then padded rows, said in
     one info line. ``true`` refuses those cases (exit 2); ``false``: padded rows. The run
     records the resolved value."""
@@ -772,9 +772,8 @@ def train_lacks(cfg: RunConfig) -> dict[str, str]:
             "train.packing=true puts several examples in one row; set train.packing=auto or false"
         )
     if cfg.train.micro_batch_tokens is not None:
-        lacking["padded_rows"] = (
-            "train.micro_batch_tokens cuts micro-batches by tokens, not examples; set it to null"
-        )
+        why = "train.micro_batch_tokens cuts micro-batches by tokens, not examples; set it to null"
+        lacking["padded_rows"] = lacking["example_slots"] = why
     streamed = [d.name for d in cfg.datasets if d.streaming]
     if streamed:
         lacking["random_access"] = (

@@ -37,6 +37,7 @@ CAPABILITIES = {
     "train_losses": "per-dataset training losses",
     "fixed_length": "a run length (max_steps) fixed from the start: not raised on resume",
     "padded_rows": "one training example per row of a micro-batch (weights per example)",
+    "example_slots": "micro-batches of micro_batch_size examples each, in sampler order",
 }
 
 

@@ -27,6 +27,11 @@ Deliberate choices where the sources are silent (the paper note's PROPOSALs, all
 4. The compatibility forward runs in eval mode (no dropout); ``micro_batch`` uses train mode.
 5. Rewriting is on by default with run-length-scaled warm-up and interval; see
    mixtune.losses.rewrite.
+
+Packed rows (``train.packing``): c, z and w are per *example* (each example's tokens found by
+its segment), and w multiplies each of its tokens instead of a row: the padded computation up
+to float rounding (tests/test_packing.py). Micro-batches by token budget
+(``train.micro_batch_tokens``) are refused: the rewriter locates examples by their slot.
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ class CADFT(Loss):
 
     @staticmethod
     def requires(o: CADFTConfig) -> dict[str, str]:
-        rows = {"padded_rows": "CADFT weights each example of the training step by its row"}
+        rows = {"example_slots": "CADFT locates each example of the step by its micro-batch slot"}
         if not o.rewrite.enabled:
             return rows
         why = "loss.rewrite.enabled: CADFT rewriting {} (loss.rewrite.enabled=false does not)"
@@ -120,8 +125,11 @@ class CADFT(Loss):
         extras = []
         for m, b in enumerate(batches):
             start = (m * state.world + state.rank) * state.micro  # data.sampler.shard
-            pos = torch.arange(start, start + b["labels"].shape[0], device=b["labels"].device)
+            n = len(b["index"])  # examples (a packed micro-batch has fewer rows)
+            pos = torch.arange(start, start + n, device=b["labels"].device)
             extras.append({"pos": pos, "domain": b["domain"], "index": b["index"]})
+            if "segment" in b:  # packed rows (train.packing): each token's example
+                extras[-1]["segment"] = b["segment"]
         device = state.acc.device
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # sum c, c^2, n, tokens, n_all
         if o.stats == "global":
@@ -136,7 +144,7 @@ class CADFT(Loss):
                 )
         for b in batches:
             sums[3] += (b["labels"][:, 1:] != IGNORE).sum()
-            sums[4] += b["labels"].shape[0]
+            sums[4] += len(b["index"])
         if state.world > 1:
             sums = state.acc.reduce(sums, reduction="sum")
         s = sums.tolist()  # host sync, once per step
@@ -153,8 +161,9 @@ class CADFT(Loss):
         o = self.options
         terms = dft_terms(nll, mask)
         self.probs.add(terms.token_weights, terms.mask)
+        seg = None if extra is None else extra.get("segment")
         if extra is None or o.stats == "micro_batch":
-            c = sequence_mean(terms.per_token.detach(), terms.mask).double()  # (B,)
+            c = _example_mean(terms.per_token.detach(), terms.mask, seg).double()  # (B,)
             n = float(len(c))
             z, w = zscore_weights(c, float(c.sum()), float((c * c).sum()), n, o.beta, o.eps)
             mu = float(c.mean())
@@ -177,8 +186,12 @@ class CADFT(Loss):
             )
         sw = w
         if o.reduction == "sample_mean" and extra is not None:
-            sw = w * extra["per_sample"] / terms.mask.sum(-1).clamp(min=1).double()
-        terms.sample_weights = sw.to(terms.per_token.dtype)
+            sw = w * extra["per_sample"] / _example_tokens(terms.mask, seg).clamp(min=1).double()
+        if seg is None:
+            terms.sample_weights = sw.to(terms.per_token.dtype)
+        else:  # packed rows: each example's weight on each of its tokens
+            tw = sw.to(terms.per_token.dtype)[_owner(seg)].view_as(terms.mask)
+            terms.token_weights = terms.token_weights * tw
         return terms
 
     def after_step(self, state: TrainState) -> None:
@@ -275,12 +288,43 @@ def _empty_stats(device) -> torch.Tensor:
 
 
 def _compatibility(state: TrainState, batch: dict) -> torch.Tensor:
-    """Mean response-token NLL of each sequence under the current model, (B,) float64."""
+    """Mean response-token NLL of each example under the current model, (B,) float64."""
     model = state.model
     was_training = model.training
     model.eval()
+    seg = batch.get("segment")
     with torch.no_grad(), state.acc.autocast():
-        nll, mask = token_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        nll, mask = token_nll(
+            model,
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            batch["labels"],
+            batch.get("position_ids"),
+        )
     if was_training:
         model.train()
-    return sequence_mean(nll, mask).double()
+    return _example_mean(nll, mask, seg).double()
+
+
+def _owner(segment: torch.Tensor) -> torch.Tensor:
+    """Each target position's example in packed rows, flattened (row-end padding -> 0: it is
+    never a target, so its mask is 0)."""
+    return segment[:, 1:].clamp(min=0).flatten()
+
+
+def _example_sums(x: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    n = int(segment.max()) + 1
+    out = torch.zeros(n, dtype=torch.float64, device=x.device)
+    return out.index_add_(0, _owner(segment), x.double().flatten())
+
+
+def _example_tokens(mask: torch.Tensor, segment: torch.Tensor | None) -> torch.Tensor:
+    """Supervised tokens of each example: per row, or per segment of packed rows."""
+    return mask.sum(-1) if segment is None else _example_sums(mask, segment)
+
+
+def _example_mean(nll: torch.Tensor, mask: torch.Tensor, segment: torch.Tensor | None):
+    """Mean per-token loss of each example (:func:`sequence_mean` per row, or per segment)."""
+    if segment is None:
+        return sequence_mean(nll, mask)
+    return _example_sums(nll * mask, segment) / _example_sums(mask, segment).clamp(min=1)

@@ -92,6 +92,20 @@ def pack(
     return batch
 
 
+def target_owner(segment: torch.Tensor) -> torch.Tensor:
+    """Which example each target position of packed rows (:func:`pack`'s ``segment``) belongs
+    to, flattened to (R * (T-1),): position t predicts token t+1, so it is token t+1's example.
+    Row-end padding (-1) maps to 0; it is never a target (its mask is 0)."""
+    return segment[:, 1:].clamp(min=0).flatten()
+
+
+def example_sums(x: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-example sums (float64, (n,)) of a per-target-position quantity ``x`` (R, T-1) of
+    packed rows: e.g. masked NLL, or the mask itself for each example's supervised tokens."""
+    out = torch.zeros(n, dtype=torch.float64, device=x.device)
+    return out.index_add_(0, target_owner(segment), x.double().flatten())
+
+
 def collate_prompts(prompts: list[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-pad prompts for batched generation."""
     n, t = len(prompts), max(len(x) for x in prompts)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mixtune.config import TrainConfig
-from mixtune.data.collate import collate, pack
+from mixtune.data.collate import collate, pack, target_owner
 from mixtune.data.sampler import shard, token_shard
 from mixtune.engine.process import local, whole
 from mixtune.engine.state import TrainState
@@ -85,8 +85,7 @@ def optimizer_step(
             # fp16: x the loss scale, so small activation gradients survive float16's range
             state.acc.backward(loss if scaler is None else scaler.scale_loss(loss))
         if "segment" in batch:  # packed rows: each target token's example -> its dataset
-            owner = batch["segment"][:, 1:].clamp(min=0)  # padding (-1) is never a target
-            where = batch["domain"][owner].flatten()
+            where = batch["domain"][target_owner(batch["segment"])]
             nll = (terms.per_token.detach() * terms.mask).double().flatten()
             stats[:, 0].index_add_(0, where, nll)
             stats[:, 1].index_add_(0, where, terms.mask.double().flatten())

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mixtune.data.collate import collate, collate_prompts, pack
+from mixtune.data.collate import collate, collate_prompts, example_sums, pack
 from mixtune.data.domains import EvalDomain
 from mixtune.losses.logits import token_nll
 
@@ -209,11 +209,8 @@ def _example_sums(
         return (nll * mask).sum(1).double(), mask.sum(1).double()
     batch = {k: v.to(device) for k, v in pack(ids, labels, None, pack_rows, pad_id).items()}
     nll, mask = token_nll(model, batch["input_ids"], None, batch["labels"], batch["position_ids"])
-    owner = batch["segment"][:, 1:].clamp(min=0).flatten()  # row-end padding is never a target
-    sums = torch.zeros(2, len(ids), dtype=torch.float64, device=device)
-    sums[0].index_add_(0, owner, (nll * mask).double().flatten())
-    sums[1].index_add_(0, owner, mask.double().flatten())
-    return sums[0], sums[1]
+    seg = batch["segment"]
+    return example_sums(nll * mask, seg, len(ids)), example_sums(mask, seg, len(ids))
 
 
 def _generate_and_score(

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from mixtune.data.collate import example_sums, target_owner
 from mixtune.losses.base import Loss
 from mixtune.losses.core import IGNORE, LossTerms, sequence_mean
 from mixtune.losses.dft import TokenProbStats, dft_terms
@@ -163,7 +164,8 @@ class CADFT(Loss):
         self.probs.add(terms.token_weights, terms.mask)
         seg = None if extra is None else extra.get("segment")
         if extra is None or o.stats == "micro_batch":
-            c = _example_mean(terms.per_token.detach(), terms.mask, seg).double()  # (B,)
+            rows = terms.mask.shape[0] if seg is None else len(extra["index"])
+            c = _example_mean(terms.per_token.detach(), terms.mask, seg, rows).double()  # (B,)
             n = float(len(c))
             z, w = zscore_weights(c, float(c.sum()), float((c * c).sum()), n, o.beta, o.eps)
             mu = float(c.mean())
@@ -186,11 +188,12 @@ class CADFT(Loss):
             )
         sw = w
         if o.reduction == "sample_mean" and extra is not None:
-            sw = w * extra["per_sample"] / _example_tokens(terms.mask, seg).clamp(min=1).double()
+            tokens = _example_tokens(terms.mask, seg, len(w))
+            sw = w * extra["per_sample"] / tokens.clamp(min=1).double()
         if seg is None:
             terms.sample_weights = sw.to(terms.per_token.dtype)
         else:  # packed rows: each example's weight on each of its tokens
-            tw = sw.to(terms.per_token.dtype)[_owner(seg)].view_as(terms.mask)
+            tw = sw.to(terms.per_token.dtype)[target_owner(seg)].view_as(terms.mask)
             terms.token_weights = terms.token_weights * tw
         return terms
 
@@ -303,28 +306,17 @@ def _compatibility(state: TrainState, batch: dict) -> torch.Tensor:
         )
     if was_training:
         model.train()
-    return _example_mean(nll, mask, seg).double()
+    return _example_mean(nll, mask, seg, len(batch["index"])).double()
 
 
-def _owner(segment: torch.Tensor) -> torch.Tensor:
-    """Each target position's example in packed rows, flattened (row-end padding -> 0: it is
-    never a target, so its mask is 0)."""
-    return segment[:, 1:].clamp(min=0).flatten()
-
-
-def _example_sums(x: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
-    n = int(segment.max()) + 1
-    out = torch.zeros(n, dtype=torch.float64, device=x.device)
-    return out.index_add_(0, _owner(segment), x.double().flatten())
-
-
-def _example_tokens(mask: torch.Tensor, segment: torch.Tensor | None) -> torch.Tensor:
+def _example_tokens(mask: torch.Tensor, segment: torch.Tensor | None, n: int) -> torch.Tensor:
     """Supervised tokens of each example: per row, or per segment of packed rows."""
-    return mask.sum(-1) if segment is None else _example_sums(mask, segment)
+    return mask.sum(-1) if segment is None else example_sums(mask, segment, n)
 
 
-def _example_mean(nll: torch.Tensor, mask: torch.Tensor, segment: torch.Tensor | None):
-    """Mean per-token loss of each example (:func:`sequence_mean` per row, or per segment)."""
+def _example_mean(nll: torch.Tensor, mask: torch.Tensor, segment: torch.Tensor | None, n: int):
+    """Mean per-token loss of each of the ``n`` examples (:func:`sequence_mean` per row, or per
+    segment of packed rows)."""
     if segment is None:
         return sequence_mean(nll, mask)
-    return _example_sums(nll * mask, segment) / _example_sums(mask, segment).clamp(min=1)
+    return example_sums(nll * mask, segment, n) / example_sums(mask, segment, n).clamp(min=1)

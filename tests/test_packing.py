@@ -116,20 +116,26 @@ def test_a_packed_run_tracks_the_padded_run_and_resumes_exactly(make_config, tmp
     raw["train"]["save_every"] = 3
     padded = _run(raw, tmp_path, "padded", "train.packing=false")
     packed = _run(raw, tmp_path, "packed", "train.packing=true")
-    assert [r.get("step") for r in padded] == [r.get("step") for r in packed]
-    n = 0
-    for a, b in zip(padded, packed):
-        for key in ("train", "eval"):
-            if key in a:
-                got = numeric_leaves(b[key])
-                for k, v in numeric_leaves(a[key]).items():
-                    assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (key, k)
-                    n += 1
-    assert n > 10
+    assert _tracks(padded, packed, ("train", "eval")) > 10
     _run(raw, tmp_path, "split", "train.packing=true", stop_after=3)
     split = _run(raw, tmp_path, "split", "train.packing=true")
     assert len(split) == len(packed)
     assert [_strip_time(r) for r in split] == [_strip_time(r) for r in packed]
+
+
+def _tracks(a: list[dict], b: list[dict], keys: tuple[str, ...]) -> int:
+    """Run ``b``'s metrics equal run ``a``'s at every step, in ``keys``, up to float rounding;
+    how many numbers were compared."""
+    assert [r.get("step") for r in a] == [r.get("step") for r in b]
+    n = 0
+    for ra, rb in zip(a, b):
+        for key in keys:
+            if key in ra:
+                got = numeric_leaves(rb[key])
+                for k, v in numeric_leaves(ra[key]).items():
+                    assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (key, k)
+                    n += 1
+    return n
 
 
 def _strip_time(record):
@@ -241,15 +247,6 @@ def test_cadft_packed_equals_padded_with_accumulation(make_config, tmp_path, opt
         t.run()
         out[packing] = (read_metrics(tmp_path / packing), [p.detach().clone() for p in t.params])
     (a, pa), (b, pb) = out["false"], out["auto"]
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    n = 0
-    for ra, rb in zip(a, b):
-        for key in ("train", "eval", "loss"):
-            if key in ra:
-                got = numeric_leaves(rb[key])
-                for k, v in numeric_leaves(ra[key]).items():
-                    assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (key, k)
-                    n += 1
-    assert n > 20
+    assert _tracks(a, b, ("train", "eval", "loss")) > 20
     for x, y in zip(pa, pb):
         torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-4)

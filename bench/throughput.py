@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import loadavg, median, pin_threads, run_worker, table  # noqa: E402
 
 SYSTEMS = ("mixtune", "hf", "trl")
-EXTRA = ("mixtune-shift", "mixtune-packed", "trl-padfree")
+EXTRA = ("mixtune-shift", "mixtune-packed", "mixtune-full", "trl-padfree")
 """Also selectable with ``--systems``: mixtune with train.packing=true, TRL with
 padding_free=True (flattened rows with position_ids, its padding-free collator)."""
 DATASETS = (("arithmetic", 2000), ("code", None), ("dialogue", None))
@@ -177,7 +177,9 @@ def final_loss(model, meta, tokens) -> float:
     return float(nll.sum() / mask.sum())
 
 
-def run_mixtune(work: Path, meta: dict, tokens: dict, marks: list, seen: list, packing=False):
+def run_mixtune(
+    work: Path, meta: dict, tokens: dict, marks: list, seen: list, packing=False, logits="auto"
+):
     from mixtune import config
     from mixtune.engine.loop import Trainer
 
@@ -211,6 +213,7 @@ def run_mixtune(work: Path, meta: dict, tokens: dict, marks: list, seen: list, p
             "log_every": meta["steps"],
             "save_every": 0,
             "packing": packing,
+            "logits": logits,
         },
     }
     trainer = Timed(config.from_dict(raw))
@@ -400,6 +403,7 @@ def worker(system: str, work: Path, threads: int) -> dict:
         "trl": run_trl,
         "mixtune-shift": run_mixtune_shift,
         "mixtune-packed": lambda *a: run_mixtune(*a, packing=True),
+        "mixtune-full": lambda *a: run_mixtune(*a, logits="full"),
         "trl-padfree": lambda *a: run_trl(*a, padding_free=True),
     }[system](work, meta, tokens, marks, seen)
     n, w = meta["steps"], meta["warmup"]
@@ -445,7 +449,8 @@ def main(argv=None) -> None:
         default=",".join(SYSTEMS),
         help="comma-separated; also mixtune-shift (mixtune with an experimental "
         "token_losses that shifts labels instead of slicing logits), mixtune-packed "
-        "(train.packing=true), trl-padfree (SFTConfig padding_free=True)",
+        "(train.packing=true), mixtune-full (train.logits=full: every position's logits, as "
+        "before the supervised-positions default), trl-padfree (SFTConfig padding_free=True)",
     )
     ap.add_argument("--json", help="write all measurements here")
     ap.add_argument("--worker", choices=SYSTEMS + EXTRA, help=argparse.SUPPRESS)

@@ -61,8 +61,10 @@ def test_fp16_autocasts_over_fp32_masters_and_tracks_fp32(make_config, tmp_path)
     half = _trainer(make_config, tmp_path, "fp16", "train.mixed_precision=fp16")
     assert half.scaler is not None and half.scaler.scale == 2.0**16
     seen = []
-    head = half.acc.unwrap_model(half.model).lm_head
-    head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    # A decoder layer's projection (the output layer runs as the identity on the supervised
+    # logits path; its projection is the loss's own, under the same autocast).
+    proj = half.acc.unwrap_model(half.model).model.layers[0].mlp.down_proj
+    proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     half.run()
     assert torch.float16 in seen  # really autocast, not fp32 under another name
     assert all(p.dtype == torch.float32 for p in half.params)

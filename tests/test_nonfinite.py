@@ -52,7 +52,9 @@ def _skip_batches(trainer, drop):
 
 def _raw(make_config, **train):
     raw = make_config(max_steps=8)
-    raw["train"].update(eval_every=0, log_every=1, max_grad_norm=None, **train)
+    # The poisoned loss scores the full logits; the references (plain SFT) take the same path,
+    # so the two are compared bit for bit.
+    raw["train"].update(eval_every=0, log_every=1, max_grad_norm=None, logits="full", **train)
     return raw
 
 

@@ -375,13 +375,15 @@ class TrainConfig:
     largest ones), so DDP and FSDP stay in step. The loss is still normalised by the step's
     global supervised-token count: the same update as one micro-batch, up to float rounding.
     null: ``micro_batch_size`` examples per micro-batch."""
-    logits: Literal["auto", "full", "chunked"] = "auto"
+    logits: Literal["auto", "full", "supervised", "chunked"] = "auto"
     """How the loss gets per-token NLL from the model (mixtune.losses.logits): ``full``
-    materialises the (batch, length, vocab) logits; ``chunked`` projects only the supervised
-    tokens' hidden states, ``logits_chunk`` at a time under activation checkpointing, so the
-    full logits never exist (the same values up to float rounding, a fraction of the memory at a
-    large vocabulary); ``auto`` chunks when the vocabulary has >= 32,768 entries and the model's
-    logits are a plain projection (checked), else full."""
+    materialises the (batch, length, vocab) logits, every position's; ``supervised`` projects
+    only the supervised tokens' hidden states (no output layer or cross-entropy on prompts and
+    padding; their logits kept for the backward); ``chunked`` projects them ``logits_chunk`` at
+    a time, recomputed in the backward, so no (tokens, vocab) logits ever exist (a fraction of
+    the memory at a large vocabulary). The same values up to float rounding. ``auto``: chunked
+    from 32,768 vocabulary entries, supervised below, when the model's logits are a plain
+    projection of its hidden states (checked; else full)."""
     logits_chunk: int = 256
     """Supervised tokens per chunk with ``logits: chunked``."""
     fsdp: bool = False

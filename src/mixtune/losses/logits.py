@@ -1,9 +1,16 @@
 """From a model and a batch to per-token NLL, with or without the full logits.
 
 The plain path runs the model and scores its ``(B, T, V)`` logits
-(:func:`~mixtune.losses.core.token_losses`). At a large vocabulary those logits dominate
-memory: 2,048 tokens at SmolLM2's 49,152 entries are 400 MB in fp32, and the cross-entropy keeps
-another copy of that size for the backward. The chunked path never holds them:
+(:func:`~mixtune.losses.core.token_losses`), every position's, prompt and padding included.
+Two paths project only the supervised positions' hidden states:
+
+- the *supervised* path (``train.logits: supervised``) projects them at once and lets autograd
+  keep their logits: the plain path's computation without the prompt's and padding's share of
+  the output layer and the cross-entropy (faster wherever a prompt is not learned; the logits
+  held are (supervised tokens, V) instead of (B, T, V));
+- the *chunked* path (``train.logits: chunked``) never holds them. At a large vocabulary those
+  logits dominate memory: 2,048 tokens at SmolLM2's 49,152 entries are 400 MB in fp32, and the
+  cross-entropy keeps another copy of that size for the backward. So:
 
 1. the model runs with its output projection (``lm_head``) turned into the identity for that one
    call, so its "logits" are the final hidden states, ``(B, T, H)``;
@@ -45,7 +52,12 @@ AUTO_MIN_VOCAB = 32_768
 Llama, Qwen); below it the full logits are small and the plain path is kept."""
 
 _CHUNK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""Model (unwrapped) -> tokens per chunk, for models on the chunked path."""
+"""Model (unwrapped) -> tokens per chunk on the chunked path, or :data:`WHOLE` on the
+supervised path."""
+
+WHOLE = 0
+"""``_CHUNK`` value of the supervised path: every supervised token in one projection, under
+plain autograd."""
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -58,11 +70,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def configure(model: torch.nn.Module, mode: str, chunk: int, sharded: bool = False) -> bool:
     """Put ``model`` on the chunked path or the plain one; True if chunked.
 
-    ``mode`` is ``train.logits``: ``full`` (plain), ``chunked`` (refused with a ValueError when
-    the model cannot take it), ``auto`` (chunked when the vocabulary has at least
-    :data:`AUTO_MIN_VOCAB` entries and the model can take it). ``sharded``: the run shards
-    parameters with FSDP2, where the output layer's weight is only gathered inside the model's
-    forward; the plain path is kept there. Call before the model is wrapped for DDP.
+    ``mode`` is ``train.logits``: ``full`` (plain), ``chunked`` or ``supervised`` (refused with
+    a ValueError when the model cannot take it), ``auto`` (chunked when the vocabulary has at
+    least :data:`AUTO_MIN_VOCAB` entries, else supervised, when the model can take it; else
+    plain). ``sharded``: the run shards parameters with FSDP2, where the output layer's weight
+    is only gathered inside the model's forward; the plain path is kept there. Call before the
+    model is wrapped for DDP.
     """
     model = unwrap(model)
     _CHUNK.pop(model, None)
@@ -70,22 +83,30 @@ def configure(model: torch.nn.Module, mode: str, chunk: int, sharded: bool = Fal
         return False
     head = model.get_output_embeddings()
     vocab = getattr(head, "out_features", 0)
-    if mode == "auto" and vocab < AUTO_MIN_VOCAB:
-        return False
+    if mode == "auto":
+        mode = "chunked" if vocab >= AUTO_MIN_VOCAB else "supervised"
+        explicit = False
+    else:
+        explicit = True
     why = "train.fsdp shards the output layer" if sharded else _unsupported(model, head)
     if why is not None:
-        if mode == "chunked":
+        if explicit:
             raise ValueError(
-                f"train.logits=chunked: {why}; use train.logits=full (or auto, which falls back)"
+                f"train.logits={mode}: {why}; use train.logits=full (or auto, which falls back)"
             )
-        log.info("logits: full (the chunked loss cannot be used here: %s)", why)
+        log.info("logits: full (only supervised positions cannot be projected here: %s)", why)
         return False
-    _CHUNK[model] = chunk
-    log.info("logits: chunked, %d tokens per chunk (vocabulary %d)", chunk, vocab)
+    if mode == "supervised":
+        _CHUNK[model] = WHOLE
+        log.info("logits: supervised positions only (vocabulary %d)", vocab)
+    else:
+        _CHUNK[model] = chunk
+        log.info("logits: chunked, %d tokens per chunk (vocabulary %d)", chunk, vocab)
     return True
 
 
 def is_chunked(model: torch.nn.Module) -> bool:
+    """Whether ``model`` projects only its supervised positions (chunked or supervised path)."""
     return unwrap(model) in _CHUNK
 
 
@@ -106,6 +127,8 @@ def token_nll(
         return token_losses(model(**inputs).logits, labels)
     with _hidden_only(unwrap(model)) as head:
         hidden = model(**inputs).logits  # (B, T, H)
+    if chunk == WHOLE:
+        return supervised_nll(hidden, head.weight, head.bias, labels)
     return chunked_nll(hidden, head.weight, head.bias, labels, chunk)
 
 
@@ -137,6 +160,20 @@ def _inputs(input_ids, attention_mask, position_ids) -> dict:
     if position_ids is None:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
     return {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+
+
+def supervised_nll(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL from final hidden states (B, T, H) and the output layer, projecting the
+    supervised positions only, in one go; ``(nll, mask)`` as
+    :func:`~mixtune.losses.core.token_losses`."""
+    target = labels[:, 1:]
+    mask = target != IGNORE  # (B, T-1)
+    z = F.linear(hidden[:, :-1][mask], weight, bias)  # (N, V)
+    flat = F.cross_entropy(z.float(), target[mask], reduction="none")
+    nll = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    return nll.masked_scatter(mask, flat), mask
 
 
 def chunked_nll(

@@ -92,6 +92,8 @@ def test_an_overflow_step_is_skipped_and_halves_the_scale(make_config, tmp_path)
     ref = {r["step"]: r for r in read_metrics(tmp_path / "clean")}
     assert records[2]["skipped_overflow"] == 1 and records[2]["loss_scale"] == 2.0**15
     assert "skipped_nonfinite" not in records[2]
+    assert "train" not in records[2]  # nothing to average: no training loss of 0.0
+    assert records[3]["train"]["loss"] > 0
     # Not an optimizer or LR-schedule step: step 3 of this run is step 2 of the clean run.
     assert records[2]["lr"] == ref[1]["lr"]
     assert records[3]["lr"] == ref[2]["lr"]

@@ -111,12 +111,19 @@ class Metrics:
         return {n: float(s / t) for n, (s, t) in zip(self.names, sums) if t > 0}
 
     def log_train(self) -> float:
-        """Record the training losses and gradient norms since the last log; returns the loss."""
+        """Record the training losses and gradient norms since the last log; returns the loss.
+
+        When every step since the last log was skipped (non-finite, or an fp16 overflow) there
+        is nothing to average: no ``train`` entry (the record says ``skipped_*``), and NaN, not
+        a loss of 0.0.
+        """
         sums = self.take_sums("log")
         per = {n: float(s / t) for n, (s, t) in zip(self.names, sums) if t > 0}
         total = sums.sum(0)
         gn = self.sums["gn"].cpu().numpy().copy()  # the global norm: equal on every rank
         self.sums["gn"].zero_()
+        if gn[1] == 0:  # no step counted (the same on every rank: skips are global)
+            return float("nan")
         loss = float(total[0] / max(total[1], 1))
         mean = gn[0] / max(gn[1], 1)
         self.record["train"] = {

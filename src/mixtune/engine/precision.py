@@ -15,7 +15,7 @@ Why mixtune's own scaler rather than accelerate's or ``torch.amp.GradScaler``:
 2. The overflow decision must be the same on every rank. Under FSDP2 each rank holds a shard of
    the gradients, and GradScaler's per-rank inf check would disagree; the step already computes
    the *global* gradient norm (one host sync), and a non-finite norm is an overflow on every
-   rank at once.
+   rank at once (tests/test_fp16_distributed.py forces an inf into one rank's shard).
 3. Its state is two numbers, saved in ``state.json`` with every checkpoint and copied by
    probes' and look-aheads' snapshots (:mod:`mixtune.engine.snapshot`), so resumes and branch
    runs stay exact.

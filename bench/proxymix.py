@@ -17,7 +17,8 @@ pre-transfer check; if the check falls back, the controller is also run without 
 untrained controller (``policy: random``, seeded by the run seed) to show whether learning moved
 the policy. ``--learner batched`` (default) learns with the variance-reduced learner
 (LEARNER["batched"]: 10-step proxy stages, 4 episodes per update in antithetic pairs on a
-shared data seed, the batch baseline, clipped PPO, a greedy held-out curve on 12 episodes);
+shared data seed, the batch baseline, clipped PPO, a greedy held-out curve on 12 episodes; the
+reward of issue 21: ``terminal_metric: loss_learned`` and safety weighted 0.25);
 ``--learner faithful`` with the config's one-episode REINFORCE.
 Results: bench/results/proxymix.md (and the raw numbers in WORK/bench.json).
 """
@@ -62,6 +63,12 @@ LEARNER = {
         "learn.lr=1e-2",
         "learn.eval_every=5",
         "learn.eval_episodes=12",
+        # issue 21: a reward that values learning the new task (the target AA missed): the
+        # terminal's AA term from before each task's stage, safety weighted 0.25 (its ratios,
+        # over a tiny start loss, outweighed the current task's gain 1-3x on the proxy)
+        "learn.terminal_metric=loss_learned",
+        "learn.lambda_safety=0.25",
+        "learn.lambda_S=0.25",
     ],
 }
 BUILTIN = ROOT / "src/mixtune/mixers/proxymix/builtin"
@@ -471,6 +478,11 @@ def write_card(controller: Path, ldir: Path, cc, command: str, overrides: list[s
         f"(antithetic {cc.learn.antithetic}, baseline {cc.learn.baseline}, lr {cc.learn.lr}, "
         f"sigma {cc.learn.sigma}, algorithm {cc.learn.algorithm}); returns per episode in "
         "card.json.",
+        f"- Reward: per decision, current-task gain - {cc.learn.lambda_forget} x buffer loss "
+        f"increases - {cc.learn.lambda_safety} x safety loss increase (ratio units); at the "
+        f"end, {cc.learn.terminal_weight} x terminal bonus (terminal_metric "
+        f"{cc.learn.terminal_metric}, lambda_F {cc.learn.lambda_F}, lambda_S "
+        f"{cc.learn.lambda_S}; see docs/proxymix.md).",
         f"- Proxy vulnerability ranking (for the pre-transfer check): {info['ranking']}.",
         "",
         f"Greedy held-out curve ({len(last['returns'])} episodes on unseen data, paired with "
@@ -500,6 +512,11 @@ LEARN_KEYS = (
     "gamma",
     "algorithm",
     "terminal_metric",
+    "terminal_weight",
+    "lambda_forget",
+    "lambda_safety",
+    "lambda_F",
+    "lambda_S",
     "eval_every",
     "eval_episodes",
 )

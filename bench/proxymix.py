@@ -294,6 +294,14 @@ def report(res: dict, args) -> str:
     def delta(other):
         return [100 * (_stats(pm, k)[0] - _stats(rows[other], k)[0]) for k in ("AA", "F", "safety")]
 
+    def fmt(other):
+        """The differences to ``other`` with their paired standard errors."""
+        d, se = delta(other), [paired_se(pm, rows[other], k) for k in ("AA", "F", "safety")]
+        return ", ".join(
+            f"{k} {x:+.1f}" + ("" if e is None else f" (se {e:.1f})")
+            for k, x, e in zip(("AA", "F", "safety"), d, se)
+        )
+
     lines = [
         "# ProxyMix benchmark",
         "",
@@ -344,13 +352,14 @@ def report(res: dict, args) -> str:
         "",
     ]
     if pm and best_fixed:
-        d, e = delta(best_fixed), delta(strongest)
         lines += [
             f"ProxyMix - best fixed replay ({best_fixed}, chosen on these results): "
-            f"AA {d[0]:+.1f}, F {d[1]:+.1f}, safety {d[2]:+.1f} points.",
-            f"ProxyMix - strongest baseline by AA ({strongest}): AA {e[0]:+.1f}, "
-            f"F {e[1]:+.1f}, safety {e[2]:+.1f} points. Paper (LLaMA-3-8B, abstract): "
-            "+3.4 AA, -3.5 F, +5.8 safety vs the strongest non-oracle baseline.",
+            f"{fmt(best_fixed)} points.",
+            f"ProxyMix - strongest baseline by AA ({strongest}): {fmt(strongest)} points. "
+            "Paper (LLaMA-3-8B, abstract): +3.4 AA, -3.5 F, +5.8 safety vs the strongest "
+            "non-oracle baseline. (se: the standard error of the mean of the paired "
+            f"differences over the {len(pm)} sequence x seed runs; the evaluation sets are "
+            "the same for every method.)",
             "",
         ]
     for rep in res["proxymix_reports"]:
@@ -378,6 +387,18 @@ def report(res: dict, args) -> str:
             f"(returns per episode: {[round(x, 3) for x in rets]}).",
         ]
     return "\n".join(lines) + "\n"
+
+
+def paired_se(a: list[dict], b: list[dict], key: str) -> float | None:
+    """Standard error (points) of the mean difference ``a - b`` over the runs both have,
+    paired by seed and sequence (the same data and evaluation sets)."""
+    other = {(r["seed"], tuple(r["order"])): r[key] for r in b}
+    d = [
+        100 * ((r[key] or 0.0) - (other[(r["seed"], tuple(r["order"]))] or 0.0))
+        for r in a
+        if (r["seed"], tuple(r["order"])) in other
+    ]
+    return float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
 
 
 def replay_comparison(pm: list[dict], untrained: list[dict]) -> str:

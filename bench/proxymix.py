@@ -17,8 +17,9 @@ pre-transfer check; if the check falls back, the controller is also run without 
 untrained controller (``policy: random``, seeded by the run seed) to show whether learning moved
 the policy. ``--learner batched`` (default) learns with the variance-reduced learner
 (LEARNER["batched"]: 10-step proxy stages, 4 episodes per update in antithetic pairs on a
-shared data seed, the batch baseline, clipped PPO, a greedy held-out curve on 12 episodes; the
-reward of issue 21: ``terminal_metric: loss_learned`` and safety weighted 0.25);
+shared data seed, the batch baseline, clipped PPO, a greedy held-out curve on 12 episodes);
+``--learner learned_reward`` the same with the reward tried in issue 21 (``terminal_metric:
+loss_learned``, safety weighted 0.25);
 ``--learner faithful`` with the config's one-episode REINFORCE.
 Results: bench/results/proxymix.md (and the raw numbers in WORK/bench.json).
 """
@@ -63,14 +64,18 @@ LEARNER = {
         "learn.lr=1e-2",
         "learn.eval_every=5",
         "learn.eval_episodes=12",
-        # issue 21: a reward that values learning the new task (the target AA missed): the
-        # terminal's AA term from before each task's stage, safety weighted 0.25 (its ratios,
-        # over a tiny start loss, outweighed the current task's gain 1-3x on the proxy)
-        "learn.terminal_metric=loss_learned",
-        "learn.lambda_safety=0.25",
-        "learn.lambda_S=0.25",
     ],
 }
+# issue 21, tried and not shipped: a reward that values learning the new task (the terminal's
+# AA term from before each task's stage; safety weighted 0.25, since its ratios over a tiny
+# start loss outweighed the current task's gain 1-3x on the proxy). On the target it did not
+# gain accuracy and lost safety (BENCHMARKS.md, bench/results/proxymix_builtin_loss_learned.md)
+LEARNER["learned_reward"] = [
+    *LEARNER["batched"],
+    "learn.terminal_metric=loss_learned",
+    "learn.lambda_safety=0.25",
+    "learn.lambda_S=0.25",
+]
 BUILTIN = ROOT / "src/mixtune/mixers/proxymix/builtin"
 
 
@@ -507,13 +512,17 @@ def write_card(controller: Path, ldir: Path, cc, command: str, overrides: list[s
         f"- Proxy vulnerability ranking (for the pre-transfer check): {info['ranking']}.",
         "",
         f"Greedy held-out curve ({len(last['returns'])} episodes on unseen data, paired with "
-        f"the untrained controller): final gain {last['gain']:+.3f} ({z:+.1f} se) -- "
+        f"the untrained controller, i.e. the learner's seed-{cc.seed} initialisation): "
+        f"final gain {last['gain']:+.3f} ({z:+.1f} se) -- "
         f"{'meets' if z > 2 else 'MISSES'} the issue's > 2 se. See greedy.png.",
         "",
         greedy_table(greedy),
         "",
         "Transfer check and target numbers: BENCHMARKS.md (ProxyMix) and "
-        "bench/results/proxymix_builtin.md (`python bench/proxymix.py --controller builtin ...`).",
+        "bench/results/proxymix_builtin.md (`python bench/proxymix.py --controller builtin ...`)."
+        " A reward that values learning the new task more (`--learner learned_reward`, issue 21)"
+        " was learned and measured too, and not shipped: "
+        "bench/results/proxymix_builtin_loss_learned.md.",
     ]
     (BUILTIN / "CARD.md").write_text("\n".join(lines) + "\n")
 

@@ -18,6 +18,8 @@ untrained controller (``policy: random``, seeded by the run seed) to show whethe
 the policy. ``--learner batched`` (default) learns with the variance-reduced learner
 (LEARNER["batched"]: 10-step proxy stages, 4 episodes per update in antithetic pairs on a
 shared data seed, the batch baseline, clipped PPO, a greedy held-out curve on 12 episodes);
+``--learner learned_reward`` the same with the reward tried in issue 21 (``terminal_metric:
+loss_learned``, safety weighted 0.25);
 ``--learner faithful`` with the config's one-episode REINFORCE.
 Results: bench/results/proxymix.md (and the raw numbers in WORK/bench.json).
 """
@@ -64,6 +66,16 @@ LEARNER = {
         "learn.eval_episodes=12",
     ],
 }
+# issue 21, tried and not shipped: a reward that values learning the new task (the terminal's
+# AA term from before each task's stage; safety weighted 0.25, since its ratios over a tiny
+# start loss outweighed the current task's gain 1-3x on the proxy). On the target it did not
+# gain accuracy and lost safety (BENCHMARKS.md, bench/results/proxymix_builtin_loss_learned.md)
+LEARNER["learned_reward"] = [
+    *LEARNER["batched"],
+    "learn.terminal_metric=loss_learned",
+    "learn.lambda_safety=0.25",
+    "learn.lambda_S=0.25",
+]
 BUILTIN = ROOT / "src/mixtune/mixers/proxymix/builtin"
 
 
@@ -287,6 +299,14 @@ def report(res: dict, args) -> str:
     def delta(other):
         return [100 * (_stats(pm, k)[0] - _stats(rows[other], k)[0]) for k in ("AA", "F", "safety")]
 
+    def fmt(other):
+        """The differences to ``other`` with their paired standard errors."""
+        d, se = delta(other), [paired_se(pm, rows[other], k) for k in ("AA", "F", "safety")]
+        return ", ".join(
+            f"{k} {x:+.1f}" + ("" if e is None else f" (se {e:.1f})")
+            for k, x, e in zip(("AA", "F", "safety"), d, se)
+        )
+
     lines = [
         "# ProxyMix benchmark",
         "",
@@ -337,13 +357,14 @@ def report(res: dict, args) -> str:
         "",
     ]
     if pm and best_fixed:
-        d, e = delta(best_fixed), delta(strongest)
         lines += [
             f"ProxyMix - best fixed replay ({best_fixed}, chosen on these results): "
-            f"AA {d[0]:+.1f}, F {d[1]:+.1f}, safety {d[2]:+.1f} points.",
-            f"ProxyMix - strongest baseline by AA ({strongest}): AA {e[0]:+.1f}, "
-            f"F {e[1]:+.1f}, safety {e[2]:+.1f} points. Paper (LLaMA-3-8B, abstract): "
-            "+3.4 AA, -3.5 F, +5.8 safety vs the strongest non-oracle baseline.",
+            f"{fmt(best_fixed)} points.",
+            f"ProxyMix - strongest baseline by AA ({strongest}): {fmt(strongest)} points. "
+            "Paper (LLaMA-3-8B, abstract): +3.4 AA, -3.5 F, +5.8 safety vs the strongest "
+            "non-oracle baseline. (se: the standard error of the mean of the paired "
+            f"differences over the {len(pm)} sequence x seed runs; the evaluation sets are "
+            "the same for every method.)",
             "",
         ]
     for rep in res["proxymix_reports"]:
@@ -371,6 +392,18 @@ def report(res: dict, args) -> str:
             f"(returns per episode: {[round(x, 3) for x in rets]}).",
         ]
     return "\n".join(lines) + "\n"
+
+
+def paired_se(a: list[dict], b: list[dict], key: str) -> float | None:
+    """Standard error (points) of the mean difference ``a - b`` over the runs both have,
+    paired by seed and sequence (the same data and evaluation sets)."""
+    other = {(r["seed"], tuple(r["order"])): r[key] for r in b}
+    d = [
+        100 * ((r[key] or 0.0) - (other[(r["seed"], tuple(r["order"]))] or 0.0))
+        for r in a
+        if (r["seed"], tuple(r["order"])) in other
+    ]
+    return float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
 
 
 def replay_comparison(pm: list[dict], untrained: list[dict]) -> str:
@@ -471,16 +504,25 @@ def write_card(controller: Path, ldir: Path, cc, command: str, overrides: list[s
         f"(antithetic {cc.learn.antithetic}, baseline {cc.learn.baseline}, lr {cc.learn.lr}, "
         f"sigma {cc.learn.sigma}, algorithm {cc.learn.algorithm}); returns per episode in "
         "card.json.",
+        f"- Reward: per decision, current-task gain - {cc.learn.lambda_forget} x buffer loss "
+        f"increases - {cc.learn.lambda_safety} x safety loss increase (ratio units); at the "
+        f"end, {cc.learn.terminal_weight} x terminal bonus (terminal_metric "
+        f"{cc.learn.terminal_metric}, lambda_F {cc.learn.lambda_F}, lambda_S "
+        f"{cc.learn.lambda_S}; see docs/proxymix.md).",
         f"- Proxy vulnerability ranking (for the pre-transfer check): {info['ranking']}.",
         "",
         f"Greedy held-out curve ({len(last['returns'])} episodes on unseen data, paired with "
-        f"the untrained controller): final gain {last['gain']:+.3f} ({z:+.1f} se) -- "
+        f"the untrained controller, i.e. the learner's seed-{cc.seed} initialisation): "
+        f"final gain {last['gain']:+.3f} ({z:+.1f} se) -- "
         f"{'meets' if z > 2 else 'MISSES'} the issue's > 2 se. See greedy.png.",
         "",
         greedy_table(greedy),
         "",
         "Transfer check and target numbers: BENCHMARKS.md (ProxyMix) and "
-        "bench/results/proxymix_builtin.md (`python bench/proxymix.py --controller builtin ...`).",
+        "bench/results/proxymix_builtin.md (`python bench/proxymix.py --controller builtin ...`)."
+        " A reward that values learning the new task more (`--learner learned_reward`, issue 21)"
+        " was learned and measured too, and not shipped: "
+        "bench/results/proxymix_builtin_loss_learned.md.",
     ]
     (BUILTIN / "CARD.md").write_text("\n".join(lines) + "\n")
 
@@ -500,6 +542,11 @@ LEARN_KEYS = (
     "gamma",
     "algorithm",
     "terminal_metric",
+    "terminal_weight",
+    "lambda_forget",
+    "lambda_safety",
+    "lambda_F",
+    "lambda_S",
     "eval_every",
     "eval_episodes",
 )

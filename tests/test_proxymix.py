@@ -20,7 +20,7 @@ from mixtune.mixers.proxymix.episodes import (
     update_specs,
 )
 from mixtune.mixers.proxymix.features import FEATURES, GLOBALS, Tracker, masked_policy
-from mixtune.mixers.proxymix.reinforce import Learner, episode_return, train
+from mixtune.mixers.proxymix.reinforce import Learner, episode_return, terminal, train
 from mixtune.mixers.proxymix.setting import LearnConfig
 from mixtune.mixers.proxymix.toy import ToyEnv
 from mixtune.registry import MIXERS
@@ -205,6 +205,43 @@ def test_stage_hooks_carry_references_and_rebase_the_task_just_learned():
     assert out.carry["old"] == {"ref": 0.5, "last": 1.0, "trend": 0.0, "peak": 1.0}
     assert out.carry["cur"]["ref"] == 1.5 and out.carry["cur"]["last"] == pytest.approx(2.0)
     assert mixer.tracker.slots["old"]["ref"] != 0.5  # the mixer's own state is left as it was
+
+
+def _two_stages(before: float, after: float, final: float) -> dict:
+    """A sequence old > cur through the real mixer's stage hooks: task 'old' goes from loss
+    ``before`` to ``after`` in its stage and ends at ``final``; 'cur' goes 3.0 -> 1.5.
+    -> the driver's result fields the terminal bonus reads (loss-based: the ratios only)."""
+    trajs, carry = [], {}
+    stages = [("old", {"old": before}, {"old": after}), ("cur", {}, {"cur": 1.5, "old": final})]
+    for s, (task, start, end) in enumerate(stages):
+        ctx = StageContext(current=task, index=s, n_stages=2, learned={"old": 0}, carry=carry)
+        mixer = _mixer(policy="fixed", accessible=("cur", "old"), context=ctx)
+        losses = {"cur": 3.0, "old": after, "safety": 1.0, **start}
+        mixer.propose(_ctx(0, losses))
+        out = mixer.end_stage(StageEnd(40, {**losses, **end}, evaluate=None))
+        trajs.append(out.trajectory)
+        carry = out.carry
+    return {
+        "records": [{"trajectory": t} for t in trajs],
+        "final_loss_ratio": (final / after + 1.0) / 2,
+        "loss_forgetting": final / after - 1,
+        "safety": {},
+    }
+
+
+def test_loss_learned_terminal_credits_learning_the_task_not_only_keeping_it():
+    """Issue 21: the loss-based AA term scored retention only (final / after-stage loss), so a
+    policy that barely learns a task lost nothing by it; loss_learned scores final / before."""
+    well = _two_stages(before=2.0, after=1.0, final=1.5)  # learned (2.0 -> 1.0), kept x1.5
+    barely = _two_stages(before=2.0, after=1.9, final=2.85)  # barely learned, the same x1.5
+    old = LearnConfig(terminal_metric="loss")
+    assert terminal(well, old) == pytest.approx(terminal(barely, old))  # blind to learning
+    lc = LearnConfig(terminal_metric="loss_learned", lambda_F=0.0)
+    # mean over the tasks of 1 - final / before: old 1 - 1.5 / 2.0, cur 1 - 1.5 / 3.0
+    assert terminal(well, lc) == pytest.approx(((1 - 1.5 / 2.0) + (1 - 1.5 / 3.0)) / 2)
+    assert terminal(barely, lc) == pytest.approx(((1 - 2.85 / 2.0) + (1 - 1.5 / 3.0)) / 2)
+    with pytest.raises(ValueError, match="trajectory"):
+        terminal({**well, "records": [{"trajectory": []}]}, lc)
 
 
 # --------------------------------------------------------------------------------------------

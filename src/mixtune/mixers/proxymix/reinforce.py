@@ -40,7 +40,8 @@ Deliberate simplifications (numbered):
 1. Faithful mode is REINFORCE with a per-decision moving-average baseline, not PPO; PPO here
    has a fixed exploration sigma and no GAE (no value network).
 2. The terminal bonus uses accuracy by default (``terminal_metric: loss`` for tiny proxies whose
-   accuracy stays near zero).
+   accuracy stays near zero; ``loss_learned``, a deviation, credits how far each task was
+   learned as AA does, not only how well it was kept: :func:`learned`).
 """
 
 from __future__ import annotations
@@ -91,7 +92,12 @@ def decisions(trajectories: list[list[dict]], lc: LearnConfig) -> list[Decision]
 
 
 def terminal(result: dict, lc: LearnConfig) -> float:
-    """End-of-sequence bonus: AA - lambda_F F + lambda_S safety (or its loss-based analogue)."""
+    """End-of-sequence bonus: AA - lambda_F F + lambda_S safety (or its loss-based analogue).
+
+    ``terminal_metric: loss`` takes -(final_loss_ratio - 1) as the AA term: each task's final
+    loss over its loss right after its stage, which scores retention only. ``loss_learned``
+    takes :func:`learned` instead (``result["records"]``: the stages' mixer trajectories).
+    """
     saf = result.get("safety") or {}
     if lc.terminal_metric == "accuracy":
         return (
@@ -100,11 +106,31 @@ def terminal(result: dict, lc: LearnConfig) -> float:
             + lc.lambda_S * (saf.get("final") or 0.0)
         )
     unsafe = saf["loss"][-1] / saf["start_loss"] - 1 if saf.get("start_loss") else 0.0
-    return (
-        -(result["final_loss_ratio"] - 1)
-        - lc.lambda_F * (result["loss_forgetting"] or 0.0)
-        - lc.lambda_S * unsafe
-    )
+    if lc.terminal_metric == "loss_learned":
+        aa = learned([r["trajectory"] for r in result["records"]])
+    else:
+        aa = -(result["final_loss_ratio"] - 1)
+    return aa - lc.lambda_F * (result["loss_forgetting"] or 0.0) - lc.lambda_S * unsafe
+
+
+def learned(trajectories: list[list[dict]]) -> float:
+    """The loss analogue of AA: mean_i (1 - L_final(i) / L_before(i)) over the tasks.
+
+    From the mixer's ratios (one trajectory per stage): at the end of stage i its task's ratio
+    is L(i after stage i) / L(i before it), and at the end of the last stage the ratio of
+    buffer i is L_final(i) / L(i after stage i) (the reference was rebased when stage i
+    ended), so their product is the final loss over the loss before the task was learned.
+    """
+    if not trajectories or any(not t for t in trajectories):
+        raise ValueError("terminal_metric loss_learned needs every stage's mixer trajectory")
+    last = trajectories[-1][-1]["ratios"]
+    out = []
+    for s, traj in enumerate(trajectories):
+        end = traj[-1]
+        task = end["current"]
+        kept = 1.0 if s == len(trajectories) - 1 else last[task]
+        out.append(1.0 - end["ratios"][task] * kept)
+    return float(np.mean(out))
 
 
 def episode_return(ep: dict, lc: LearnConfig) -> float:

@@ -68,7 +68,14 @@ class LearnConfig:
     """Weight of the end-of-sequence bonus AA - lambda_F F + lambda_S safety."""
     lambda_F: float = 1.0
     lambda_S: float = 1.0
-    terminal_metric: Literal["accuracy", "loss"] = "accuracy"
+    terminal_metric: Literal["accuracy", "loss", "loss_learned"] = "accuracy"
+    """What the end-of-sequence bonus is measured in. accuracy (faithful): AA - lambda_F F +
+    lambda_S safety. loss (for proxies whose accuracies stay near zero): -(mean final loss of
+    each task / its loss right after its stage - 1) - lambda_F (loss forgetting) - lambda_S
+    (safety loss ratio - 1); its AA term measures retention only, so a task barely learned
+    scores as well as one learned well. loss_learned (a deviation, issue 21): the AA term is
+    mean_i (1 - final loss of task i / its loss before its stage), i.e. learning and
+    retention, as AA credits both; the rest as loss."""
     hidden: int = 64
     layers: int = 2
     vary_data_seed: bool = False

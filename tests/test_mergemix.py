@@ -402,6 +402,13 @@ def test_changed_expert_settings_in_the_same_output_dir_are_refused(make_config,
         (tmp_path / cfg.output_dir).mkdir(parents=True)
         config.save(cfg, tmp_path / cfg.output_dir / "config.yaml")
     Planner(*_plan(make_config, tmp_path))  # same settings: fine
+    # What a resume may amend (logging, the resolved packing, the logits path) is the same expert.
+    for cfg in planner.expert_cfgs:
+        saved = tmp_path / cfg.output_dir / "config.yaml"
+        raw = yaml.safe_load(saved.read_text())
+        raw["train"].update(log_every=3, packing=False, logits="full")
+        saved.write_text(yaml.safe_dump(raw))
+    Planner(*_plan(make_config, tmp_path))
     with pytest.raises(ConfigError, match="other settings"):
         Planner(*_plan(make_config, tmp_path, experts={"steps": 7}))
 

@@ -168,12 +168,9 @@ def supervised_nll(
     """Per-token NLL from final hidden states (B, T, H) and the output layer, projecting the
     supervised positions only, in one go; ``(nll, mask)`` as
     :func:`~mixtune.losses.core.token_losses`."""
-    target = labels[:, 1:]
-    mask = target != IGNORE  # (B, T-1)
-    z = F.linear(hidden[:, :-1][mask], weight, bias)  # (N, V)
-    flat = F.cross_entropy(z.float(), target[mask], reduction="none")
-    nll = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    return nll.masked_scatter(mask, flat), mask
+    h, y, mask = _supervised(hidden, labels)
+    flat = F.cross_entropy(F.linear(h, weight, bias).float(), y, reduction="none")  # (N,)
+    return _scatter(flat, mask), mask
 
 
 def chunked_nll(
@@ -185,12 +182,22 @@ def chunked_nll(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token NLL from final hidden states (B, T, H) and the output layer, ``chunk``
     supervised tokens at a time; ``(nll, mask)`` as :func:`~mixtune.losses.core.token_losses`."""
+    h, y, mask = _supervised(hidden, labels)
+    return _scatter(_LinearNLL.apply(h, weight, bias, y, chunk), mask), mask
+
+
+def _supervised(hidden: torch.Tensor, labels: torch.Tensor):
+    """``(h, y, mask)``: the hidden states (N, H) at the supervised positions, their targets
+    (N,), and the (B, T-1) mask they came from (position t predicts token t+1)."""
     target = labels[:, 1:]
-    mask = target != IGNORE  # (B, T-1)
-    h = hidden[:, :-1][mask]  # (N, H): supervised positions only
-    flat = _LinearNLL.apply(h, weight, bias, target[mask], chunk)  # (N,) fp32
-    nll = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    return nll.masked_scatter(mask, flat), mask
+    mask = target != IGNORE
+    return hidden[:, :-1][mask], target[mask], mask
+
+
+def _scatter(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL (N,) back into the (B, T-1) shape, 0 where masked, fp32."""
+    nll = torch.zeros(mask.shape, dtype=torch.float32, device=flat.device)
+    return nll.masked_scatter(mask, flat.float())
 
 
 class _LinearNLL(torch.autograd.Function):

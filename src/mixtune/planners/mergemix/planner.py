@@ -18,6 +18,7 @@ import yaml
 
 from mixtune import config as config_mod
 from mixtune.config import RunConfig
+from mixtune.engine.fingerprint import AMENDABLE
 from mixtune.errors import ConfigError
 from mixtune.planners.mergemix import experts, search
 from mixtune.planners.mergemix.config import PlanConfig, bound_specs, bounds_of, objective_of
@@ -112,17 +113,27 @@ def _check_same(cfg: RunConfig) -> None:
         return
     old = yaml.safe_load(saved.read_text()) or {}
     new = config_mod.to_dict(cfg)
+    # What a resume may change (the run contract's amendable keys: logging, packing -- recorded
+    # resolved, auto -> true/false --, micro-batching, the logits path) does not make another
+    # expert: the same update up to rounding.
     for d in (old, new):
-        d.pop("progress", None)
-    # A run records train.packing resolved (auto -> true/false); packed and padded steps are
-    # the same up to rounding, and a resume may change it (like micro_batch_size).
-    for d in (old, new):
-        d.get("train", {}).pop("packing", None)
+        for key in AMENDABLE:
+            _drop(d, key)
     if json.dumps(old, sort_keys=True, default=str) != json.dumps(new, sort_keys=True, default=str):
         raise ConfigError(
             f"{cfg.output_dir} holds an expert trained with other settings; use a "
             "new output_dir for this plan (or delete that expert)"
         )
+
+
+def _drop(d: dict, dotted: str) -> None:
+    """Remove the dotted key ``dotted`` from the nested dict ``d`` where present."""
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d.get(p)
+        if not isinstance(d, dict):
+            return
+    d.pop(leaf, None)
 
 
 def plan(pc: PlanConfig, run: RunConfig, planner: Planner | None = None) -> dict:

@@ -197,7 +197,7 @@ def load(model_name: str, gguf_file: str | None):
 def measure(steps: int, work: Path, threads: int) -> str:
     """The suite's target-only cell shortened to ``steps`` (evaluations at 0, steps/2, steps):
     a markdown table of each evaluation domain's base loss, its standard error over examples,
-    and its change under target-only training, in standard errors.
+    and its change under target-only training with the change's paired standard error.
 
     Only what target-only training reads: the target's dataset, the selection domains (no
     test twins), and the self sets that have been generated (a missing one is named)."""
@@ -231,12 +231,16 @@ def measure(steps: int, work: Path, threads: int) -> str:
     (_, base), roles = evals[0], {e["name"]: e["role"] for e in raw["evals"]}
     rows = []
     for d, b in base.items():
-        moves = [rec[d]["loss"] - b["loss"] for _, rec in evals[1:]]
+        # the change's own standard error is paired (the same examples at both steps):
+        # what decides whether a constraint moved, far smaller than the level's se
+        moves = [(rec[d]["loss"] - b["loss"], rec[d].get("change_se")) for _, rec in evals[1:]]
         rows.append(
             [d, roles[d], b["n"], f"{b['loss']:.3f}", f"{b['loss_se']:.3f}"]
-            + [f"{m:+.3f} ({m / b['loss_se']:+.1f} se)" for m in moves]
+            + [f"{m:+.3f} ± {se:.3f} ({m / se:+.1f} se)" if se else f"{m:+.3f}" for m, se in moves]
         )
-    head = ["domain", "role", "n", "base loss", "se"] + [f"change @ {s}" for s, _ in evals[1:]]
+    head = ["domain", "role", "n", "base loss", "se"] + [
+        f"change @ {s} ± paired se" for s, _ in evals[1:]
+    ]
     note = f"; not generated, left out: {', '.join(missing)}" if missing else ""
     return f"{table(head, rows)}\n\n{steps} steps, {wall:.0f} s wall (load {loadavg()}){note}\n"
 

@@ -1,6 +1,7 @@
 """The CLI contract: bad input exits 2 with one line naming the problem, touching nothing."""
 
 import hashlib
+import importlib.util
 import json
 
 import pytest
@@ -75,6 +76,12 @@ def _case(name, raw, data_dir, tmp_path):
     if name == "bad_model_path":
         raw["model"] = {"name_or_path": str(tmp_path / "no-model"), "tokenizer": "byte"}
         return raw, [], "model.name_or_path: no such directory"
+    if name == "unknown_attention":
+        return raw, ["model.attn_implementation=nonsense"], "model.attn_implementation: 'nonse"
+    if name == "flash_attention_missing":
+        if importlib.util.find_spec("flash_attn") is not None:
+            pytest.skip("flash-attn is installed here")
+        return raw, ["model.attn_implementation=flash_attention_2"], "pip install flash-attn"
     if name == "not_a_number_lr":
         return raw, ["train.lr=.nan"], "train.lr: expected a number, got NaN"
     raise AssertionError(name)
@@ -97,6 +104,8 @@ CASES = [
     "unknown_mixer",
     "bad_model_path",
     "not_a_number_lr",
+    "unknown_attention",
+    "flash_attention_missing",
 ]
 
 

@@ -23,4 +23,6 @@ def test_gpu_check_quick_passes_on_this_device(tmp_path, capsys):
     assert all(v["tokens_per_s"] > 0 for v in r["runs"].values())
     assert r["checks"]["probe restores bit-identically"] is True
     assert r["checks"]["look-ahead restores bit-identically"] is True
+    assert r["packed_attention"]["implementation"] == "sdpa"  # no flash-attn on a CPU
+    assert r["checks"]["packed rows under sdpa = padded rows"] is True
     assert "FAIL" not in capsys.readouterr().out

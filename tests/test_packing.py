@@ -1,6 +1,8 @@
 """Padding-free packing (train.packing): one row per micro-batch, the padded step's numbers;
 on by default (auto) where it is exact."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -250,3 +252,24 @@ def test_cadft_packed_equals_padded_with_accumulation(make_config, tmp_path, opt
     assert _tracks(a, b, ("train", "eval", "loss")) > 20
     for x, y in zip(pa, pb):
         torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-4)
+
+
+def test_the_attention_implementation_is_chosen_and_a_resume_may_change_it(make_config, tmp_path):
+    """model.attn_implementation reaches the model (eager here; transformers' default sdpa
+    otherwise), packing stays on under it (eager isolates packed examples too), the run tracks
+    the default run up to float rounding, and a resume under another kernel is an amendment."""
+    raw = make_config(max_steps=4)
+    raw["train"]["save_every"] = 2
+    cfg = config.load(data=raw, overrides=[f"output_dir={tmp_path}/probe"])
+    trainer = Trainer(
+        dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation="eager"))
+    )
+    assert lg.unwrap(trainer.model).config._attn_implementation == "eager"
+    assert trainer.cfg.train.packing is True
+    trainer.close()
+    default = _run(raw, tmp_path, "default")
+    eager = _run(raw, tmp_path, "eager", "model.attn_implementation=eager")
+    assert _tracks(default, eager, ("train", "eval")) > 10
+    _run(raw, tmp_path, "switch", "model.attn_implementation=eager", stop_after=2)
+    _run(raw, tmp_path, "switch", "model.attn_implementation=sdpa")
+    assert "model.attn_implementation" in (tmp_path / "switch" / "amendments.jsonl").read_text()

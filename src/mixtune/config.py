@@ -154,6 +154,12 @@ class ModelConfig:
     """Weight dtype: ``auto`` = fp32 for trained weights (the master copy under
     ``train.mixed_precision``), bf16 for a LoRA run's frozen base on a bf16-capable GPU;
     ``bfloat16`` = pure bf16 weights, trained ones included (no master copy)."""
+    attn_implementation: str | None = None
+    """transformers' attention implementation: None = transformers' default for the model
+    (``sdpa`` where supported); ``eager``, ``sdpa``, ``flash_attention_2`` (needs the
+    ``flash-attn`` package and a CUDA GPU; packed rows then run its variable-length kernel,
+    one sequence per example) or any other name transformers accepts. The same values up to
+    float rounding, so a resume may change it."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     SPELLINGS: ClassVar[dict] = SPELLINGS
@@ -161,6 +167,13 @@ class ModelConfig:
     def __post_init__(self):
         for key in ("name_or_path", "tokenizer"):
             _expand(self, key, f"model.{key}")
+        if self.attn_implementation is not None:
+            check(
+                bool(self.attn_implementation.strip()),
+                "model.attn_implementation",
+                "must be a name such as sdpa, eager or flash_attention_2 (or null)",
+                self.attn_implementation,
+            )
         if self.gguf_file is not None:
             check(
                 bool(self.gguf_file.strip()),

@@ -102,10 +102,34 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+def _attn_kwargs(cfg: ModelConfig) -> dict:
+    """``{"attn_implementation": ...}`` when one is asked for, after checking the package a
+    flash-attention implementation needs (transformers' own error is a long traceback)."""
+    impl = cfg.attn_implementation
+    if impl is None:
+        return {}
+    if impl.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            f"model.attn_implementation: {impl} needs the 'flash-attn' package (pip install "
+            "flash-attn, CUDA GPUs only); use sdpa (or leave it unset) here"
+        )
+    return {"attn_implementation": impl}
+
+
+def _attn_error(cfg: ModelConfig, e: Exception) -> ConfigError:
+    # transformers' first sentence says what is wrong; the rest lists every kernel it knows
+    first = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
+    return ConfigError(
+        f"model.attn_implementation: '{cfg.attn_implementation}' cannot be used with this "
+        f"model ({first}); use sdpa or eager, or leave it unset"
+    )
+
+
 def load_model(cfg: ModelConfig, tokenizer, seed: int, dtype: torch.dtype):
     """A causal LM from a hub name / local path, or randomly initialised from ``cfg.config``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    attn = _attn_kwargs(cfg)
     if cfg.config is not None:
         spec = dict(cfg.config)
         model_type = spec.pop("model_type", "llama")
@@ -117,13 +141,20 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int, dtype: torch.dtype):
         _check_fits(hf_cfg, dtype, cfg.lora.enabled)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+            try:
+                model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, **attn)
+            except (ValueError, ImportError) as e:
+                if attn:
+                    raise _attn_error(cfg, e) from None
+                raise
     else:
         path = _resolve(cfg.name_or_path)
         kwargs = _gguf_kwargs(cfg, path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs, **attn)
         except Exception as e:
+            if attn and isinstance(e, (ValueError, ImportError)) and "attn" in str(e).lower():
+                raise _attn_error(cfg, e) from None
             raise ConfigError(
                 f"model.name_or_path: cannot load '{cfg.name_or_path}' ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:160] if str(e) else ''})"
@@ -311,8 +342,8 @@ def resolve_packing(cfg: RunConfig, model) -> tuple[bool, str | None]:
     problem = logits.packing_problem(model)
     if problem and choice is True:
         raise ConfigError(
-            f"train.packing: {problem}; set train.packing=auto or false, or use a model whose "
-            "attention implementation is sdpa, eager or flash_attention_2"
+            f"train.packing: {problem}; set train.packing=auto or false, or "
+            "model.attn_implementation=sdpa (or eager, or flash_attention_2 on a GPU)"
         )
     return (False, problem) if problem else (True, None)
 

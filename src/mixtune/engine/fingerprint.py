@@ -66,6 +66,8 @@ AMENDABLE = frozenset(
         "train.logits",
         "train.logits_chunk",
         "train.fsdp",
+        # Which attention kernel computes the same attention (sdpa, eager, flash-attention).
+        "model.attn_implementation",
         # Only decide whether a non-finite step stops the run.
         "train.nonfinite",
         "train.max_nonfinite",

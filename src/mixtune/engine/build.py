@@ -108,7 +108,7 @@ def _attn_kwargs(cfg: ModelConfig) -> dict:
     impl = cfg.attn_implementation
     if impl is None:
         return {}
-    if impl.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
+    if impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError(
             f"model.attn_implementation: {impl} needs the 'flash-attn' package (pip install "
             "flash-attn, CUDA GPUs only); use sdpa (or leave it unset) here"

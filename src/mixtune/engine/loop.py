@@ -161,6 +161,11 @@ class Trainer:
         packing, why = build.resolve_packing(cfg, model)
         if why:
             log.info("train.packing=auto: padded rows, because %s", why)
+        log.info(
+            "attention: %s, %s rows",
+            getattr(model.config, "_attn_implementation", None) or "default",
+            "packed" if packing else "padded",
+        )
         cfg = self.cfg = dataclasses.replace(
             cfg, train=dataclasses.replace(cfg.train, packing=packing)
         )

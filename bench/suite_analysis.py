@@ -13,7 +13,10 @@ prints the Markdown tables that bench/results/standard_suite.md quotes:
 3. **DynamixSFT vs proportional**: mean held-out (test-split) loss over every target and
    constraint domain at the end, per seed, the relative difference and whether it exceeds the
    seed spread.
-4. **Dev-selected, test-checked**: of the cells whose selected checkpoint is feasible on dev,
+4. **Predicted feasibility**: per DynaMiCS method, the updates at which no candidate mixture
+   was predicted feasible (the solver's fallback to the least-violating one), overall and at
+   step 0, next to how many cells ended feasible.
+5. **Dev-selected, test-checked**: of the cells whose selected checkpoint is feasible on dev,
    the share whose constraints also hold on the test split (each test twin at or below the
    base model's test value).
 
@@ -217,6 +220,36 @@ def agreement_table(cells) -> str:
     return "\n".join(lines)
 
 
+def feasible_table(cells) -> str:
+    """Per DynaMiCS method: the updates at which the slope model predicted no candidate
+    mixture feasible (``n_feasible`` 0: the solver falls back to the least-violating one),
+    overall and at step 0 (where the anchor is the reference, so some constraint has a
+    positive estimated slope under every dataset), against the cells' selection outcome."""
+    counts: dict[str, list[int]] = {}
+    for c in cells:
+        if not c["method"].startswith("dynamics"):
+            continue
+        n = counts.setdefault(c["method"], [0, 0, 0, 0, 0, 0])
+        for r in c["recs"]:
+            m = r.get("mixer")
+            if isinstance(m, dict) and "n_feasible" in m:
+                none = m["n_feasible"] == 0
+                n[0] += none
+                n[1] += 1
+                if r["step"] == 0:
+                    n[2] += none
+                    n[3] += 1
+        n[4] += bool(select(c["evals"], c["domains"])["feasible"])
+        n[5] += 1
+    lines = [
+        "| method | updates with no predicted-feasible mixture | at step 0 | cells feasible |",
+        "|---|---|---|---|",
+    ]
+    for m, (z, u, z0, u0, f, k) in sorted(counts.items()):
+        lines.append(f"| {m} | {z} of {u} | {z0} of {u0} | {f} of {k} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench-standard")
     cells = list(_cells(root))
@@ -230,6 +263,11 @@ def main() -> None:
     print(
         "## DynamixSFT vs proportional (held-out test loss, all domains)\n\n"
         + dynamix_table(cells)
+        + "\n"
+    )
+    print(
+        "## DynaMiCS: updates where no mixture was predicted feasible\n\n"
+        + feasible_table(cells)
         + "\n"
     )
     print("## Selected on dev, checked on test\n\n" + agreement_table(cells))

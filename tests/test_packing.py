@@ -1,8 +1,6 @@
 """Padding-free packing (train.packing): one row per micro-batch, the padded step's numbers;
 on by default (auto) where it is exact."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -260,9 +258,11 @@ def test_the_attention_implementation_is_chosen_and_a_resume_may_change_it(make_
     the default run up to float rounding, and a resume under another kernel is an amendment."""
     raw = make_config(max_steps=4)
     raw["train"]["save_every"] = 2
-    cfg = config.load(data=raw, overrides=[f"output_dir={tmp_path}/probe"])
     trainer = Trainer(
-        dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation="eager"))
+        config.load(
+            data=raw,
+            overrides=[f"output_dir={tmp_path}/probe", "model.attn_implementation=eager"],
+        )
     )
     assert lg.unwrap(trainer.model).config._attn_implementation == "eager"
     assert trainer.cfg.train.packing is True

@@ -116,6 +116,11 @@ def _attn_kwargs(cfg: ModelConfig) -> dict:
     return {"attn_implementation": impl}
 
 
+def _attn_failed(attn: dict, e: Exception) -> bool:
+    """Whether loading failed on the asked-for attention implementation."""
+    return bool(attn) and isinstance(e, (ValueError, ImportError)) and "attn" in str(e).lower()
+
+
 def _attn_error(cfg: ModelConfig, e: Exception) -> ConfigError:
     # transformers' first sentence says what is wrong; the rest lists every kernel it knows
     first = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
@@ -144,7 +149,7 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int, dtype: torch.dtype):
             try:
                 model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, **attn)
             except (ValueError, ImportError) as e:
-                if attn:
+                if _attn_failed(attn, e):
                     raise _attn_error(cfg, e) from None
                 raise
     else:
@@ -153,7 +158,7 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int, dtype: torch.dtype):
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs, **attn)
         except Exception as e:
-            if attn and isinstance(e, (ValueError, ImportError)) and "attn" in str(e).lower():
+            if _attn_failed(attn, e):
                 raise _attn_error(cfg, e) from None
             raise ConfigError(
                 f"model.name_or_path: cannot load '{cfg.name_or_path}' ({type(e).__name__}: "

@@ -19,10 +19,16 @@ prints the Markdown tables that bench/results/standard_suite.md quotes:
 5. **Dev-selected, test-checked**: of the cells whose selected checkpoint is feasible on dev,
    the share whose constraints also hold on the test split (each test twin at or below the
    base model's test value).
+6. **Which constraint keeps cells infeasible**: per constraint domain, what the regulariser
+   alone (the sweep's w = 0 runs) does to it by the end (median change and median paired
+   standard error: a constraint nothing lowers beyond its noise is a coin flip under a strict
+   reference), and per method the share of feasible cells among the scenarios that constrain
+   it, against the share among those that do not.
 
-Run::
+Run (several directories are read as one: the noise-aware DynaMiCS runs in the extended
+suite)::
 
-    python bench/suite_analysis.py runs/bench-standard
+    python bench/suite_analysis.py runs/bench-standard [runs/bench-extended ...]
 """
 
 from __future__ import annotations
@@ -250,10 +256,51 @@ def feasible_table(cells) -> str:
     return "\n".join(lines)
 
 
+def blocking_table(cells, methods=None) -> str:
+    """Per constraint domain: the regulariser-only runs' median change by the end (``*-w0``
+    cells whose fixed mixture has one dataset: scenarios with a second non-target mix it in),
+    with its median paired standard error, and for each method the feasible cells among the
+    scenarios that constrain that domain against those that do not. A constraint that nothing
+    lowers beyond its noise shows as a low "with" share for every method."""
+    methods = methods or sorted(
+        {c["method"] for c in cells if c["method"].startswith("dynamics")}
+        | {c["method"] for c in cells if c["method"].endswith("uniform-w0")}
+    )
+    feas = {id(c): bool(select(c["evals"], c["domains"])["feasible"]) for c in cells}
+    constraints = sorted(
+        {d for c in cells for d, i in c["domains"].items() if i["role"] == "constraint"}
+    )
+    lines = [
+        "| constraint | regulariser alone: change by the end (paired se) | "
+        + " | ".join(f"{m}: feasible with / without it" for m in methods)
+        + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for d in constraints:
+        moved, ses = [], []
+        for c in cells:
+            w = (c.get("weights") or {}).get("weights") or {}
+            alone = sum(v > 0 for v in w.values()) == 1
+            constrained = c["domains"].get(d, {}).get("role") == "constraint"
+            if c["method"].endswith("-w0") and alone and constrained:
+                (_, first), (_, last) = c["evals"][0], c["evals"][-1]
+                moved.append(last[d]["loss"] - first[d]["loss"])
+                ses.append(last[d].get("change_se"))
+        row = [d, f"{_med(moved):+.3f} ({_med(ses):.3f})" if moved else "-"]
+        for m in methods:
+            mine = [c for c in cells if c["method"] == m]
+            on = [c["domains"].get(d, {}).get("role") == "constraint" for c in mine]
+            has = [feas[id(c)] for c, o in zip(mine, on) if o]
+            not_ = [feas[id(c)] for c, o in zip(mine, on) if not o]
+            row.append(f"{sum(has)}/{len(has)} / {sum(not_)}/{len(not_)}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench-standard")
-    cells = list(_cells(root))
-    print(f"{len(cells)} finished cells in {root}\n")
+    roots = [Path(a) for a in sys.argv[1:]] or [Path("runs/bench-standard")]
+    cells = [c for root in roots for c in _cells(root)]
+    print(f"{len(cells)} finished cells in {', '.join(map(str, roots))}\n")
     print("## Noise vs movement (constraints)\n\n" + noise_table(cells) + "\n")
     print(
         "## DynaMiCS slope model: prediction error at the next update (constraints)\n\n"
@@ -270,7 +317,8 @@ def main() -> None:
         + feasible_table(cells)
         + "\n"
     )
-    print("## Selected on dev, checked on test\n\n" + agreement_table(cells))
+    print("## Selected on dev, checked on test\n\n" + agreement_table(cells) + "\n")
+    print("## Which constraint keeps cells infeasible\n\n" + blocking_table(cells))
 
 
 if __name__ == "__main__":

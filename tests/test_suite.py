@@ -99,16 +99,15 @@ def test_builtin_suites_load_and_every_cell_validates():
         "proportional",
         "dynamixsft",
         "dynamics",
-        "dynamics-noise",
     }
-    assert {"temperature", "exp3", "mergemix", "prop-dft", "prop-cadft"} <= {
+    assert {"temperature", "exp3", "mergemix", "prop-dft", "prop-cadft", "dynamics-noise"} <= {
         m.name for m in ext.methods
     }
     assert std.base["model"]["name_or_path"] == "builtin-bench"
     assert ext.scenarios == std.scenarios and ext.base == std.base
     # the paper's sweep: 5 runs per scenario whose targets have equal budgets, up to 9 else
     runs = [c for c in cells(std) if c.alias_of is None]
-    assert len(runs) == 188
+    assert len(runs) == 168
     sweep_runs = [c for c in runs if c.method.point is not None and c.seed == 0]
     assert {sum(c.scenario is sc for c in sweep_runs) for sc in std.scenarios} == {5, 9}
     # long enough for each method's schedule: DynaMiCS >= 6 updates, DynamixSFT >= 30

@@ -38,3 +38,37 @@ def test_feasible_table_counts_fallback_updates_and_feasible_cells():
     )
     assert "| dynamics | 4 of 6 | 1 of 2 | 1 of 2 |" in table
     assert "fixed" not in table
+
+
+def _cell2(method, weights, constraints):
+    """A cell with target t and the constraints {name: (base, end, change_se)}."""
+    domains = {"t": {"role": "target", "reference": None, "metric": "loss", "test_of": None}}
+    first, last = {"t": {"loss": 2.0}}, {"t": {"loss": 1.5}}
+    for d, (base, end, se) in constraints.items():
+        domains[d] = {"role": "constraint", "reference": None, "metric": "loss", "test_of": None}
+        first[d], last[d] = {"loss": base}, {"loss": end, "change_se": se}
+    return {
+        "method": method,
+        "recs": [],
+        "evals": [(0, first), (32, last)],
+        "domains": domains,
+        "weights": {"name": "fixed", "weights": weights},
+    }
+
+
+def test_blocking_table_names_the_constraint_nothing_lowers():
+    flat, low = (1.0, 1.01, 0.005), (4.0, 3.9, 0.01)  # held within noise (broken) / lowered
+    table = _module().blocking_table(
+        [
+            _cell2("fixed-uniform-w0", {"t": 0.0, "replay": 1.0}, {"a": flat, "b": low}),
+            _cell2("fixed-uniform-w0", {"t": 0.0, "replay": 1.0}, {"b": low}),
+            # w = 0 mixing in a second non-target: not the regulariser alone
+            _cell2("fixed-uniform-w0", {"t": 0.0, "x": 0.5, "replay": 0.5}, {"a": (1, 2, 0.1)}),
+            _cell2("dynamics", {}, {"a": flat, "b": low}),
+            _cell2("dynamics", {}, {"b": low}),
+        ]
+    )
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    # a: moved +0.010 by the regulariser alone (the mixed-in cell's +1 is left out)
+    assert rows["a"].startswith("| a | +0.010 (0.005) | 0/1 / 1/1 | 0/2 / 1/1 |")
+    assert rows["b"].startswith("| b | -0.100 (0.010) | 1/2 / 0/0 | 1/2 / 0/1 |")

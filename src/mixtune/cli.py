@@ -123,7 +123,10 @@ COMMANDS: dict[str, Command] = {
     "bench": Command(
         commands.bench,
         [
-            arg("suite", help="a suite YAML, or the name of a built-in suite (quick, standard)"),
+            arg(
+                "suite",
+                help="a suite YAML, or the name of a built-in suite (quick, standard, extended)",
+            ),
             overrides("of the suite YAML", "parallel=2 seeds=[0,1] output_dir=runs/mybench"),
             arg(
                 "--check",

@@ -211,7 +211,7 @@ def bench(args, s: Session) -> None:
     (resumable: finished cells are not rerun; a failing cell records its error and the rest
     finish), then write OUTPUT_DIR/results.{md,csv,json,html}: per method the target-loss
     reduction, constraint feasibility, accuracy, forgetting, wall time and cost relative to the
-    baseline method. Built-in suites: quick, standard.
+    baseline method. Built-in suites: quick, standard, extended.
     """
     from mixtune.suite.config import load_suite
     from mixtune.suite.runner import check_suite, run_suite

@@ -150,7 +150,7 @@ def methods_of(suite: Suite) -> list[Method]:
 
 
 def load_suite(path_or_name: str, overrides: list[str] | tuple[str, ...] = ()) -> Suite:
-    """A suite from a YAML path or a built-in name (``quick``, ``standard``)."""
+    """A suite from a YAML path or a built-in name (``quick``, ``standard``, ``extended``)."""
     path = Path(path_or_name)
     if not path.is_file() and (SUITES_DIR / f"{path_or_name}.yaml").is_file():
         path = SUITES_DIR / f"{path_or_name}.yaml"

@@ -77,6 +77,19 @@ def _cells(root: Path):
         }
 
 
+def read(roots) -> list[dict]:
+    """The finished cells of several suite directories as one set; a cell two suites share
+    (the same scenario, method and seed, e.g. both suites' proportional) counts once, the
+    first directory's."""
+    cells, seen = [], set()
+    for root in roots:
+        for c in _cells(Path(root)):
+            if (key := (c["scenario"], c["method"], c["seed"])) not in seen:
+                seen.add(key)
+                cells.append(c)
+    return cells
+
+
 def _med(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else float("nan")
@@ -260,13 +273,15 @@ def blocking_table(cells, methods=None) -> str:
     """Per constraint domain: the regulariser-only runs' median change by the end (``*-w0``
     cells whose fixed mixture has one dataset: scenarios with a second non-target mix it in),
     with its median paired standard error, and for each method the feasible cells among the
-    scenarios that constrain that domain against those that do not. A constraint that nothing
+    scenarios that constrain that domain against those that do not (by default the w = 0 runs
+    and every method outside the sweep that is feasible anywhere). A constraint that nothing
     lowers beyond its noise shows as a low "with" share for every method."""
-    methods = methods or sorted(
-        {c["method"] for c in cells if c["method"].startswith("dynamics")}
-        | {c["method"] for c in cells if c["method"].endswith("uniform-w0")}
-    )
     feas = {id(c): bool(select(c["evals"], c["domains"])["feasible"]) for c in cells}
+    # default columns: the regulariser alone, and every other method that is ever feasible
+    methods = methods or sorted(
+        {c["method"] for c in cells if c["method"].endswith("uniform-w0")}
+        | {c["method"] for c in cells if feas[id(c)] and not c["method"].startswith("fixed-")}
+    )
     constraints = sorted(
         {d for c in cells for d, i in c["domains"].items() if i["role"] == "constraint"}
     )
@@ -299,7 +314,7 @@ def blocking_table(cells, methods=None) -> str:
 
 def main() -> None:
     roots = [Path(a) for a in sys.argv[1:]] or [Path("runs/bench-standard")]
-    cells = [c for root in roots for c in _cells(root)]
+    cells = read(roots)
     print(f"{len(cells)} finished cells in {', '.join(map(str, roots))}\n")
     print("## Noise vs movement (constraints)\n\n" + noise_table(cells) + "\n")
     print(

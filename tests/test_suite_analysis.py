@@ -72,3 +72,25 @@ def test_blocking_table_names_the_constraint_nothing_lowers():
     # a: moved +0.010 by the regulariser alone (the mixed-in cell's +1 is left out)
     assert rows["a"].startswith("| a | +0.010 (0.005) | 0/1 / 1/1 | 0/2 / 1/1 |")
     assert rows["b"].startswith("| b | -0.100 (0.010) | 1/2 / 0/0 | 1/2 / 0/1 |")
+
+
+def test_several_suite_dirs_read_as_one_with_shared_cells_once(tmp_path):
+    import json
+
+    import yaml
+
+    def cell(root, key, loss):
+        out = tmp_path / root / "cells" / key
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text("{}")
+        evals = [{"name": "t", "role": "target"}]
+        (out / "cell.yaml").write_text(yaml.safe_dump({"evals": evals, "mixer": {}}))
+        (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval": {"t": {"loss": loss}}}))
+
+    cell("std", "s1--proportional--s0", 1.0)
+    cell("std", "s1--dynamics--s0", 2.0)
+    cell("ext", "s1--proportional--s0", 9.0)  # the same cell in the second suite
+    cell("ext", "s1--exp3--s0", 3.0)
+    cells = _module().read([tmp_path / "std", tmp_path / "ext"])
+    got = {c["method"]: c["evals"][0][1]["t"]["loss"] for c in cells}
+    assert got == {"proportional": 1.0, "dynamics": 2.0, "exp3": 3.0}

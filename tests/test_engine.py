@@ -38,6 +38,13 @@ def test_resume_equals_uninterrupted(make_config, tmp_path, chase_mixer):
     second = Trainer(config.load(data=raw, overrides=[f"output_dir={tmp_path}/split"]))
     assert second.resume_from is not None
     second.run()
+    # the time the resumed process started with is the checkpoint's, and the run's total
+    # includes it: a fresh run resumed nothing
+    kept = json.loads((tmp_path / "split/checkpoints/step-000005/state.json").read_text())
+    split = json.loads((tmp_path / "split/summary.json").read_text())
+    assert split["resumed_seconds"] == round(kept["counters"]["elapsed"], 3) > 0
+    assert split["seconds"] > split["resumed_seconds"]
+    assert json.loads((tmp_path / "full/summary.json").read_text())["resumed_seconds"] == 0
     for a, b in zip(_params(full), _params(second)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     ma, mb = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")

@@ -251,7 +251,8 @@ def test_quick_suite_runs_in_full(tmp_path):
 
 def test_a_resumed_cell_counts_the_time_its_checkpoint_kept(tmp_path, make_config, monkeypatch):
     """An interrupted cell resumes from its newest checkpoint: its cost is the training time
-    that checkpoint kept plus the resumed process's wall time, not the last attempt alone."""
+    that checkpoint kept (the run's ``resumed_seconds``; tests/test_engine.py shows the run
+    reports it) plus the resumed process's wall time, not the last attempt alone."""
     from mixtune.suite import runner
 
     path = _suite(
@@ -260,12 +261,15 @@ def test_a_resumed_cell_counts_the_time_its_checkpoint_kept(tmp_path, make_confi
     suite = load_suite(str(path))
     cell = next(c for c in cells(suite) if c.alias_of is None)
     out = tmp_path / "bench/cells" / cell.key
-    monkeypatch.setattr(runner, "_run", lambda *a, **k: (True, 5.0))  # the resumed attempt
+    kept = {"value": 0.0}
+
+    def attempt(*a, **k):  # one process: 5 s of wall time, resuming with what was kept
+        (out / "summary.json").write_text(json.dumps({"resumed_seconds": kept["value"]}))
+        return True, 5.0
+
+    monkeypatch.setattr(runner, "_run", attempt)
     runner.run_cell(suite, cell, out, None)
     assert float((out / "wall.txt").read_text()) == 5.0  # fresh: nothing kept
-    ckpt = out / "checkpoints/step-000002"
-    ckpt.mkdir(parents=True)
-    (ckpt / "state.json").write_text(json.dumps({"step": 2, "counters": {"elapsed": 100.0}}))
-    assert runner.kept_seconds(out) == 100.0
+    kept["value"] = 100.0
     runner.run_cell(suite, cell, out, None)
     assert float((out / "wall.txt").read_text()) == 105.0

@@ -486,7 +486,9 @@ class Trainer:
     def _finish(self, t_start: float, base_elapsed: float) -> dict:
         elapsed = base_elapsed + time.perf_counter() - t_start
         final_eval = (self.eval_cache or {}).get("result")
-        summary = self.metrics.summary(self.step, elapsed, final_eval, self.sampler.weights)
+        summary = self.metrics.summary(
+            self.step, elapsed, final_eval, self.sampler.weights, resumed=base_elapsed
+        )
         model = self.acc.unwrap_model(self.model)
         # FSDP2 shards: every rank takes part in the gather, rank 0 keeps the full tensors
         full = checkpoint.full_state_dict(model, keep=self.acc.is_main_process)

@@ -157,14 +157,20 @@ class Metrics:
         if self.report_to:
             self.acc.log(flat({k: v for k, v in record.items() if k != "step"}), step=step)
 
-    def summary(self, step: int, elapsed: float, final_eval, weights: np.ndarray) -> dict:
-        """The run's totals (``summary.json``)."""
+    def summary(
+        self, step: int, elapsed: float, final_eval, weights: np.ndarray, resumed: float = 0.0
+    ) -> dict:
+        """The run's totals (``summary.json``). ``seconds``: training time over every attempt
+        (the run's clock, kept by checkpoints); ``resumed_seconds``: the part this process
+        resumed with (0 for a run that started fresh), so that a process's wall time plus it
+        is the whole run's cost."""
         return {
             "steps": step,
             "examples": self.counters["examples"],
             "tokens": self.counters["tokens"],
             "input_tokens": self.counters["input_tokens"],
             "seconds": round(elapsed, 3),
+            "resumed_seconds": round(resumed, 3),
             "final_eval": final_eval,
             "weights": dict(zip(self.names, weights.tolist())),
             "output_dir": str(self.rundir.path),

@@ -10,10 +10,10 @@ A planner method's cell plans first: ``mixtune plan <planner>`` in a subprocess 
 finished plan -- ``mixer.json`` (the planned mixer) plus ``seconds.txt`` -- is reused on resume;
 an interrupted one is run again, and resumes its own work (MergeMix: its experts and cached
 merges). ``wall.txt`` = planning + training wall time; ``plan_seconds.txt`` = the planning part.
-A cell interrupted and resumed counts the training time its checkpoint had kept (the run's own
-clock, ``counters.elapsed``) plus the resumed process's wall time: its cost is the work kept,
-not only the last attempt (start-ups of lost attempts and work after their last checkpoint are
-not counted).
+A cell interrupted and resumed counts the training time the checkpoint it resumed from had
+kept (``summary.json``'s ``resumed_seconds``) plus the resumed process's wall time: its cost is
+the work kept, not only the last attempt (start-ups of lost attempts and work after their last
+checkpoint are not counted).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import yaml
 
-from mixtune.engine import checkpoint
 from mixtune.errors import ConfigError
 from mixtune.registry import PLANNERS
 from mixtune.suite.cell import Cell, cell_raw, cells, plan_config, scenario_evals
@@ -111,26 +110,11 @@ def run_cell(suite: Suite, cell: Cell, out: Path, refs: dict | None) -> None:
         raw["mixer"], plan_seconds = planned
         (out / "plan_seconds.txt").write_text(f"{plan_seconds:.3f}\n")
     (out / "cell.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    kept = kept_seconds(out)
     ok, wall = _run(["train", str(out / "cell.yaml"), *cell.scenario.overrides], suite, out, "")
     if ok:
         (out / "error.txt").unlink(missing_ok=True)
+        kept = json.loads((out / "summary.json").read_text()).get("resumed_seconds", 0.0)
         (out / "wall.txt").write_text(f"{plan_seconds + kept + wall:.3f}\n")
-
-
-def kept_seconds(out: Path) -> float:
-    """Training time a resumed cell's newest checkpoint had kept (0 for a fresh cell): the
-    run resumes from it (``resume: auto``), so its earlier attempts' time would otherwise be
-    lost from the cell's cost. Not verified here: the run itself verifies (and, if damaged,
-    falls back to an older checkpoint, slightly over-counting)."""
-    found = checkpoint.listed(out / "checkpoints")
-    if not found:
-        return 0.0
-    try:
-        state = json.loads((found[-1] / "state.json").read_text())
-        return float(state["counters"]["elapsed"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0.0
 
 
 def _plan(suite: Suite, cell: Cell, raw: dict, out: Path) -> tuple[dict, float] | None:
